@@ -1,0 +1,181 @@
+"""Text in, token blocks out: reading corpora, the default corpus, packing, held-out split.
+
+The default corpus is English prose that ships with every CPython install, so it needs no
+download: the Python documentation's reference topics (``pydoc_data.topics``) and the
+docstrings of the standard library, filtered to prose paragraphs. Licence: PSF License v2
+(https://docs.python.org/3/license.html). It is technical English; bring your own corpus
+(``--corpus``) for other registers.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import re
+import sysconfig
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {e.start}: {e.reason}). Convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name} > fixed.txt`, and pass the converted file."
+        ) from e
+
+
+def _read_jsonl(path: Path, field: str = "text") -> list[str]:
+    texts = []
+    for n, line in enumerate(_read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); fix or remove that line.") from e
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DataError(f"{path}:{n} has no string field {field!r}; each JSONL line must look like {{\"{field}\": \"...\"}}.")
+        texts.append(record[field])
+    return texts
+
+
+def _read_saved_dataset(path: Path, field: str = "text") -> list[str]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"{path} looks like a saved Hugging Face dataset: `pip install datasets` to read it.") from e
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    if field not in ds.column_names:
+        raise DataError(f"dataset {path} has no column {field!r} (columns: {ds.column_names}).")
+    return [t for t in ds[field] if isinstance(t, str)]
+
+
+def read_texts(source: str | os.PathLike | None = None, field: str = "text") -> list[str]:
+    """Documents from a .txt/.md file, a .jsonl file, a folder of those, or a `save_to_disk` dataset.
+
+    ``None`` gives the default corpus (see module docstring).
+    """
+    if source is None or str(source) == "default":
+        return default_corpus()
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"corpus {path} does not exist: pass a .txt/.jsonl file or a folder (--corpus).")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            texts = _read_saved_dataset(path, field)
+        else:
+            texts = []
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                if file.suffix == ".jsonl":
+                    texts += _read_jsonl(file, field)
+                elif file.suffix in TEXT_SUFFIXES:
+                    texts.append(_read_utf8(file))
+    elif path.suffix == ".jsonl":
+        texts = _read_jsonl(path, field)
+    else:
+        texts = [_read_utf8(path)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"corpus {path} contains no text. Pass a file or folder with .txt/.md/.jsonl documents.")
+    return texts
+
+
+# --------------------------------------------------------------------------- default corpus
+
+
+def _prose_paragraphs(text: str, min_words: int = 8) -> str:
+    """Keep paragraphs that read as prose (mostly letters, enough words), re-flowed onto one line."""
+    kept = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [ln.strip() for ln in para.strip().splitlines()]
+        if not lines or any(ln.startswith((">>>", "...", "$ ", "|", "+--", "***", "===", "---")) for ln in lines):
+            continue
+        flat = " ".join(lines)
+        letters = sum(c.isalpha() or c in " ,.;:'\"()-" for c in flat)
+        if len(flat.split()) >= min_words and letters >= 0.9 * len(flat):
+            kept.append(flat)
+    return "\n\n".join(kept)
+
+
+def default_corpus() -> list[str]:
+    """Python documentation prose: reference topics plus standard-library docstrings (PSF licence)."""
+    from pydoc_data.topics import topics
+
+    docs = [_prose_paragraphs(text) for _, text in sorted(topics.items())]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for file in sorted(stdlib.rglob("*.py")):
+        if any(part in {"test", "tests", "idle_test", "site-packages", "lib2to3"} for part in file.parts):
+            continue
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        strings = [ast.get_docstring(n, clean=True) for n in ast.walk(tree)
+                   if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        docs.append(_prose_paragraphs("\n\n".join(s for s in strings if s)))
+    return [d for d in docs if d]
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def tokenize(texts: Iterable[str], tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """One token stream: each document's ids followed by EOS (the document separator)."""
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False).input_ids
+        if sep is not None:
+            ids.append(sep)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Cut a token stream into ``[n_blocks, seq_len]`` (the incomplete tail is dropped)."""
+    n = stream.numel() // seq_len
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def make_blocks(
+    texts: list[str],
+    tokenizer,
+    seq_len: int,
+    eval_fraction: float = 0.1,
+    max_eval_blocks: int | None = None,
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and held-out blocks. Documents are shuffled with a fixed seed (0) before packing, and
+    the held-out blocks are the last ones, so the split never depends on the training seed."""
+    docs = list(texts)
+    random.Random(0).shuffle(docs)
+    blocks = pack(tokenize(docs, tokenizer), seq_len)
+    if len(blocks) < 2:
+        raise DataError(
+            f"the corpus gives {len(blocks)} block(s) of {seq_len} tokens; at least 2 are needed (one to "
+            "train, one held out). Add text or lower --seq-len."
+        )
+    n_eval = max(1, round(eval_fraction * len(blocks)))
+    if max_eval_blocks is not None:
+        n_eval = min(n_eval, max_eval_blocks)
+    train, held_out = blocks[:-n_eval], blocks[-n_eval:]
+    if max_tokens is not None:
+        train = train[: max(1, max_tokens // seq_len)]
+    return train, held_out

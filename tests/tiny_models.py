@@ -1,0 +1,39 @@
+"""Tiny random-weight causal LMs of every family we support (built in memory, nothing downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB, D, LAYERS, HEADS = 96, 32, 3, 4
+
+# model_type -> extra config fields beyond the common small sizes
+FAMILIES: dict[str, dict] = {
+    "gpt2": dict(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=64),
+    "gpt_neox": dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=64),
+    "gptj": dict(n_embd=D, n_layer=LAYERS, n_head=HEADS, rotary_dim=4, n_positions=64),
+    "opt": dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, ffn_dim=64, word_embed_proj_dim=D),
+    "bloom": dict(hidden_size=D, n_layer=LAYERS, n_head=HEADS),
+    "llama": dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=64),
+    "mistral": dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=64),
+    "qwen2": dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=64),
+    "qwen3": dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=64, head_dim=8),
+    "gemma": dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=1, intermediate_size=64, head_dim=8),
+    "gemma2": dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=64, head_dim=8, final_logit_softcapping=2.0),
+    "gemma3_text": dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=64, head_dim=8, final_logit_softcapping=2.0),
+    "phi3": dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=64),
+    "olmo2": dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=64),
+}
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A random-weight model of ``family``; norms get random weights too so (1+w) and bias matter."""
+    torch.manual_seed(seed)
+    ids = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    config = AutoConfig.for_model(family, vocab_size=VOCAB, **ids, **FAMILIES[family])
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval().requires_grad_(False)
