@@ -1,0 +1,48 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def eager_kl(monkeypatch):
+    """Run the KL kernel eagerly (no torch.compile): fast for tiny models, same math."""
+    from lenses import kl
+
+    monkeypatch.setattr(kl, "_compiled", kl._kl_and_dz)
+
+
+class CharTokenizer:
+    """A byte-level stand-in tokenizer for the tiny models (ids 1..95, EOS = 0)."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        class Out:
+            pass
+
+        out = Out()
+        out.input_ids = [1 + (b % 95) for b in text.encode("utf-8")]
+        return out
+
+    def decode(self, ids):
+        return "".join(chr(32 + (i - 1) % 95) if i else "\n" for i in ids)
+
+
+@pytest.fixture
+def char_tokenizer():
+    return CharTokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (dequantised GGUF, cached after the first load)."""
+    from lenses import load_model
+
+    torch.manual_seed(0)
+    return load_model()

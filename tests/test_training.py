@@ -1,0 +1,176 @@
+"""Training math against a float64 autograd reference, and the training loop end to end."""
+
+import shutil
+import signal
+
+import pandas as pd
+import pytest
+import torch
+
+from lenses import LensesError, LogitLens, ModelAdapter, TunedLens
+from lenses import kl as kl_module
+from lenses import train as train_module
+from lenses.train import TrainConfig, lens_kl_backward, per_layer_kl, train
+from tiny_models import tiny_model
+
+
+def _reference(family, lens, ids, weights):
+    """Per-layer KL and weight gradients in float64 with plain autograd, layer by layer."""
+    model = tiny_model(family).double()
+    adapter = ModelAdapter.from_model(model)
+    W = lens.weight.detach().double().requires_grad_()
+    B = lens.bias.detach().double().requires_grad_()
+    hidden = adapter.hidden_states(ids).flatten(1, 2)
+    logp = torch.log_softmax(adapter.decode(hidden[-1]), -1)
+    kls, total = [], 0
+    for layer in range(adapter.num_layers):
+        t = hidden[layer] + hidden[layer] @ W[layer].T + B[layer]
+        logq = torch.log_softmax(adapter.decode(t), -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        kls.append(kl)
+        total = total + (weights.double() * kl).mean()
+    total.backward()
+    return torch.stack(kls), W.grad, B.grad
+
+
+def _random_lens(adapter, seed=1):
+    lens = TunedLens.for_model(adapter)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        lens.weight.copy_(0.05 * torch.randn(lens.weight.shape, generator=g))
+        lens.bias.copy_(0.05 * torch.randn(lens.bias.shape, generator=g))
+    return lens
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "gemma2"])
+def test_kl_and_gradients_match_float64_reference(family, eager_kl):
+    adapter = ModelAdapter.from_model(tiny_model(family))
+    lens = _random_lens(adapter)
+    ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(2))
+    weights = torch.rand(14, generator=torch.Generator().manual_seed(3)) + 0.5
+    hidden = adapter.hidden_states(ids).flatten(1, 2)
+    kl = lens_kl_backward(lens, hidden, weights, torch.float32, chunk_rows=4 * adapter.num_layers)  # 14 positions = 4+4+4+2
+    ref_kl, ref_gw, ref_gb = _reference(family, lens, ids, weights)
+    torch.testing.assert_close(kl.double(), ref_kl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lens.weight.grad.double(), ref_gw, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(lens.bias.grad.double(), ref_gb, rtol=1e-4, atol=1e-7)
+
+
+def test_softcapped_gradients_match_reference(eager_kl, monkeypatch):
+    """Gemma 2 with a cap small enough to bend the logits: the chain rule through tanh is right."""
+    import tiny_models
+
+    family = "gemma2"
+    monkeypatch.setitem(tiny_models.FAMILIES, family, {**tiny_models.FAMILIES[family], "final_logit_softcapping": 0.1})
+    adapter = ModelAdapter.from_model(tiny_model(family))
+    lens = _random_lens(adapter)
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(2))
+    weights = torch.ones(10)
+    hidden = adapter.hidden_states(ids).flatten(1, 2)
+    kl = lens_kl_backward(lens, hidden, weights, torch.float32, chunk_rows=3 * adapter.num_layers)  # 10 = 3+3+3+1
+    ref_kl, ref_gw, _ = _reference(family, lens, ids, weights)
+    torch.testing.assert_close(kl.double(), ref_kl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lens.weight.grad.double(), ref_gw, rtol=1e-4, atol=1e-7)
+
+
+def test_compiled_kernel_matches_eager(monkeypatch):
+    """The torch.compile'd element-wise pass gives the eager result (or we fell back to eager)."""
+    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    lens = _random_lens(adapter)
+    hidden = adapter.hidden_states(torch.randint(1, 96, (2, 6))).flatten(1, 2)
+    monkeypatch.setattr(kl_module, "_compiled", kl_module._kl_and_dz)
+    kl_eager = lens_kl_backward(lens, hidden, None, torch.float32, chunk_rows=12)
+    g_eager = lens.weight.grad.clone()
+    lens.weight.grad = lens.bias.grad = None
+    monkeypatch.setattr(kl_module, "_compiled", None)
+    monkeypatch.setenv("LENSES_COMPILE", "1")
+    kl_comp = lens_kl_backward(lens, hidden, None, torch.float32, chunk_rows=12)
+    torch.testing.assert_close(kl_comp, kl_eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lens.weight.grad, g_eager, rtol=1e-5, atol=1e-8)
+
+
+def test_per_layer_kl_matches_reference(eager_kl):
+    adapter = ModelAdapter.from_model(tiny_model("qwen2"))
+    lens = _random_lens(adapter)
+    blocks = torch.randint(1, 96, (5, 6), generator=torch.Generator().manual_seed(4))
+    got = per_layer_kl(adapter, {"logit": LogitLens(adapter), "tuned": lens}, blocks, batch_size=2, chunk_rows=7)
+    ref_tuned, _, _ = _reference("qwen2", lens, blocks, torch.ones(30))
+    torch.testing.assert_close(got["tuned"], ref_tuned.mean(1).detach(), rtol=1e-4, atol=1e-6)
+    zero = TunedLens.for_model(adapter)
+    ref_logit, _, _ = _reference("qwen2", zero, blocks, torch.ones(30))
+    torch.testing.assert_close(got["logit"], ref_logit.mean(1).detach(), rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 40 + "\n\n") * 6
+
+
+def _cfg(tmp_path, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    base = dict(
+        corpus=str(corpus), out=str(tmp_path / "run"), seq_len=16, batch_size=4, steps=6, optimizer="adam",
+        lr=1e-2, checkpoint_every=2, compute_dtype="float32", progress=False, max_eval_tokens=64,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_lowers_heldout_kl_and_writes_outputs(tmp_path, char_tokenizer, eager_kl):
+    model = tiny_model("llama")
+    cfg = _cfg(tmp_path, steps=30)
+    lens = train(cfg, model=model, tokenizer=char_tokenizer)
+    out = tmp_path / "run"
+    for name in ("config.json", "translators.safetensors", "training_log.csv", "eval.csv", "checkpoint.pt"):
+        assert (out / name).exists(), name
+    log = pd.read_csv(out / "training_log.csv")
+    assert list(log.columns) == ["step", "layer", "kl"] and len(log) == 30 * 3
+    table = pd.read_csv(out / "eval.csv").pivot(index="layer", columns="lens", values="kl_nats")
+    assert (table["tuned"] < table["logit"]).all()
+    assert lens.config["training"]["train_tokens"] == 30 * 4 * 16
+
+
+def test_existing_run_needs_resume(tmp_path, char_tokenizer, eager_kl):
+    model = tiny_model("llama")
+    train(_cfg(tmp_path, steps=2), model=model, tokenizer=char_tokenizer)
+    with pytest.raises(LensesError, match="--resume"):
+        train(_cfg(tmp_path, steps=2), model=model, tokenizer=char_tokenizer)
+
+
+def _interrupt_at(monkeypatch, at_step, how):
+    real = train_module._batch_indices
+
+    def fake(step, *a):
+        if step == at_step:
+            if how == "hard":
+                raise KeyboardInterrupt  # like SIGKILL: nothing saved at this point
+            signal.raise_signal(signal.SIGINT)  # like Ctrl-C: stop after this step
+        return real(step, *a)
+
+    monkeypatch.setattr(train_module, "_batch_indices", fake)
+
+
+@pytest.mark.parametrize("how", ["soft", "hard"])
+def test_resume_is_bit_identical(tmp_path, char_tokenizer, monkeypatch, how, eager_kl):
+    model = tiny_model("llama")
+    straight = train(_cfg(tmp_path / "a"), model=model, tokenizer=char_tokenizer)
+
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 3, how)
+        with pytest.raises((LensesError, KeyboardInterrupt)):
+            train(_cfg(tmp_path / "b"), model=model, tokenizer=char_tokenizer)
+    resumed = train(_cfg(tmp_path / "b"), resume=True, model=model, tokenizer=char_tokenizer)
+    assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
+    log_a = pd.read_csv(tmp_path / "a" / "run" / "training_log.csv")
+    log_b = pd.read_csv(tmp_path / "b" / "run" / "training_log.csv")
+    pd.testing.assert_frame_equal(log_a, log_b)
+
+
+def test_resume_refuses_changed_settings(tmp_path, char_tokenizer, eager_kl):
+    model = tiny_model("llama")
+    train(_cfg(tmp_path, steps=2), model=model, tokenizer=char_tokenizer)
+    with pytest.raises(LensesError, match="seq_len"):
+        train(_cfg(tmp_path, steps=2, seq_len=8), resume=True, model=model, tokenizer=char_tokenizer)
