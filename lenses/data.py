@@ -114,7 +114,29 @@ def _prose_paragraphs(text: str, min_words: int = 8) -> str:
 
 
 def default_corpus() -> list[str]:
-    """Python documentation prose: reference topics plus standard-library docstrings (PSF licence)."""
+    """Python documentation prose: reference topics plus standard-library docstrings (PSF licence).
+
+    Built once (~10 s of parsing) and cached as JSON in the lenses cache folder.
+    """
+    import sys
+
+    from .io import write_json
+    from .models import cache_dir
+
+    cache = cache_dir() / f"default_corpus-py{sys.version_info[0]}.{sys.version_info[1]}.json"
+    try:
+        return json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    docs = _build_default_corpus()
+    try:
+        write_json(cache, docs)
+    except Exception:
+        pass  # an unwritable cache only costs a rebuild next time
+    return docs
+
+
+def _build_default_corpus() -> list[str]:
     from pydoc_data.topics import topics
 
     docs = [_prose_paragraphs(text) for _, text in sorted(topics.items())]
