@@ -4,6 +4,8 @@
     python train_probes.py --out runs/demo                       # default model + corpus
     python train_probes.py --model path/or/file.gguf --corpus texts/ --max-tokens 500000 --out runs/x
     python train_probes.py --out runs/demo --resume              # continue an interrupted run
+    python train_probes.py --freq-topk 1 --freq-keep-prob 1e-3 --out runs/control   # a reweighted variant
+    python train_probes.py --experiment probe-bias --out runs/bias  # baseline vs variants, same tokens
 
 Writes the lens (config.json + translators.safetensors), training_log.csv, eval.csv (held-out
 per-layer KL of the logit lens vs the tuned lens) and checkpoint.pt into --out.
@@ -15,10 +17,12 @@ import argparse
 from dataclasses import fields
 
 from lenses.cli import run_cli
+from lenses.experiment import probe_bias_experiment
+from lenses.frequency import FrequencyVariant
 from lenses.train import TrainConfig, train
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, bool]:
+def parse_args(argv=None) -> tuple[TrainConfig, bool, str | None]:
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF folder, cached hub id or .gguf file (default: SmolLM2-135M-Instruct)")
@@ -42,15 +46,37 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     p.add_argument("--device", default=d.device)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    f = p.add_argument_group("frequency-reweighted variants (all neutral by default = baseline)")
+    f.add_argument("--freq-alpha", type=float, default=0.0, help="loss weight count^-alpha")
+    f.add_argument("--freq-topk", type=int, default=1, help="the k most frequent tokens for the two options below")
+    f.add_argument("--freq-topk-weight", type=float, default=1.0, help="loss factor for top-k positions")
+    f.add_argument("--freq-keep-prob", type=float, default=1.0, help="keep top-k positions with this probability")
+    f.add_argument("--freq-type-cap", type=int, default=None, help="at most this many positions per token per batch")
+    f.add_argument("--freq-token", choices=["teacher", "next", "input"], default="teacher",
+                   help="a position's token: the final layer's top-1 (default), the next token, or the input token")
+    f.add_argument("--frequencies", default=None, help="token counts file (default: counted on the training data)")
+    f.add_argument("--variant-name", default=None, help="label recorded in the lens config")
+    p.add_argument("--experiment", choices=["probe-bias"], default=None,
+                   help="train baseline + frequency variants on the same tokens and compare them")
     a = p.parse_args(argv)
     names = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in names})
+    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in names and k != "variant_name"})
     cfg.progress = not a.no_progress
-    return cfg, a.resume
+    cfg.variant = FrequencyVariant(a.freq_alpha, a.freq_topk, a.freq_topk_weight, a.freq_keep_prob,
+                                   a.freq_type_cap, a.freq_token)
+    cfg.variant_name = a.variant_name or ("baseline" if cfg.variant.neutral else "reweighted")
+    return cfg, a.resume, a.experiment
 
 
 def main(argv=None) -> int:
-    cfg, resume = parse_args(argv)
+    cfg, resume, experiment = parse_args(argv)
+    if experiment == "probe-bias":
+        shares, _ = probe_bias_experiment(cfg)
+        top = shares[(shares.bucket == "1-10") & (shares.lens == "tuned")]
+        print("\nshare of top-1 predictions in frequency ranks 1-10 (tuned lens), by layer:")
+        print(top.pivot(index="layer", columns="variant", values="share").to_string(float_format=lambda v: f"{v:.2f}"))
+        print(f"\nwrote {cfg.out}/bucket_shares.csv, heldout_kl.csv, probe_bias.png")
+        return 0
     train(cfg, resume=resume)
     table = __import__("pandas").read_csv(f"{cfg.out}/eval.csv")
     wide = table.pivot(index="layer", columns="lens", values="kl_nats")

@@ -81,13 +81,19 @@ def _unembed_raw(adapter: ModelAdapter, u: torch.Tensor, dtype: torch.dtype) -> 
 
 
 def kl_rows(adapter: ModelAdapter, u: torch.Tensor, logp: torch.Tensor, dtype: torch.dtype = torch.float32):
-    """KL(p || q) [G, C] for normalised lens states ``u`` [G, C, d] vs teacher ``logp`` [C, V]."""
+    """KL(p || q) [G, C] and the lens top-1 ids [G, C] for normalised lens states ``u`` [G, C, d]
+    vs teacher ``logp`` [C, V]. (Scale and soft-cap are monotone, so the raw argmax is the top-1.)"""
     with torch.no_grad():
         p = logp.exp()
-        kl, _ = _fused(
-            _unembed_raw(adapter, u, dtype), p, (p * logp).sum(-1), p[:, 0], adapter.logit_scale, adapter.softcap or 0.0, False
-        )
-        return kl
+        z = _unembed_raw(adapter, u, dtype)
+        kl, _ = _fused(z, p, (p * logp).sum(-1), p[:, 0], adapter.logit_scale, adapter.softcap or 0.0, False)
+        return kl, z.argmax(-1)
+
+
+def teacher_top1(adapter: ModelAdapter, h_last: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """The model's own top-1 token [N] at each of N positions, decoded chunk by chunk."""
+    with torch.no_grad():
+        return torch.cat([adapter.decode(h_last[s : s + chunk]).argmax(-1) for s in range(0, h_last.shape[0], chunk)])
 
 
 def kl_and_grad(

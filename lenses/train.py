@@ -28,9 +28,10 @@ import pandas as pd
 import torch
 
 from .data import make_blocks, read_texts
+from .frequency import FrequencyVariant, TokenFrequencies, bucket_shares
 from .errors import CorruptFileError, LensesError
 from .io import atomic_write, write_csv
-from .kl import kl_and_grad, kl_rows, teacher_logprobs
+from .kl import kl_and_grad, kl_rows, teacher_logprobs, teacher_top1
 from .lens import LogitLens, TunedLens
 from .models import DEFAULT_MODEL, ModelAdapter, load_model
 from .precision import compute_dtype
@@ -62,6 +63,9 @@ class TrainConfig:
     compute_dtype: str = "auto"
     device: str = "cpu"
     progress: bool = True
+    variant: FrequencyVariant = field(default_factory=FrequencyVariant)  # frequency reweighting
+    variant_name: str = "baseline"
+    frequencies: str | None = None  # counts file; default: counted on the training blocks
 
     @property
     def tokens_per_step(self) -> int:
@@ -109,17 +113,19 @@ def lens_kl_backward(
     return kl
 
 
-def per_layer_kl(
+def heldout_stats(
     adapter: ModelAdapter,
     lenses: dict[str, Any],
     blocks: torch.Tensor,
     batch_size: int = 8,
     chunk_rows: int = 2048,
     dtype: torch.dtype = torch.float32,
-) -> dict[str, torch.Tensor]:
-    """Mean KL(final || lens) per layer [L] over all positions of ``blocks``, for each lens."""
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per lens: ``kl`` [L] mean KL(final || lens) per layer, and ``top1`` [L+1, N] the lens's
+    top-1 token at every layer and position of ``blocks`` (row L: the model's own top-1)."""
     L = adapter.num_layers
     sums = {name: torch.zeros(L, dtype=torch.float64) for name in lenses}
+    top1: dict[str, list[torch.Tensor]] = {name: [] for name in lenses}
     count = 0
     step = max(1, chunk_rows // L)
     with torch.no_grad():
@@ -129,16 +135,25 @@ def per_layer_kl(
             for s in range(0, hidden.shape[1], step):
                 h = hidden[:, s : s + step]
                 logp = teacher_logprobs(adapter, h[L])
+                final = logp.argmax(-1, keepdim=True).T  # [1, C]
                 for name, lens in lenses.items():
                     t = lens.translate_all(h[:L]) if isinstance(lens, TunedLens) else h[:L]
-                    sums[name] += kl_rows(adapter, adapter.final_norm(t), logp, dtype).sum(-1).double().cpu()
+                    kl, ids = kl_rows(adapter, adapter.final_norm(t), logp, dtype)
+                    sums[name] += kl.sum(-1).double().cpu()
+                    top1[name].append(torch.cat([ids, final]).cpu())
             count += hidden.shape[1]
-    return {name: s / count for name, s in sums.items()}
+    return {name: {"kl": sums[name] / count, "top1": torch.cat(top1[name], dim=1)} for name in lenses}
 
 
-def eval_table(adapter, lenses: dict[str, Any], blocks: torch.Tensor, tokenizer, **kw) -> pd.DataFrame:
+def per_layer_kl(adapter: ModelAdapter, lenses: dict[str, Any], blocks: torch.Tensor, **kw) -> dict[str, torch.Tensor]:
+    """Mean KL(final || lens) per layer [L] over all positions of ``blocks``, for each lens."""
+    return {name: stats["kl"] for name, stats in heldout_stats(adapter, lenses, blocks, **kw).items()}
+
+
+def eval_table(adapter, lenses: dict[str, Any], blocks: torch.Tensor, tokenizer, stats=None, **kw) -> pd.DataFrame:
     """Held-out per-layer KL in nats per token and in bits per byte, tidy (layer, lens, ...)."""
-    kl = per_layer_kl(adapter, lenses, blocks, **kw)
+    stats = stats or heldout_stats(adapter, lenses, blocks, **kw)
+    kl = {name: s["kl"] for name, s in stats.items()}
     n_bytes = sum(len(tokenizer.decode(row).encode("utf-8")) for row in blocks.tolist())
     tokens_per_byte = blocks.numel() / max(1, n_bytes)
     rows = []
@@ -199,11 +214,13 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
             f"checkpoint {path} is truncated or corrupt ({type(e).__name__}). Delete it to start over."
         ) from e
     saved = state["config"]
-    for key in ("model", "corpus", "seq_len", "batch_size", "seed", "optimizer", "lr", "momentum", "weight_decay"):
-        if saved.get(key) != getattr(cfg, key):
+    for key in ("model", "corpus", "seq_len", "batch_size", "seed", "optimizer", "lr", "momentum", "weight_decay",
+                "variant", "frequencies"):
+        now = asdict(cfg)[key]
+        if saved.get(key) != now:
             raise LensesError(
                 f"cannot resume: the checkpoint in {path.parent} was made with {key}={saved.get(key)!r}, "
-                f"now {key}={getattr(cfg, key)!r}. Use the same settings, or another --out to start afresh."
+                f"now {key}={now!r}. Use the same settings, or another --out to start afresh."
             )
     return state
 
@@ -250,6 +267,10 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
     max_eval_blocks = max(1, cfg.max_eval_tokens // cfg.seq_len)
     train_blocks, eval_blocks = make_blocks(texts, tokenizer, cfg.seq_len, cfg.eval_fraction, max_eval_blocks)
     total = cfg.total_steps()
+    if cfg.frequencies:
+        freqs = TokenFrequencies.load(cfg.frequencies)
+    else:
+        freqs = TokenFrequencies.from_tokens(train_blocks, adapter.vocab_size)
 
     lens = TunedLens.for_model(adapter)
     lens.config["model"] = cfg.model or DEFAULT_MODEL
@@ -273,8 +294,13 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
         for step in range(start, total):
             idx = _batch_indices(step, cfg.batch_size, len(train_blocks), cfg.seed)
             hidden = adapter.hidden_states(train_blocks[idx]).flatten(1, 2)
+            weights = None
+            if not cfg.variant.neutral:
+                tokens = _position_tokens(cfg.variant.token, adapter, train_blocks[idx], hidden)
+                rng = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # resumable: a function of step
+                weights = cfg.variant.weights(tokens, freqs, rng).to(hidden.device)
             opt.zero_grad(set_to_none=True)
-            kl = lens_kl_backward(lens, hidden, None, dtype, cfg.chunk_rows)
+            kl = lens_kl_backward(lens, hidden, weights, dtype, cfg.chunk_rows)
             if not (torch.isfinite(lens.weight.grad).all() and torch.isfinite(lens.bias.grad).all()):
                 raise LensesError(
                     f"non-finite gradient at step {step} (NaN/inf in hidden states or loss, e.g. fp16 overflow). "
@@ -302,15 +328,10 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
     _save_checkpoint(ckpt_path, total, lens, opt, sched, cfg, log_rows)
     train_seconds = time.perf_counter() - t0
 
-    table = eval_table(
-        adapter,
-        {"logit": LogitLens(adapter), "tuned": lens},
-        eval_blocks,
-        tokenizer,
-        batch_size=cfg.batch_size,
-        chunk_rows=cfg.chunk_rows,
-        dtype=dtype,
-    )
+    lenses = {"logit": LogitLens(adapter), "tuned": lens}
+    stats = heldout_stats(adapter, lenses, eval_blocks, batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows, dtype=dtype)
+    table = eval_table(adapter, lenses, eval_blocks, tokenizer, stats=stats)
+    buckets = pd.concat([bucket_shares(s["top1"], freqs).assign(lens=name) for name, s in stats.items()])
     lens.config.update(
         training={
             **{k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "device")},
@@ -319,10 +340,25 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
             "tokens_per_second": tokens_done / train_seconds if tokens_done else None,
             "compute_dtype_used": str(dtype).replace("torch.", ""),
         },
-        variant={"name": "baseline"},
+        variant={"name": cfg.variant_name, **asdict(cfg.variant)},
         heldout_kl_nats=table[table.lens == "tuned"].kl_nats.round(5).tolist(),
     )
     lens.save_pretrained(out)
     write_csv(out / "training_log.csv", pd.DataFrame(log_rows, columns=["step", "layer", "kl"]))
     write_csv(out / "eval.csv", table)
+    write_csv(out / "eval_top1_buckets.csv", buckets[["lens", "layer", "bucket", "share"]])
+    freqs.save(out)
     return lens
+
+
+def _position_tokens(source: str, adapter: ModelAdapter, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The token each position "has" for frequency reweighting: teacher top-1, next or input token."""
+    top1 = teacher_top1(adapter, hidden[-1])
+    if source == "teacher":
+        return top1
+    if source == "input":
+        return ids.reshape(-1)
+    if source == "next":  # the last position of a block has no next token: use the teacher's top-1
+        nxt = torch.cat([ids[:, 1:], top1.view(ids.shape)[:, -1:].to(ids.device)], dim=1)
+        return nxt.reshape(-1)
+    raise LensesError(f"unknown frequency token source {source!r}: use teacher, next or input")
