@@ -32,6 +32,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def ensure_writable(folder: str | os.PathLike) -> Path:
+    """Fail before hours of work, not after, if ``folder`` cannot be created or written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LensesError(f"cannot write to {folder}: {e.strerror}. Choose a writable output folder (--out).") from e
+    return folder
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     def _write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -30,7 +30,7 @@ import torch
 from .data import make_blocks, read_texts
 from .frequency import FrequencyVariant, TokenFrequencies, bucket_shares
 from .errors import CorruptFileError, LensesError
-from .io import atomic_write, write_csv
+from .io import atomic_write, ensure_writable, write_csv
 from .kl import kl_and_grad, kl_rows, teacher_logprobs, teacher_top1
 from .lens import LogitLens, TunedLens
 from .models import DEFAULT_MODEL, ModelAdapter, load_model
@@ -257,6 +257,7 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
     ckpt_path = out / CHECKPOINT_NAME
     if ckpt_path.exists() and not resume:
         raise LensesError(f"{out} already holds a training run: pass --resume to continue it, or another --out.")
+    ensure_writable(out)
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer = load_model(cfg.model, device=cfg.device)

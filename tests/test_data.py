@@ -78,3 +78,16 @@ def test_split_is_disjoint_and_independent_of_training_seed(char_tokenizer):
     train2, held2 = make_blocks(docs, char_tokenizer, seq_len=16, eval_fraction=0.2)
     assert torch.equal(held, held2) and torch.equal(train, train2)
     assert len(held) == round(0.2 * (len(train) + len(held)))
+
+
+def test_unwritable_output_is_reported_before_work(tmp_path):
+    from lenses import LensesError
+    from lenses.io import ensure_writable, write_json
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(LensesError, match="cannot write to .*--out"):
+        ensure_writable(blocker / "out")
+    with pytest.raises(LensesError, match="cannot write to"):
+        write_json(blocker / "out" / "config.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing half-written

@@ -122,3 +122,15 @@ def test_bucket_shares_against_hand_count():
     assert df.loc[0, "1-10"] == pytest.approx(0.4) and df.loc[0, "1001+"] == pytest.approx(0.2)
     assert df.loc[1, "1-10"] == pytest.approx(0.2) and df.loc[1, "11-100"] == pytest.approx(0.4)
     assert df.loc[1, "101-1000"] == pytest.approx(0.2) and df.loc[1, "1001+"] == pytest.approx(0.2)
+
+
+def test_cli_flags_build_the_variant():
+    import train_probes
+
+    cfg, resume, experiment = train_probes.parse_args(
+        ["--freq-topk", "1", "--freq-keep-prob", "1e-3", "--freq-token", "next", "--out", "x"]
+    )
+    assert cfg.variant == FrequencyVariant(topk=1, keep_prob=1e-3, token="next")
+    assert cfg.variant_name == "reweighted" and not resume and experiment is None
+    cfg, _, _ = train_probes.parse_args(["--out", "x"])
+    assert cfg.variant.neutral and cfg.variant_name == "baseline"
