@@ -349,6 +349,9 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
     write_csv(out / "eval.csv", table)
     write_csv(out / "eval_top1_buckets.csv", buckets[["lens", "layer", "bucket", "share"]])
     freqs.save(out)
+    from .plots import plot_heldout_kl
+
+    plot_heldout_kl(table, out / "eval_kl.png", title=f"held-out KL, {total * cfg.tokens_per_step:,} training tokens")
     return lens
 
 

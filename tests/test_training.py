@@ -124,7 +124,8 @@ def test_training_lowers_heldout_kl_and_writes_outputs(tmp_path, char_tokenizer,
     cfg = _cfg(tmp_path, steps=30)
     lens = train(cfg, model=model, tokenizer=char_tokenizer)
     out = tmp_path / "run"
-    for name in ("config.json", "translators.safetensors", "training_log.csv", "eval.csv", "checkpoint.pt"):
+    for name in ("config.json", "translators.safetensors", "training_log.csv", "eval.csv", "checkpoint.pt",
+                 "eval_kl.png", "eval_top1_buckets.csv", "token_frequencies.safetensors"):
         assert (out / name).exists(), name
     log = pd.read_csv(out / "training_log.csv")
     assert list(log.columns) == ["step", "layer", "kl"] and len(log) == 30 * 3
