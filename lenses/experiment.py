@@ -36,7 +36,7 @@ def probe_bias_experiment(
     variants = variants or DEFAULT_VARIANTS
     out = Path(cfg.out)
     if model is None:
-        model, tokenizer = load_model(cfg.model, device=cfg.device)
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     shares, kls = [], []
     for name, variant in variants.items():
         run = replace(cfg, out=str(out / name), variant=variant, variant_name=name)

@@ -323,6 +323,11 @@ class ModelAdapter:
         with torch.no_grad():
             logits = self.model(input_ids=ids, use_cache=False).logits.float()
             ours = self.decode(self.hidden_states(ids)[-1]).float()
+        if not torch.isfinite(logits).all():
+            raise LensesError(
+                "the model outputs NaN/inf logits on a 4-token test input: its weights are damaged or its dtype "
+                "overflows. Load it in float32 or bfloat16 (--model-dtype) or check the checkpoint."
+            )
         if not torch.allclose(ours, logits, rtol=1e-3, atol=1e-3 * (1 + logits.abs().max().item())):
             raise ModelStructureError(
                 f"decoding the last hidden state with final norm {self.final_norm_path!r} and the model's "

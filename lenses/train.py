@@ -62,6 +62,7 @@ class TrainConfig:
     chunk_rows: int = 2048  # rows of the [rows x vocab] buffer: memory knob
     compute_dtype: str = "auto"
     device: str = "cpu"
+    model_dtype: str = "float32"  # dtype the model's weights are loaded in
     progress: bool = True
     variant: FrequencyVariant = field(default_factory=FrequencyVariant)  # frequency reweighting
     variant_name: str = "baseline"
@@ -260,7 +261,7 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
     ensure_writable(out)
     torch.manual_seed(cfg.seed)
     if model is None:
-        model, tokenizer = load_model(cfg.model, device=cfg.device)
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     adapter = ModelAdapter.from_model(model)
     dtype = compute_dtype(cfg.compute_dtype, adapter.device)
 
@@ -305,7 +306,7 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
             if not (torch.isfinite(lens.weight.grad).all() and torch.isfinite(lens.bias.grad).all()):
                 raise LensesError(
                     f"non-finite gradient at step {step} (NaN/inf in hidden states or loss, e.g. fp16 overflow). "
-                    "Run the model in float32/bfloat16 (--dtype) or lower --lr; resume from the last checkpoint."
+                    "Load the model in float32 or bfloat16 (--model-dtype) or lower --lr, then resume (--resume)."
                 )
             torch.nn.utils.clip_grad_norm_([lens.weight, lens.bias], cfg.clip)
             opt.step()

@@ -175,3 +175,15 @@ def test_resume_refuses_changed_settings(tmp_path, char_tokenizer, eager_kl):
     train(_cfg(tmp_path, steps=2), model=model, tokenizer=char_tokenizer)
     with pytest.raises(LensesError, match="seq_len"):
         train(_cfg(tmp_path, steps=2, seq_len=8), resume=True, model=model, tokenizer=char_tokenizer)
+
+
+def test_non_finite_values_stop_training_with_advice(tmp_path, char_tokenizer, eager_kl, monkeypatch):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(float("inf"))  # like an fp16 overflow
+    with pytest.raises(LensesError, match="NaN/inf logits.*--model-dtype"):
+        train(_cfg(tmp_path / "a", steps=2), model=model, tokenizer=char_tokenizer)
+    # past the up-front check, the training loop itself refuses non-finite gradients
+    monkeypatch.setattr(ModelAdapter, "verify", lambda self: None)
+    with pytest.raises(LensesError, match="non-finite gradient at step 0.*--model-dtype"):
+        train(_cfg(tmp_path / "b", steps=2), model=model, tokenizer=char_tokenizer)
