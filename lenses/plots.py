@@ -19,6 +19,14 @@ def _pyplot():
     return plt
 
 
+def _integer_layers(*axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=130, bbox_inches="tight"))
@@ -31,7 +39,7 @@ def plot_probe_bias(shares: pd.DataFrame, kl: pd.DataFrame, path: str | os.PathL
     lens), with the logit lens and the model's final predictions for reference. Right: what the
     reweighting costs in held-out KL per layer."""
     plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"wspace": 0.3})
     top = shares[shares.bucket == bucket]
     n_layers = int(top.layer.max())
     for variant, rows in top[top.lens == "tuned"].groupby("variant", sort=False):
@@ -49,6 +57,7 @@ def plot_probe_bias(shares: pd.DataFrame, kl: pd.DataFrame, path: str | os.PathL
     ax2.plot(logit_kl.layer, logit_kl.kl_nats, "k--", label="logit lens")
     ax2.set(xlabel="layer", ylabel="held-out KL(final || lens), nats", yscale="log", title="Cost of reweighting")
     ax2.legend(fontsize=8)
+    _integer_layers(ax1, ax2)
     return _save(fig, path)
 
 
@@ -60,4 +69,5 @@ def plot_heldout_kl(table: pd.DataFrame, path: str | os.PathLike, title: str = "
         ax.plot(rows.layer, rows.kl_nats, marker=".", label=f"{lens} lens")
     ax.set(xlabel="layer", ylabel="held-out KL(final || lens), nats", yscale="log", title=title)
     ax.legend()
+    _integer_layers(ax)
     return _save(fig, path)
