@@ -71,3 +71,34 @@ def plot_heldout_kl(table: pd.DataFrame, path: str | os.PathLike, title: str = "
     ax.legend()
     _integer_layers(ax)
     return _save(fig, path)
+
+
+def plot_representation(summary: pd.DataFrame, per_prompt: pd.DataFrame, path: str | os.PathLike,
+                        hist_layer: int | None = None) -> Path:
+    """Each metric against relative depth (median and 10-90% band where per prompt), plus a
+    histogram of prompt entropy at ``hist_layer`` (default: the middle layer) to show bimodality."""
+    plt = _pyplot()
+    metrics = list(dict.fromkeys(summary.metric))
+    n = len(metrics) + 1
+    cols = 4
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((n + cols - 1) // cols)))
+    axes = axes.ravel()
+    for ax, metric in zip(axes, metrics):
+        rows = summary[summary.metric == metric].sort_values("layer")
+        if rows["q50"].notna().any():
+            ax.plot(rows.relative_depth, rows.q50, marker=".", label="median")
+            ax.fill_between(rows.relative_depth, rows.q10, rows.q90, alpha=0.25, label="10-90%")
+        else:
+            ax.plot(rows.relative_depth, rows["mean"], marker=".")
+        ax.set(title=metric.replace("_", " "), xlabel="relative depth")
+        ax.grid(alpha=0.3)
+    layers = int(per_prompt.layer.max())
+    hist_layer = layers // 2 if hist_layer is None else hist_layer
+    values = per_prompt[(per_prompt.metric == "prompt_entropy") & (per_prompt.layer == hist_layer)].value
+    ax = axes[len(metrics)]
+    ax.hist(values, bins=30, color="C2")
+    ax.set(title=f"prompt entropy at layer {hist_layer}", xlabel="normalised entropy", ylabel="prompts")
+    for ax in axes[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)

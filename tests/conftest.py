@@ -23,12 +23,14 @@ class CharTokenizer:
 
     eos_token_id = 0
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
         class Out:
             pass
 
         out = Out()
         out.input_ids = [1 + (b % 95) for b in text.encode("utf-8")]
+        if return_tensors == "pt":
+            out.input_ids = torch.tensor([out.input_ids])
         return out
 
     def decode(self, ids):
