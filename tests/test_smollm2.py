@@ -67,3 +67,36 @@ def test_cli_reports_bad_model_path_cleanly(tmp_path):
     )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_analyze_representation_view(tmp_path):
+    import analyze
+
+    out = tmp_path / "rep"
+    assert analyze.main(["--view", "representation", "--num-prompts", "4", "--max-tokens", "16", "--out", str(out)]) == 0
+    layers = pd.read_csv(out / "representation_layers.csv")
+    prompts = pd.read_csv(out / "representation_prompts.csv")
+    assert set(layers.layer) == set(range(31)) and prompts.prompt_id.nunique() == 4
+    ent = prompts[prompts.metric == "prompt_entropy"].value
+    assert ent.between(0, 1 + 1e-9).all()
+    assert (out / "representation.png").stat().st_size > 20_000
+
+
+def test_analyze_prompt_with_both_lenses(tmp_path, smollm2):
+    import analyze
+
+    model, _ = smollm2
+    lens = TunedLens.for_model(model)
+    lens.save_pretrained(tmp_path / "lens")
+    assert analyze.main(["--prompt", "The capital of France is", "--lens", str(tmp_path / "lens"),
+                         "--top-k", "2", "--out", str(tmp_path / "o")]) == 0
+    table = pd.read_csv(tmp_path / "o" / "predictions.csv")
+    assert set(table.lens) == {"logit", "tuned"} and set(table.layer) == set(range(31))
+    assert (table.prob.between(0, 1)).all() and set(table["rank"]) == {1, 2}
+    last = table[(table.layer == 30) & (table["rank"] == 1)]
+    assert last.token.nunique() == 1  # both lenses are the model itself at the last layer
+
+
+def test_unimplemented_views_say_so(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--view", "pos"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not implemented yet" in proc.stderr
