@@ -171,11 +171,13 @@ def eval_table(adapter, lenses: dict[str, Any], blocks: torch.Tensor, tokenizer,
 
 def _batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> torch.Tensor:
     """Blocks of ``step``: walk through per-epoch permutations seeded by (seed, epoch)."""
+    perms: dict[int, torch.Tensor] = {}
     out = []
     for g in range(step * batch_size, (step + 1) * batch_size):
         epoch, pos = divmod(g, n_blocks)
-        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[pos]))
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perms[epoch][pos]))
     return torch.tensor(out)
 
 
@@ -358,12 +360,11 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
 
 def _position_tokens(source: str, adapter: ModelAdapter, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """The token each position "has" for frequency reweighting: teacher top-1, next or input token."""
-    top1 = teacher_top1(adapter, hidden[-1])
-    if source == "teacher":
-        return top1
     if source == "input":
         return ids.reshape(-1)
+    if source == "teacher":
+        return teacher_top1(adapter, hidden[-1])
     if source == "next":  # the last position of a block has no next token: use the teacher's top-1
-        nxt = torch.cat([ids[:, 1:], top1.view(ids.shape)[:, -1:].to(ids.device)], dim=1)
-        return nxt.reshape(-1)
+        last = teacher_top1(adapter, hidden[-1].view(*ids.shape, -1)[:, -1])
+        return torch.cat([ids[:, 1:], last[:, None].to(ids.device)], dim=1).reshape(-1)
     raise LensesError(f"unknown frequency token source {source!r}: use teacher, next or input")

@@ -134,3 +134,17 @@ def test_cli_flags_build_the_variant():
     assert cfg.variant_name == "reweighted" and not resume and experiment is None
     cfg, _, _ = train_probes.parse_args(["--out", "x"])
     assert cfg.variant.neutral and cfg.variant_name == "baseline"
+
+
+def test_position_tokens_sources():
+    from lenses.train import _position_tokens
+
+    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
+    hidden = adapter.hidden_states(ids).flatten(1, 2)
+    with torch.no_grad():
+        final_top1 = adapter.model(input_ids=ids).logits.argmax(-1)  # the model's own top-1, [2, 5]
+    assert torch.equal(_position_tokens("input", adapter, ids, hidden), ids.reshape(-1))
+    assert torch.equal(_position_tokens("teacher", adapter, ids, hidden), final_top1.reshape(-1))
+    expected_next = torch.cat([ids[:, 1:], final_top1[:, -1:]], dim=1).reshape(-1)
+    assert torch.equal(_position_tokens("next", adapter, ids, hidden), expected_next)
