@@ -86,7 +86,7 @@ def kl_rows(adapter: ModelAdapter, u: torch.Tensor, logp: torch.Tensor, dtype: t
     with torch.no_grad():
         p = logp.exp()
         z = _unembed_raw(adapter, u, dtype)
-        kl, _ = _fused(z, p, (p * logp).sum(-1), p[:, 0], adapter.logit_scale, adapter.softcap or 0.0, False)
+        kl, _ = _fused(z, p, (p * logp).sum(-1), None, adapter.logit_scale, adapter.softcap or 0.0, False)
         return kl, z.argmax(-1)
 
 
