@@ -1,27 +1,232 @@
-"""Layer-by-layer predictions for a prompt, as a tidy table.
+"""Tracing: what each lens predicts at every layer, for chosen positions of many texts.
 
-This is the first piece of tracing: decode every position at every layer with one or more
-lenses and keep the top-k tokens. Hidden states are decoded one layer at a time, so memory is
-O(positions x vocab), never O(layers x positions x vocab).
+`trace` runs the model once per text, keeps the hidden states of the positions asked for, and
+decodes them layer by layer, chunk of rows by chunk of rows: memory is O(chunk x vocab) for the
+logits plus O(chunk x layers x d) for the buffered hidden states, never layers x tokens x vocab.
+It returns one tidy row per (lens, item, position, layer).
+
+The per-position depth statistics (onset at k, settled layer, flips) are plain functions of
+those rows, defined in DESIGN.md after Gupta et al. 2025 (arXiv 2510.18871):
+
+- rank of a target = 1 + number of tokens with strictly higher probability;
+- onset at k = first layer where the target's rank <= k (k = 1: "first correct");
+- settled layer = first layer from which the target stays rank 1 at every deeper layer;
+- flipped = the layer's top-1 differs from the final (layer L) top-1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
 import pandas as pd
 import torch
 
 from .models import ModelAdapter
 
+ONSET_KS = (1, 10, 100, 1000, 10000)  # the paper's log grid for onset-vs-k curves
 
-def layer_predictions(
+
+@dataclass
+class TraceItem:
+    """One text to trace: its token ids, which positions to keep, and target tokens per position.
+
+    ``targets[name][j]`` is the target token id at ``positions[j]`` (e.g. the true next token,
+    or an answer token); ranks and probabilities of every target are reported at every layer.
+    """
+
+    ids: Sequence[int]
+    positions: Sequence[int]
+    targets: dict[str, Sequence[int]] = field(default_factory=dict)
+
+
+def lens_logits(lens, adapter: ModelAdapter, h: torch.Tensor, layer: int, dtype: torch.dtype) -> torch.Tensor:
+    """float32 logits of ``lens`` (None: no translator) for hidden states ``h`` of ``layer``,
+    with the unembedding matmul run in ``dtype``."""
+    u = adapter.final_norm(h if lens is None else lens.transform_hidden(h, layer))
+    w = adapter.unembed_weight(dtype)
+    z = u.to(dtype) @ w.T
+    if adapter.unembed.bias is not None:
+        z = z + adapter.unembed.bias.to(dtype)
+    return adapter.finish_logits(z.float())
+
+
+def _stats(z: torch.Tensor, logp_final: torch.Tensor, targets: dict[str, torch.Tensor], groups, n_groups: int) -> dict:
+    """Per-row statistics of one layer's logits ``z`` [C, V] (float32)."""
+    logq = torch.log_softmax(z, dim=-1)
+    q = logq.exp()
+    top_logq, top_id = logq.max(-1)
+    out = {
+        "top1_id": top_id,
+        "top1_prob": top_logq.exp(),
+        "entropy": -(q * logq).sum(-1),
+        "kl": (logp_final.exp() * (logp_final - logq)).sum(-1),
+    }
+    for name, t in targets.items():
+        zt = z.gather(1, t[:, None])
+        out[f"rank_{name}"] = (z > zt).sum(-1) + 1
+        out[f"prob_{name}"] = logq.gather(1, t[:, None]).squeeze(1).exp()
+    if groups is not None:
+        mass = torch.zeros(z.shape[0], n_groups + 1, dtype=q.dtype, device=q.device)
+        mass.index_add_(1, groups, q)  # the last column collects ungrouped tokens
+        out["mass"] = mass[:, :n_groups]
+    return out
+
+
+def trace(
     adapter: ModelAdapter,
-    tokenizer,
-    text: str,
     lenses: dict,
-    k: int = 1,
-    positions: list[int] | None = None,
+    items: Iterable[TraceItem],
+    groups: torch.Tensor | None = None,
+    group_names: Sequence[str] = (),
+    chunk: int = 256,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
 ) -> pd.DataFrame:
-    """Top-``k`` tokens of each lens at each layer (0..L) and position of ``text``.
+    """Trace ``items`` through every layer (0..L) of every lens in ``lenses`` (name -> lens).
+
+    Columns: lens, item, position, layer, top1_id, top1_prob, entropy, kl (to the final layer's
+    distribution, nats), for each target ``t``: target_t, rank_t, prob_t; for each token group
+    ``g`` (``groups``: group index per vocab id, -1 for none): mass_g, the probability mass the
+    lens puts on that group. ``dtype`` is the unembedding matmul dtype (float32 keeps ranks exact).
+    """
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    L = adapter.num_layers
+    if groups is not None:
+        groups = groups.to(adapter.device).long()
+        n_groups = len(group_names)
+        groups = torch.where(groups < 0, torch.full_like(groups, n_groups), groups)
+    else:
+        n_groups = 0
+    target_names = sorted({n for it in items for n in it.targets})
+    frames: list[pd.DataFrame] = []
+    buf_h: list[torch.Tensor] = []
+    buf_meta: list[np.ndarray] = []
+    buf_t: dict[str, list[torch.Tensor]] = {n: [] for n in target_names}
+
+    def flush():
+        if not buf_h:
+            return
+        h_all = torch.cat(buf_h, dim=1)  # [L+1, N, d]
+        meta = np.concatenate(buf_meta)  # [N, 2] item, position
+        tg_all = {n: torch.cat(v) for n, v in buf_t.items()}
+        buf_h.clear(), buf_meta.clear()
+        for v in buf_t.values():
+            v.clear()
+        for s in range(0, h_all.shape[1], chunk):
+            h = h_all[:, s : s + chunk]
+            tg = {n: v[s : s + chunk].to(adapter.device) for n, v in tg_all.items()}
+            with torch.no_grad():
+                logp_final = torch.log_softmax(lens_logits(None, adapter, h[L], L, dtype), -1)
+                for lens_name, lens in lenses.items():
+                    for layer in range(L + 1):
+                        st = _stats(lens_logits(lens, adapter, h[layer], layer, dtype), logp_final, tg, groups, n_groups)
+                        cols = {
+                            "lens": lens_name,
+                            "item": meta[s : s + chunk, 0],
+                            "position": meta[s : s + chunk, 1],
+                            "layer": layer,
+                        }
+                        for n in target_names:
+                            cols[f"target_{n}"] = tg[n].cpu().numpy()
+                        for key, v in st.items():
+                            if key == "mass":
+                                for g, gname in enumerate(group_names):
+                                    cols[f"mass_{gname}"] = v[:, g].cpu().numpy()
+                            else:
+                                cols[key] = v.cpu().numpy()
+                        frames.append(pd.DataFrame(cols))
+
+    buffered = 0
+    for i, it in enumerate(tqdm(items, desc="tracing", unit="text", disable=not progress)):
+        ids = torch.as_tensor(list(it.ids), dtype=torch.long)[None]
+        pos = [p % ids.shape[1] for p in it.positions]
+        if not pos:
+            continue
+        if set(it.targets) != set(target_names):
+            raise ValueError(f"item {i} has targets {sorted(it.targets)}, others have {target_names}")
+        h = adapter.hidden_states(ids)[:, 0, pos]  # [L+1, P, d]
+        buf_h.append(h)
+        buf_meta.append(np.stack([np.full(len(pos), i), np.asarray(pos)], axis=1))
+        for n in target_names:
+            buf_t[n].append(torch.as_tensor(list(it.targets[n]), dtype=torch.long))
+        buffered += len(pos)
+        if buffered >= chunk:
+            flush()
+            buffered = 0
+    flush()
+    if not frames:
+        return pd.DataFrame(columns=["lens", "item", "position", "layer", "top1_id", "top1_prob", "entropy", "kl"])
+    df = pd.concat(frames, ignore_index=True)
+    return df.sort_values(["lens", "item", "position", "layer"], kind="stable").reset_index(drop=True)
+
+
+# ---- depth statistics over a trajectory (arrays [..., layers]) -------------------------------
+
+
+def onset_layer(ranks: np.ndarray, k: int) -> np.ndarray:
+    """First layer where rank <= k, per trajectory (NaN if never)."""
+    hit = np.asarray(ranks) <= k
+    first = hit.argmax(-1).astype(float)
+    first[~hit.any(-1)] = np.nan
+    return first
+
+
+def settled_layer(is_top: np.ndarray) -> np.ndarray:
+    """First layer from which ``is_top`` holds at every deeper layer (NaN if not at the last)."""
+    is_top = np.asarray(is_top, dtype=bool)
+    n = is_top.shape[-1]
+    suffix_all = np.flip(np.cumprod(np.flip(is_top, -1), -1), -1).astype(bool)  # all True from l on
+    settled = (n - suffix_all.sum(-1)).astype(float)
+    settled[~is_top[..., -1]] = np.nan
+    return settled
+
+
+def flipped(top1: np.ndarray) -> np.ndarray:
+    """Whether each layer's top-1 differs from the final layer's."""
+    top1 = np.asarray(top1)
+    return top1 != top1[..., -1:]
+
+
+def trajectories(df: pd.DataFrame, column: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Reshape one column of a trace into ``[trajectories, layers]`` plus their (lens, item, position) keys."""
+    df = df.sort_values(["lens", "item", "position", "layer"], kind="stable")
+    n_layers = int(df["layer"].max()) + 1
+    keys = df[["lens", "item", "position"]].iloc[::n_layers].reset_index(drop=True)
+    values = df[column].to_numpy().reshape(-1, n_layers)
+    return keys, values
+
+
+def depth_summary(df: pd.DataFrame, target: str, ks: Sequence[int] = ONSET_KS) -> pd.DataFrame:
+    """One row per (lens, item, position): first_correct, settled and onset_k<k> layers for ``target``."""
+    keys, ranks = trajectories(df, f"rank_{target}")
+    out = keys.copy()
+    out["num_layers"] = ranks.shape[1] - 1
+    out["final_rank"] = ranks[:, -1]
+    out["first_correct"] = onset_layer(ranks, 1)
+    out["settled"] = settled_layer(ranks == 1)
+    for k in ks:
+        out[f"onset_k{k}"] = onset_layer(ranks, k)
+    return out
+
+
+def onset_curve(summary: pd.DataFrame, by: Sequence[str] = ("lens",), ks: Sequence[int] = ONSET_KS) -> pd.DataFrame:
+    """Mean onset layer against k (tidy: *by, k, mean_layer, n), from `depth_summary` rows."""
+    rows = []
+    for key, g in summary.groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        for k in ks:
+            v = g[f"onset_k{k}"].dropna()
+            rows.append({**dict(zip(by, key)), "k": k, "mean_layer": v.mean() if len(v) else np.nan, "n": len(v)})
+    return pd.DataFrame(rows)
+
+
+def layer_predictions(adapter: ModelAdapter, tokenizer, text: str, lenses: dict, k: int = 1,
+                      positions: list[int] | None = None) -> pd.DataFrame:
+    """Top-``k`` tokens of each lens at each layer (0..L) and position of ``text`` (for reading by eye).
 
     Columns: lens, layer, position, input_token, rank, token, token_id, prob.
     ``positions`` (default: all) may use negative indices, e.g. ``[-1]`` for the last position.
@@ -35,21 +240,11 @@ def layer_predictions(
     with torch.no_grad():
         for name, lens in lenses.items():
             for layer in range(adapter.num_layers + 1):
-                probs = torch.softmax(lens(hidden[layer], layer).float(), dim=-1)
-                top = probs.topk(k, dim=-1)
+                top = torch.softmax(lens(hidden[layer], layer).float(), dim=-1).topk(k, dim=-1)
                 for j, pos in enumerate(keep):
                     for r in range(k):
                         tid = int(top.indices[j, r])
-                        rows.append(
-                            {
-                                "lens": name,
-                                "layer": layer,
-                                "position": pos,
-                                "input_token": inputs[j],
-                                "rank": r + 1,
-                                "token": tokenizer.decode([tid]),
-                                "token_id": tid,
-                                "prob": float(top.values[j, r]),
-                            }
-                        )
+                        rows.append({"lens": name, "layer": layer, "position": pos, "input_token": inputs[j],
+                                     "rank": r + 1, "token": tokenizer.decode([tid]), "token_id": tid,
+                                     "prob": float(top.values[j, r])})
     return pd.DataFrame(rows)

@@ -1,0 +1,158 @@
+"""Trace statistics against a float64 brute force, and the depth bookkeeping on hand-built trajectories."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lenses import LogitLens, ModelAdapter, TunedLens
+from lenses.trace import TraceItem, depth_summary, flipped, onset_curve, onset_layer, settled_layer, trace
+from tiny_models import VOCAB, tiny_model
+
+
+def _random_lens(adapter, seed=1):
+    lens = TunedLens.for_model(adapter)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        lens.weight.copy_(0.1 * torch.randn(lens.weight.shape, generator=g))
+        lens.bias.copy_(0.1 * torch.randn(lens.bias.shape, generator=g))
+    return lens
+
+
+def _brute_force(family, lens, ids, positions, target, groups):
+    """Every statistic in float64, all layers at once (fine at this size), written from the definitions."""
+    model = tiny_model(family).double()
+    adapter = ModelAdapter.from_model(model)
+    hidden = adapter.hidden_states(torch.tensor([ids]))[:, 0, positions]  # [L+1, P, d]
+    L = adapter.num_layers
+    rows = {}
+    with torch.no_grad():
+        return _brute_force_layers(adapter, lens, hidden, target, groups, rows)
+
+
+def _brute_force_layers(adapter, lens, hidden, target, groups, rows):
+    L = adapter.num_layers
+    for name in ("logit", "tuned"):
+        logits = []
+        for layer in range(L + 1):
+            h = hidden[layer]
+            if name == "tuned" and layer < L:
+                h = h + h @ lens.weight[layer].double().T + lens.bias[layer].double()
+            logits.append(adapter.decode(h))
+        z = torch.stack(logits)  # [L+1, P, V]
+        p = torch.softmax(z, -1)
+        logp_final = torch.log_softmax(z[-1], -1)
+        rows[name] = {
+            "top1_id": z.argmax(-1),
+            "top1_prob": p.max(-1).values,
+            "entropy": -(p * p.log()).sum(-1),
+            "kl": (logp_final.exp() * (logp_final - p.log())).sum(-1),
+            "rank": torch.tensor([[1 + int((z[l, j] > z[l, j, t]).sum()) for j, t in enumerate(target)] for l in range(L + 1)]),
+            "prob": torch.stack([p[:, j, t] for j, t in enumerate(target)], -1),
+            "mass_g0": (p * (groups == 0)).sum(-1),
+            "mass_g1": (p * (groups == 1)).sum(-1),
+            "gap": torch.stack([(z[:, j] - z[:, j, t : t + 1]).abs().sort(-1).values[:, 1] for j, t in enumerate(target)], -1),
+        }
+    return rows
+
+
+@pytest.mark.parametrize("family,chunk", [("llama", 3), ("gpt2", 5), ("gemma2", 4)])
+def test_trace_matches_float64_brute_force(family, chunk):
+    model = tiny_model(family)
+    adapter = ModelAdapter.from_model(model)
+    lens = _random_lens(adapter)
+    g = torch.Generator().manual_seed(3)
+    texts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (9, 7, 11)]
+    pos_sets = [[0, 3, 4, 8], [-1, 2, 5], [1, 10, 6]]  # 10 rows: no chunk size above divides it
+    targets = [[int(t) for t in torch.randint(0, VOCAB, (len(p),), generator=g)] for p in pos_sets]
+    groups = torch.randint(-1, 2, (VOCAB,), generator=g)
+    items = [TraceItem(ids, pos, {"answer": t}) for ids, pos, t in zip(texts, pos_sets, targets)]
+    df = trace(adapter, {"logit": LogitLens(adapter), "tuned": lens}, items, groups=groups,
+               group_names=["g0", "g1"], chunk=chunk)
+    L = adapter.num_layers
+    assert len(df) == 2 * (L + 1) * 10
+    for i, (ids, pos, t) in enumerate(zip(texts, pos_sets, targets)):
+        keep = [p % len(ids) for p in pos]
+        ref = _brute_force(family, lens, ids, keep, t, groups)
+        for name in ("logit", "tuned"):
+            sub = df[(df.lens == name) & (df.item == i)]
+            for j, p in enumerate(keep):
+                got = sub[sub.position == p].sort_values("layer")
+                r = {k: v[:, j].numpy() for k, v in ref[name].items()}
+                np.testing.assert_allclose(got.top1_prob, r["top1_prob"], rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(got.entropy, r["entropy"], rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(got.kl, r["kl"], rtol=1e-3, atol=1e-5)
+                np.testing.assert_allclose(got.prob_answer, r["prob"], rtol=1e-4, atol=1e-7)
+                np.testing.assert_allclose(got.mass_g0, r["mass_g0"], rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(got.mass_g1, r["mass_g1"], rtol=1e-4, atol=1e-6)
+                clear = r["gap"] > 1e-4  # float32 may order near-ties differently
+                np.testing.assert_array_equal(got.rank_answer.to_numpy()[clear], r["rank"][clear])
+                np.testing.assert_array_equal(got.top1_id.to_numpy()[clear], r["top1_id"][clear])
+                assert (got.target_answer == t[j]).all()
+                assert got.kl.iloc[-1] == pytest.approx(0, abs=1e-5)
+
+
+def test_trace_bf16_unembedding_stays_close():
+    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    items = [TraceItem(list(range(1, 13)), list(range(12)), {"next": list(range(2, 14))})]
+    a = trace(adapter, {"logit": LogitLens(adapter)}, items)
+    b = trace(adapter, {"logit": LogitLens(adapter)}, items, dtype=torch.bfloat16)
+    np.testing.assert_allclose(a.entropy, b.entropy, atol=0.05)
+
+
+# ---- hand-built trajectories ----------------------------------------------------------------
+
+
+def test_onset_settled_flips_on_hand_built_trajectories():
+    ranks = np.array(
+        [
+            [50, 7, 1, 1, 1],  # correct from layer 2 on
+            [9, 9, 9, 9, 9],  # never correct
+            [3, 3, 3, 3, 1],  # correct only at the last layer
+            [1, 2, 1, 4, 1],  # correct early, lost, back: settles only at the end
+            [1, 1, 1, 1, 1],  # always correct
+            [1, 1, 1, 1, 2],  # correct early, wrong at the end: never settled
+        ]
+    )
+    np.testing.assert_array_equal(onset_layer(ranks, 1), [2, np.nan, 4, 0, 0, 0])
+    np.testing.assert_array_equal(onset_layer(ranks, 8), [1, np.nan, 0, 0, 0, 0])
+    np.testing.assert_array_equal(onset_layer(ranks, 10), [1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(settled_layer(ranks == 1), [2, np.nan, 4, 4, 0, np.nan])
+    top1 = np.array([[5, 5, 7, 7], [7, 7, 7, 7], [1, 2, 3, 4]])
+    np.testing.assert_array_equal(flipped(top1), [[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 6), min_size=4, max_size=4), min_size=1, max_size=8))
+def test_settled_matches_plain_loop(rows):
+    ranks = np.array(rows)
+    got = settled_layer(ranks == 1)
+    for r, g in zip(ranks, got):
+        expect = np.nan
+        for layer in range(len(r)):
+            if all(x == 1 for x in r[layer:]):
+                expect = layer
+                break
+        assert (np.isnan(g) and np.isnan(expect)) or g == expect
+        onset = next((i for i, x in enumerate(r) if x == 1), np.nan)
+        assert (np.isnan(onset) and np.isnan(onset_layer(r[None], 1)[0])) or onset_layer(r[None], 1)[0] == onset
+        if not np.isnan(g):  # settling never comes before the first correct layer
+            assert g >= onset
+
+
+def test_depth_summary_and_onset_curve_from_a_trace_table():
+    import pandas as pd
+
+    ranks = {("tuned", 0, 5): [4, 1, 1], ("tuned", 1, 2): [20, 12, 1], ("logit", 0, 5): [900, 30, 1]}
+    rows = [{"lens": k[0], "item": k[1], "position": k[2], "layer": l, "rank_t": r}
+            for k, rs in ranks.items() for l, r in enumerate(rs)]
+    summary = depth_summary(pd.DataFrame(rows).sample(frac=1, random_state=0), "t", ks=(1, 10, 100))
+    s = summary.set_index(["lens", "item", "position"])
+    assert s.loc[("tuned", 0, 5), "first_correct"] == 1 and s.loc[("tuned", 1, 2), "settled"] == 2
+    assert s.loc[("logit", 0, 5), "onset_k100"] == 1 and s.loc[("logit", 0, 5), "onset_k10"] == 2
+    curve = onset_curve(summary, ks=(1, 10, 100)).set_index(["lens", "k"])
+    assert curve.loc[("tuned", 10), "mean_layer"] == pytest.approx(1.0)  # (0 + 2) / 2
+    assert curve.loc[("tuned", 1), "n"] == 2
