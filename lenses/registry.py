@@ -28,3 +28,21 @@ def resolve_lens_path(name: str | os.PathLike) -> Path:
         f"no lens at {name!r}: not a folder, and not a shipped lens name (shipped: {available() or 'none'}). "
         "Train one with `python train_probes.py --out DIR` and pass DIR."
     )
+
+
+def find_for(adapter) -> str | None:
+    """The name of a shipped lens made for ``adapter``'s model (same fingerprint), if any."""
+    import json
+
+    from .errors import LensMismatchError
+
+    for name in available():
+        try:
+            saved = json.loads((PRETRAINED_DIR / name / "config.json").read_text(encoding="utf-8"))
+            if not saved.get("fingerprint"):
+                continue
+            adapter.check_fingerprint(saved["fingerprint"], strict=True)
+        except (LensMismatchError, ValueError, OSError, KeyError):
+            continue
+        return name
+    return None

@@ -146,6 +146,8 @@ def trace(
         pos = [p % ids.shape[1] for p in it.positions]
         if not pos:
             continue
+        if len(set(pos)) != len(pos):
+            raise ValueError(f"item {i} lists a position twice: {list(it.positions)}")
         if set(it.targets) != set(target_names):
             raise ValueError(f"item {i} has targets {sorted(it.targets)}, others have {target_names}")
         h = adapter.hidden_states(ids)[:, 0, pos]  # [L+1, P, d]

@@ -1,0 +1,52 @@
+"""Pieces shared by the depth-analysis views: their result type and a few token helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DataError
+
+
+@dataclass
+class ViewResult:
+    """Tidy tables of one view (name -> DataFrame, each written as ``<view>_<name>.csv``) and a
+    few lines of summary for the terminal."""
+
+    view: str
+    tables: dict[str, pd.DataFrame]
+    summary: list[str] = field(default_factory=list)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def early_layers(num_layers: int) -> range:
+    """The 'early' layers of the paper's refinement statistic: 1 .. ceil(L/4)."""
+    return range(1, max(1, -(-num_layers // 4)) + 1)
+
+
+def final_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the last layer (the model's own prediction) of a trace table."""
+    return df[df.layer == df.layer.max()]
+
+
+def keep_where_final(df: pd.DataFrame, mask_col: str) -> pd.DataFrame:
+    """Keep whole trajectories (lens, item, position) whose last-layer row satisfies ``mask_col``."""
+    last = final_rows(df)
+    good = last.loc[last[mask_col], ["lens", "item", "position"]]
+    return df.merge(good, on=["lens", "item", "position"])
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise DataError(message)
+
+
+def mean_or_nan(values) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")

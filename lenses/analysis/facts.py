@@ -1,0 +1,144 @@
+"""Fact-recall view (Gupta et al. 2025, arXiv 2510.18871, section 4.3): at what depth does each
+token of a multi-token answer become the top-1 prediction?
+
+Protocol, after the paper: the prompt is a cloze ("The capital of Burkina Faso is"), the answer is
+appended with a leading space and teacher-forced. Answer token 1 is scored where the model's
+greedy top-1 is right; each later token where the model predicts it correctly given the true
+earlier tokens. Per answer-token index we report the onset at k (first layer where its rank <= k),
+the first-correct layer (k = 1) and the settled layer.
+
+Default data: ``lenses/datasets/facts.jsonl``, 974 cloze facts about countries (capital, official
+language, currency, region) built by ``scripts/make_datasets.py`` from the ``countryinfo`` and
+``pycountry`` packages. Users bring JSONL in any of three layouts: ``{"prompt", "answer"}``;
+CounterFact (``requested_rewrite.prompt`` with ``{}`` for ``subject``, ``target_true.str``); MQuAKE
+(``single_hops[].cloze`` / ``answer``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import DataError
+from ..models import ModelAdapter
+from ..trace import TraceItem, depth_summary, onset_curve, trace
+from .common import ViewResult, encode, keep_where_final, mean_or_nan, require
+
+
+def default_facts_path() -> Path:
+    return Path(str(resources.files("lenses") / "datasets" / "facts.jsonl"))
+
+
+def _records(obj: dict, where: str) -> list[dict]:
+    if "prompt" in obj and "answer" in obj:
+        return [{"prompt": obj["prompt"], "answer": obj["answer"], **{k: v for k, v in obj.items() if k in ("relation", "subject")}}]
+    if "requested_rewrite" in obj:  # CounterFact
+        rw = obj["requested_rewrite"]
+        rw = rw[0] if isinstance(rw, list) else rw
+        try:
+            return [{"prompt": rw["prompt"].format(rw["subject"]), "answer": rw["target_true"]["str"],
+                     "relation": rw.get("relation_id", ""), "subject": rw["subject"]}]
+        except (KeyError, TypeError, IndexError) as e:
+            raise DataError(f"{where}: CounterFact record lacks {e}; expected requested_rewrite.prompt/subject/target_true.str.") from e
+    if "single_hops" in obj:  # MQuAKE
+        return [{"prompt": h["cloze"], "answer": h["answer"]} for h in obj["single_hops"]]
+    raise DataError(f"{where}: unknown fact layout (keys {sorted(obj)[:6]}); expected {{prompt, answer}}, "
+                    "CounterFact's requested_rewrite or MQuAKE's single_hops.")
+
+
+def read_facts(path: str | Path | None = None) -> list[dict]:
+    """Facts as ``{prompt, answer, relation?, subject?}`` dicts from a JSONL file (or a JSON list)."""
+    path = Path(path) if path else default_facts_path()
+    if not path.exists():
+        raise DataError(f"fact file {path} does not exist; pass a JSONL file of {{prompt, answer}} with --data.")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        objs = [(f"{path} item {i}", o) for i, o in enumerate(json.loads(text))]
+    else:
+        objs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    objs.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one fact.") from e
+    facts = [r for where, o in objs for r in _records(o, where)]
+    for i, f in enumerate(facts):
+        if not str(f["prompt"]).strip() or not str(f["answer"]).strip():
+            raise DataError(f"{path}: fact {i} has an empty prompt or answer: {f}")
+    require(bool(facts), f"{path} holds no facts.")
+    return facts
+
+
+def fact_items(tokenizer, facts: list[dict]) -> tuple[list[TraceItem], pd.DataFrame]:
+    """Prompt + " " + answer as one teacher-forced sequence; positions predict each answer token."""
+    items, rows = [], []
+    for i, f in enumerate(facts):
+        prompt = f["prompt"].rstrip()
+        answer = " " + f["answer"].strip()
+        p_ids, a_ids = encode(tokenizer, prompt), encode(tokenizer, answer)
+        if not p_ids or not a_ids:
+            raise DataError(f"fact {i} ({prompt!r} -> {answer!r}) tokenises to nothing; check the text.")
+        if tokenizer.decode(a_ids) != answer:
+            raise DataError(f"fact {i}: the answer {answer!r} does not survive tokenisation (decodes to "
+                            f"{tokenizer.decode(a_ids)!r}); fix its characters or drop it.")
+        positions = [len(p_ids) - 1 + k for k in range(len(a_ids))]
+        items.append(TraceItem(p_ids + a_ids, positions, {"answer": a_ids}))
+        for k, t in enumerate(a_ids):
+            rows.append({"item": i, "position": positions[k], "answer_token": k + 1, "n_answer_tokens": len(a_ids),
+                         "token": tokenizer.decode([t]), "prompt": prompt, "answer": answer.strip(),
+                         "relation": f.get("relation", "")})
+    return items, pd.DataFrame(rows)
+
+
+def facts_view(
+    adapter: ModelAdapter,
+    tokenizer,
+    lenses: dict,
+    facts: list[dict] | None = None,
+    num_facts: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> ViewResult:
+    """Run the fact-recall view (all shipped facts by default; ``num_facts`` samples with ``seed``)."""
+    facts = list(facts if facts is not None else read_facts())
+    if num_facts is not None and num_facts < len(facts):
+        facts = random.Random(seed).sample(facts, num_facts)
+    items, tokens = fact_items(tokenizer, facts)
+    df = trace(adapter, lenses, items, progress=progress)
+    df["correct"] = df.rank_answer == 1
+    kept = keep_where_final(df, "correct")
+    summary = depth_summary(kept, "answer").merge(tokens, on=["item", "position"])
+    summary["token_index"] = summary.answer_token.clip(upper=3).map({1: "1", 2: "2", 3: "3+"})
+    by_index = _index_table(summary, tokens, lenses)
+    curves = onset_curve(summary, by=("lens", "token_index"))
+    final = df[df.layer == df.layer.max()].merge(tokens, on=["item", "position"])
+    recall = final[final.lens == next(iter(lenses))].groupby("item").correct.all()
+    lines = [f"model recalls {recall.mean():.0%} of {len(recall)} facts exactly (greedy, teacher-forced per token)"]
+    lines += _summary(by_index)
+    return ViewResult("facts", {"positions": df.merge(tokens, on=["item", "position"]), "tokens": summary,
+                                "by_index": by_index, "onset": curves}, lines)
+
+
+def _index_table(summary: pd.DataFrame, tokens: pd.DataFrame, lenses: dict) -> pd.DataFrame:
+    rows = []
+    idx = tokens.answer_token.clip(upper=3).map({1: "1", 2: "2", 3: "3+"})
+    totals = idx.value_counts()
+    for (lens, index), g in summary.groupby(["lens", "token_index"], sort=True):
+        rows.append({"lens": lens, "token_index": index, "n_tokens": int(totals.get(index, 0)), "n_correct": len(g),
+                     "mean_first_correct": mean_or_nan(g.first_correct), "mean_settled": mean_or_nan(g.settled),
+                     "mean_onset_k10": mean_or_nan(g.onset_k10), "mean_onset_k100": mean_or_nan(g.onset_k100)})
+    return pd.DataFrame(rows)
+
+
+def _summary(by_index: pd.DataFrame) -> list[str]:
+    lines = []
+    for lens, g in by_index.groupby("lens", sort=False):
+        parts = [f"token {r.token_index}: first correct {r.mean_first_correct:.1f}, settled {r.mean_settled:.1f} (n={r.n_correct})"
+                 for r in g.itertuples()]
+        lines.append(f"{lens:>6} lens: " + "; ".join(parts))
+    return lines

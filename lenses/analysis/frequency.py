@@ -1,0 +1,122 @@
+"""Frequency view (Gupta et al. 2025, arXiv 2510.18871, section 4.1): are early-layer guesses
+dominated by frequent tokens, and are they later refined?
+
+Protocol. The paper cuts real text at a random word and reads every layer's top-1 at the last
+position of the prefix. In a causal model the last position of a prefix computes exactly what the
+same position computes inside the whole text, so we run each held-out block once and sample
+positions whose *next* token starts a word: same observations, one forward pass per block.
+
+Per lens and layer we report the share of top-1 guesses in each frequency-rank bucket (1-10,
+11-100, 101-1000, 1001+) next to the share among final predictions; the flip rate of guesses per
+bucket (a guess is "refined" when it differs from the final top-1); and the mean probability mass
+each lens puts on each bucket.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data import make_blocks
+from ..frequency import BUCKET_NAMES, TokenFrequencies
+from ..models import ModelAdapter
+from ..trace import TraceItem, flipped, trace, trajectories
+from .common import ViewResult, early_layers, require
+
+
+def word_starts(tokenizer, vocab_size: int) -> torch.Tensor:
+    """[vocab] bool: the token's text begins with whitespace, i.e. it starts a new word."""
+    ids = [[i] for i in range(vocab_size)]
+    texts = tokenizer.batch_decode(ids) if hasattr(tokenizer, "batch_decode") else [tokenizer.decode(i) for i in ids]
+    return torch.tensor([bool(t) and t[0].isspace() and t.strip() != "" for t in texts])
+
+
+def frequency_items(blocks: torch.Tensor, starts: torch.Tensor, num_positions: int, min_context: int = 16,
+                    eos: int | None = None, seed: int = 0) -> list[TraceItem]:
+    """Sample up to ``num_positions`` word-boundary positions, spread evenly over ``blocks``."""
+    rng = random.Random(seed)
+    per_block = max(1, -(-num_positions // max(1, len(blocks))))
+    items, total = [], 0
+    for block in blocks:
+        ids = block.tolist()
+        ok = [t for t in range(min_context, len(ids) - 1)
+              if starts[ids[t + 1]] and ids[t] != eos and ids[t + 1] != eos]
+        take = sorted(rng.sample(ok, min(per_block, len(ok), num_positions - total)))
+        if take:
+            items.append(TraceItem(ids, take, {"next": [ids[t + 1] for t in take]}))
+            total += len(take)
+        if total >= num_positions:
+            break
+    return items
+
+
+def frequency_view(
+    adapter: ModelAdapter,
+    tokenizer,
+    lenses: dict,
+    texts: list[str],
+    freqs: TokenFrequencies | None = None,
+    num_positions: int = 2000,
+    seq_len: int = 256,
+    seed: int = 0,
+    progress: bool = False,
+) -> ViewResult:
+    """Run the frequency view on the held-out blocks of ``texts`` (the split train_probes.py uses).
+
+    ``freqs`` defaults to counts over the training blocks of the same texts.
+    """
+    train_blocks, held_out = make_blocks(texts, tokenizer, seq_len)
+    if freqs is None:
+        freqs = TokenFrequencies.from_tokens(train_blocks, adapter.vocab_size)
+    require(len(freqs.counts) >= adapter.vocab_size,
+            f"the frequency counts cover {len(freqs.counts)} tokens but the model has {adapter.vocab_size}: "
+            "they were counted with another tokenizer. Count them on your corpus (omit --frequencies).")
+    starts = word_starts(tokenizer, adapter.vocab_size)
+    items = frequency_items(held_out, starts, num_positions, eos=tokenizer.eos_token_id, seed=seed)
+    require(bool(items), "no word-boundary positions found in the held-out text; pass more text with --data.")
+    buckets = freqs.bucket(torch.arange(adapter.vocab_size))
+    df = trace(adapter, lenses, items, groups=buckets, group_names=BUCKET_NAMES, progress=progress)
+    df["top1_bucket"] = np.asarray(BUCKET_NAMES)[freqs.bucket(torch.as_tensor(df.top1_id.to_numpy())).numpy()]
+    keys, top1 = trajectories(df, "top1_id")
+    df["final_top1_id"] = np.repeat(top1[:, -1], top1.shape[1])
+    df["flipped"] = flipped(top1).reshape(-1)
+    layers = _layer_table(df)
+    return ViewResult("frequency", {"positions": df, "layers": layers}, _summary(layers, adapter.num_layers))
+
+
+def _layer_table(df: pd.DataFrame) -> pd.DataFrame:
+    """lens, layer, bucket, share, final_share, flip_rate, n_guesses, mean_mass."""
+    L = int(df.layer.max())
+    rows = []
+    for (lens, layer), g in df.groupby(["lens", "layer"], sort=True):
+        final = df[(df.lens == lens) & (df.layer == L)]
+        for b in BUCKET_NAMES:
+            in_b = g[g.top1_bucket == b]
+            rows.append({
+                "lens": lens, "layer": layer, "bucket": b,
+                "share": len(in_b) / len(g),
+                "final_share": float((final.top1_bucket == b).mean()),
+                "flip_rate": float(in_b.flipped.mean()) if len(in_b) else np.nan,
+                "n_guesses": len(in_b),
+                "mean_mass": float(g[f"mass_{b}"].mean()),
+            })
+    return pd.DataFrame(rows)
+
+
+def _summary(layers: pd.DataFrame, num_layers: int) -> list[str]:
+    early = list(early_layers(num_layers))
+    lines = []
+    for lens, g in layers.groupby("lens", sort=False):
+        top = g[g.bucket == BUCKET_NAMES[0]].set_index("layer")
+        e = top.loc[early]
+        refined = (e.flip_rate * e.n_guesses).sum() / max(1, e.n_guesses.sum())
+        lines.append(
+            f"{lens:>6} lens: top-1 in ranks 1-10 at layer 1: {top.share.loc[1]:.0%} (final predictions: "
+            f"{top.final_share.iloc[0]:.0%}); of early (layers {early[0]}-{early[-1]}) guesses in ranks 1-10, "
+            f"{refined:.0%} are refined later; mass on ranks 1-10 at layer 1: {top.mean_mass.loc[1]:.2f} "
+            f"(final {top.mean_mass.iloc[-1]:.2f})"
+        )
+    return lines

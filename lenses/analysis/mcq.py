@@ -1,0 +1,155 @@
+"""Multiple-choice view (Gupta et al. 2025, arXiv 2510.18871, section 4.4): does the model find
+the answer format (the option letters) before it settles on an answer?
+
+Prompt: a fixed few-shot prefix (the first ``shots`` rows of the data, solved), then the item as
+"Question: ...\\nA. ...\\nB. ...\\nC. ...\\nD. ...\\nAnswer:". The option tokens are " A" .. " D".
+Per layer: rank and probability of every option letter. Per question:
+- format found: first layer where every option letter ranks within the top 4 (the number of
+  options); format settled: first layer from which that stays true;
+- answer found: first layer where the correct letter is top-1;
+- choice settled: first layer from which the model's final choice (the letter it puts the most
+  probability on at the last layer) stays top-1.
+
+Default data: ``lenses/datasets/mcq.csv``, 736 four-option questions about countries (capitals,
+currencies, regions) built by ``scripts/make_datasets.py`` from ``countryinfo``/``pycountry``,
+in MMLU's CSV layout (question, A, B, C, D, answer; no header), so MMLU files load as they are.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DataError
+from ..models import ModelAdapter
+from ..trace import TraceItem, onset_layer, settled_layer, trace, trajectories
+from .common import ViewResult, encode, mean_or_nan, require
+
+LETTERS = ("A", "B", "C", "D")
+HEADER = "The following are multiple choice questions (with answers).\n\n"
+
+
+def default_mcq_path() -> Path:
+    return Path(str(resources.files("lenses") / "datasets" / "mcq.csv"))
+
+
+def read_mcq(path: str | Path | None = None) -> list[dict]:
+    """Rows of an MMLU-layout CSV as ``{question, options: [4], answer: 'A'..'D'}`` (a header row
+    ``question,A,B,C,D,answer`` is skipped if present)."""
+    path = Path(path) if path else default_mcq_path()
+    if not path.exists():
+        raise DataError(f"MCQ file {path} does not exist; pass an MMLU-layout CSV with --data.")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    if rows and [c.strip().lower() for c in rows[0]] == ["question", "a", "b", "c", "d", "answer"]:
+        rows = rows[1:]
+    items = []
+    for n, row in enumerate(rows, 1):
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) != 6 or not all(c.strip() for c in row[:5]):
+            raise DataError(f"{path}: row {n} has {len(row)} fields or an empty option; each row must be "
+                            "question,A,B,C,D,answer with all four options filled.")
+        answer = row[5].strip().upper()
+        if answer not in LETTERS:
+            raise DataError(f"{path}: row {n} gives the answer {row[5]!r}, which is not one of the options A, B, C, D.")
+        items.append({"question": row[0].strip(), "options": [c.strip() for c in row[1:5]], "answer": answer})
+    require(bool(items), f"{path} holds no questions.")
+    return items
+
+
+def format_question(q: dict, solved: bool) -> str:
+    lines = [f"Question: {q['question']}"] + [f"{l}. {o}" for l, o in zip(LETTERS, q["options"])]
+    return "\n".join(lines) + ("\nAnswer: " + q["answer"] + "\n\n" if solved else "\nAnswer:")
+
+
+def option_ids(tokenizer) -> list[int]:
+    ids = []
+    for letter in LETTERS:
+        t = encode(tokenizer, " " + letter)
+        if len(t) != 1:
+            raise DataError(f"the option ' {letter}' is {len(t)} tokens for this tokenizer; the MCQ view needs "
+                            "each option letter to be one token.")
+        ids += t
+    return ids
+
+
+def mcq_view(
+    adapter: ModelAdapter,
+    tokenizer,
+    lenses: dict,
+    questions: list[dict] | None = None,
+    num_questions: int | None = 150,
+    shots: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> ViewResult:
+    """Run the MCQ view: the first ``shots`` questions form the prefix, then up to ``num_questions``
+    of the rest (sampled with ``seed``) are scored."""
+    questions = list(questions if questions is not None else read_mcq())
+    require(len(questions) > shots, f"the MCQ view needs more than {shots} questions ({shots} are used as examples).")
+    prefix = HEADER + "".join(format_question(q, solved=True) for q in questions[:shots])
+    pool = questions[shots:]
+    if num_questions is not None and num_questions < len(pool):
+        pool = random.Random(seed).sample(pool, num_questions)
+    opts = option_ids(tokenizer)
+    items = []
+    for q in pool:
+        ids = encode(tokenizer, prefix + format_question(q, solved=False))
+        items.append(TraceItem(ids, [len(ids) - 1], {l: [t] for l, t in zip(LETTERS, opts)}))
+    df = trace(adapter, lenses, items, progress=progress)
+    df["letter_mass"] = df[[f"prob_{l}" for l in LETTERS]].sum(axis=1)
+    gold = np.array([LETTERS.index(q["answer"]) for q in pool])
+    df["gold"] = np.asarray(LETTERS)[gold[df.item.to_numpy()]]
+    df["prob_gold"] = df[[f"prob_{l}" for l in LETTERS]].to_numpy()[np.arange(len(df)), gold[df.item.to_numpy()]]
+    df["rank_gold"] = df[[f"rank_{l}" for l in LETTERS]].to_numpy()[np.arange(len(df)), gold[df.item.to_numpy()]]
+    per_q = _question_table(df, gold)
+    layers = _layer_table(df)
+    return ViewResult("mcq", {"positions": df, "questions": per_q, "layers": layers}, _summary(per_q, layers))
+
+
+def _question_table(df: pd.DataFrame, gold: np.ndarray) -> pd.DataFrame:
+    keys, _ = trajectories(df, "layer")
+    ranks = np.stack([trajectories(df, f"rank_{l}")[1] for l in LETTERS], -1)  # [Q, layers, 4]
+    probs = np.stack([trajectories(df, f"prob_{l}")[1] for l in LETTERS], -1)
+    fmt = (ranks <= len(LETTERS)).all(-1)
+    choice = probs[:, -1].argmax(-1)
+    q = np.arange(len(keys))
+    g = gold[keys.item.to_numpy()]
+    out = keys[["lens", "item"]].copy()
+    out["gold"] = np.asarray(LETTERS)[g]
+    out["choice"] = np.asarray(LETTERS)[choice]
+    out["correct"] = choice == g
+    out["choice_is_top1"] = ranks[q, -1, choice] == 1
+    out["format_found"] = onset_layer(np.where(fmt, 1, 2), 1)
+    out["format_settled"] = settled_layer(fmt)
+    out["answer_found"] = onset_layer(ranks[q, :, g], 1)
+    out["choice_settled"] = settled_layer(ranks[q, :, choice] == 1)
+    out["num_layers"] = ranks.shape[1] - 1
+    return out
+
+
+def _layer_table(df: pd.DataFrame) -> pd.DataFrame:
+    """lens, layer, letter_mass, prob_gold, gold_top1 (share), format_share, median_rank_gold."""
+    g = df.assign(format_ok=(df[[f"rank_{l}" for l in LETTERS]] <= len(LETTERS)).all(axis=1), gold_top1=df.rank_gold == 1)
+    return g.groupby(["lens", "layer"], sort=True).agg(
+        letter_mass=("letter_mass", "mean"), prob_gold=("prob_gold", "mean"), gold_top1=("gold_top1", "mean"),
+        format_share=("format_ok", "mean"), median_rank_gold=("rank_gold", "median"), n=("item", "size"),
+    ).reset_index()
+
+
+def _summary(per_q: pd.DataFrame, layers: pd.DataFrame) -> list[str]:
+    lines = []
+    for lens, g in per_q.groupby("lens", sort=False):
+        lines.append(
+            f"{lens:>6} lens: accuracy {g.correct.mean():.0%} of {len(g)} (final top-1 is a letter for "
+            f"{g.choice_is_top1.mean():.0%}); format found at layer {mean_or_nan(g.format_found):.1f} "
+            f"(settled {mean_or_nan(g.format_settled):.1f}), final choice settled at {mean_or_nan(g.choice_settled):.1f}, "
+            f"correct letter first top-1 at {mean_or_nan(g.answer_found):.1f}"
+        )
+    return lines
