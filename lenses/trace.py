@@ -196,6 +196,8 @@ def flipped(top1: np.ndarray) -> np.ndarray:
 def trajectories(df: pd.DataFrame, column: str) -> tuple[pd.DataFrame, np.ndarray]:
     """Reshape one column of a trace into ``[trajectories, layers]`` plus their (lens, item, position) keys."""
     df = df.sort_values(["lens", "item", "position", "layer"], kind="stable")
+    if df.empty:
+        return df[["lens", "item", "position"]].reset_index(drop=True), np.zeros((0, 1), dtype=df[column].dtype)
     n_layers = int(df["layer"].max()) + 1
     keys = df[["lens", "item", "position"]].iloc[::n_layers].reset_index(drop=True)
     values = df[column].to_numpy().reshape(-1, n_layers)

@@ -28,7 +28,7 @@ class CharTokenizer:
             pass
 
         out = Out()
-        out.input_ids = [1 + (b % 95) for b in text.encode("utf-8")]
+        out.input_ids = [1 + (b - 32) % 95 for b in text.encode("utf-8")]  # printable ASCII round-trips
         if return_tensors == "pt":
             out.input_ids = torch.tensor([out.input_ids])
         return out

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -97,6 +98,46 @@ def test_analyze_prompt_with_both_lenses(tmp_path, smollm2):
     assert last.token.nunique() == 1  # both lenses are the model itself at the last layer
 
 
-def test_unimplemented_views_say_so(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--view", "pos"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "not implemented yet" in proc.stderr
+def test_analyze_all_depth_views(tmp_path, smollm2):
+    """Every depth view end to end through the CLI, with a few items each; invariants of each table."""
+    import analyze
+
+    model, _ = smollm2
+    lens = TunedLens.for_model(model)
+    with torch.no_grad():  # a non-trivial lens, so the two lenses differ
+        lens.bias.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    lens.save_pretrained(tmp_path / "lens")
+    out = tmp_path / "o"
+    assert analyze.main(["--view", "all", "--lens", str(tmp_path / "lens"), "--out", str(out), "--no-progress",
+                         "--num-positions", "40", "--num-texts", "8", "--num-facts", "12", "--num-questions", "6"]) == 0
+    for view in ("frequency", "pos", "facts", "mcq"):
+        assert (out / f"{view}.png").stat().st_size > 20_000
+        pos = pd.read_csv(out / f"{view}_positions.csv")
+        assert set(pos.lens) == {"logit", "tuned"} and pos.layer.between(0, 30).all()
+        assert pos.kl.min() > -1e-4 and pos.entropy.between(-1e-5, np.log(49152) + 1e-3).all()
+        assert (pos[pos.layer == 30].kl.abs() < 1e-4).all()
+        for col in [c for c in pos.columns if c.startswith("rank_")]:
+            assert (pos[col] >= 1).all() and (pos[col] <= 49152).all()
+    freq = pd.read_csv(out / "frequency_layers.csv")
+    assert np.allclose(freq.groupby(["lens", "layer"]).share.sum(), 1)
+    assert np.allclose(freq.groupby(["lens", "layer"]).mean_mass.sum(), 1, atol=1e-4)
+    assert (freq[freq.layer == 30].flip_rate.fillna(0) == 0).all()
+    tags = pd.read_csv(out / "pos_tags.csv")
+    assert (tags.n_correct <= tags.n_prompts).all() and (tags.mean_first_correct <= tags.mean_settled + 1e-9).all()
+    words = pd.read_csv(out / "pos_words.csv")
+    assert (words.final_rank == 1).all() and words.first_correct.between(0, 30).all()
+    facts = pd.read_csv(out / "facts_tokens.csv")
+    assert (facts.first_correct <= facts.settled).all() and facts.answer_token.min() == 1
+    mcq = pd.read_csv(out / "mcq_questions.csv")
+    assert len(mcq) == 12 and set(mcq.gold) <= set("ABCD")
+    assert (mcq.format_found.dropna() <= mcq.format_settled.dropna()).all()
+    layers = pd.read_csv(out / "mcq_layers.csv")
+    assert layers.letter_mass.between(0, 1 + 1e-6).all() and (layers.prob_gold <= layers.letter_mass + 1e-6).all()
+
+
+def test_views_reject_bad_input_cleanly(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("What?,a,b,c,d,E\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--view", "mcq", "--mcq", str(bad), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "not one of the options" in proc.stderr and "Traceback" not in proc.stderr

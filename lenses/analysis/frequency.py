@@ -28,10 +28,11 @@ from .common import ViewResult, early_layers, require
 
 
 def word_starts(tokenizer, vocab_size: int) -> torch.Tensor:
-    """[vocab] bool: the token's text begins with whitespace, i.e. it starts a new word."""
+    """[vocab] bool: the token's text begins with whitespace, i.e. a word boundary comes before it
+    (BPE tokens carry their leading space; for a character-level tokenizer it is the space itself)."""
     ids = [[i] for i in range(vocab_size)]
     texts = tokenizer.batch_decode(ids) if hasattr(tokenizer, "batch_decode") else [tokenizer.decode(i) for i in ids]
-    return torch.tensor([bool(t) and t[0].isspace() and t.strip() != "" for t in texts])
+    return torch.tensor([t[:1].isspace() for t in texts])
 
 
 def frequency_items(blocks: torch.Tensor, starts: torch.Tensor, num_positions: int, min_context: int = 16,
@@ -79,7 +80,7 @@ def frequency_view(
     require(bool(items), "no word-boundary positions found in the held-out text; pass more text with --data.")
     buckets = freqs.bucket(torch.arange(adapter.vocab_size))
     df = trace(adapter, lenses, items, groups=buckets, group_names=BUCKET_NAMES, progress=progress)
-    df["top1_bucket"] = np.asarray(BUCKET_NAMES)[freqs.bucket(torch.as_tensor(df.top1_id.to_numpy())).numpy()]
+    df["top1_bucket"] = np.asarray(BUCKET_NAMES)[buckets.numpy()[df.top1_id.to_numpy()]]
     keys, top1 = trajectories(df, "top1_id")
     df["final_top1_id"] = np.repeat(top1[:, -1], top1.shape[1])
     df["flipped"] = flipped(top1).reshape(-1)

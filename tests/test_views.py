@@ -1,0 +1,189 @@
+"""Depth views on tiny models (invariants, bookkeeping) and their input readers and errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lenses import DataError, LogitLens, ModelAdapter, TunedLens
+from lenses.analysis.facts import fact_items, facts_view, read_facts
+from lenses.analysis.frequency import frequency_items, frequency_view, word_starts
+from lenses.analysis.mcq import option_ids, read_mcq
+from lenses.frequency import BUCKET_NAMES, TokenFrequencies
+from tiny_models import VOCAB, tiny_model
+
+
+@pytest.fixture
+def tiny(char_tokenizer):
+    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    lens = TunedLens.for_model(adapter)
+    with torch.no_grad():
+        lens.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return adapter, char_tokenizer, {"logit": LogitLens(adapter), "tuned": lens}
+
+
+def test_frequency_view_invariants(tiny):
+    adapter, tok, lenses = tiny
+    texts = [" ".join(f"word{i % 7} and the {i}" for i in range(j, j + 60)) for j in range(12)]
+    result = frequency_view(adapter, tok, lenses, texts, num_positions=30, seq_len=64)
+    layers, pos = result.tables["layers"], result.tables["positions"]
+    L = adapter.num_layers
+    assert pos.groupby(["lens", "layer"]).size().eq(30).all()
+    assert np.allclose(layers.groupby(["lens", "layer"]).share.sum(), 1)
+    assert np.allclose(layers.groupby(["lens", "layer"]).mean_mass.sum(), 1, atol=1e-5)
+    assert (layers[layers.layer == L].flip_rate.fillna(0) == 0).all()
+    # final shares equal the last layer's shares, and both lenses agree at the last layer
+    last = layers[layers.layer == L]
+    assert np.allclose(last.share, last.final_share)
+    assert (pos[pos.layer == L].groupby(["item", "position"]).top1_id.nunique() == 1).all()
+    # every traced position is followed by a word start (the paper's "cut at a word")
+    assert all(tok.decode([int(t)]).startswith(" ") for t in pos.target_next)
+    assert len(result.summary) == 2
+
+
+def test_frequency_items_sample_word_boundaries():
+    starts = torch.zeros(10, dtype=torch.bool)
+    starts[[3, 4]] = True
+    blocks = torch.tensor([[1, 3, 2, 2, 4, 2, 3, 0, 3, 2], [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]])
+    items = frequency_items(blocks, starts, num_positions=10, min_context=2, eos=0)
+    assert len(items) == 1  # the second block has no word starts
+    assert items[0].positions == [3, 5]  # position 6 is followed by EOS... and 7 is EOS itself
+    assert items[0].targets["next"] == [4, 3]
+
+
+def test_word_starts(char_tokenizer):
+    starts = word_starts(char_tokenizer, VOCAB)
+    space, newline = char_tokenizer(" ").input_ids[0], 0  # id 0 decodes to a newline (EOS here)
+    assert starts[space] and starts[newline]
+    assert starts.sum() == 2  # every other character token is not a boundary
+
+
+def _greedy(adapter, ids, n):
+    ids = list(ids)
+    for _ in range(n):
+        with torch.no_grad():
+            ids.append(int(adapter.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+def test_facts_view_on_multi_token_answers(tiny):
+    adapter, tok, lenses = tiny
+    facts = [{"prompt": "The capital of France is", "answer": "Paris"}]
+    for prompt in ("Two plus two is", "The sky is", "Water boils at", "My name is", "It was"):
+        cont = tok.decode(_greedy(adapter, tok(prompt + " ").input_ids, 4))
+        if cont == cont.strip() and cont.isprintable():
+            facts.append({"prompt": prompt, "answer": cont})  # tokens 2..5 are the model's own greedy choices
+    assert len(facts) >= 2
+    items, tokens = fact_items(tok, facts)
+    assert [len(it.positions) for it in items][0] == 6  # " Paris": one token per character
+    assert items[0].ids[items[0].positions[0] + 1] == tok(" ").input_ids[0]
+    result = facts_view(adapter, tok, lenses, facts)
+    pos = result.tables["positions"]
+    assert set(pos.answer_token) == set(range(1, 7))
+    summary = result.tables["tokens"]
+    assert (summary.final_rank == 1).all()  # only positions the model gets right are scored
+    greedy = summary[(summary.item >= 1) & (summary.answer_token >= 2)]
+    assert len(greedy) == 2 * 4 * (len(facts) - 1)  # both lenses, every greedy token kept
+    assert (greedy.first_correct <= greedy.settled).all() and (greedy.settled <= adapter.num_layers).all()
+    final = pos[pos.layer == adapter.num_layers]
+    assert set(map(tuple, summary[["lens", "item", "position"]].to_numpy())) == set(
+        map(tuple, final[final.rank_answer == 1][["lens", "item", "position"]].to_numpy()))
+
+
+def test_fact_readers_accept_three_layouts(tmp_path):
+    path = tmp_path / "f.jsonl"
+    lines = [
+        {"prompt": "The capital of Peru is", "answer": "Lima"},
+        {"requested_rewrite": {"prompt": "{} is located in", "subject": "Kenya", "target_true": {"str": "Africa"}, "relation_id": "P30"}},
+        {"single_hops": [{"cloze": "Paris is the capital of", "answer": "France"}, {"cloze": "France is in", "answer": "Europe"}]},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    facts = read_facts(path)
+    assert [(f["prompt"], f["answer"]) for f in facts] == [
+        ("The capital of Peru is", "Lima"), ("Kenya is located in", "Africa"),
+        ("Paris is the capital of", "France"), ("France is in", "Europe")]
+
+
+def test_shipped_data_is_large_enough_and_valid():
+    facts = read_facts()
+    assert len(facts) >= 200 and len({f["prompt"] for f in facts}) >= 200
+    questions = read_mcq()
+    assert len(questions) >= 104  # 100 scored + 4 examples
+    for q in questions:
+        assert len(set(q["options"])) == 4 and q["answer"] in "ABCD"
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prompt": "x", "answer": ""}\n', "empty prompt or answer"),
+    ('{"prompt": "x"\n', "not valid JSON"),
+    ('{"question": "x"}\n', "unknown fact layout"),
+    ("", "holds no facts"),
+])
+def test_bad_fact_files(tmp_path, content, message):
+    path = tmp_path / "f.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        read_facts(path)
+
+
+def test_answer_that_does_not_tokenise_is_named(char_tokenizer):
+    with pytest.raises(DataError, match="does not survive tokenisation"):
+        fact_items(char_tokenizer, [{"prompt": "The capital of Moldova is", "answer": "Chișinău"}])
+
+
+@pytest.mark.parametrize("content,message", [
+    ("Q?,a,b,,d,A\n", "empty option"),
+    ("Q?,a,b,c,A\n", "5 fields"),
+    ("Q?,a,b,c,d,E\n", "not one of the options"),
+    ("", "holds no questions"),
+])
+def test_bad_mcq_files(tmp_path, content, message):
+    path = tmp_path / "q.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        read_mcq(path)
+
+
+def test_mcq_header_is_optional(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text('question,A,B,C,D,answer\n"Which, exactly?",1,2,3,4,c\n', encoding="utf-8")
+    assert read_mcq(path) == [{"question": "Which, exactly?", "options": ["1", "2", "3", "4"], "answer": "C"}]
+
+
+def test_option_letters_must_be_single_tokens(char_tokenizer):
+    with pytest.raises(DataError, match="one token"):
+        option_ids(char_tokenizer)
+
+
+TEXT = st.characters(blacklist_categories=("Cs", "Cc"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.text(TEXT, min_size=1, max_size=30).filter(lambda s: s.strip()),
+                          st.lists(st.text(TEXT, max_size=12), min_size=4, max_size=4),
+                          st.sampled_from("ABCDabcd")), min_size=1, max_size=6))
+def test_mcq_csv_round_trip(tmp_path_factory, rows):
+    import csv
+
+    rows = [(q, opts, a) for q, opts, a in rows if all(o.strip() for o in opts)]
+    path = tmp_path_factory.mktemp("q") / "q.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([[q, *opts, a] for q, opts, a in rows])
+    if not rows:
+        with pytest.raises(DataError):
+            read_mcq(path)
+        return
+    got = read_mcq(path)
+    assert [(g["question"], g["options"], g["answer"]) for g in got] == [
+        (q.strip(), [o.strip() for o in opts], a.upper()) for q, opts, a in rows]
+
+
+def test_bucket_names_cover_all_ranks():
+    freqs = TokenFrequencies(torch.arange(2000, 0, -1))
+    b = freqs.bucket(torch.tensor([0, 9, 10, 99, 100, 999, 1000, 1999]))
+    assert [BUCKET_NAMES[i] for i in b] == ["1-10", "1-10", "11-100", "11-100", "101-1000", "101-1000", "1001+", "1001+"]
