@@ -194,8 +194,8 @@ class TunedLens(nn.Module):
         path = Path(path)
         params = {}
         for i in range(self.num_layers):
-            params[f"layer_translators.{i}.weight"] = self.weight[i].detach().cpu().clone()
-            params[f"layer_translators.{i}.bias"] = self.bias[i].detach().cpu().clone()
+            params[f"{i}.weight"] = self.weight[i].detach().cpu().clone()  # the package saves its
+            params[f"{i}.bias"] = self.bias[i].detach().cpu().clone()  # ModuleList's state dict
         atomic_write(path / "params.pt", lambda tmp: torch.save(params, tmp))
         write_json(
             path / CONFIG_NAME,
@@ -238,19 +238,20 @@ def _read_ours(file: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _read_tuned_lens_package(file: Path, config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map the tuned-lens package's ``layer_translators.{i}.weight/bias`` keys to stacked tensors."""
+    """Map the tuned-lens package's translator keys (``{i}.weight``, the state dict of its
+    ``layer_translators`` ModuleList; or ``layer_translators.{i}.weight``) to stacked tensors."""
     try:
         params = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CorruptFileError(f"{file} could not be read ({type(e).__name__}: {e}); re-copy the lens.") from e
-    n = int(config.get("num_hidden_layers", 0)) or 1 + max(
-        int(k.split(".")[1]) for k in params if k.startswith("layer_translators.")
-    )
+    params = {k.removeprefix("layer_translators."): v for k, v in params.items()}
+    indices = [int(k.split(".")[0]) for k in params if k.split(".")[0].isdigit()]
+    if not indices:
+        raise CorruptFileError(f"{file} holds no translators (keys {sorted(params)[:4]}); it is not a tuned-lens lens.")
+    n = int(config.get("num_hidden_layers", 0)) or 1 + max(indices)
     try:
-        weight = torch.stack([params[f"layer_translators.{i}.weight"].float() for i in range(n)])
-        bias = torch.stack(
-            [params.get(f"layer_translators.{i}.bias", torch.zeros(weight.shape[1])).float() for i in range(n)]
-        )
+        weight = torch.stack([params[f"{i}.weight"].float() for i in range(n)])
+        bias = torch.stack([params.get(f"{i}.bias", torch.zeros(weight.shape[1])).float() for i in range(n)])
     except KeyError as e:
         raise CorruptFileError(f"{file} lacks translator {e}; it is not a complete tuned-lens lens.") from e
     return weight, bias

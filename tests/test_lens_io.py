@@ -78,10 +78,11 @@ def test_missing_folder_is_reported(tmp_path):
         TunedLens.from_pretrained(tmp_path / "nope")
 
 
-def test_reads_tuned_lens_package_layout(tmp_path, llama):
+@pytest.mark.parametrize("prefix", ["", "layer_translators."])
+def test_reads_tuned_lens_package_layout(tmp_path, llama, prefix):
     """A lens in the tuned-lens package's layout, written here with plain nn.Linear translators."""
     translators = nn.ModuleList(nn.Linear(llama.d_model, llama.d_model) for _ in range(llama.num_layers))
-    params = {f"layer_translators.{k}": v for k, v in translators.state_dict().items()}
+    params = {f"{prefix}{k}": v for k, v in translators.state_dict().items()}
     torch.save(params, tmp_path / "params.pt")
     (tmp_path / "config.json").write_text(
         json.dumps({"base_model_name_or_path": "tiny", "d_model": llama.d_model,
@@ -99,6 +100,6 @@ def test_export_then_import_tuned_lens_format(tmp_path, llama):
     lens = _trained_like(llama)
     lens.export_tuned_lens(tmp_path)
     params = torch.load(tmp_path / "params.pt", weights_only=True)
-    assert set(params) == {f"layer_translators.{i}.{k}" for i in range(3) for k in ("weight", "bias")}
+    assert set(params) == {f"{i}.{k}" for i in range(3) for k in ("weight", "bias")}  # nn.ModuleList keys
     back = TunedLens.from_pretrained(tmp_path, model=llama)
     assert torch.equal(back.weight, lens.weight) and torch.equal(back.bias, lens.bias)

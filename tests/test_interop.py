@@ -1,0 +1,60 @@
+"""Lenses move between us and the tuned-lens package (0.2.0), checked against the package's own code."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from lenses import TunedLens
+from tiny_models import tiny_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+has_tuned_lens = importlib.util.find_spec("tuned_lens") is not None
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lens_saved_by_tuned_lens_gives_its_logits(family):
+    """Fixture written by tuned-lens's own TunedLens.save (see fixtures/make_tuned_lens_fixture.py)."""
+    folder = FIXTURES / f"tuned_lens_{family}"
+    expected = torch.load(folder / "expected.pt", weights_only=True)
+    lens = TunedLens.from_pretrained(folder, model=tiny_model(family))
+    assert lens.config.get("imported_from") == "tuned-lens"
+    for layer in range(lens.num_layers):
+        with torch.no_grad():
+            got = lens(expected["hidden"], layer)
+        torch.testing.assert_close(got, expected["logits"][layer], rtol=1e-5, atol=1e-5)
+
+
+def _package_lens(model, seed=3):
+    from tuned_lens import TunedLens as PackageLens
+
+    lens = PackageLens.from_model(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in lens:
+            t.weight.normal_(0, 0.05, generator=g)
+            t.bias.normal_(0, 0.05, generator=g)
+    return lens
+
+
+@pytest.mark.skipif(not has_tuned_lens, reason="tuned-lens is not installed (pip install --no-deps tuned-lens==0.2.0)")
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_live_round_trip_with_the_package(tmp_path, family):
+    from tuned_lens import TunedLens as PackageLens
+    from tuned_lens.nn import Unembed
+
+    model = tiny_model(family)
+    h = torch.randn(6, model.config.hidden_size)
+    theirs = _package_lens(model)
+    theirs.save(tmp_path / "theirs")
+    ours = TunedLens.from_pretrained(tmp_path / "theirs", model=model)
+    ours.export_tuned_lens(tmp_path / "ours")
+    back = PackageLens.from_unembed_and_pretrained(Unembed(model), str(tmp_path / "ours"))
+    with torch.no_grad():
+        for layer in range(ours.num_layers):
+            ref = theirs(h, layer)
+            torch.testing.assert_close(ours(h, layer), ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(back(h, layer), ref, rtol=1e-5, atol=1e-5)
