@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+"""The performance benchmark: one command, one process per measurement family, side by side.
+
+    python benchmarks/run.py                      # SmolLM2 + a random GPT-2-small-sized model
+    python benchmarks/run.py --models smollm2 --tokens 512 --train-steps 1   # quicker
+
+Measures, on the same machine, model, tokens, batch and thread count:
+  (a) training tokens/s (model forward + lens step) of ours (dtype picked by `auto`, and float32)
+      and of the tuned-lens 0.2 package's own step (its lens and unembedding modules, its loss,
+      per-layer backward and `.item()`, with its bfloat16 autocast default and in float32), all with
+      the same SGD recipe on the same batches, and the held-out KL each lens reaches;
+  (b) tracing tokens/s (both lenses, every position, `lenses.trace.trace`) vs the plain forward;
+  (c) the machine's float32 and bfloat16 matmul FLOP/s on the unembedding's shape, to express
+      (a) and (b) as a share of the compute limit of the dtype used;
+  (d) peak memory (RSS above the loaded model) of one training step and one trace as the
+      sequence grows from 512 to 4096 tokens (a fresh process per point);
+  (e) cold (GGUF dequantisation into an empty cache) and warm load time of the default model.
+Prints a table and writes it as CSV (--out). Machines are noisy: read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lenses import LogitLens, ModelAdapter, TunedLens, load_model  # noqa: E402
+from lenses.data import make_blocks, read_texts  # noqa: E402
+from lenses.precision import compute_dtype  # noqa: E402
+from lenses.train import TrainConfig, heldout_stats, lens_kl_backward  # noqa: E402
+from lenses.trace import TraceItem, trace  # noqa: E402
+
+SEQ = 256
+
+
+# ---------------------------------------------------------------------------- models and tokens
+
+
+def get_model(name: str):
+    """(model, token blocks for training [n, SEQ], held-out blocks)."""
+    if name == "smollm2":
+        model, tok = load_model()
+        train, held = make_blocks(read_texts(None), tok, SEQ)
+        return model, train, held
+    if name == "gpt2-small":  # GPT-2 small's shapes (12 x 768, vocab 50,257), random weights
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config()).eval().requires_grad_(False)
+        g = torch.Generator().manual_seed(0)
+        blocks = torch.randint(0, model.config.vocab_size, (64, SEQ), generator=g)
+        return model, blocks[:48], blocks[48:56]
+    raise SystemExit(f"unknown model {name!r}: smollm2 or gpt2-small")
+
+
+def matmul_flops(dtype: torch.dtype, d: int, V: int, rows: int = 1024, repeats: int = 5) -> float:
+    a, w = torch.randn(rows, d).to(dtype), torch.randn(V, d).to(dtype)
+    a @ w.T
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ w.T
+    return repeats * 2 * rows * d * V / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------- training steps
+
+
+def ours_step(lens: TunedLens, ids: torch.Tensor, dtype: torch.dtype) -> None:
+    hidden = lens.adapter.hidden_states(ids).flatten(1, 2)
+    lens_kl_backward(lens, hidden, None, dtype)
+
+
+def package_step(pkg_lens, model, ids: torch.Tensor, autocast: bool) -> None:
+    """tuned-lens 0.2's train-loop body (scripts/train_loop.py), KL loss, one device."""
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    labels = out.logits.float().log_softmax(dim=-1)
+    for i, h in enumerate(out.hidden_states[:-1]):
+        with torch.autocast("cpu" if ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16, enabled=autocast):
+            logits = pkg_lens(h, idx=i)
+            loss = torch.sum(labels.exp() * (labels - logits.log_softmax(-1)), dim=-1).mean()
+            loss.detach().item()  # it logs every layer's loss
+        loss.backward()
+
+
+def package_to_ours(pkg_lens, adapter) -> TunedLens:
+    lens = TunedLens.for_model(adapter)
+    with torch.no_grad():
+        for i, t in enumerate(pkg_lens.layer_translators):
+            lens.weight[i].copy_(t.weight.float())
+            lens.bias[i].copy_(t.bias.float())
+    return lens
+
+
+def bench_training(model, adapter, train_blocks, held_out, tokens: int, steps: int) -> list[dict]:
+    batch = max(1, tokens // SEQ)
+    cfg = TrainConfig(steps=steps, batch_size=batch, seq_len=SEQ)  # the tuned-lens SGD recipe
+    batches = [train_blocks[(s * batch) % len(train_blocks):][:batch] for s in range(steps + 1)]
+    auto = compute_dtype("auto", adapter.device)
+    methods = {
+        f"ours ({str(auto)[6:]})": ("ours", auto),
+        "ours (float32)": ("ours", torch.float32),
+        "tuned-lens 0.2 (bf16 autocast, its default)": ("package", True),
+        "tuned-lens 0.2 (float32)": ("package", False),
+    }
+    try:
+        from tuned_lens import TunedLens as PackageLens
+    except ImportError:
+        print("tuned-lens is not installed (pip install --no-deps tuned-lens==0.2.0): skipping its rows")
+        methods = {k: v for k, v in methods.items() if v[0] == "ours"}
+    rows = []
+    for name, (kind, arg) in methods.items():
+        if kind == "ours":
+            lens = TunedLens.for_model(adapter)
+            params, step = [lens.weight, lens.bias], (lambda ids, lens=lens: ours_step(lens, ids, arg))
+        else:
+            pkg = PackageLens.from_model(model)
+            params, step = list(pkg.parameters()), (lambda ids, pkg=pkg: package_step(pkg, model, ids, arg))
+        step(batches[-1][:1])  # warm-up (and torch.compile) on one sequence, then reset
+        for p in params:
+            p.grad = None
+            with torch.no_grad():
+                p.zero_()
+        opt, sched = _sgd(cfg, params, steps)
+        t0 = time.perf_counter()
+        for s in range(steps):
+            step(batches[s])
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        final = lens if kind == "ours" else package_to_ours(pkg, adapter)
+        kl = heldout_stats(adapter, {"t": final}, held_out)["t"]["kl"].mean().item()
+        dtype = arg if kind == "ours" else (torch.bfloat16 if arg else torch.float32)
+        rows.append({"measure": "train", "method": name, "tokens_per_s": steps * batch * SEQ / seconds,
+                     "dtype": str(dtype)[6:], "heldout_kl": kl})
+    return rows
+
+
+def _sgd(cfg: TrainConfig, params, total: int):
+    """The tuned-lens recipe (our default too): Nesterov SGD, linear decay."""
+    opt = torch.optim.SGD(params, lr=cfg.effective_lr(), momentum=cfg.momentum, nesterov=True,
+                          weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
+
+
+# ---------------------------------------------------------------------------- tracing
+
+
+def bench_tracing(model, adapter, blocks: torch.Tensor, tokens: int) -> list[dict]:
+    batch = blocks[: max(1, tokens // SEQ)]
+    lenses = {"logit": LogitLens(adapter), "tuned": TunedLens.for_model(adapter)}
+    items = [TraceItem(row.tolist(), list(range(SEQ))) for row in batch]
+    trace(adapter, lenses, items[:1])  # warm-up
+    n = batch.numel()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=batch)
+    forward = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    trace(adapter, lenses, items)
+    traced = n / (time.perf_counter() - t0)
+    return [{"measure": "forward", "method": "model forward with logits", "tokens_per_s": forward, "dtype": "float32"},
+            {"measure": "trace", "method": "trace, logit + tuned lens, all positions", "tokens_per_s": traced,
+             "dtype": "float32"}]
+
+
+# ---------------------------------------------------------------------------- memory (own process)
+
+
+def rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_probe(name: str, what: str, seq: int) -> None:
+    """Run in a fresh process: print peak RSS above the loaded model for one step of ``seq`` tokens."""
+    model, train_blocks, _ = get_model(name)
+    adapter = ModelAdapter.from_model(model)
+    ids = train_blocks.reshape(-1)[:seq][None]
+    lens = TunedLens.for_model(adapter)
+    ours_step(lens, ids[:, :8], torch.float32)  # warm-up: compile, caches
+    trace(adapter, {"logit": LogitLens(adapter)}, [TraceItem(ids[0, :8].tolist(), [0])])
+    base = rss_mib()
+    if what == "train":
+        ours_step(lens, ids, compute_dtype("auto"))
+    else:
+        trace(adapter, {"logit": LogitLens(adapter), "tuned": lens}, [TraceItem(ids[0].tolist(), list(range(seq)))])
+    print(json.dumps({"peak_above_model_mib": rss_mib() - base, "model_mib": base}))
+
+
+def bench_memory(name: str, seqs: list[int]) -> list[dict]:
+    rows = []
+    for what in ("train", "trace"):
+        for seq in seqs:
+            out = subprocess.run([sys.executable, __file__, "--memory-probe", name, what, str(seq)],
+                                 capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append({"measure": f"memory ({what})", "method": f"{seq} tokens", "peak_mib": r["peak_above_model_mib"],
+                         "model_mib": r["model_mib"]})
+    return rows
+
+
+# ---------------------------------------------------------------------------- load time
+
+
+def bench_load() -> list[dict]:
+    code = "import time; t=time.perf_counter(); from lenses import load_model; load_model(); print(time.perf_counter()-t)"
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "LENSES_CACHE": cache}
+        times = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                      check=True, cwd=ROOT).stdout.split()[-1]) for _ in range(2)]
+    return [{"measure": "load", "method": "default model, cold (GGUF -> cache)", "seconds": times[0]},
+            {"measure": "load", "method": "default model, warm (fresh process)", "seconds": times[1]}]
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="smollm2,gpt2-small")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens per training step / traced")
+    p.add_argument("--train-steps", type=int, default=2)
+    p.add_argument("--seq-lens", default="512,1024,2048,4096", help="memory sweep (default model only)")
+    p.add_argument("--skip", default="", help="comma list of: train,trace,memory,load")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.csv"))
+    p.add_argument("--memory-probe", nargs=3, metavar=("MODEL", "WHAT", "SEQ"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.memory_probe:
+        return memory_probe(a.memory_probe[0], a.memory_probe[1], int(a.memory_probe[2]))
+    skip = set(filter(None, a.skip.split(",")))
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    for name in a.models.split(","):
+        model, train_blocks, held_out = get_model(name)
+        adapter = ModelAdapter.from_model(model)
+        L, d, V = adapter.num_layers, adapter.d_model, adapter.vocab_size
+        limits = {"float32": matmul_flops(torch.float32, d, V), "bfloat16": matmul_flops(torch.bfloat16, d, V)}
+        found = [{"measure": "matmul", "method": f"[1024 x {d}] @ [{d} x {V}]", "dtype": k, "gflop_s": v / 1e9}
+                 for k, v in limits.items()]
+        if "train" not in skip:
+            for r in bench_training(model, adapter, train_blocks, held_out, a.tokens, a.train_steps):
+                r["share_of_limit"] = r["tokens_per_s"] * 4 * L * d * V / limits[r["dtype"]]
+                found.append(r)
+        if "trace" not in skip:
+            for r in bench_tracing(model, adapter, held_out, a.tokens):
+                if r["measure"] == "trace":
+                    r["share_of_limit"] = r["tokens_per_s"] * 2 * 2 * (L + 1) * d * V / limits[r["dtype"]]
+                found.append(r)
+        if "memory" not in skip and name == "smollm2":
+            found += bench_memory(name, [int(s) for s in a.seq_lens.split(",")])
+        rows += [{"model": name, **r} for r in found]
+        del model
+    if "load" not in skip:
+        rows += [{"model": "smollm2", **r} for r in bench_load()]
+    table = pd.DataFrame(rows)
+    train = table[table.measure == "train"]
+    for name, g in train.groupby("model"):
+        best = g[g.method.str.startswith("tuned-lens")].tokens_per_s.max()
+        table.loc[g.index, "x_vs_best_tuned_lens"] = g.tokens_per_s / best
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(a.out, index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
