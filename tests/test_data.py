@@ -91,3 +91,20 @@ def test_unwritable_output_is_reported_before_work(tmp_path):
     with pytest.raises(LensesError, match="cannot write to"):
         write_json(blocker / "out" / "config.json", {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing half-written
+
+
+def test_atomic_writes_get_normal_permissions_and_leave_nothing_on_failure(tmp_path):
+    import os
+    import stat
+
+    from lenses.io import atomic_write, write_text
+
+    old = os.umask(0o022)
+    try:
+        path = write_text(tmp_path / "a.txt", "hello")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0600
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "b.txt", lambda tmp: (open(tmp, "w").write("half"), (_ for _ in ()).throw(RuntimeError())))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

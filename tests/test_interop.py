@@ -58,3 +58,26 @@ def test_live_round_trip_with_the_package(tmp_path, family):
             ref = theirs(h, layer)
             torch.testing.assert_close(ours(h, layer), ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(back(h, layer), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nnsight") is None, reason="nnsight is not installed")
+def test_readme_nnsight_example_matches_our_hidden_states():
+    """The README's recipe: the input of block l (nnsight) is our layer l; the final norm's input is layer L."""
+    from nnsight import NNsight
+
+    from lenses import LogitLens, ModelAdapter
+
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 9, 2, 7, 1, 3]])
+    wrapped = NNsight(model)
+    with wrapped.trace(ids):
+        h1 = wrapped.model.layers[1].input.save()
+        h_last = wrapped.model.norm.input.save()
+    adapter = ModelAdapter.from_model(model)
+    ours = adapter.hidden_states(ids)
+    torch.testing.assert_close(h1, ours[1])
+    torch.testing.assert_close(h_last, ours[adapter.num_layers])
+    lens = TunedLens.for_model(adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(lens(h_last, adapter.num_layers), model(input_ids=ids).logits)
+        torch.testing.assert_close(LogitLens(adapter)(h1, 1), lens(h1, 1))

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Copy a trained lens into the package (lenses/pretrained/<name>/) with its card.
+
+    python scripts/ship_lens.py runs/smollm2-300k --name smollm2-135m-instruct
+
+Re-evaluates the lens on the run's own held-out blocks with float32 vocabulary matmuls, once with
+float32 translators and once rounded to float16; ships float16 (half the bytes) only if every
+layer's held-out KL is unchanged to 3 significant digits. Writes config.json,
+translators.safetensors, eval.csv, token_frequencies.safetensors and README.md (the card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lenses import LogitLens, ModelAdapter, TunedLens, load_model  # noqa: E402
+from lenses.data import make_blocks, read_texts  # noqa: E402
+from lenses.frequency import FREQUENCIES_NAME  # noqa: E402
+from lenses.io import write_csv, write_text  # noqa: E402
+from lenses.registry import PRETRAINED_DIR  # noqa: E402
+from lenses.train import eval_table  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a train_probes.py --out folder")
+    p.add_argument("--name", required=True, help="short registry name")
+    a = p.parse_args()
+    run = Path(a.run)
+    lens = TunedLens.from_pretrained(run)
+    t = lens.config["training"]
+    model, tok = load_model(t.get("model"))
+    adapter = ModelAdapter.from_model(model)
+    lens.attach(adapter)
+    _, held_out = make_blocks(read_texts(t.get("corpus")), tok, t["seq_len"], t["eval_fraction"],
+                              max(1, t["max_eval_tokens"] // t["seq_len"]))
+    half = TunedLens(lens.num_layers, lens.d_model, config=dict(lens.config))
+    with torch.no_grad():
+        half.weight.copy_(lens.weight.half().float())
+        half.bias.copy_(lens.bias.half().float())
+    half.attach(adapter)
+    lenses = {"logit": LogitLens(adapter), "tuned": lens, "tuned_fp16": half}
+    table = eval_table(adapter, lenses, held_out, tok, dtype=torch.float32, batch_size=t["batch_size"])
+    wide = table.pivot(index="layer", columns="lens", values="kl_nats")
+    same = all(f"{x:.3g}" == f"{y:.3g}" for x, y in zip(wide.tuned, wide.tuned_fp16))
+    print(wide.to_string(float_format=lambda v: f"{v:.4f}"))
+    print(f"float16 translators {'keep' if same else 'change'} every layer's held-out KL to 3 significant digits")
+
+    dest = PRETRAINED_DIR / a.name
+    dest.mkdir(parents=True, exist_ok=True)
+    shipped = lens
+    if same:
+        shipped = TunedLens(lens.num_layers, lens.d_model, config=dict(lens.config)).half()
+        with torch.no_grad():
+            shipped.weight.copy_(lens.weight.half())
+            shipped.bias.copy_(lens.bias.half())
+    shipped.config["heldout_kl_nats"] = [round(v, 5) for v in wide.tuned.tolist()]
+    shipped.config["stored_dtype"] = "float16" if same else "float32"
+    shipped.save_pretrained(dest)
+    final = table[table.lens != "tuned_fp16"]
+    write_csv(dest / "eval.csv", final)
+    if (run / FREQUENCIES_NAME).exists():
+        shutil.copyfile(run / FREQUENCIES_NAME, dest / FREQUENCIES_NAME)
+    write_text(dest / "README.md", card(a.name, lens.config, wide, held_out.numel(), same))
+    print(f"shipped {dest}")
+    return 0
+
+
+def card(name: str, config: dict, wide: pd.DataFrame, eval_tokens: int, fp16: bool) -> str:
+    t = config["training"]
+    rows = "\n".join(f"| {layer} | {r.logit:.3f} | {r.tuned:.3f} | {r.logit / max(r.tuned, 1e-9):.1f}x |"
+                     for layer, r in wide.iterrows() if layer < len(wide) - 1)
+    lr = t["lr"] if t["lr"] is not None else ("1e-3" if t["optimizer"] == "adam" else "1.0 x (1 - momentum)")
+    return f"""# Tuned lens `{name}`
+
+For **{config.get("model", "")}** ({config["num_layers"]} layers, d = {config["d_model"]}); loads with
+`TunedLens.from_pretrained("{name}")` (checked against the model's fingerprint on attach).
+
+- **Corpus**: {t.get("corpus") or "the default corpus: prose of the Python documentation (pydoc topics + standard-library docstrings, PSF licence)"};
+  documents shuffled with seed 0, EOS-separated, packed into {t["seq_len"]}-token blocks; the last
+  {t["eval_fraction"]:.0%} of blocks held out (first {eval_tokens:,} tokens used for evaluation).
+- **Tokens**: {t["train_tokens"]:,} training tokens ({t["train_tokens"] // (t["batch_size"] * t["seq_len"])} steps of
+  {t["batch_size"]} x {t["seq_len"]}), one pass, no repeats.
+- **Recipe**: `train_probes.py --optimizer {t["optimizer"]} --max-tokens {t["max_tokens"]}` — {t["optimizer"]}
+  (lr {lr}, weight decay {t["weight_decay"]}, linear decay to 0, gradient clip {t["clip"]}), seed {t["seed"]},
+  loss KL(final || lens) summed over layers, vocabulary matmuls in {t.get("compute_dtype_used")},
+  {t.get("tokens_per_second") or 0:.0f} training tokens/s on a 2-core CPU.
+- **Stored** in {"float16 (every layer's held-out KL equals the float32 lens's to 3 significant digits)" if fp16 else "float32"}.
+
+Held-out KL(final || lens) in nats per token, float32 evaluation (layer 0 = embeddings; layer
+{config["num_layers"]} is the model itself, KL 0):
+
+| layer | logit lens | tuned lens | ratio |
+|---:|---:|---:|---:|
+{rows}
+"""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
