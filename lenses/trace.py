@@ -52,8 +52,10 @@ def lens_logits(lens, adapter: ModelAdapter, h: torch.Tensor, layer: int, dtype:
     return adapter.finish_logits(z.float())
 
 
-def _stats(z: torch.Tensor, logp_final: torch.Tensor, targets: dict[str, torch.Tensor], groups, n_groups: int) -> dict:
-    """Per-row statistics of one layer's logits ``z`` [C, V] (float32)."""
+def _stats(z: torch.Tensor, p_final: torch.Tensor, neg_h_final: torch.Tensor, targets: dict[str, torch.Tensor],
+           groups, n_groups: int) -> dict:
+    """Per-row statistics of one layer's logits ``z`` [C, V] (float32); ``p_final`` and
+    ``neg_h_final`` (sum p log p) describe the final distribution, shared by all layers."""
     logq = torch.log_softmax(z, dim=-1)
     q = logq.exp()
     top_logq, top_id = logq.max(-1)
@@ -61,7 +63,7 @@ def _stats(z: torch.Tensor, logp_final: torch.Tensor, targets: dict[str, torch.T
         "top1_id": top_id,
         "top1_prob": top_logq.exp(),
         "entropy": -(q * logq).sum(-1),
-        "kl": (logp_final.exp() * (logp_final - logq)).sum(-1),
+        "kl": neg_h_final - (p_final * logq).sum(-1),
     }
     for name, t in targets.items():
         zt = z.gather(1, t[:, None])
@@ -121,9 +123,12 @@ def trace(
             tg = {n: v[s : s + chunk].to(adapter.device) for n, v in tg_all.items()}
             with torch.no_grad():
                 logp_final = torch.log_softmax(lens_logits(None, adapter, h[L], L, dtype), -1)
+                p_final = logp_final.exp()
+                neg_h_final = (p_final * logp_final).sum(-1)
                 for lens_name, lens in lenses.items():
                     for layer in range(L + 1):
-                        st = _stats(lens_logits(lens, adapter, h[layer], layer, dtype), logp_final, tg, groups, n_groups)
+                        st = _stats(lens_logits(lens, adapter, h[layer], layer, dtype), p_final, neg_h_final, tg, groups,
+                                    n_groups)
                         cols = {
                             "lens": lens_name,
                             "item": meta[s : s + chunk, 0],
