@@ -42,7 +42,7 @@ def test_two_processes_match_one(tmp_path, char_tokenizer, eager_kl, variant):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LENSES_COMPILE": "0"}
     proc = subprocess.run(
         [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-         "no", "--dynamo_backend", "no", "--main_process_port", "29517", str(HERE / "dp_worker.py"), json.dumps(two)],
+         "no", "--dynamo_backend", "no", "--main_process_port", "29517", str(HERE / "train_worker.py"), json.dumps(two)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

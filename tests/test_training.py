@@ -187,3 +187,36 @@ def test_non_finite_values_stop_training_with_advice(tmp_path, char_tokenizer, e
     monkeypatch.setattr(ModelAdapter, "verify", lambda self: None)
     with pytest.raises(LensesError, match="non-finite gradient at step 0.*--model-dtype"):
         train(_cfg(tmp_path / "b", steps=2), model=model, tokenizer=char_tokenizer)
+
+
+def test_sigkilled_process_resumes_bit_identically(tmp_path, char_tokenizer, eager_kl):
+    """A real training process is killed with SIGKILL after a checkpoint; --resume finishes the run."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    straight = train(_cfg(tmp_path / "a", steps=12), model=tiny_model("llama"), tokenizer=char_tokenizer)
+    cfg = _cfg(tmp_path / "b", steps=12)
+    kw = {k: v for k, v in cfg.__dict__.items() if k != "variant"}
+    worker = [sys.executable, str(Path(__file__).parent / "train_worker.py"), json.dumps(kw)]
+    env = {**os.environ, "LENSES_COMPILE": "0", "LENSES_TEST_STEP_DELAY": "0.5"}
+    proc = subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = Path(cfg.out) / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.7)  # now mid-way through a later step
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -9, proc.stderr.read()[-2000:]
+    assert torch.load(ckpt, weights_only=True)["step"] < 12  # it really was cut short
+    done = subprocess.run(worker + ["resume"], env={**env, "LENSES_TEST_STEP_DELAY": "0"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = load_file(str(Path(cfg.out) / "translators.safetensors"))
+    assert torch.equal(resumed["weight"], straight.weight.detach()) and torch.equal(resumed["bias"], straight.bias.detach())
