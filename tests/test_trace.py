@@ -8,18 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lenses import LogitLens, ModelAdapter, TunedLens
+from lenses import LogitLens, ModelAdapter
 from lenses.trace import TraceItem, depth_summary, flipped, onset_curve, onset_layer, settled_layer, trace
-from tiny_models import VOCAB, tiny_model
-
-
-def _random_lens(adapter, seed=1):
-    lens = TunedLens.for_model(adapter)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        lens.weight.copy_(0.1 * torch.randn(lens.weight.shape, generator=g))
-        lens.bias.copy_(0.1 * torch.randn(lens.bias.shape, generator=g))
-    return lens
+from tiny_models import VOCAB, random_lens, tiny_model
 
 
 def _brute_force(family, lens, ids, positions, target, groups):
@@ -63,7 +54,7 @@ def _brute_force_layers(adapter, lens, hidden, target, groups, rows):
 def test_trace_matches_float64_brute_force(family, chunk):
     model = tiny_model(family)
     adapter = ModelAdapter.from_model(model)
-    lens = _random_lens(adapter)
+    lens = random_lens(adapter, scale=0.1)
     g = torch.Generator().manual_seed(3)
     texts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (9, 7, 11)]
     pos_sets = [[0, 3, 4, 8], [-1, 2, 5], [1, 10, 6]]  # 10 rows: no chunk size above divides it

@@ -11,7 +11,7 @@ from lenses import LensesError, LogitLens, ModelAdapter, TunedLens
 from lenses import kl as kl_module
 from lenses import train as train_module
 from lenses.train import TrainConfig, lens_kl_backward, per_layer_kl, train
-from tiny_models import tiny_model
+from tiny_models import random_lens, tiny_model
 
 
 def _reference(family, lens, ids, weights):
@@ -33,19 +33,10 @@ def _reference(family, lens, ids, weights):
     return torch.stack(kls), W.grad, B.grad
 
 
-def _random_lens(adapter, seed=1):
-    lens = TunedLens.for_model(adapter)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        lens.weight.copy_(0.05 * torch.randn(lens.weight.shape, generator=g))
-        lens.bias.copy_(0.05 * torch.randn(lens.bias.shape, generator=g))
-    return lens
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "gemma2"])
 def test_kl_and_gradients_match_float64_reference(family, eager_kl):
     adapter = ModelAdapter.from_model(tiny_model(family))
-    lens = _random_lens(adapter)
+    lens = random_lens(adapter)
     ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(2))
     weights = torch.rand(14, generator=torch.Generator().manual_seed(3)) + 0.5
     hidden = adapter.hidden_states(ids).flatten(1, 2)
@@ -63,7 +54,7 @@ def test_softcapped_gradients_match_reference(eager_kl, monkeypatch):
     family = "gemma2"
     monkeypatch.setitem(tiny_models.FAMILIES, family, {**tiny_models.FAMILIES[family], "final_logit_softcapping": 0.1})
     adapter = ModelAdapter.from_model(tiny_model(family))
-    lens = _random_lens(adapter)
+    lens = random_lens(adapter)
     ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(2))
     weights = torch.ones(10)
     hidden = adapter.hidden_states(ids).flatten(1, 2)
@@ -76,7 +67,7 @@ def test_softcapped_gradients_match_reference(eager_kl, monkeypatch):
 def test_compiled_kernel_matches_eager(monkeypatch):
     """The torch.compile'd element-wise pass gives the eager result (or we fell back to eager)."""
     adapter = ModelAdapter.from_model(tiny_model("llama"))
-    lens = _random_lens(adapter)
+    lens = random_lens(adapter)
     hidden = adapter.hidden_states(torch.randint(1, 96, (2, 6))).flatten(1, 2)
     monkeypatch.setattr(kl_module, "_compiled", kl_module._kl_and_dz)
     kl_eager = lens_kl_backward(lens, hidden, None, torch.float32, chunk_rows=12)
@@ -91,7 +82,7 @@ def test_compiled_kernel_matches_eager(monkeypatch):
 
 def test_per_layer_kl_matches_reference(eager_kl):
     adapter = ModelAdapter.from_model(tiny_model("qwen2"))
-    lens = _random_lens(adapter)
+    lens = random_lens(adapter)
     blocks = torch.randint(1, 96, (5, 6), generator=torch.Generator().manual_seed(4))
     got = per_layer_kl(adapter, {"logit": LogitLens(adapter), "tuned": lens}, blocks, batch_size=2, chunk_rows=7)
     ref_tuned, _, _ = _reference("qwen2", lens, blocks, torch.ones(30))

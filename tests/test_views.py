@@ -118,35 +118,26 @@ def test_shipped_data_is_large_enough_and_valid():
         assert len(set(q["options"])) == 4 and q["answer"] in "ABCD"
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"prompt": "x", "answer": ""}\n', "empty prompt or answer"),
-    ('{"prompt": "x"\n', "not valid JSON"),
-    ('{"question": "x"}\n', "unknown fact layout"),
-    ("", "holds no facts"),
+@pytest.mark.parametrize("reader,content,message", [
+    (read_facts, '{"prompt": "x", "answer": ""}\n', "empty prompt or answer"),
+    (read_facts, '{"prompt": "x"\n', "not valid JSON"),
+    (read_facts, '{"question": "x"}\n', "unknown fact layout"),
+    (read_facts, "", "holds no facts"),
+    (read_mcq, "Q?,a,b,,d,A\n", "empty option"),
+    (read_mcq, "Q?,a,b,c,A\n", "5 fields"),
+    (read_mcq, "Q?,a,b,c,d,E\n", "not one of the options"),
+    (read_mcq, "", "holds no questions"),
 ])
-def test_bad_fact_files(tmp_path, content, message):
-    path = tmp_path / "f.jsonl"
+def test_bad_fact_and_mcq_files(tmp_path, reader, content, message):
+    path = tmp_path / "data"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(DataError, match=message):
-        read_facts(path)
+        reader(path)
 
 
 def test_answer_that_does_not_tokenise_is_named(char_tokenizer):
     with pytest.raises(DataError, match="does not survive tokenisation"):
         fact_items(char_tokenizer, [{"prompt": "The capital of Moldova is", "answer": "Chișinău"}])
-
-
-@pytest.mark.parametrize("content,message", [
-    ("Q?,a,b,,d,A\n", "empty option"),
-    ("Q?,a,b,c,A\n", "5 fields"),
-    ("Q?,a,b,c,d,E\n", "not one of the options"),
-    ("", "holds no questions"),
-])
-def test_bad_mcq_files(tmp_path, content, message):
-    path = tmp_path / "q.csv"
-    path.write_text(content, encoding="utf-8")
-    with pytest.raises(DataError, match=message):
-        read_mcq(path)
 
 
 def test_mcq_header_is_optional(tmp_path):

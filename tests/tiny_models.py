@@ -37,3 +37,15 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             if "norm" in name or "ln" in name:
                 p.add_(0.3 * torch.randn_like(p))
     return model.eval().requires_grad_(False)
+
+
+def random_lens(adapter, seed: int = 1, scale: float = 0.05):
+    """A tuned lens with small random translators (so it differs from the logit lens)."""
+    from lenses import TunedLens
+
+    lens = TunedLens.for_model(adapter)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        lens.weight.copy_(scale * torch.randn(lens.weight.shape, generator=g))
+        lens.bias.copy_(scale * torch.randn(lens.bias.shape, generator=g))
+    return lens
