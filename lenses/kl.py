@@ -54,23 +54,29 @@ def _kl_and_dz(z, p, neg_entropy, row_weight, scale: float, softcap: float, want
     return kl, g.to(z.dtype)
 
 
-_compiled = None
+class maybe_compiled:
+    """``fn`` compiled with ``torch.compile`` on first use if possible, else (no C++ compiler,
+    unsupported platform, ``LENSES_COMPILE=0``) the same function run eagerly, for good."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = self.fn
+            if os.environ.get("LENSES_COMPILE", "1") != "0":
+                self.compiled = torch.compile(self.fn, dynamic=True)
+        if self.compiled is not self.fn:
+            try:
+                return self.compiled(*args)
+            except Exception as e:
+                warnings.warn(f"torch.compile unavailable ({type(e).__name__}); using the slower eager kernel")
+                self.compiled = self.fn
+        return self.fn(*args)
 
 
-def _fused(*args):
-    """Run `_kl_and_dz` compiled if possible, falling back to eager once and for good."""
-    global _compiled
-    if _compiled is None:
-        _compiled = _kl_and_dz
-        if os.environ.get("LENSES_COMPILE", "1") != "0":
-            _compiled = torch.compile(_kl_and_dz, dynamic=True)
-    if _compiled is not _kl_and_dz:
-        try:
-            return _compiled(*args)
-        except Exception as e:  # no C++ compiler, unsupported platform...
-            warnings.warn(f"torch.compile unavailable ({type(e).__name__}); using the slower eager KL kernel")
-            _compiled = _kl_and_dz
-    return _kl_and_dz(*args)
+_fused = maybe_compiled(_kl_and_dz)
 
 
 def _unembed_raw(adapter: ModelAdapter, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .kl import maybe_compiled
 from .models import ModelAdapter
 
 ONSET_KS = (1, 10, 100, 1000, 10000)  # the paper's log grid for onset-vs-k curves
@@ -52,26 +53,41 @@ def lens_logits(lens, adapter: ModelAdapter, h: torch.Tensor, layer: int, dtype:
     return adapter.finish_logits(z.float())
 
 
+def _row_stats(z: torch.Tensor, p_final: torch.Tensor, neg_h_final: torch.Tensor, t_ids: torch.Tensor):
+    """Soft-max statistics of logits ``z`` [C, V] (float32) in few passes (fused when compiled).
+
+    ``p_final``/``neg_h_final`` (sum p log p): the final distribution; ``t_ids`` [C, n]: targets.
+    Returns top-1 id and probability, entropy, KL(final || lens), target ranks and probabilities.
+    """
+    m, top_id = z.max(-1, keepdim=True)
+    e = torch.exp(z - m)
+    s = e.sum(-1, keepdim=True)
+    lse = m + torch.log(s)  # [C, 1]
+    safe_z = torch.where(torch.isfinite(z), z, 0.0)  # 0 * -inf would be NaN
+    entropy = lse.squeeze(-1) - (e * safe_z).sum(-1) / s.squeeze(-1)
+    kl = neg_h_final - (p_final * safe_z).sum(-1) + lse.squeeze(-1)
+    zt = z.gather(1, t_ids)  # [C, n]
+    ranks = (z[:, None, :] > zt[:, :, None]).sum(-1) + 1
+    return top_id.squeeze(-1), (1.0 / s).squeeze(-1), entropy, kl, ranks, torch.exp(zt - lse)
+
+
+_fused_stats = maybe_compiled(_row_stats)
+
+
 def _stats(z: torch.Tensor, p_final: torch.Tensor, neg_h_final: torch.Tensor, targets: dict[str, torch.Tensor],
            groups, n_groups: int) -> dict:
-    """Per-row statistics of one layer's logits ``z`` [C, V] (float32); ``p_final`` and
-    ``neg_h_final`` (sum p log p) describe the final distribution, shared by all layers."""
-    logq = torch.log_softmax(z, dim=-1)
-    q = logq.exp()
-    top_logq, top_id = logq.max(-1)
-    out = {
-        "top1_id": top_id,
-        "top1_prob": top_logq.exp(),
-        "entropy": -(q * logq).sum(-1),
-        "kl": neg_h_final - (p_final * logq).sum(-1),
-    }
-    for name, t in targets.items():
-        zt = z.gather(1, t[:, None])
-        out[f"rank_{name}"] = (z > zt).sum(-1) + 1
-        out[f"prob_{name}"] = logq.gather(1, t[:, None]).squeeze(1).exp()
+    """Per-row statistics of one layer's logits ``z`` [C, V] (float32) as named columns."""
+    names = list(targets)
+    t_ids = torch.stack([targets[n] for n in names], 1) if names else torch.zeros(z.shape[0], 0, dtype=torch.long,
+                                                                                     device=z.device)
+    top_id, top_p, entropy, kl, ranks, probs = _fused_stats(z, p_final, neg_h_final, t_ids)
+    out = {"top1_id": top_id, "top1_prob": top_p, "entropy": entropy, "kl": kl}
+    for j, name in enumerate(names):
+        out[f"rank_{name}"] = ranks[:, j]
+        out[f"prob_{name}"] = probs[:, j]
     if groups is not None:
-        mass = torch.zeros(z.shape[0], n_groups + 1, dtype=q.dtype, device=q.device)
-        mass.index_add_(1, groups, q)  # the last column collects ungrouped tokens
+        mass = torch.zeros(z.shape[0], n_groups + 1, dtype=torch.float32, device=z.device)
+        mass.index_add_(1, groups, torch.softmax(z, -1))  # the last column collects ungrouped tokens
         out["mass"] = mass[:, :n_groups]
     return out
 

@@ -12,10 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture
 def eager_kl(monkeypatch):
-    """Run the KL kernel eagerly (no torch.compile): fast for tiny models, same math."""
-    from lenses import kl
+    """Run the KL and trace kernels eagerly (no torch.compile): fast for tiny models, same math."""
+    from lenses import kl, trace
 
-    monkeypatch.setattr(kl, "_compiled", kl._kl_and_dz)
+    for kernel in (kl._fused, trace._fused_stats):
+        monkeypatch.setattr(kernel, "compiled", kernel.fn)
 
 
 class CharTokenizer:

@@ -69,11 +69,11 @@ def test_compiled_kernel_matches_eager(monkeypatch):
     adapter = ModelAdapter.from_model(tiny_model("llama"))
     lens = random_lens(adapter)
     hidden = adapter.hidden_states(torch.randint(1, 96, (2, 6))).flatten(1, 2)
-    monkeypatch.setattr(kl_module, "_compiled", kl_module._kl_and_dz)
+    monkeypatch.setattr(kl_module._fused, "compiled", kl_module._kl_and_dz)
     kl_eager = lens_kl_backward(lens, hidden, None, torch.float32, chunk_rows=12)
     g_eager = lens.weight.grad.clone()
     lens.weight.grad = lens.bias.grad = None
-    monkeypatch.setattr(kl_module, "_compiled", None)
+    monkeypatch.setattr(kl_module._fused, "compiled", None)
     monkeypatch.setenv("LENSES_COMPILE", "1")
     kl_comp = lens_kl_backward(lens, hidden, None, torch.float32, chunk_rows=12)
     torch.testing.assert_close(kl_comp, kl_eager, rtol=1e-5, atol=1e-6)
