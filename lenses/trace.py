@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .errors import LensesError
 from .kl import maybe_compiled
 from .models import ModelAdapter
 
@@ -172,6 +173,12 @@ def trace(
         if set(it.targets) != set(target_names):
             raise ValueError(f"item {i} has targets {sorted(it.targets)}, others have {target_names}")
         h = adapter.hidden_states(ids)[:, 0, pos]  # [L+1, P, d]
+        bad = (~torch.isfinite(h)).flatten(1).any(1).nonzero().flatten().tolist()
+        if bad:
+            raise LensesError(
+                f"hidden states of item {i} contain NaN/inf from layer {bad[0]} on (layers {bad[:5]}...): the "
+                "model overflows in this dtype (e.g. float16). Load it in float32 or bfloat16 (--model-dtype)."
+            )
         buf_h.append(h)
         buf_meta.append(np.stack([np.full(len(pos), i), np.asarray(pos)], axis=1))
         for n in target_names:

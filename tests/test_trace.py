@@ -147,3 +147,19 @@ def test_depth_summary_and_onset_curve_from_a_trace_table():
     curve = onset_curve(summary, ks=(1, 10, 100)).set_index(["lens", "k"])
     assert curve.loc[("tuned", 10), "mean_layer"] == pytest.approx(1.0)  # (0 + 2) / 2
     assert curve.loc[("tuned", 1), "n"] == 2
+
+
+def test_non_finite_hidden_states_are_named(monkeypatch):
+    from lenses import LensesError
+
+    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    real = adapter.hidden_states
+
+    def overflowing(ids, *a, **k):
+        h = real(ids, *a, **k)
+        h[2:, :, 1] = float("inf")  # as if float16 overflowed in block 2
+        return h
+
+    monkeypatch.setattr(adapter, "hidden_states", overflowing)
+    with pytest.raises(LensesError, match="from layer 2 on.*float32 or bfloat16"):
+        trace(adapter, {"logit": LogitLens(adapter)}, [TraceItem([1, 2, 3, 4], [1, 3])])
