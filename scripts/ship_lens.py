@@ -33,6 +33,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a train_probes.py --out folder")
     p.add_argument("--name", required=True, help="short registry name")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for the float32 evaluation")
     a = p.parse_args()
     run = Path(a.run)
     lens = TunedLens.from_pretrained(run)
@@ -42,6 +43,7 @@ def main() -> int:
     lens.attach(adapter)
     _, held_out = make_blocks(read_texts(t.get("corpus")), tok, t["seq_len"], t["eval_fraction"],
                               max(1, t["max_eval_tokens"] // t["seq_len"]))
+    held_out = held_out[: max(1, a.eval_tokens // t["seq_len"])]
     half = TunedLens(lens.num_layers, lens.d_model, config=dict(lens.config))
     with torch.no_grad():
         half.weight.copy_(lens.weight.half().float())
