@@ -60,7 +60,7 @@ def frequency_view(
     lenses: dict,
     texts: list[str],
     freqs: TokenFrequencies | None = None,
-    num_positions: int = 2000,
+    num_positions: int = 1000,
     seq_len: int = 256,
     seed: int = 0,
     progress: bool = False,

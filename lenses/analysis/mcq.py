@@ -84,7 +84,7 @@ def mcq_view(
     tokenizer,
     lenses: dict,
     questions: list[dict] | None = None,
-    num_questions: int | None = 150,
+    num_questions: int | None = 100,
     shots: int = 4,
     seed: int = 0,
     progress: bool = False,

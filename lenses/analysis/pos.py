@@ -82,7 +82,7 @@ def pos_view(
     tokenizer,
     lenses: dict,
     texts: list[str],
-    num_texts: int = 300,
+    num_texts: int = 200,
     tagger=None,
     seed: int = 0,
     progress: bool = False,
