@@ -12,8 +12,8 @@ Measures, on the same machine, model, tokens, batch and thread count:
   (b) tracing tokens/s (both lenses, every position, `lenses.trace.trace`) vs the plain forward;
   (c) the machine's float32 and bfloat16 matmul FLOP/s on the unembedding's shape, to express
       (a) and (b) as a share of the compute limit of the dtype used;
-  (d) peak memory (RSS above the loaded model) of one training step and one trace as the
-      sequence grows from 512 to 4096 tokens (a fresh process per point);
+  (d) peak memory (RSS above the loaded model) of one training step and one trace (logit lens,
+      every position) as the sequence grows from 512 to 4096 tokens (a fresh process per point);
   (e) cold (GGUF dequantisation into an empty cache) and warm load time of the default model.
 Prints a table and writes it as CSV (--out). Machines are noisy: read the ratios.
 """
@@ -143,7 +143,7 @@ def bench_training(model, adapter, train_blocks, held_out, tokens: int, steps: i
             opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
         final = lens if kind == "ours" else package_to_ours(pkg, adapter)
-        kl = heldout_stats(adapter, {"t": final}, held_out)["t"]["kl"].mean().item()
+        kl = heldout_stats(adapter, {"t": final}, held_out[:8])["t"]["kl"].mean().item()  # 2,048 held-out tokens
         dtype = arg if kind == "ours" else (torch.bfloat16 if arg else torch.float32)
         rows.append({"measure": "train", "method": name, "tokens_per_s": steps * batch * SEQ / seconds,
                      "dtype": str(dtype)[6:], "heldout_kl": kl})
@@ -199,7 +199,7 @@ def memory_probe(name: str, what: str, seq: int) -> None:
     if what == "train":
         ours_step(lens, ids, compute_dtype("auto"))
     else:
-        trace(adapter, {"logit": LogitLens(adapter), "tuned": lens}, [TraceItem(ids[0].tolist(), list(range(seq)))])
+        trace(adapter, {"logit": LogitLens(adapter)}, [TraceItem(ids[0].tolist(), list(range(seq)))])
     print(json.dumps({"peak_above_model_mib": rss_mib() - base, "model_mib": base}))
 
 
