@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="out", help="output folder (default: out)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--device-map", default=None, help="'auto' spreads a large model over the available devices")
+    p.add_argument("--layers", default=None, help="dotted path of the decoder layers, if not found (e.g. model.layers)")
+    p.add_argument("--final-norm", default=None, help="dotted path of the final norm, if not found (e.g. model.norm)")
+    p.add_argument("--unembed", default=None, help="dotted path of the unembedding, if not found (e.g. lm_head)")
     p.add_argument("--model-dtype", default=None, help="float32 (default on CPU), bfloat16 or float16")
     p.add_argument("--no-strict", action="store_true", help="accept a lens whose model weights differ slightly")
     p.add_argument("--no-progress", action="store_true")
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
 
     ensure_writable(a.out)
     model, tok = load_model(a.model, device=a.device, dtype=a.model_dtype, device_map=a.device_map)
-    adapter = ModelAdapter.from_model(model)
+    adapter = ModelAdapter.from_model(model, layers=a.layers, final_norm=a.final_norm, unembed=a.unembed)
     if a.view == "representation":
         return representation(a, adapter, tok)
     lenses = build_lenses(a.lens, adapter, strict=not a.no_strict)

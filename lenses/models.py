@@ -211,7 +211,8 @@ class ModelAdapter:
         if not isinstance(head, nn.Linear):
             raise ModelStructureError(
                 "could not find the unembedding (model.get_output_embeddings() returned "
-                f"{type(head).__name__}). Pass it explicitly: ModelAdapter.from_model(model, unembed='lm_head')."
+                f"{type(head).__name__}). Pass it explicitly: ModelAdapter.from_model(model, unembed='lm_head'), "
+                "or --unembed on the CLI."
             )
         cfg = _text_config(model.config)
         softcap = getattr(cfg, "final_logit_softcapping", None) or None
@@ -248,7 +249,7 @@ class ModelAdapter:
         if not candidates:
             raise ModelStructureError(
                 "could not find the final norm (no *Norm module outside the decoder layers). Pass the "
-                "dotted path: ModelAdapter.from_model(model, final_norm='model.norm'), or --final-norm."
+                "dotted path: ModelAdapter.from_model(model, final_norm='model.norm'), or --final-norm on the CLI."
             )
         return candidates[-1]  # registered after the layers: the final one
 

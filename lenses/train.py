@@ -64,6 +64,9 @@ class TrainConfig:
     compute_dtype: str = "auto"
     device: str = "cpu"
     model_dtype: str = "float32"  # dtype the model's weights are loaded in
+    layers: str | None = None  # dotted paths of the model's parts, when the adapter cannot find them
+    final_norm: str | None = None
+    unembed: str | None = None
     progress: bool = True
     variant: FrequencyVariant = field(default_factory=FrequencyVariant)  # frequency reweighting
     variant_name: str = "baseline"
@@ -269,7 +272,7 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None) ->
                           f"use a multiple of {dp.world}.")
     if model is None:
         model, tokenizer = load_model(cfg.model, device=dp.device or cfg.device, dtype=cfg.model_dtype)
-    adapter = ModelAdapter.from_model(model)
+    adapter = ModelAdapter.from_model(model, layers=cfg.layers, final_norm=cfg.final_norm, unembed=cfg.unembed)
     dtype = compute_dtype(cfg.compute_dtype, adapter.device)
 
     texts = read_texts(cfg.corpus)

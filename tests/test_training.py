@@ -211,3 +211,12 @@ def test_sigkilled_process_resumes_bit_identically(tmp_path, char_tokenizer, eag
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = load_file(str(Path(cfg.out) / "translators.safetensors"))
     assert torch.equal(resumed["weight"], straight.weight.detach()) and torch.equal(resumed["bias"], straight.bias.detach())
+
+
+def test_part_paths_reach_the_adapter(tmp_path, char_tokenizer, eager_kl):
+    """--layers/--final-norm/--unembed (TrainConfig fields) are used, not ignored."""
+    with pytest.raises(LensesError, match="model.nope"):
+        train(_cfg(tmp_path, steps=1, final_norm="model.nope"), model=tiny_model("llama"), tokenizer=char_tokenizer)
+    lens = train(_cfg(tmp_path / "ok", steps=1, layers="model.layers", final_norm="model.norm", unembed="lm_head"),
+                 model=tiny_model("llama"), tokenizer=char_tokenizer)
+    assert lens.num_layers == 3
