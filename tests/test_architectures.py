@@ -98,3 +98,17 @@ def test_wrong_explicit_norm_is_caught_by_verification():
     model = tiny_model("llama")
     with pytest.raises(ModelStructureError, match="does not reproduce the model's logits"):
         ModelAdapter.from_model(model, final_norm="model.layers.0.input_layernorm")
+
+
+def test_device_map_auto_model_gives_the_same_hidden_states(tmp_path):
+    """A model dispatched by accelerate (device_map="auto", hooks on every block) reads the same."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    mapped = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto").eval()
+    assert hasattr(mapped, "hf_device_map")
+    ids = torch.randint(1, 96, (2, 7))
+    a, b = ModelAdapter.from_model(model), ModelAdapter.from_model(mapped)
+    torch.testing.assert_close(b.hidden_states(ids), a.hidden_states(ids))
+    torch.testing.assert_close(TunedLens.for_model(b)(b.hidden_states(ids)[1], 1), LogitLens(a)(a.hidden_states(ids)[1], 1))
