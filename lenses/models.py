@@ -219,6 +219,14 @@ class ModelAdapter:
         scale = float(getattr(cfg, "logit_scale", None) or 1.0)
         if getattr(cfg, "logits_scaling", None):  # Granite divides
             scale /= float(cfg.logits_scaling)
+        offloaded = [name for name, part in (("final norm", norm), ("unembedding", head))
+                     if any(p.device.type == "meta" for p in part.parameters())]
+        if offloaded:
+            raise LensesError(
+                f"the model's {' and '.join(offloaded)} {'is' if len(offloaded) == 1 else 'are'} offloaded to disk "
+                "(device_map): every layer is decoded through them, so keep them on a device, e.g. a device_map "
+                "that puts them on GPU 0 or CPU, or more max_memory."
+            )
         adapter = cls(model, layer_list, norm, head, softcap, scale, layers_path, norm_path)
         if verify:
             adapter.verify()

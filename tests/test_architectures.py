@@ -101,14 +101,31 @@ def test_wrong_explicit_norm_is_caught_by_verification():
 
 
 def test_device_map_auto_model_gives_the_same_hidden_states(tmp_path):
-    """A model dispatched by accelerate (device_map="auto", hooks on every block) reads the same."""
+    """A model dispatched by accelerate (two blocks offloaded to disk, run through accelerate's hooks,
+    as device_map="auto" does when memory runs out) reads the same hidden states and logits."""
     from transformers import AutoModelForCausalLM
 
     model = tiny_model("llama")
-    model.save_pretrained(tmp_path)
-    mapped = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto").eval()
-    assert hasattr(mapped, "hf_device_map")
+    model.save_pretrained(tmp_path / "m")
+    where = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
+             "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    mapped = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=where,
+                                                  offload_folder=str(tmp_path / "offload")).eval()
+    assert "disk" in set(getattr(mapped, "hf_device_map", {}).values())
     ids = torch.randint(1, 96, (2, 7))
     a, b = ModelAdapter.from_model(model), ModelAdapter.from_model(mapped)
     torch.testing.assert_close(b.hidden_states(ids), a.hidden_states(ids))
     torch.testing.assert_close(TunedLens.for_model(b)(b.hidden_states(ids)[1], 1), LogitLens(a)(a.hidden_states(ids)[1], 1))
+
+
+def test_offloaded_unembedding_is_refused_with_advice(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lenses import LensesError
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    where = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+             "lm_head": "disk"}
+    mapped = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=where, offload_folder=str(tmp_path / "o"))
+    with pytest.raises(LensesError, match="unembedding is offloaded to disk"):
+        ModelAdapter.from_model(mapped)
