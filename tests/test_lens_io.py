@@ -103,3 +103,15 @@ def test_export_then_import_tuned_lens_format(tmp_path, llama):
     assert set(params) == {f"{i}.{k}" for i in range(3) for k in ("weight", "bias")}  # nn.ModuleList keys
     back = TunedLens.from_pretrained(tmp_path, model=llama)
     assert torch.equal(back.weight, lens.weight) and torch.equal(back.bias, lens.bias)
+
+
+def test_shipped_lens_loads_by_name_without_a_model():
+    from lenses.registry import available
+
+    assert "smollm2-135m-instruct" in available()
+    lens = TunedLens.from_pretrained("smollm2-135m-instruct")
+    assert (lens.num_layers, lens.d_model) == (30, 576) and lens.weight.dtype == torch.float32
+    assert lens.weight.abs().max() > 0.01  # trained, not zeros
+    kl = lens.config["heldout_kl_nats"]
+    assert len(kl) == 30 and all(a > b for a, b in zip(kl[:1], kl[-1:]))  # decreasing from first to last layer
+    assert lens.config["training"]["train_tokens"] >= 300_000

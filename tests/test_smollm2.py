@@ -141,3 +141,24 @@ def test_views_reject_bad_input_cleanly(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--view", "mcq", "--mcq", str(bad), "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "not one of the options" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shipped_lens_offline_attached_and_better_than_logit_lens(smollm2):
+    import os
+
+    from lenses.data import make_blocks, read_texts
+    from lenses.train import per_layer_kl
+
+    code = "from lenses import TunedLens; l = TunedLens.from_pretrained('smollm2-135m-instruct'); print(l.num_layers)"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd="/")
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "30", proc.stderr[-1000:]
+    model, tok = smollm2
+    adapter = ModelAdapter.from_model(model, verify=False)
+    lens = TunedLens.from_pretrained("smollm2-135m-instruct", model=adapter)
+    _, held_out = make_blocks(read_texts(None), tok, 256)
+    kl = per_layer_kl(adapter, {"logit": LogitLens(adapter), "tuned": lens}, held_out[-1:])
+    assert (kl["tuned"] < kl["logit"]).all()
+    import analyze
+
+    assert set(analyze.build_lenses("auto", adapter)) == {"logit", "tuned"}  # the default picks it up
