@@ -127,7 +127,8 @@ def bench_training(model, adapter, train_blocks, held_out, tokens: int, steps: i
             params, step = [lens.weight, lens.bias], (lambda ids, lens=lens: ours_step(lens, ids, arg))
         else:
             pkg = PackageLens.from_model(model)
-            params, step = list(pkg.parameters()), (lambda ids, pkg=pkg: package_step(pkg, model, ids, arg))
+            params = list(pkg.layer_translators.parameters())  # not its copy of the frozen unembedding
+            step = lambda ids, pkg=pkg: package_step(pkg, model, ids, arg)  # noqa: E731
         step(batches[-1][:1])  # warm-up (and torch.compile) on one sequence, then reset
         for p in params:
             p.grad = None
