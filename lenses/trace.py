@@ -62,11 +62,12 @@ def _row_stats(z: torch.Tensor, p_final: torch.Tensor, neg_h_final: torch.Tensor
     """
     m, top_id = z.max(-1, keepdim=True)
     e = torch.exp(z - m)
+    zs = torch.where(torch.isfinite(z), z - m, 0.0)  # shifted (<= 0): no cancellation of large logits
     s = e.sum(-1, keepdim=True)
+    log_s = torch.log(s).squeeze(-1)
     lse = m + torch.log(s)  # [C, 1]
-    safe_z = torch.where(torch.isfinite(z), z, 0.0)  # 0 * -inf would be NaN
-    entropy = lse.squeeze(-1) - (e * safe_z).sum(-1) / s.squeeze(-1)
-    kl = neg_h_final - (p_final * safe_z).sum(-1) + lse.squeeze(-1)
+    entropy = log_s - (e * zs).sum(-1) / s.squeeze(-1)
+    kl = (neg_h_final - (p_final * zs).sum(-1) + log_s).clamp_min(0.0)  # KL >= 0; rounding can dip below
     zt = z.gather(1, t_ids)  # [C, n]
     ranks = (z[:, None, :] > zt[:, :, None]).sum(-1) + 1
     return top_id.squeeze(-1), (1.0 / s).squeeze(-1), entropy, kl, ranks, torch.exp(zt - lse)
