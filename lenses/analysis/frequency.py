@@ -91,15 +91,15 @@ def frequency_view(
 def _layer_table(df: pd.DataFrame) -> pd.DataFrame:
     """lens, layer, bucket, share, final_share, flip_rate, n_guesses, mean_mass."""
     L = int(df.layer.max())
+    final_share = df[df.layer == L].groupby("lens").top1_bucket.value_counts(normalize=True)
     rows = []
     for (lens, layer), g in df.groupby(["lens", "layer"], sort=True):
-        final = df[(df.lens == lens) & (df.layer == L)]
         for b in BUCKET_NAMES:
             in_b = g[g.top1_bucket == b]
             rows.append({
                 "lens": lens, "layer": layer, "bucket": b,
                 "share": len(in_b) / len(g),
-                "final_share": float((final.top1_bucket == b).mean()),
+                "final_share": float(final_share.get((lens, b), 0.0)),
                 "flip_rate": float(in_b.flipped.mean()) if len(in_b) else np.nan,
                 "n_guesses": len(in_b),
                 "mean_mass": float(g[f"mass_{b}"].mean()),
