@@ -6,9 +6,14 @@ element-wise pass (soft-max statistics, KL, ``q - p``) and one matmul to push th
 through the unembedding (``dz @ W_U``). Autograd only sees the cheap part (translator + final
 norm); memory is O(chunk x vocab).
 
-The element-wise pass is compiled with ``torch.compile`` when a compiler is available (about
-15x faster on CPU than eager PyTorch, which makes ~10 memory passes); otherwise, or with
-``LENSES_COMPILE=0``, the same function runs eagerly.
+Speed comes from two choices (measured in ``benchmarks/run.py``):
+- the element-wise pass is compiled with ``torch.compile`` when a compiler is available (eager
+  PyTorch makes ~10 memory passes; ``LENSES_COMPILE=0`` forces eager). It is written so that the
+  compiler recomputes ``exp`` rather than storing a float32 copy of the logits;
+- chunks are small (default 256 rows, e.g. 8 positions x 30 layers) so that the logits, written by
+  the first matmul, are still in the CPU's cache when the element-wise pass and the second matmul
+  read them. The teacher is decoded for larger blocks of positions, where its float32 matmul is
+  efficient, and shared by every chunk inside the block.
 """
 
 from __future__ import annotations
@@ -21,10 +26,22 @@ import torch
 from .models import ModelAdapter
 
 
-def teacher_logprobs(adapter: ModelAdapter, h_last: torch.Tensor) -> torch.Tensor:
-    """float32 log-probabilities of the model's own output, from the last hidden state."""
-    with torch.no_grad():
-        return torch.log_softmax(adapter.decode(h_last).float(), dim=-1)
+class Teacher:
+    """The model's own output distribution for a block of positions: probabilities ``p`` [P, V]
+    and ``neg_entropy`` = sum p log p [P], both float32. Rows are sliced per chunk."""
+
+    def __init__(self, adapter: ModelAdapter, h_last: torch.Tensor):
+        with torch.no_grad():
+            logp = torch.log_softmax(adapter.decode(h_last).float(), dim=-1)
+            self.p = logp.exp()
+            self.neg_entropy = (self.p * logp).sum(-1)
+
+    def rows(self, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.p[s:e], self.neg_entropy[s:e]
+
+    @property
+    def top1(self) -> torch.Tensor:
+        return self.p.argmax(-1)
 
 
 def _kl_and_dz(z, p, neg_entropy, row_weight, scale: float, softcap: float, want_grad: bool):
@@ -32,6 +49,7 @@ def _kl_and_dz(z, p, neg_entropy, row_weight, scale: float, softcap: float, want
 
     ``z``: raw unembedding output [G, C, V]; ``p``: teacher probs [C, V]; ``neg_entropy``:
     sum p log p [C]; ``scale``/``softcap``: what the model applies after the unembedding.
+    Logits are shifted by their row maximum before any sum, so large logits do not cancel.
     """
     zf = z.float()
     if scale != 1.0:
@@ -39,14 +57,12 @@ def _kl_and_dz(z, p, neg_entropy, row_weight, scale: float, softcap: float, want
     if softcap:
         t = torch.tanh(zf / softcap)
         zf = t * softcap
-    m = zf.amax(-1, keepdim=True)
-    e = torch.exp(zf - m)
-    s = e.sum(-1, keepdim=True)
-    lse = (m + torch.log(s)).squeeze(-1)
-    kl = neg_entropy + lse - (zf * p).sum(-1)  # sum p log p - sum p log q
+    zs = zf - zf.amax(-1, keepdim=True)  # <= 0
+    log_s = torch.log(torch.exp(zs).sum(-1, keepdim=True))
+    kl = neg_entropy + log_s.squeeze(-1) - (zs * p).sum(-1)  # sum p log p - sum p log q
     if not want_grad:
         return kl, None
-    g = (e / s - p) * row_weight[:, None]
+    g = (torch.exp(zs - log_s) - p) * row_weight[:, None]  # exp recomputed: no [G, C, V] float32 buffer
     if softcap:
         g = g * (1 - t * t)
     if scale != 1.0:
@@ -86,13 +102,14 @@ def _unembed_raw(adapter: ModelAdapter, u: torch.Tensor, dtype: torch.dtype) -> 
     return z
 
 
-def kl_rows(adapter: ModelAdapter, u: torch.Tensor, logp: torch.Tensor, dtype: torch.dtype = torch.float32):
+def kl_rows(adapter: ModelAdapter, u: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor,
+            dtype: torch.dtype = torch.float32):
     """KL(p || q) [G, C] and the lens top-1 ids [G, C] for normalised lens states ``u`` [G, C, d]
-    vs teacher ``logp`` [C, V]. (Scale and soft-cap are monotone, so the raw argmax is the top-1.)"""
+    vs teacher rows ``p``, ``neg_entropy`` (see `Teacher`). (Scale and soft-cap are monotone, so the
+    raw argmax is the top-1.)"""
     with torch.no_grad():
-        p = logp.exp()
         z = _unembed_raw(adapter, u, dtype)
-        kl, _ = _fused(z, p, (p * logp).sum(-1), None, adapter.logit_scale, adapter.softcap or 0.0, False)
+        kl, _ = _fused(z, p, neg_entropy, None, adapter.logit_scale, adapter.softcap or 0.0, False)
         return kl, z.argmax(-1)
 
 
@@ -105,18 +122,19 @@ def teacher_top1(adapter: ModelAdapter, h_last: torch.Tensor, chunk: int = 512) 
 def kl_and_grad(
     adapter: ModelAdapter,
     u: torch.Tensor,
-    logp: torch.Tensor,
+    p: torch.Tensor,
+    neg_entropy: torch.Tensor,
     row_weight: torch.Tensor,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KL per row [G, C] and d(sum_rows row_weight * KL)/du [G, C, d] for a chunk.
 
-    ``u``: normalised lens states of G layers at C positions; ``logp``: teacher [C, V];
-    ``row_weight``: per-position factor [C] (loss weight / number of positions).
+    ``u``: normalised lens states of G layers at C positions; ``p``, ``neg_entropy``: teacher rows
+    of those positions (see `Teacher`); ``row_weight``: per-position factor [C] (loss weight /
+    number of positions).
     """
     with torch.no_grad():
-        p = logp.exp()
         z = _unembed_raw(adapter, u, dtype)
-        kl, dz = _fused(z, p, (p * logp).sum(-1), row_weight, adapter.logit_scale, adapter.softcap or 0.0, True)
+        kl, dz = _fused(z, p, neg_entropy, row_weight, adapter.logit_scale, adapter.softcap or 0.0, True)
         grad_u = (dz @ adapter.unembed_weight(dtype)).to(u.dtype)
     return kl, grad_u

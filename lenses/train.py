@@ -32,7 +32,7 @@ from .distributed import DataParallel
 from .frequency import FrequencyVariant, TokenFrequencies, bucket_shares
 from .errors import CorruptFileError, LensesError
 from .io import atomic_write, ensure_writable, write_csv
-from .kl import kl_and_grad, kl_rows, teacher_logprobs, teacher_top1
+from .kl import Teacher, kl_and_grad, kl_rows, teacher_top1
 from .lens import LogitLens, TunedLens
 from .models import DEFAULT_MODEL, ModelAdapter, load_model
 from .precision import compute_dtype
@@ -60,7 +60,7 @@ class TrainConfig:
     eval_fraction: float = 0.1
     max_eval_tokens: int = 4096
     checkpoint_every: int = 10  # steps
-    chunk_rows: int = 2048  # rows of the [rows x vocab] buffer: memory knob
+    chunk_rows: int = 256  # rows of the [rows x vocab] buffer: speed (cache) and memory knob
     compute_dtype: str = "auto"
     device: str = "cpu"
     model_dtype: str = "float32"  # dtype the model's weights are loaded in
@@ -92,28 +92,37 @@ class TrainConfig:
 # --------------------------------------------------------------------------- one step
 
 
+def _blocks(n: int, size: int):
+    """(start, end) of consecutive blocks of ``size`` covering ``range(n)``."""
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
 def lens_kl_backward(
     lens: TunedLens,
     hidden: torch.Tensor,
     pos_weight: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
-    chunk_rows: int = 2048,
+    chunk_rows: int = 256,
+    teacher_positions: int = 256,
 ) -> torch.Tensor:
     """Accumulate into ``lens``'s grads the gradient of sum_l mean_pos(w * KL_l); return KL [L, N].
 
     ``hidden``: ``[L+1, N, d]`` residual stream (positions flattened); ``pos_weight``: [N] or None.
+    The teacher is decoded ``teacher_positions`` at a time; the lens in chunks of about
+    ``chunk_rows`` rows (all layers x a few positions): see `lenses.kl` for why both are small.
     """
     adapter = lens.adapter
     L, N = lens.num_layers, hidden.shape[1]
     u = adapter.final_norm(lens.translate_all(hidden[:L]))  # [L, N, d], tracked by autograd
     grad_u = torch.empty_like(u)
     kl = torch.empty(L, N, device=hidden.device)
-    step = max(1, chunk_rows // L)
-    for s in range(0, N, step):
-        e = min(N, s + step)
-        logp = teacher_logprobs(adapter, hidden[L, s:e])
-        w = torch.full((e - s,), 1.0 / N, device=hidden.device) if pos_weight is None else pos_weight[s:e] / N
-        kl[:, s:e], grad_u[:, s:e] = kl_and_grad(adapter, u[:, s:e].detach(), logp, w, dtype)
+    w_all = torch.full((N,), 1.0 / N, device=hidden.device) if pos_weight is None else pos_weight / N
+    for b0, b1 in _blocks(N, teacher_positions):
+        teacher = Teacher(adapter, hidden[L, b0:b1])
+        for s, e in _blocks(b1 - b0, max(1, chunk_rows // L)):
+            p, neg_h = teacher.rows(s, e)
+            s, e = b0 + s, b0 + e
+            kl[:, s:e], grad_u[:, s:e] = kl_and_grad(adapter, u[:, s:e].detach(), p, neg_h, w_all[s:e], dtype)
     u.backward(grad_u)
     return kl
 
@@ -123,8 +132,9 @@ def heldout_stats(
     lenses: dict[str, Any],
     blocks: torch.Tensor,
     batch_size: int = 8,
-    chunk_rows: int = 2048,
+    chunk_rows: int = 256,
     dtype: torch.dtype = torch.float32,
+    teacher_positions: int = 256,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per lens: ``kl`` [L] mean KL(final || lens) per layer, and ``top1`` [L+1, N] the lens's
     top-1 token at every layer and position of ``blocks`` (row L: the model's own top-1)."""
@@ -132,20 +142,23 @@ def heldout_stats(
     sums = {name: torch.zeros(L, dtype=torch.float64) for name in lenses}
     top1: dict[str, list[torch.Tensor]] = {name: [] for name in lenses}
     count = 0
-    step = max(1, chunk_rows // L)
     with torch.no_grad():
         for b in range(0, len(blocks), batch_size):
             hidden = adapter.hidden_states(blocks[b : b + batch_size])
             hidden = hidden.flatten(1, 2)
-            for s in range(0, hidden.shape[1], step):
-                h = hidden[:, s : s + step]
-                logp = teacher_logprobs(adapter, h[L])
-                final = logp.argmax(-1, keepdim=True).T  # [1, C]
-                for name, lens in lenses.items():
-                    t = lens.translate_all(h[:L]) if isinstance(lens, TunedLens) else h[:L]
-                    kl, ids = kl_rows(adapter, adapter.final_norm(t), logp, dtype)
-                    sums[name] += kl.sum(-1).double().cpu()
-                    top1[name].append(torch.cat([ids, final]).cpu())
+            for b0, b1 in _blocks(hidden.shape[1], teacher_positions):
+                teacher = Teacher(adapter, hidden[L, b0:b1])
+                final = teacher.top1[None]  # [1, P]
+                ids = {name: [] for name in lenses}
+                for s, e in _blocks(b1 - b0, max(1, chunk_rows // L)):
+                    h = hidden[:L, b0 + s : b0 + e]
+                    for name, lens in lenses.items():
+                        t = lens.translate_all(h) if isinstance(lens, TunedLens) else h
+                        kl, top = kl_rows(adapter, adapter.final_norm(t), *teacher.rows(s, e), dtype)
+                        sums[name] += kl.sum(-1).double().cpu()
+                        ids[name].append(top)
+                for name in lenses:
+                    top1[name].append(torch.cat([torch.cat(ids[name], dim=1), final]).cpu())
             count += hidden.shape[1]
     return {name: {"kl": sums[name] / count, "top1": torch.cat(top1[name], dim=1)} for name in lenses}
 
