@@ -41,7 +41,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool, str | None]:
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     p.add_argument("--max-eval-tokens", type=int, default=d.max_eval_tokens)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
-    p.add_argument("--chunk-rows", type=int, default=d.chunk_rows, help="rows of the vocab-sized buffer (memory)")
+    p.add_argument("--chunk-rows", type=int, default=d.chunk_rows,
+                   help="rows of the vocab-sized buffer (default: by dtype and vocabulary size; memory and speed)")
     p.add_argument("--compute-dtype", default=d.compute_dtype, help="auto (measured), float32 or bfloat16")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
     p.add_argument("--layers", default=None, help="dotted path of the decoder layers, if not found (e.g. model.layers)")

@@ -32,7 +32,7 @@ from .distributed import DataParallel
 from .frequency import FrequencyVariant, TokenFrequencies, bucket_shares
 from .errors import CorruptFileError, LensesError
 from .io import atomic_write, ensure_writable, write_csv
-from .kl import Teacher, kl_and_grad, kl_rows, teacher_top1
+from .kl import Teacher, default_chunk_rows, kl_and_grad, kl_rows, teacher_top1
 from .lens import LogitLens, TunedLens
 from .models import DEFAULT_MODEL, ModelAdapter, load_model
 from .precision import compute_dtype
@@ -60,7 +60,7 @@ class TrainConfig:
     eval_fraction: float = 0.1
     max_eval_tokens: int = 4096
     checkpoint_every: int = 10  # steps
-    chunk_rows: int = 256  # rows of the [rows x vocab] buffer: speed (cache) and memory knob
+    chunk_rows: int | None = None  # rows of the [rows x vocab] buffer (None: lenses.kl.default_chunk_rows)
     compute_dtype: str = "auto"
     device: str = "cpu"
     model_dtype: str = "float32"  # dtype the model's weights are loaded in
@@ -102,7 +102,7 @@ def lens_kl_backward(
     hidden: torch.Tensor,
     pos_weight: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
-    chunk_rows: int = 256,
+    chunk_rows: int | None = None,
     teacher_positions: int = 256,
 ) -> torch.Tensor:
     """Accumulate into ``lens``'s grads the gradient of sum_l mean_pos(w * KL_l); return KL [L, N].
@@ -113,6 +113,7 @@ def lens_kl_backward(
     """
     adapter = lens.adapter
     L, N = lens.num_layers, hidden.shape[1]
+    chunk_rows = chunk_rows or default_chunk_rows(adapter, dtype)
     u = adapter.final_norm(lens.translate_all(hidden[:L]))  # [L, N, d], tracked by autograd
     grad_u = torch.empty_like(u)
     kl = torch.empty(L, N, device=hidden.device)
@@ -132,13 +133,14 @@ def heldout_stats(
     lenses: dict[str, Any],
     blocks: torch.Tensor,
     batch_size: int = 8,
-    chunk_rows: int = 256,
+    chunk_rows: int | None = None,
     dtype: torch.dtype = torch.float32,
     teacher_positions: int = 256,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per lens: ``kl`` [L] mean KL(final || lens) per layer, and ``top1`` [L+1, N] the lens's
     top-1 token at every layer and position of ``blocks`` (row L: the model's own top-1)."""
     L = adapter.num_layers
+    chunk_rows = chunk_rows or default_chunk_rows(adapter, dtype)
     sums = {name: torch.zeros(L, dtype=torch.float64) for name in lenses}
     top1: dict[str, list[torch.Tensor]] = {name: [] for name in lenses}
     count = 0
