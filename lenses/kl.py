@@ -10,9 +10,9 @@ Speed comes from two choices (measured in ``benchmarks/run.py``):
 - the element-wise pass is compiled with ``torch.compile`` when a compiler is available (eager
   PyTorch makes ~10 memory passes; ``LENSES_COMPILE=0`` forces eager). It is written so that the
   compiler recomputes ``exp`` rather than storing a float32 copy of the logits;
-- chunks are small (default 256 rows, e.g. 8 positions x 30 layers) so that the logits, written by
-  the first matmul, are still in the CPU's cache when the element-wise pass and the second matmul
-  read them. The teacher is decoded for larger blocks of positions, where its float32 matmul is
+- on CPU with 16-bit matmuls, chunks are small (`default_chunk_rows`: ~24 MB of logits, e.g.
+  8 positions x 30 layers) so that the logits, written by the first matmul, are still in the CPU's
+  cache when the element-wise pass and the second matmul read them. The teacher is decoded for larger blocks of positions, where its float32 matmul is
   efficient, and shared by every chunk inside the block.
 """
 

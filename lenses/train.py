@@ -92,9 +92,9 @@ class TrainConfig:
 # --------------------------------------------------------------------------- one step
 
 
-def _blocks(n: int, size: int):
-    """(start, end) of consecutive blocks of ``size`` covering ``range(n)``."""
-    return [(s, min(n, s + size)) for s in range(0, n, size)]
+def _blocks(start: int, stop: int, size: int):
+    """(start, end) of consecutive blocks of ``size`` covering ``range(start, stop)``."""
+    return [(s, min(stop, s + size)) for s in range(start, stop, size)]
 
 
 def lens_kl_backward(
@@ -118,11 +118,10 @@ def lens_kl_backward(
     grad_u = torch.empty_like(u)
     kl = torch.empty(L, N, device=hidden.device)
     w_all = torch.full((N,), 1.0 / N, device=hidden.device) if pos_weight is None else pos_weight / N
-    for b0, b1 in _blocks(N, teacher_positions):
+    for b0, b1 in _blocks(0, N, teacher_positions):
         teacher = Teacher(adapter, hidden[L, b0:b1])
-        for s, e in _blocks(b1 - b0, max(1, chunk_rows // L)):
-            p, neg_h = teacher.rows(s, e)
-            s, e = b0 + s, b0 + e
+        for s, e in _blocks(b0, b1, max(1, chunk_rows // L)):
+            p, neg_h = teacher.rows(s - b0, e - b0)
             kl[:, s:e], grad_u[:, s:e] = kl_and_grad(adapter, u[:, s:e].detach(), p, neg_h, w_all[s:e], dtype)
     u.backward(grad_u)
     return kl
@@ -148,15 +147,15 @@ def heldout_stats(
         for b in range(0, len(blocks), batch_size):
             hidden = adapter.hidden_states(blocks[b : b + batch_size])
             hidden = hidden.flatten(1, 2)
-            for b0, b1 in _blocks(hidden.shape[1], teacher_positions):
+            for b0, b1 in _blocks(0, hidden.shape[1], teacher_positions):
                 teacher = Teacher(adapter, hidden[L, b0:b1])
                 final = teacher.top1[None]  # [1, P]
                 ids = {name: [] for name in lenses}
-                for s, e in _blocks(b1 - b0, max(1, chunk_rows // L)):
-                    h = hidden[:L, b0 + s : b0 + e]
+                for s, e in _blocks(b0, b1, max(1, chunk_rows // L)):
+                    h = hidden[:L, s:e]
                     for name, lens in lenses.items():
                         t = lens.translate_all(h) if isinstance(lens, TunedLens) else h
-                        kl, top = kl_rows(adapter, adapter.final_norm(t), *teacher.rows(s, e), dtype)
+                        kl, top = kl_rows(adapter, adapter.final_norm(t), *teacher.rows(s - b0, e - b0), dtype)
                         sums[name] += kl.sum(-1).double().cpu()
                         ids[name].append(top)
                 for name in lenses:
