@@ -44,8 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 from lenses import LogitLens, ModelAdapter, TunedLens, load_model  # noqa: E402
 from lenses.data import make_blocks, read_texts  # noqa: E402
-from lenses.precision import compute_dtype  # noqa: E402
-from lenses.train import TrainConfig, heldout_stats, lens_kl_backward  # noqa: E402
+from lenses.evaluate import evaluate  # noqa: E402
+from lenses.train import TrainConfig, lens_kl_backward  # noqa: E402
+from lenses.vocab import compute_dtype  # noqa: E402
 from lenses.trace import TraceItem, trace  # noqa: E402
 
 SEQ = 256
@@ -163,7 +164,7 @@ def bench_training(model, adapter, train_blocks, held_out, tokens: int, steps: i
             opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
         final = lens if kind == "ours" else package_to_ours(pkg, adapter)
-        kl = heldout_stats(adapter, {"t": final}, held_out[:8])["t"]["kl"].mean().item()  # 2,048 held-out tokens
+        kl = evaluate(adapter, {"t": final}, held_out[:8]).kl["t"].mean().item()  # 2,048 held-out tokens
         dtype = arg if kind == "ours" else (torch.bfloat16 if arg else torch.float32)
         rows.append({"measure": "train", "method": name, "tokens_per_s": steps * batch * SEQ / seconds,
                      "dtype": str(dtype)[6:], "heldout_kl": kl})

@@ -2,21 +2,24 @@
 
 Quick start::
 
-    from lenses import load_model, LogitLens, TunedLens
+    from lenses import load_model, load_lens, LogitLens
     model, tok = load_model()                      # default: SmolLM2-135M-Instruct
-    lens = TunedLens.from_pretrained("runs/demo", model=model)
+    lens = load_lens("smollm2-135m-instruct", model)   # the shipped tuned lens; or a run folder
 """
 
-__version__ = "0.1.0"
-
-from .errors import CorruptFileError, DataError, LensesError, LensMismatchError, ModelStructureError  # noqa: E402
-from .lens import LogitLens, TunedLens  # noqa: E402
-from .models import DEFAULT_MODEL, ModelAdapter, load_model  # noqa: E402
+from .errors import CorruptFileError, DataError, LensesError, LensMismatchError, ModelStructureError
+from .lens import Lens, LogitLens, TunedLens
+from .lens_io import load_lens, save_lens
+from .models import DEFAULT_MODEL, ModelAdapter, load_model
+from .version import __version__
 
 __all__ = [
     "__version__",
     "load_model",
+    "load_lens",
+    "save_lens",
     "ModelAdapter",
+    "Lens",
     "LogitLens",
     "TunedLens",
     "DEFAULT_MODEL",

@@ -1,18 +1,182 @@
-"""Shared CLI plumbing: our errors become one clear line on stderr and exit status 2."""
+"""CLI plumbing shared by ``train_probes.py`` and ``analyze.py``.
+
+- Options are declared once, as dataclass fields made with `option` (default, help, checks); the
+  parser is built from them (`add_options`) and parsed back into the dataclass (`from_args`), which
+  then validates every value (`validate`) before any model loads.
+- `run_cli` is the one place where errors become one line on stderr and exit status 2: our
+  `LensesError`s, argparse's usage errors and bad values. Anything else escaping is a bug.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import math
 import sys
-from typing import Callable
+import types
+import typing
+from typing import Any, Callable
+
+import torch
 
 from .errors import LensesError
 
 
+# --------------------------------------------------------------------------- declaring options
+
+
+def option(default: Any, help: str, *, group: str = "runtime", min: float | None = None, above: float | None = None,
+           below: float | None = None, choices: tuple | None = None, check: Callable[[Any], str | None] | None = None,
+           cli: bool = True, fixed: bool | None = None):
+    """A dataclass field that is also a CLI option ``--name-with-dashes``.
+
+    ``group``: ``recipe`` (changes the result: must match on ``--resume``), ``model`` (which model
+    and how to load it) or ``runtime`` (where and how to run: free to change). ``min`` (inclusive),
+    ``above``/``below`` (exclusive), ``choices`` and ``check`` (returns an error text or None)
+    validate the value. ``fixed``: whether the value determines a training result, so that
+    ``--resume`` refuses a change (default: for the recipe and model groups).
+    """
+    fixed = group in ("recipe", "model") if fixed is None else fixed
+    meta = dict(help=help, group=group, min=min, above=above, below=below, choices=choices, check=check, cli=cli,
+                fixed=fixed)
+    if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation) -> type:
+    hints = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing), {})  # noqa: S307
+    args = typing.get_args(hints)
+    if typing.get_origin(hints) in (typing.Union, types.UnionType):
+        hints = next(a for a in args if a is not type(None))
+    return hints
+
+
+def cli_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]
+
+
+def add_options(parser: argparse.ArgumentParser, cls, groups: dict[str, str] | None = None, prefix: str = "") -> None:
+    """Add one option ``--<prefix><field>`` per `option` field of ``cls``, in argument groups titled
+    by ``groups`` (group name -> title; the title of ``"*"`` applies to every field)."""
+    sections = {}
+    for f in cli_fields(cls):
+        title = (groups or {}).get("*") or (groups or {}).get(f.metadata["group"])
+        if title and title not in sections:
+            sections[title] = parser.add_argument_group(title)
+        target = sections.get(title, parser)
+        kind = _base_type(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "none" if default is None else default
+        help_text = f.metadata["help"] if default is None and "none:" in f.metadata["help"] else (
+            f"{f.metadata['help']} (default: {shown})")
+        dest = prefix + f.name
+        if kind is bool and default is True:
+            target.add_argument(flag_name("no_" + dest), dest=dest, action="store_false",
+                                help=f"turn off: {f.metadata['help']} (on by default)")
+        elif kind is bool:
+            target.add_argument(flag_name(dest), dest=dest, action="store_true", help=f"{f.metadata['help']} (off by default)")
+        else:
+            target.add_argument(flag_name(dest), dest=dest, type=_parser_for(kind), default=default,
+                                metavar=None if f.metadata["choices"] else f.name.upper(), help=help_text,
+                                choices=f.metadata["choices"] if kind is str else None)
+
+
+def _parser_for(kind: type) -> Callable[[str], Any]:
+    if kind is int:
+        def parse_int(text: str) -> int:
+            try:
+                return int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        return parse_int
+    if kind is float:
+        def parse_float(text: str) -> float:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            if not math.isfinite(value):
+                raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+            return value
+        return parse_float
+    return str
+
+
+def from_args(cls, args: argparse.Namespace, prefix: str = "", **extra):
+    """The dataclass ``cls`` from parsed ``args`` (fields without a CLI option keep defaults)."""
+    values = {f.name: getattr(args, prefix + f.name) for f in cli_fields(cls) if hasattr(args, prefix + f.name)}
+    return validate(cls(**values, **extra), prefix)
+
+
+def validate(cfg, prefix: str = ""):
+    """Check every `option` field's value; raise one `LensesError` naming the option and the fix."""
+    for f in dataclasses.fields(cfg):
+        m, value = f.metadata, getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f.metadata.get("prefix", ""))
+        if not m or value is None or isinstance(value, bool):
+            continue
+        name = flag_name(prefix + f.name)
+        if m.get("choices") and value not in m["choices"]:
+            raise LensesError(f"{name} {value!r} is not one of {', '.join(map(str, m['choices']))}.")
+        if isinstance(value, (int, float)):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise LensesError(f"{name} must be a finite number (got {value}).")
+            if m.get("min") is not None and value < m["min"]:
+                raise LensesError(f"{name} must be at least {m['min']} (got {value}).")
+            if m.get("above") is not None and value <= m["above"]:
+                raise LensesError(f"{name} must be greater than {m['above']} (got {value}).")
+            if m.get("below") is not None and value >= m["below"]:
+                raise LensesError(f"{name} must be less than {m['below']} (got {value}).")
+        if m.get("check"):
+            problem = m["check"](value)
+            if problem:
+                raise LensesError(f"{name}: {problem}")
+    return cfg
+
+
+def check_device(name: str) -> str | None:
+    """An error text if torch cannot use device ``name`` here, else None."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"{name!r} is not a device name; use cpu, cuda, cuda:1, mps, ..."
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{name!r} asked for, but this torch build has no usable CUDA device; use --device cpu."
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"{name!r}: there are only {torch.cuda.device_count()} CUDA devices (0..{torch.cuda.device_count() - 1})."
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return "mps is not available on this machine; use --device cpu."
+    elif device.type not in ("cpu", "cuda", "mps"):
+        return f"{name!r}: device type {device.type!r} is not supported; use cpu or cuda."
+    return None
+
+
+# --------------------------------------------------------------------------- running
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (``error: ...``) and exit status 2."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        raise LensesError(f"{message} (see {self.prog} --help)")
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run ``main``; our errors print one line ``error: ...`` on stderr and return status 2."""
     try:
         return int(main(argv) or 0)
     except LensesError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

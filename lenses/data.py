@@ -28,7 +28,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 # --------------------------------------------------------------------------- reading
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -40,7 +40,7 @@ def _read_utf8(path: Path) -> str:
 
 def _read_jsonl(path: Path, field: str = "text") -> list[str]:
     texts = []
-    for n, line in enumerate(_read_utf8(path).splitlines(), 1):
+    for n, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -85,11 +85,11 @@ def read_texts(source: str | os.PathLike | None = None, field: str = "text") -> 
                 if file.suffix == ".jsonl":
                     texts += _read_jsonl(file, field)
                 elif file.suffix in TEXT_SUFFIXES:
-                    texts.append(_read_utf8(file))
+                    texts.append(read_utf8(file))
     elif path.suffix == ".jsonl":
         texts = _read_jsonl(path, field)
     else:
-        texts = [_read_utf8(path)]
+        texts = [read_utf8(path)]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError(f"corpus {path} contains no text. Pass a file or folder with .txt/.md/.jsonl documents.")

@@ -15,9 +15,8 @@ import pandas as pd
 
 from .frequency import FrequencyVariant
 from .io import write_csv
-from .models import load_model
-from .plots import plot_probe_bias
-from .train import CHECKPOINT_NAME, TrainConfig, train
+from .outdir import claim
+from .train import TrainConfig, train
 
 DEFAULT_VARIANTS: dict[str, FrequencyVariant] = {
     "baseline": FrequencyVariant(),
@@ -28,26 +27,24 @@ DEFAULT_VARIANTS: dict[str, FrequencyVariant] = {
 }
 
 
-def probe_bias_experiment(
-    cfg: TrainConfig, variants: dict[str, FrequencyVariant] | None = None, model=None, tokenizer=None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train each variant into ``cfg.out/<name>`` (resuming finished or partial ones), then write
-    ``bucket_shares.csv``, ``heldout_kl.csv`` and ``probe_bias.png`` into ``cfg.out``."""
+def probe_bias_experiment(cfg: TrainConfig, variants: dict[str, FrequencyVariant] | None = None, model=None,
+                          tokenizer=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train each variant into ``cfg.out/<name>`` (continuing partial or finished ones), then write and
+    return ``bucket_shares.csv`` and ``heldout_kl.csv`` in ``cfg.out``. (The CLI adds ``probe_bias.png``.)"""
     variants = variants or DEFAULT_VARIANTS
     out = Path(cfg.out)
-    if model is None:
-        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
-    shares, kls = [], []
-    for name, variant in variants.items():
-        run = replace(cfg, out=str(out / name), variant=variant, variant_name=name)
-        done = (out / name / "eval.csv").exists()
-        if not done:
-            train(run, resume=(out / name / CHECKPOINT_NAME).exists(), model=model, tokenizer=tokenizer)
-        shares.append(pd.read_csv(out / name / "eval_top1_buckets.csv").assign(variant=name))
-        kls.append(pd.read_csv(out / name / "eval.csv").assign(variant=name))
-    shares_df = pd.concat(shares)[["variant", "lens", "layer", "bucket", "share"]]
-    kl_df = pd.concat(kls)[["variant", "lens", "layer", "kl_nats", "kl_bits_per_byte"]]
-    write_csv(out / "bucket_shares.csv", shares_df)
-    write_csv(out / "heldout_kl.csv", kl_df)
-    plot_probe_bias(shares_df, kl_df, out / "probe_bias.png")
+    with claim(out, "experiment"):
+        if model is None:
+            model, tokenizer, _ = cfg.load()
+        shares, kls = [], []
+        for name, variant in variants.items():
+            run = replace(cfg, out=str(out / name), variant=variant, variant_name=name,
+                          resume=not cfg.overwrite, overwrite=cfg.overwrite)
+            result = train(run, model=model, tokenizer=tokenizer)
+            shares.append(result.buckets.assign(variant=name))
+            kls.append(result.eval.assign(variant=name))
+        shares_df = pd.concat(shares)[["variant", "lens", "layer", "bucket", "share"]]
+        kl_df = pd.concat(kls)[["variant", "lens", "layer", "kl_nats", "kl_bits_per_byte"]]
+        write_csv(out / "bucket_shares.csv", shares_df)
+        write_csv(out / "heldout_kl.csv", kl_df)
     return shares_df, kl_df

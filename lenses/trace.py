@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import vocab
 from .errors import LensesError
-from .kl import maybe_compiled
 from .models import ModelAdapter
 
 ONSET_KS = (1, 10, 100, 1000, 10000)  # the paper's log grid for onset-vs-k curves
@@ -43,46 +43,13 @@ class TraceItem:
     targets: dict[str, Sequence[int]] = field(default_factory=dict)
 
 
-def lens_logits(lens, adapter: ModelAdapter, h: torch.Tensor, layer: int, dtype: torch.dtype) -> torch.Tensor:
-    """float32 logits of ``lens`` (None: no translator) for hidden states ``h`` of ``layer``,
-    with the unembedding matmul run in ``dtype``."""
-    u = adapter.final_norm(h if lens is None else lens.transform_hidden(h, layer))
-    w = adapter.unembed_weight(dtype)
-    z = u.to(dtype) @ w.T
-    if adapter.unembed.bias is not None:
-        z = z + adapter.unembed.bias.to(dtype)
-    return adapter.finish_logits(z.float())
-
-
-def _row_stats(z: torch.Tensor, p_final: torch.Tensor, neg_h_final: torch.Tensor, t_ids: torch.Tensor):
-    """Soft-max statistics of logits ``z`` [C, V] (float32) in few passes (fused when compiled).
-
-    ``p_final``/``neg_h_final`` (sum p log p): the final distribution; ``t_ids`` [C, n]: targets.
-    Returns top-1 id and probability, entropy, KL(final || lens), target ranks and probabilities.
-    """
-    m, top_id = z.max(-1, keepdim=True)
-    e = torch.exp(z - m)
-    zs = torch.where(torch.isfinite(z), z - m, 0.0)  # shifted (<= 0): no cancellation of large logits
-    s = e.sum(-1, keepdim=True)
-    log_s = torch.log(s).squeeze(-1)
-    lse = m + torch.log(s)  # [C, 1]
-    entropy = log_s - (e * zs).sum(-1) / s.squeeze(-1)
-    kl = (neg_h_final - (p_final * zs).sum(-1) + log_s).clamp_min(0.0)  # KL >= 0; rounding can dip below
-    zt = z.gather(1, t_ids)  # [C, n]
-    ranks = (z[:, None, :] > zt[:, :, None]).sum(-1) + 1
-    return top_id.squeeze(-1), (1.0 / s).squeeze(-1), entropy, kl, ranks, torch.exp(zt - lse)
-
-
-_fused_stats = maybe_compiled(_row_stats)
-
-
 def _stats(z: torch.Tensor, p_final: torch.Tensor, neg_h_final: torch.Tensor, targets: dict[str, torch.Tensor],
            groups, n_groups: int) -> dict:
     """Per-row statistics of one layer's logits ``z`` [C, V] (float32) as named columns."""
     names = list(targets)
     t_ids = torch.stack([targets[n] for n in names], 1) if names else torch.zeros(z.shape[0], 0, dtype=torch.long,
                                                                                      device=z.device)
-    top_id, top_p, entropy, kl, ranks, probs = _fused_stats(z, p_final, neg_h_final, t_ids)
+    top_id, top_p, entropy, kl, ranks, probs = vocab.row_stats(z, p_final, neg_h_final, t_ids)
     out = {"top1_id": top_id, "top1_prob": top_p, "entropy": entropy, "kl": kl}
     for j, name in enumerate(names):
         out[f"rank_{name}"] = ranks[:, j]
@@ -140,13 +107,10 @@ def trace(
             h = h_all[:, s : s + chunk]
             tg = {n: v[s : s + chunk].to(adapter.device) for n, v in tg_all.items()}
             with torch.no_grad():
-                logp_final = torch.log_softmax(lens_logits(None, adapter, h[L], L, dtype), -1)
-                p_final = logp_final.exp()
-                neg_h_final = (p_final * logp_final).sum(-1)
+                teacher = vocab.Teacher(adapter, h[L], dtype)
                 for lens_name, lens in lenses.items():
                     for layer in range(L + 1):
-                        st = _stats(lens_logits(lens, adapter, h[layer], layer, dtype), p_final, neg_h_final, tg, groups,
-                                    n_groups)
+                        st = _stats(lens(h[layer], layer, dtype), teacher.p, teacher.neg_entropy, tg, groups, n_groups)
                         cols = {
                             "lens": lens_name,
                             "item": meta[s : s + chunk, 0],
@@ -266,6 +230,8 @@ def layer_predictions(adapter: ModelAdapter, tokenizer, text: str, lenses: dict,
     """
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     n = ids.shape[1]
+    if n == 0:
+        raise LensesError(f"the prompt {text!r} has no tokens; give some text (--prompt).")
     keep = sorted({p % n for p in positions}) if positions is not None else list(range(n))
     hidden = adapter.hidden_states(ids)[:, 0, keep]  # [L+1, P, d]
     inputs = [tokenizer.decode([int(ids[0, p])]) for p in keep]
@@ -273,7 +239,7 @@ def layer_predictions(adapter: ModelAdapter, tokenizer, text: str, lenses: dict,
     with torch.no_grad():
         for name, lens in lenses.items():
             for layer in range(adapter.num_layers + 1):
-                top = torch.softmax(lens(hidden[layer], layer).float(), dim=-1).topk(k, dim=-1)
+                top = torch.softmax(lens(hidden[layer], layer), dim=-1).topk(k, dim=-1)
                 for j, pos in enumerate(keep):
                     for r in range(k):
                         tid = int(top.indices[j, r])

@@ -26,7 +26,7 @@ from lenses.data import make_blocks, read_texts  # noqa: E402
 from lenses.frequency import FREQUENCIES_NAME  # noqa: E402
 from lenses.io import write_csv, write_text  # noqa: E402
 from lenses.registry import PRETRAINED_DIR  # noqa: E402
-from lenses.train import eval_table  # noqa: E402
+from lenses.evaluate import evaluate  # noqa: E402
 
 
 def main() -> int:
@@ -50,7 +50,7 @@ def main() -> int:
         half.bias.copy_(lens.bias.half().float())
     half.attach(adapter)
     lenses = {"logit": LogitLens(adapter), "tuned": lens, "tuned_fp16": half}
-    table = eval_table(adapter, lenses, held_out, tok, dtype=torch.float32, batch_size=t["batch_size"])
+    table = evaluate(adapter, lenses, held_out, tok, dtype=torch.float32, batch_size=t["batch_size"]).table()
     wide = table.pivot(index="layer", columns="lens", values="kl_nats")
     same = all(f"{x:.3g}" == f"{y:.3g}" for x, y in zip(wide.tuned, wide.tuned_fp16))
     print(wide.to_string(float_format=lambda v: f"{v:.4f}"))

@@ -93,12 +93,12 @@ def _cfg(tmp_path, **kw):
 
 def test_neutral_variant_reproduces_baseline_and_reweighting_changes_it(tmp_path, char_tokenizer, eager_kl):
     model = tiny_model("llama")
-    base = train(_cfg(tmp_path / "a", steps=4), model=model, tokenizer=char_tokenizer)
+    base = train(_cfg(tmp_path / "a", steps=4), model=model, tokenizer=char_tokenizer).lens
     neutral = train(_cfg(tmp_path / "b", steps=4, variant=FrequencyVariant(topk=3, token="input")),
-                    model=model, tokenizer=char_tokenizer)
+                    model=model, tokenizer=char_tokenizer).lens
     assert torch.equal(base.weight, neutral.weight) and torch.equal(base.bias, neutral.bias)
     other = train(_cfg(tmp_path / "c", steps=4, variant=FrequencyVariant(alpha=1.0, token="input")),
-                  model=model, tokenizer=char_tokenizer)
+                  model=model, tokenizer=char_tokenizer).lens
     assert not torch.equal(base.weight, other.weight)
     assert other.config["variant"]["alpha"] == 1.0
     assert (tmp_path / "c" / "run" / "token_frequencies.safetensors").exists()
@@ -112,7 +112,11 @@ def test_probe_bias_experiment_end_to_end(tmp_path, char_tokenizer, eager_kl):
     assert ((sums - 1).abs() < 1e-9).all()
     assert set(shares.bucket) <= set(BUCKET_NAMES) and set(shares.layer) == {0, 1, 2, 3}
     assert set(kl.variant) == {"baseline", "control"}
-    assert (tmp_path / "run" / "probe_bias.png").stat().st_size > 10_000
+    pd.testing.assert_frame_equal(shares.reset_index(drop=True), pd.read_csv(tmp_path / "run" / "bucket_shares.csv"),
+                                  check_exact=False, rtol=1e-12)
+    # a second call re-uses the finished runs (resume) and returns the same tables
+    again, _ = probe_bias_experiment(cfg, variants, model=tiny_model("llama"), tokenizer=char_tokenizer)
+    pd.testing.assert_frame_equal(again, shares)
 
 
 def test_bucket_shares_against_hand_count():
@@ -127,24 +131,24 @@ def test_bucket_shares_against_hand_count():
 def test_cli_flags_build_the_variant():
     import train_probes
 
-    cfg, resume, experiment = train_probes.parse_args(
+    cfg, experiment = train_probes.parse_args(
         ["--freq-topk", "1", "--freq-keep-prob", "1e-3", "--freq-token", "next", "--out", "x"]
     )
     assert cfg.variant == FrequencyVariant(topk=1, keep_prob=1e-3, token="next")
-    assert cfg.variant_name == "reweighted" and not resume and experiment is None
-    cfg, _, _ = train_probes.parse_args(["--out", "x"])
-    assert cfg.variant.neutral and cfg.variant_name == "baseline"
+    assert cfg.label() == "reweighted" and not cfg.resume and experiment is None
+    cfg, _ = train_probes.parse_args(["--out", "x"])
+    assert cfg.variant.neutral and cfg.label() == "baseline"
 
 
 def test_position_tokens_sources():
-    from lenses.train import _position_tokens
+    from lenses.train import position_tokens
 
     adapter = ModelAdapter.from_model(tiny_model("llama"))
     ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
     hidden = adapter.hidden_states(ids).flatten(1, 2)
     with torch.no_grad():
         final_top1 = adapter.model(input_ids=ids).logits.argmax(-1)  # the model's own top-1, [2, 5]
-    assert torch.equal(_position_tokens("input", adapter, ids, hidden), ids.reshape(-1))
-    assert torch.equal(_position_tokens("teacher", adapter, ids, hidden), final_top1.reshape(-1))
+    assert torch.equal(position_tokens("input", adapter, ids, hidden), ids.reshape(-1))
+    assert torch.equal(position_tokens("teacher", adapter, ids, hidden), final_top1.reshape(-1))
     expected_next = torch.cat([ids[:, 1:], final_top1[:, -1:]], dim=1).reshape(-1)
-    assert torch.equal(_position_tokens("next", adapter, ids, hidden), expected_next)
+    assert torch.equal(position_tokens("next", adapter, ids, hidden), expected_next)

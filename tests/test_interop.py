@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lenses.lens_io import export_tuned_lens
 from lenses import TunedLens
 from tiny_models import tiny_model
 
@@ -51,7 +52,7 @@ def test_live_round_trip_with_the_package(tmp_path, family):
     theirs = _package_lens(model)
     theirs.save(tmp_path / "theirs")
     ours = TunedLens.from_pretrained(tmp_path / "theirs", model=model)
-    ours.export_tuned_lens(tmp_path / "ours")
+    export_tuned_lens(ours, tmp_path / "ours")
     back = PackageLens.from_unembed_and_pretrained(Unembed(model), str(tmp_path / "ours"))
     with torch.no_grad():
         for layer in range(ours.num_layers):

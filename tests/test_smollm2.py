@@ -74,7 +74,7 @@ def test_analyze_representation_view(tmp_path):
     import analyze
 
     out = tmp_path / "rep"
-    assert analyze.main(["--view", "representation", "--num-prompts", "4", "--max-tokens", "16", "--out", str(out)]) == 0
+    assert analyze.main(["--view", "representation", "--num-prompts", "4", "--prompt-tokens", "16", "--out", str(out)]) == 0
     layers = pd.read_csv(out / "representation_layers.csv")
     prompts = pd.read_csv(out / "representation_prompts.csv")
     assert set(layers.layer) == set(range(31)) and prompts.prompt_id.nunique() == 4
@@ -147,7 +147,8 @@ def test_shipped_lens_offline_attached_and_better_than_logit_lens(smollm2):
     import os
 
     from lenses.data import make_blocks, read_texts
-    from lenses.train import per_layer_kl
+    from lenses.evaluate import evaluate
+    from lenses.registry import select_lenses
 
     code = "from lenses import TunedLens; l = TunedLens.from_pretrained('smollm2-135m-instruct'); print(l.num_layers)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -157,8 +158,6 @@ def test_shipped_lens_offline_attached_and_better_than_logit_lens(smollm2):
     adapter = ModelAdapter.from_model(model, verify=False)
     lens = TunedLens.from_pretrained("smollm2-135m-instruct", model=adapter)
     _, held_out = make_blocks(read_texts(None), tok, 256)
-    kl = per_layer_kl(adapter, {"logit": LogitLens(adapter), "tuned": lens}, held_out[-1:])
+    kl = evaluate(adapter, {"logit": LogitLens(adapter), "tuned": lens}, held_out[-1:]).kl
     assert (kl["tuned"] < kl["logit"]).all()
-    import analyze
-
-    assert set(analyze.build_lenses("auto", adapter)) == {"logit", "tuned"}  # the default picks it up
+    assert set(select_lenses("auto", adapter)) == {"logit", "tuned"}  # the default picks it up

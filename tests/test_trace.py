@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from lenses import vocab
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +34,7 @@ def _brute_force_layers(adapter, lens, hidden, target, groups, rows):
             h = hidden[layer]
             if name == "tuned" and layer < L:
                 h = h + h @ lens.weight[layer].double().T + lens.bias[layer].double()
-            logits.append(adapter.decode(h))
+            logits.append(vocab.decode(adapter, h))
         z = torch.stack(logits)  # [L+1, P, V]
         p = torch.softmax(z, -1)
         logp_final = torch.log_softmax(z[-1], -1)

@@ -7,10 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
+from lenses import vocab
+
 from lenses import LensesError, LogitLens, ModelAdapter, TunedLens
-from lenses import kl as kl_module
 from lenses import train as train_module
-from lenses.train import TrainConfig, lens_kl_backward, per_layer_kl, train
+from lenses.evaluate import evaluate
+from lenses.train import TrainConfig, lens_kl_backward, train
 from tiny_models import random_lens, tiny_model
 
 
@@ -21,11 +23,11 @@ def _reference(family, lens, ids, weights):
     W = lens.weight.detach().double().requires_grad_()
     B = lens.bias.detach().double().requires_grad_()
     hidden = adapter.hidden_states(ids).flatten(1, 2)
-    logp = torch.log_softmax(adapter.decode(hidden[-1]), -1)
+    logp = torch.log_softmax(vocab.decode(adapter, hidden[-1]), -1)
     kls, total = [], 0
     for layer in range(adapter.num_layers):
         t = hidden[layer] + hidden[layer] @ W[layer].T + B[layer]
-        logq = torch.log_softmax(adapter.decode(t), -1)
+        logq = torch.log_softmax(vocab.decode(adapter, t), -1)
         kl = (logp.exp() * (logp - logq)).sum(-1)
         kls.append(kl)
         total = total + (weights.double() * kl).mean()
@@ -70,11 +72,11 @@ def test_compiled_kernel_matches_eager(monkeypatch):
     adapter = ModelAdapter.from_model(tiny_model("llama"))
     lens = random_lens(adapter)
     hidden = adapter.hidden_states(torch.randint(1, 96, (2, 6))).flatten(1, 2)
-    monkeypatch.setattr(kl_module._fused, "compiled", kl_module._kl_and_dz)
+    monkeypatch.setattr(vocab.KERNELS["kl"], "compiled", vocab._kl_and_dz)
     kl_eager = lens_kl_backward(lens, hidden, None, torch.float32, chunk_rows=12)
     g_eager = lens.weight.grad.clone()
     lens.weight.grad = lens.bias.grad = None
-    monkeypatch.setattr(kl_module._fused, "compiled", None)
+    monkeypatch.setattr(vocab.KERNELS["kl"], "compiled", None)
     monkeypatch.setenv("LENSES_COMPILE", "1")
     kl_comp = lens_kl_backward(lens, hidden, None, torch.float32, chunk_rows=12)
     torch.testing.assert_close(kl_comp, kl_eager, rtol=1e-5, atol=1e-6)
@@ -100,8 +102,8 @@ def test_per_layer_kl_matches_reference(eager_kl):
     adapter = ModelAdapter.from_model(tiny_model("qwen2"))
     lens = random_lens(adapter)
     blocks = torch.randint(1, 96, (5, 6), generator=torch.Generator().manual_seed(4))
-    got = per_layer_kl(adapter, {"logit": LogitLens(adapter), "tuned": lens}, blocks, batch_size=2, chunk_rows=7,
-                       teacher_positions=5)  # 12 positions per batch: teacher blocks 5+5+2
+    got = evaluate(adapter, {"logit": LogitLens(adapter), "tuned": lens}, blocks, batch_size=2, chunk_rows=7,
+                   teacher_positions=5).kl  # 12 positions per batch: teacher blocks 5+5+2
     ref_tuned, _, _ = _reference("qwen2", lens, blocks, torch.ones(30))
     torch.testing.assert_close(got["tuned"], ref_tuned.mean(1).detach(), rtol=1e-4, atol=1e-6)
     zero = TunedLens.for_model(adapter)
@@ -130,16 +132,20 @@ def _cfg(tmp_path, **kw):
 def test_training_lowers_heldout_kl_and_writes_outputs(tmp_path, char_tokenizer, eager_kl):
     model = tiny_model("llama")
     cfg = _cfg(tmp_path, steps=30)
-    lens = train(cfg, model=model, tokenizer=char_tokenizer)
+    result = train(cfg, model=model, tokenizer=char_tokenizer)
+    lens = result.lens
     out = tmp_path / "run"
     for name in ("config.json", "translators.safetensors", "training_log.csv", "eval.csv", "checkpoint.pt",
-                 "eval_kl.png", "eval_top1_buckets.csv", "token_frequencies.safetensors"):
+                 "eval_top1_buckets.csv", "token_frequencies.safetensors"):
         assert (out / name).exists(), name
     log = pd.read_csv(out / "training_log.csv")
     assert list(log.columns) == ["step", "layer", "kl"] and len(log) == 30 * 3
     table = pd.read_csv(out / "eval.csv").pivot(index="layer", columns="lens", values="kl_nats")
     assert (table["tuned"] < table["logit"]).all()
     assert lens.config["training"]["train_tokens"] == 30 * 4 * 16
+    # what train() returns is what it wrote
+    pd.testing.assert_frame_equal(result.eval, pd.read_csv(out / "eval.csv"), check_exact=False, rtol=1e-12)
+    pd.testing.assert_frame_equal(result.log, log, check_exact=False, rtol=1e-12)
 
 
 def test_existing_run_needs_resume(tmp_path, char_tokenizer, eager_kl):
@@ -150,7 +156,7 @@ def test_existing_run_needs_resume(tmp_path, char_tokenizer, eager_kl):
 
 
 def _interrupt_at(monkeypatch, at_step, how):
-    real = train_module._batch_indices
+    real = train_module.batch_indices
 
     def fake(step, *a):
         if step == at_step:
@@ -159,7 +165,7 @@ def _interrupt_at(monkeypatch, at_step, how):
             signal.raise_signal(signal.SIGINT)  # like Ctrl-C: stop after this step
         return real(step, *a)
 
-    monkeypatch.setattr(train_module, "_batch_indices", fake)
+    monkeypatch.setattr(train_module, "batch_indices", fake)
 
 
 @pytest.mark.parametrize("how", ["soft", "hard"])
@@ -171,7 +177,8 @@ def test_resume_is_bit_identical(tmp_path, char_tokenizer, monkeypatch, how, eag
         _interrupt_at(patch, 3, how)
         with pytest.raises((LensesError, KeyboardInterrupt)):
             train(_cfg(tmp_path / "b"), model=model, tokenizer=char_tokenizer)
-    resumed = train(_cfg(tmp_path / "b"), resume=True, model=model, tokenizer=char_tokenizer)
+    resumed = train(_cfg(tmp_path / "b", resume=True), model=model, tokenizer=char_tokenizer).lens
+    straight = straight.lens
     assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
     log_a = pd.read_csv(tmp_path / "a" / "run" / "training_log.csv")
     log_b = pd.read_csv(tmp_path / "b" / "run" / "training_log.csv")
@@ -182,7 +189,7 @@ def test_resume_refuses_changed_settings(tmp_path, char_tokenizer, eager_kl):
     model = tiny_model("llama")
     train(_cfg(tmp_path, steps=2), model=model, tokenizer=char_tokenizer)
     with pytest.raises(LensesError, match="seq_len"):
-        train(_cfg(tmp_path, steps=2, seq_len=8), resume=True, model=model, tokenizer=char_tokenizer)
+        train(_cfg(tmp_path, steps=2, seq_len=8, resume=True), model=model, tokenizer=char_tokenizer)
 
 
 def test_non_finite_values_stop_training_with_advice(tmp_path, char_tokenizer, eager_kl, monkeypatch):
@@ -208,7 +215,7 @@ def test_sigkilled_process_resumes_bit_identically(tmp_path, char_tokenizer, eag
 
     from safetensors.torch import load_file
 
-    straight = train(_cfg(tmp_path / "a", steps=12), model=tiny_model("llama"), tokenizer=char_tokenizer)
+    straight = train(_cfg(tmp_path / "a", steps=12), model=tiny_model("llama"), tokenizer=char_tokenizer).lens
     cfg = _cfg(tmp_path / "b", steps=12)
     kw = {k: v for k, v in cfg.__dict__.items() if k != "variant"}
     worker = [sys.executable, str(Path(__file__).parent / "train_worker.py"), json.dumps(kw)]
@@ -235,5 +242,5 @@ def test_part_paths_reach_the_adapter(tmp_path, char_tokenizer, eager_kl):
     with pytest.raises(LensesError, match="model.nope"):
         train(_cfg(tmp_path, steps=1, final_norm="model.nope"), model=tiny_model("llama"), tokenizer=char_tokenizer)
     lens = train(_cfg(tmp_path / "ok", steps=1, layers="model.layers", final_norm="model.norm", unembed="lm_head"),
-                 model=tiny_model("llama"), tokenizer=char_tokenizer)
+                 model=tiny_model("llama"), tokenizer=char_tokenizer).lens
     assert lens.num_layers == 3

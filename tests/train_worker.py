@@ -31,10 +31,11 @@ if __name__ == "__main__":
     import lenses.train as train_module
 
     delay = float(os.environ.get("LENSES_TEST_STEP_DELAY", "0"))
-    batches = train_module._batch_indices
-    train_module._batch_indices = lambda *a: time.sleep(delay) or batches(*a)
+    batches = train_module.batch_indices
+    train_module.batch_indices = lambda *a: time.sleep(delay) or batches(*a)
     kw = json.loads(sys.argv[1])
     kw["variant"] = FrequencyVariant(**kw.get("variant", {}))
-    train(TrainConfig(**kw), resume=sys.argv[2:] == ["resume"], model=tiny_model("llama"), tokenizer=CharTokenizer())
+    kw["resume"] = sys.argv[2:] == ["resume"]
+    train(TrainConfig(**kw), model=tiny_model("llama"), tokenizer=CharTokenizer())
     rank = os.environ.get("RANK", "0")
     Path(kw["out"], f"seen-{rank}.json").write_text(json.dumps(seen))

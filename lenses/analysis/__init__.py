@@ -1,1 +1,94 @@
-"""Analysis views: each turns hidden states or lens outputs into a tidy pandas DataFrame."""
+"""The analysis views behind one interface.
+
+Each view module exposes ``run(ctx) -> ViewResult`` and ``plot(result, path)``; `VIEWS` maps view
+names to those modules, so ``analyze.py`` is a loop over it and a new view is one module plus
+one line here. A `Context` carries the model, the lenses and the settings (`AnalysisConfig`), and
+reads shared inputs (the text corpus) once for all views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from ..cli import option
+from ..models import ModelAdapter, ModelOptions
+from .common import ViewResult
+
+
+@dataclass
+class AnalysisConfig(ModelOptions):
+    """Settings of ``analyze.py`` (and of `run_views`); each is also a CLI option."""
+
+    lens: str = option("auto", "auto | logit | both | lens folder or shipped name; comma-separate several",
+                       group="lens")
+    strict: bool = option(True, "refuse a lens whose model weights differ slightly from this model's", group="lens")
+    out: str = option("out", "output folder")
+    seed: int = option(0, "seed of every sample the views draw", min=0)
+    progress: bool = option(True, "progress bars")
+    prompt: str = option("The capital of France is", "text to decode layer by layer (without --view)",
+                         group="prompt", check=lambda v: "is empty; give some text" if not v.strip() else None)
+    all_positions: bool = option(False, "decode every position of --prompt, not just the last", group="prompt")
+    top_k: int = option(1, "tokens shown per layer and position", group="prompt", min=1)
+    corpus: str | None = option(None, "text for frequency, pos and representation: .txt/.jsonl file or folder "
+                                      "(none: Python docs prose)", group="views")
+    facts: str | None = option(None, "facts JSONL: {prompt, answer}, CounterFact or MQuAKE (none: shipped set)",
+                               group="views")
+    mcq: str | None = option(None, "MMLU-layout CSV: question,A,B,C,D,answer (none: shipped set)", group="views")
+    frequencies: str | None = option(None, "token_frequencies.safetensors (none: counted on --corpus)",
+                                     group="views")
+    num_positions: int = option(1000, "frequency: positions traced", group="views", min=1)
+    num_texts: int = option(200, "pos: paragraphs tagged", group="views", min=1)
+    num_facts: int | None = option(None, "facts: sample this many (none: all)", group="views", min=1)
+    num_questions: int = option(100, "mcq: questions scored", group="views", min=1)
+    num_prompts: int = option(200, "representation: prompts", group="views", min=2)
+    prompt_tokens: int = option(64, "representation: tokens per prompt", group="views", min=2)
+    alpha: float = option(1.0, "representation: Renyi order (1 = von Neumann)", group="views", above=0)
+    drop_first_token: bool = option(False, "representation: leave out position 0 (attention-sink token)",
+                                    group="views")
+    hist_layer: int | None = option(None, "representation: layer of the entropy histogram (none: the middle)",
+                                    group="views", min=0)
+
+
+@dataclass
+class Context:
+    """What a view runs on: the model (adapter + tokenizer), the lenses and the settings."""
+
+    adapter: ModelAdapter
+    tokenizer: Any
+    lenses: dict
+    cfg: AnalysisConfig
+
+    @cached_property
+    def texts(self) -> list[str]:
+        from ..data import read_texts
+
+        return read_texts(self.cfg.corpus)
+
+
+def _views() -> dict:
+    from . import facts, frequency, mcq, pos, representation
+
+    return {"frequency": frequency, "pos": pos, "facts": facts, "mcq": mcq, "representation": representation}
+
+
+VIEW_NAMES = ("frequency", "pos", "facts", "mcq", "representation")
+DEPTH_VIEWS = VIEW_NAMES[:4]  # "all": the four depth-analysis views of Gupta et al. 2025
+
+
+def get_view(name: str):
+    """The module of view ``name`` (with ``run`` and ``plot``)."""
+    from ..errors import LensesError
+
+    views = _views()
+    if name not in views:
+        raise LensesError(f"unknown view {name!r}; choose one of {', '.join(views)} or all.")
+    return views[name]
+
+
+def run_view(name: str, ctx: Context) -> ViewResult:
+    return get_view(name).run(ctx)
+
+
+__all__ = ["AnalysisConfig", "Context", "ViewResult", "VIEW_NAMES", "DEPTH_VIEWS", "get_view", "run_view"]

@@ -1,8 +1,10 @@
-"""Pieces shared by the depth-analysis views: their result type and a few token helpers."""
+"""Pieces shared by the analysis views: their result type and a few token helpers."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,12 +14,23 @@ from ..errors import DataError
 
 @dataclass
 class ViewResult:
-    """Tidy tables of one view (name -> DataFrame, each written as ``<view>_<name>.csv``) and a
-    few lines of summary for the terminal."""
+    """Tidy tables of one view (name -> DataFrame, each written as ``<view>_<name>.csv``), a few
+    lines of summary for the terminal, and the settings its figure needs."""
 
     view: str
     tables: dict[str, pd.DataFrame]
     summary: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def write(self, out: str | os.PathLike) -> list[Path]:
+        """Write every table as CSV and the view's figure as ``<view>.png`` into ``out``."""
+        from ..io import write_csv
+        from . import get_view
+
+        out = Path(out)
+        written = [write_csv(out / f"{self.view}_{name}.csv", table) for name, table in self.tables.items()]
+        written.append(get_view(self.view).plot(self, out / f"{self.view}.png"))
+        return written
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -54,7 +54,7 @@ def read_facts(path: str | Path | None = None) -> list[dict]:
     """Facts as ``{prompt, answer, relation?, subject?}`` dicts from a JSONL file (or a JSON list)."""
     path = Path(path) if path else default_facts_path()
     if not path.exists():
-        raise DataError(f"fact file {path} does not exist; pass a JSONL file of {{prompt, answer}} with --data.")
+        raise DataError(f"fact file {path} does not exist; pass a JSONL file of {{prompt, answer}} with --facts.")
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         objs = [(f"{path} item {i}", o) for i, o in enumerate(json.loads(text))]
@@ -142,3 +142,15 @@ def _summary(by_index: pd.DataFrame) -> list[str]:
                  for r in g.itertuples()]
         lines.append(f"{lens:>6} lens: " + "; ".join(parts))
     return lines
+
+
+def run(ctx) -> ViewResult:
+    cfg = ctx.cfg
+    return facts_view(ctx.adapter, ctx.tokenizer, ctx.lenses, read_facts(cfg.facts), cfg.num_facts, seed=cfg.seed,
+                      progress=cfg.progress)
+
+
+def plot(result: ViewResult, path):
+    from ..plots import plot_facts
+
+    return plot_facts(result.tables["by_index"], result.tables["onset"], path)

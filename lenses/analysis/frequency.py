@@ -77,7 +77,7 @@ def frequency_view(
             "they were counted with another tokenizer. Count them on your corpus (omit --frequencies).")
     starts = word_starts(tokenizer, adapter.vocab_size)
     items = frequency_items(held_out, starts, num_positions, eos=tokenizer.eos_token_id, seed=seed)
-    require(bool(items), "no word-boundary positions found in the held-out text; pass more text with --data.")
+    require(bool(items), "no word-boundary positions found in the held-out text; pass more text with --corpus.")
     buckets = freqs.bucket(torch.arange(adapter.vocab_size))
     df = trace(adapter, lenses, items, groups=buckets, group_names=BUCKET_NAMES, progress=progress)
     df["top1_bucket"] = np.asarray(BUCKET_NAMES)[buckets.numpy()[df.top1_id.to_numpy()]]
@@ -121,3 +121,16 @@ def _summary(layers: pd.DataFrame, num_layers: int) -> list[str]:
             f"(final {top.mean_mass.iloc[-1]:.2f})"
         )
     return lines
+
+
+def run(ctx) -> ViewResult:
+    cfg = ctx.cfg
+    freqs = TokenFrequencies.load(cfg.frequencies) if cfg.frequencies else None
+    return frequency_view(ctx.adapter, ctx.tokenizer, ctx.lenses, ctx.texts, freqs, cfg.num_positions, seed=cfg.seed,
+                          progress=cfg.progress)
+
+
+def plot(result: ViewResult, path):
+    from ..plots import plot_frequency
+
+    return plot_frequency(result.tables["layers"], path)

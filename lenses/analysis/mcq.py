@@ -43,7 +43,7 @@ def read_mcq(path: str | Path | None = None) -> list[dict]:
     ``question,A,B,C,D,answer`` is skipped if present)."""
     path = Path(path) if path else default_mcq_path()
     if not path.exists():
-        raise DataError(f"MCQ file {path} does not exist; pass an MMLU-layout CSV with --data.")
+        raise DataError(f"MCQ file {path} does not exist; pass an MMLU-layout CSV with --mcq.")
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
     if rows and [c.strip().lower() for c in rows[0]] == ["question", "a", "b", "c", "d", "answer"]:
@@ -153,3 +153,15 @@ def _summary(per_q: pd.DataFrame, layers: pd.DataFrame) -> list[str]:
             f"correct letter first top-1 at {mean_or_nan(g.answer_found):.1f}"
         )
     return lines
+
+
+def run(ctx) -> ViewResult:
+    cfg = ctx.cfg
+    return mcq_view(ctx.adapter, ctx.tokenizer, ctx.lenses, read_mcq(cfg.mcq), cfg.num_questions, seed=cfg.seed,
+                    progress=cfg.progress)
+
+
+def plot(result: ViewResult, path):
+    from ..plots import plot_mcq
+
+    return plot_mcq(result.tables["layers"], result.tables["questions"], path)

@@ -89,10 +89,10 @@ def pos_view(
 ) -> ViewResult:
     """Run the POS view on up to ``num_texts`` paragraphs of ``texts`` (shuffled with ``seed``)."""
     paragraphs = [p.strip() for t in texts for p in t.split("\n\n") if len(p.split()) >= 12]
-    require(bool(paragraphs), "the POS view needs paragraphs of 12+ words; pass more text with --data.")
+    require(bool(paragraphs), "the POS view needs paragraphs of 12+ words; pass more text with --corpus.")
     random.Random(seed).shuffle(paragraphs)
     items, words = pos_items(tokenizer, paragraphs[:num_texts], tagger or load_tagger())
-    require(bool(items), "no taggable words found in the text; pass English prose with --data.")
+    require(bool(items), "no taggable words found in the text; pass English prose with --corpus.")
     df = trace(adapter, lenses, items, progress=progress)
     df["correct"] = df.rank_word == 1
     kept = keep_where_final(df, "correct").merge(words, on=["item", "position"])
@@ -132,3 +132,15 @@ def _summary(tags: pd.DataFrame) -> list[str]:
                 parts.append(f"{group} words first correct at layer {fc:.1f}, settled at {st:.1f} (n={n})")
         lines.append(f"{lens:>6} lens: " + "; ".join(parts))
     return lines
+
+
+def run(ctx) -> ViewResult:
+    cfg = ctx.cfg
+    return pos_view(ctx.adapter, ctx.tokenizer, ctx.lenses, ctx.texts, cfg.num_texts, seed=cfg.seed,
+                    progress=cfg.progress)
+
+
+def plot(result: ViewResult, path):
+    from ..plots import plot_pos
+
+    return plot_pos(result.tables["tags"], result.tables["onset"], path)

@@ -36,7 +36,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..errors import DataError
 from ..models import ModelAdapter
+from .common import ViewResult
 
 # --------------------------------------------------------------------------- spectra
 
@@ -241,3 +243,40 @@ def representation_view(
     summary = pd.concat([summary, dataset], ignore_index=True)
     summary.insert(1, "relative_depth", summary.layer / (n_layers - 1))
     return summary.sort_values(["metric", "layer"]).reset_index(drop=True), per_prompt
+
+
+def read_prompts(source: str | None, texts_of) -> list[str]:
+    """Prompts: the lines of a .txt file, else the paragraphs of 30+ words of a corpus
+    (``texts_of()`` reads it)."""
+    from pathlib import Path
+
+    if source and str(source).endswith(".txt") and Path(source).is_file():
+        from ..data import read_utf8
+
+        return [ln.strip() for ln in read_utf8(Path(source)).splitlines() if ln.strip()]
+    return [p for t in texts_of() for p in t.split("\n\n") if len(p.split()) >= 30]
+
+
+def run(ctx) -> ViewResult:
+    cfg = ctx.cfg
+    prompts = read_prompts(cfg.corpus, lambda: ctx.texts)
+    if len(prompts) < 2:
+        raise DataError("the representation view needs at least 2 prompts of 30+ words (or 2 lines of a .txt "
+                        "file); pass more text with --corpus.")
+    prompts = prompts[: cfg.num_prompts]
+    if cfg.hist_layer is not None and cfg.hist_layer > ctx.adapter.num_layers:
+        raise DataError(f"--hist-layer {cfg.hist_layer} is past the last layer ({ctx.adapter.num_layers}).")
+    summary, per_prompt = representation_view(ctx.adapter, ctx.tokenizer, prompts, alpha=cfg.alpha,
+                                              max_tokens=cfg.prompt_tokens, drop_first_token=cfg.drop_first_token,
+                                              seed=cfg.seed, progress=cfg.progress)
+    wide = summary.pivot(index="layer", columns="metric", values="mean")
+    lines = [f"per-layer means over {len(prompts)} prompts:", wide.to_string(float_format=lambda v: f"{v:.3f}")]
+    return ViewResult("representation", {"layers": summary, "prompts": per_prompt}, lines,
+                      {"hist_layer": cfg.hist_layer})
+
+
+def plot(result: ViewResult, path):
+    from ..plots import plot_representation
+
+    t = result.tables
+    return plot_representation(t["layers"], t["prompts"], path, result.settings.get("hist_layer"))

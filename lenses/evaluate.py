@@ -1,0 +1,65 @@
+"""Held-out evaluation of any lenses: per-layer KL(final || lens), and every layer's top-1 token.
+
+Blocks of text run through the model in batches; each lens transforms a chunk of all layers x a
+few positions at once (`Lens.transform_stack`) and the vocabulary engine compares it with the
+model's own distribution (`lenses.vocab.Teacher`, decoded once per block of positions and shared
+by all lenses), so memory is O(chunk x vocab) whatever the number of layers or tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from . import vocab
+from .models import ModelAdapter
+
+
+@dataclass
+class HeldOut:
+    """Per lens: ``kl`` [L] mean KL(final || lens) per layer (nats/token), and ``top1`` [L+1, N] the
+    lens's top-1 token at every layer and held-out position (row L: the model's own top-1)."""
+
+    kl: dict[str, torch.Tensor]
+    top1: dict[str, torch.Tensor]
+    tokens_per_byte: float
+
+    def table(self) -> pd.DataFrame:
+        """Tidy per-layer KL: layer, lens, kl_nats, kl_bits_per_byte."""
+        rows = [{"layer": layer, "lens": name, "kl_nats": v, "kl_bits_per_byte": v * self.tokens_per_byte / math.log(2)}
+                for name, values in self.kl.items() for layer, v in enumerate(values.tolist())]
+        return pd.DataFrame(rows, columns=["layer", "lens", "kl_nats", "kl_bits_per_byte"])
+
+
+def evaluate(adapter: ModelAdapter, lenses: dict, blocks: torch.Tensor, tokenizer=None, batch_size: int = 8,
+             chunk_rows: int | None = None, dtype: torch.dtype = torch.float32,
+             teacher_positions: int = 256) -> HeldOut:
+    """Evaluate ``lenses`` (name -> `Lens`) on token ``blocks`` [n, seq]; ``tokenizer`` (optional)
+    gives the bytes per token for the bits-per-byte column."""
+    L = adapter.num_layers
+    chunk_rows = chunk_rows or vocab.default_chunk_rows(adapter, dtype)
+    sums = {name: torch.zeros(L, dtype=torch.float64) for name in lenses}
+    top1: dict[str, list[torch.Tensor]] = {name: [] for name in lenses}
+    count = 0
+    with torch.no_grad():
+        for b in range(0, len(blocks), batch_size):
+            hidden = adapter.hidden_states(blocks[b : b + batch_size]).flatten(1, 2)
+            for b0, b1 in vocab.blocks(0, hidden.shape[1], teacher_positions):
+                teacher = vocab.Teacher(adapter, hidden[L, b0:b1])
+                ids = {name: [] for name in lenses}
+                for s, e in vocab.blocks(b0, b1, max(1, chunk_rows // L)):
+                    for name, lens in lenses.items():
+                        u = adapter.final_norm(lens.transform_stack(hidden[:L, s:e]))
+                        kl, top = vocab.kl_rows(adapter, u, *teacher.rows(s - b0, e - b0), dtype)
+                        sums[name] += kl.sum(-1).double().cpu()
+                        ids[name].append(top)
+                for name in lenses:
+                    top1[name].append(torch.cat([torch.cat(ids[name], dim=1), teacher.top1[None]]).cpu())
+            count += hidden.shape[1]
+    n_bytes = sum(len(tokenizer.decode(row).encode("utf-8")) for row in blocks.tolist()) if tokenizer else 0
+    return HeldOut({name: sums[name] / max(1, count) for name in lenses},
+                   {name: torch.cat(top1[name], dim=1) for name in lenses},
+                   blocks.numel() / n_bytes if n_bytes else float("nan"))

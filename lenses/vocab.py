@@ -1,0 +1,281 @@
+"""The vocabulary engine: the one place where residual-stream states become logits.
+
+Every lens, in training, held-out evaluation and tracing, decodes through this module:
+
+- `decode`: final norm, unembedding matmul in a chosen dtype, then what the model does to its
+  logits (Cohere/Granite logit scaling, Gemma 2/3 soft-capping), in float32;
+- `Teacher`: the model's own distribution for a block of positions, decoded once and shared by
+  every chunk, layer and lens inside the block;
+- two fused element-wise kernels over ``[rows x V]`` logits, both built on the same shifted
+  soft-max helpers (logits minus their row maximum, so large logits do not cancel):
+  `kl_and_grad` (training: KL and ``softmax(z) - p``) and `row_stats` (tracing: top-1, entropy,
+  KL, ranks and probabilities of target tokens);
+- the policies: `default_chunk_rows` (how many rows of logits to hold: a byte budget) and
+  `compute_dtype` (which dtype the vocabulary matmuls run in: measured, not assumed).
+
+Speed comes from two choices (measured in ``benchmarks/run.py``):
+- the element-wise passes are compiled with ``torch.compile`` when a compiler is available (eager
+  PyTorch makes ~10 memory passes; ``LENSES_COMPILE=0`` forces eager). The KL kernel recomputes
+  ``exp`` rather than storing a float32 copy of the logits;
+- on CPU with 16-bit matmuls, chunks are small (~24 MB of logits) so that the logits, written by
+  the first matmul, are still in the CPU's cache when the element-wise pass and the second matmul
+  read them. The teacher is decoded for larger blocks of positions, where its float32 matmul is
+  efficient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .models import ModelAdapter
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def unembed(adapter: "ModelAdapter", u: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Raw unembedding output (no scale, no soft-cap) of normalised states ``u`` [..., d] in ``dtype``
+    (default: the unembedding's own dtype)."""
+    dtype = dtype or adapter.unembed.weight.dtype
+    bias = adapter.unembed.bias
+    # Flatten first: a strided [G, C, d] slice would otherwise run as G small batched matmuls,
+    # each streaming the whole unembedding from memory (measured 4x slower in float32).
+    flat = u.to(dtype).reshape(-1, u.shape[-1])
+    z = F.linear(flat, adapter.unembed_weight(dtype), None if bias is None else bias.to(dtype))
+    return z.view(*u.shape[:-1], -1)
+
+
+def finish(adapter: "ModelAdapter", z: torch.Tensor) -> torch.Tensor:
+    """What the model does after the unembedding matmul: logit scaling, then soft-capping."""
+    if adapter.logit_scale != 1.0:
+        z = z * adapter.logit_scale
+    if adapter.softcap:
+        z = torch.tanh(z / adapter.softcap) * adapter.softcap
+    return z
+
+
+def decode(adapter: "ModelAdapter", h: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Logits (float32, or float64 for a float64 model) for residual-stream states ``h`` [..., d]: final
+    norm, unembedding (matmul in ``dtype``), scale and soft-cap. ``decode(adapter, hidden[L])`` equals
+    the model's logits."""
+    z = unembed(adapter, adapter.final_norm(h), dtype)
+    return finish(adapter, z.to(torch.promote_types(z.dtype, torch.float32)))
+
+
+class Teacher:
+    """The model's own output distribution for a block of positions: probabilities ``p`` [P, V]
+    and ``neg_entropy`` = sum p log p [P], both float32. Rows are sliced per chunk."""
+
+    def __init__(self, adapter: "ModelAdapter", h_last: torch.Tensor, dtype: torch.dtype | None = None):
+        with torch.no_grad():
+            logp = torch.log_softmax(decode(adapter, h_last, dtype), dim=-1)
+            self.p = logp.exp()
+            self.neg_entropy = (self.p * logp).sum(-1)
+
+    def rows(self, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.p[s:e], self.neg_entropy[s:e]
+
+    @property
+    def top1(self) -> torch.Tensor:
+        return self.p.argmax(-1)
+
+
+def teacher_top1(adapter: "ModelAdapter", h_last: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """The model's own top-1 token [N] at each of N positions, decoded chunk by chunk."""
+    with torch.no_grad():
+        return torch.cat([decode(adapter, h_last[s : s + chunk]).argmax(-1) for s in range(0, h_last.shape[0], chunk)])
+
+
+def blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of consecutive blocks of ``size`` covering ``range(start, stop)``."""
+    return [(s, min(stop, s + size)) for s in range(start, stop, size)]
+
+
+# --------------------------------------------------------------------------- fused kernels
+
+
+def _shifted(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z - max`` (<= 0, so no large logit cancels in later sums) and ``sum exp(z - max)`` [.., 1]."""
+    zs = z - z.amax(-1, keepdim=True)
+    return zs, torch.exp(zs).sum(-1, keepdim=True)
+
+
+def _kl(zs: torch.Tensor, log_s: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor) -> torch.Tensor:
+    """KL(p || softmax(z)) = sum p log p - sum p (zs - log_s), from shifted logits."""
+    return neg_entropy + log_s.squeeze(-1) - (zs * p).sum(-1)
+
+
+def _kl_and_dz(z, p, neg_entropy, row_weight, scale: float, softcap: float, want_grad: bool):
+    """KL [G, C] and (if ``want_grad``) ``row_weight * dKL/dz`` [G, C, V] in ``z``'s dtype.
+
+    ``z``: raw unembedding output [G, C, V]; ``p``: teacher probs [C, V]; ``neg_entropy``:
+    sum p log p [C]; ``scale``/``softcap``: what the model applies after the unembedding.
+    """
+    zf = z.float()
+    if scale != 1.0:
+        zf = zf * scale
+    if softcap:
+        t = torch.tanh(zf / softcap)
+        zf = t * softcap
+    zs, s = _shifted(zf)
+    log_s = torch.log(s)
+    kl = _kl(zs, log_s, p, neg_entropy)
+    if not want_grad:
+        return kl, None
+    g = (torch.exp(zs - log_s) - p) * row_weight[:, None]  # exp recomputed: no [G, C, V] float32 buffer
+    if softcap:
+        g = g * (1 - t * t)
+    if scale != 1.0:
+        g = g * scale
+    return kl, g.to(z.dtype)
+
+
+def _row_stats(z: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor, t_ids: torch.Tensor):
+    """Top-1 id and probability, entropy, KL(teacher || lens), target ranks and probabilities of
+    float32 logits ``z`` [C, V]; ``t_ids`` [C, n] are the target tokens."""
+    top_id = z.argmax(-1)
+    zs, s = _shifted(z)
+    log_s = torch.log(s)
+    finite = torch.where(torch.isfinite(zs), zs, 0.0)  # a -inf logit has p = 0: keep 0 * -inf out of sums
+    entropy = log_s.squeeze(-1) - (torch.exp(zs) * finite).sum(-1) / s.squeeze(-1)
+    kl = _kl(finite, log_s, p, neg_entropy).clamp_min(0.0)  # KL >= 0; rounding can dip below
+    zt = z.gather(1, t_ids)  # [C, n]
+    ranks = (z[:, None, :] > zt[:, :, None]).sum(-1) + 1
+    return top_id, (1.0 / s).squeeze(-1), entropy, kl, ranks, torch.exp(zs.gather(1, t_ids) - log_s)
+
+
+class maybe_compiled:
+    """``fn`` compiled with ``torch.compile`` on first use if possible, else (no C++ compiler,
+    unsupported platform, ``LENSES_COMPILE=0``) the same function run eagerly, for good."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = self.fn
+            if os.environ.get("LENSES_COMPILE", "1") != "0":
+                self.compiled = torch.compile(self.fn, dynamic=True)
+        if self.compiled is not self.fn:
+            try:
+                return self.compiled(*args)
+            except Exception as e:
+                warnings.warn(f"torch.compile unavailable ({type(e).__name__}); using the slower eager kernel")
+                self.compiled = self.fn
+        return self.fn(*args)
+
+
+KERNELS = {"kl": maybe_compiled(_kl_and_dz), "stats": maybe_compiled(_row_stats)}
+
+
+def kl_rows(adapter: "ModelAdapter", u: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor,
+            dtype: torch.dtype = torch.float32):
+    """KL(p || q) [G, C] and the lens top-1 ids [G, C] for normalised lens states ``u`` [G, C, d]
+    vs teacher rows ``p``, ``neg_entropy`` (see `Teacher`). (Scale and soft-cap are monotone, so the
+    raw argmax is the top-1.)"""
+    with torch.no_grad():
+        z = unembed(adapter, u, dtype)
+        kl, _ = KERNELS["kl"](z, p, neg_entropy, None, adapter.logit_scale, adapter.softcap or 0.0, False)
+        return kl, z.argmax(-1)
+
+
+def kl_and_grad(adapter: "ModelAdapter", u: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor,
+                row_weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL per row [G, C] and d(sum_rows row_weight * KL)/du [G, C, d] for a chunk.
+
+    ``u``: normalised lens states of G layers at C positions; ``p``, ``neg_entropy``: teacher rows
+    of those positions (see `Teacher`); ``row_weight``: per-position factor [C] (loss weight /
+    number of positions). One matmul for the logits, one fused element-wise pass, one matmul to
+    push ``dz`` back through the unembedding: autograd never sees the vocabulary.
+    """
+    with torch.no_grad():
+        z = unembed(adapter, u, dtype)
+        kl, dz = KERNELS["kl"](z, p, neg_entropy, row_weight, adapter.logit_scale, adapter.softcap or 0.0, True)
+        grad_u = (dz @ adapter.unembed_weight(dtype)).to(u.dtype)
+    return kl, grad_u
+
+
+def row_stats(z: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor, t_ids: torch.Tensor):
+    """`_row_stats` through the compiled kernel (see there)."""
+    return KERNELS["stats"](z, p, neg_entropy, t_ids)
+
+
+# --------------------------------------------------------------------------- policies
+
+
+def default_chunk_rows(adapter: "ModelAdapter", dtype: torch.dtype) -> int:
+    """Rows per vocabulary chunk, from a byte budget for the ``[rows x V]`` logits.
+
+    On a CPU with 16-bit matmuls, ~24 MB keeps the logits in the last-level cache between the
+    matmul and the element-wise pass (240 rows for SmolLM2: 25% faster than 2,048 rows, measured);
+    float32 and GPUs prefer bigger matmuls (2,048 rows of float32 for SmolLM2, ~400 MB).
+    """
+    small = adapter.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    budget = 24 * 2**20 if small else 400 * 2**20
+    return max(1, budget // (adapter.vocab_size * torch.finfo(dtype).bits // 8))
+
+
+def _time_matmul(dtype: torch.dtype, device: torch.device) -> float:
+    a = torch.randn(512, 576, device=device).to(dtype)
+    b = torch.randn(576, 16384, device=device).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def compute_dtype(requested: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """Resolve ``auto``/a name/a dtype to the dtype of the vocabulary matmuls on ``device``.
+
+    Some CPUs run bfloat16 matmuls ~2-4x faster than float32 (AVX512-BF16/AMX), others several
+    times slower (AVX2: emulated). ``auto`` times both once per machine and caches the answer in
+    the lenses cache; on CUDA it is bfloat16 where supported.
+    """
+    from .errors import LensesError
+    from .models import cache_dir
+
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise LensesError(f"unknown compute dtype {requested!r}; use auto, {', '.join(DTYPES)}")
+        return DTYPES[requested]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type != "cpu":
+        return torch.float32
+    key = f"{platform.processor() or platform.machine()}|{torch.__version__}|{torch.get_num_threads()}"
+    file = cache_dir() / "compute_dtype.json"
+    try:
+        cached = json.loads(file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict) or cached.get(key) not in DTYPES:
+        cached = cached if isinstance(cached, dict) else {}
+        t32 = _time_matmul(torch.float32, device)
+        t16 = _time_matmul(torch.bfloat16, device)
+        cached[key] = "bfloat16" if t16 < 0.8 * t32 else "float32"
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps(cached, indent=1))
+        except OSError:
+            pass  # an unwritable cache only costs a re-measurement next time
+    return DTYPES[cached[key]]
