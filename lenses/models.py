@@ -183,6 +183,10 @@ class ModelOptions:
 
     def load(self, device: str | torch.device | None = None):
         """``(model, tokenizer, adapter)``; ``device`` overrides ``self.device``."""
+        if not getattr(self, "progress", True):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         model, tok = load_model(self.model, device=device or self.device, dtype=self.model_dtype,
                                 device_map=self.device_map)
         return model, tok, self.adapter(model)
@@ -245,6 +249,9 @@ class ModelAdapter:
         """Find the parts by structure; dotted paths override the search for any of them."""
         layers_path = layers or cls._find_layers(model)
         layer_list = _get(model, layers_path)
+        if not isinstance(layer_list, nn.ModuleList) or len(layer_list) == 0:
+            raise ModelStructureError(f"{layers_path!r} is a {type(layer_list).__name__}, not a list of decoder "
+                                      "layers; pass the dotted path of the nn.ModuleList of blocks (--layers).")
         norm_path = final_norm or cls._find_final_norm(model, layers_path)
         norm = _get(model, norm_path)
         head = _get(model, unembed) if unembed else model.get_output_embeddings()
@@ -420,5 +427,5 @@ class ModelAdapter:
                 raise LensMismatchError(
                     f"this {what} was trained for another model with the same shapes (its unembedding "
                     "weights differ). Load it onto the model it was trained for, or pass strict=False "
-                    "(--no-strict) if you know the weights are a close variant (e.g. a quantised copy)."
+                    "(analyze.py --no-strict) if you know the weights are a close variant (e.g. a quantised copy)."
                 )

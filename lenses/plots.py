@@ -34,6 +34,17 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def plot_message(text: str, path: str | os.PathLike) -> Path:
+    """A figure that says why there is nothing to plot (a view with an empty result)."""
+    import textwrap
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 2.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, "\n".join(textwrap.wrap(text, 70)), ha="center", va="center", fontsize=10)
+    return _save(fig, path)
+
+
 def plot_probe_bias(shares: pd.DataFrame, kl: pd.DataFrame, path: str | os.PathLike, bucket: str = "1-10") -> Path:
     """Left: share of each layer's top-1 in the most frequent bucket, per training variant (tuned
     lens), with the logit lens and the model's final predictions for reference. Right: what the

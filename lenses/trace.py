@@ -232,6 +232,8 @@ def layer_predictions(adapter: ModelAdapter, tokenizer, text: str, lenses: dict,
     n = ids.shape[1]
     if n == 0:
         raise LensesError(f"the prompt {text!r} has no tokens; give some text (--prompt).")
+    if not 1 <= k <= adapter.vocab_size:
+        raise LensesError(f"top-k must be between 1 and the vocabulary size {adapter.vocab_size} (got {k}).")
     keep = sorted({p % n for p in positions}) if positions is not None else list(range(n))
     hidden = adapter.hidden_states(ids)[:, 0, keep]  # [L+1, P, d]
     inputs = [tokenizer.decode([int(ids[0, p])]) for p in keep]

@@ -402,31 +402,30 @@ def train_step(run: Run, step: int) -> list[float]:
     return layer_kl.tolist()
 
 
-def loop(run: Run) -> None:
-    """Train from ``run.state.step`` to the last step, checkpointing; a stop request checkpoints and
-    raises a `LensesError` that says how to resume."""
+def loop(run: Run, stop_requested=lambda: False) -> None:
+    """Train from ``run.state.step`` to the last step, checkpointing; when ``stop_requested()`` turns
+    true, checkpoint at the step boundary and raise a `LensesError` that says how to resume."""
     from tqdm.auto import tqdm
 
     cfg, dp, state = run.cfg, run.dp, run.state
     bar = tqdm(total=run.total, initial=state.step, unit="step", disable=not (cfg.progress and dp.main),
                desc="training")
     t0 = time.perf_counter()
-    with stop_on_signal() as stop_requested:
-        for step in range(state.step, run.total):
-            layer_kl = train_step(run, step)
-            state.step = step + 1
-            state.log += [[step, layer, v] for layer, v in enumerate(layer_kl)]
-            bar.set_postfix(kl=f"{sum(layer_kl) / len(layer_kl):.3f}",
-                            tok_s=f"{run.tokens / (time.perf_counter() - t0):.0f}")
-            bar.update(1)
-            if dp.any(stop_requested()):
-                if dp.main:
-                    state.save(run.checkpoint, run.identity)
-                bar.close()
-                raise LensesError(f"interrupted after step {state.step} of {run.total}; progress saved in "
-                                  f"{run.checkpoint}. Continue with the same command plus --resume.")
-            if state.step % cfg.checkpoint_every == 0 and dp.main:
+    for step in range(state.step, run.total):
+        layer_kl = train_step(run, step)
+        state.step = step + 1
+        state.log += [[step, layer, v] for layer, v in enumerate(layer_kl)]
+        bar.set_postfix(kl=f"{sum(layer_kl) / len(layer_kl):.3f}",
+                        tok_s=f"{run.tokens / (time.perf_counter() - t0):.0f}")
+        bar.update(1)
+        if dp.any(stop_requested()):
+            if dp.main:
                 state.save(run.checkpoint, run.identity)
+            bar.close()
+            raise LensesError(f"interrupted after step {state.step} of {run.total}; progress saved in "
+                              f"{run.checkpoint}. Continue with the same command plus --resume.")
+        if state.step % cfg.checkpoint_every == 0 and dp.main:
+            state.save(run.checkpoint, run.identity)
     bar.close()
     run.seconds = time.perf_counter() - t0
 
@@ -475,10 +474,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     ``eval_top1_buckets.csv`` (lens, layer, bucket, share), ``token_frequencies.safetensors``
     and ``checkpoint.pt``. (The CLI adds the plot ``eval_kl.png``.)
     """
-    run = setup(cfg, model, tokenizer)
-    try:
-        loop(run)
-        return finish(run)
-    finally:
-        if run.folder:
-            run.folder.release()
+    with stop_on_signal() as stop_requested:  # Ctrl-C or SIGTERM from here on stops at a step boundary
+        run = setup(cfg, model, tokenizer)
+        try:
+            loop(run, stop_requested)
+            return finish(run)
+        finally:
+            if run.folder:
+                run.folder.release()

@@ -49,3 +49,29 @@ def random_lens(adapter, seed: int = 1, scale: float = 0.05):
         lens.weight.copy_(scale * torch.randn(lens.weight.shape, generator=g))
         lens.bias.copy_(scale * torch.randn(lens.bias.shape, generator=g))
     return lens
+
+
+def byte_tokenizer():
+    """A real (fast, Rust) Hugging Face tokenizer over the 256 bytes plus EOS (id 256), made offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # bytes that stand for themselves
+    extra = iter(range(256, 512))
+    byte_char = {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+    vocab = {byte_char[b]: b for b in range(256)} | {"<|endoftext|>": 256}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def save_tiny_model(path, family: str = "llama", seed: int = 0):
+    """A tiny random model of ``family`` with `byte_tokenizer`, saved as a Hugging Face folder."""
+    torch.manual_seed(seed)
+    ids = dict(pad_token_id=256, bos_token_id=256, eos_token_id=256)
+    config = AutoConfig.for_model(family, vocab_size=257, **ids, **{**FAMILIES[family], "max_position_embeddings": 512})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path

@@ -29,8 +29,18 @@ class ViewResult:
 
         out = Path(out)
         written = [write_csv(out / f"{self.view}_{name}.csv", table) for name, table in self.tables.items()]
-        written.append(get_view(self.view).plot(self, out / f"{self.view}.png"))
+        if self.settings.get("empty"):
+            from ..plots import plot_message
+
+            written.append(plot_message(self.settings["empty"], out / f"{self.view}.png"))
+        else:
+            written.append(get_view(self.view).plot(self, out / f"{self.view}.png"))
         return written
+
+
+def nothing_to_score(view: str, positions: pd.DataFrame, why: str) -> ViewResult:
+    """The result of a view that traced its items but has nothing to score: the trace, and why."""
+    return ViewResult(view, {"positions": positions}, [f"nothing to score: {why}"], {"empty": why})
 
 
 def encode(tokenizer, text: str) -> list[int]:

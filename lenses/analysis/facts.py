@@ -26,38 +26,57 @@ import pandas as pd
 from ..errors import DataError
 from ..models import ModelAdapter
 from ..trace import TraceItem, depth_summary, onset_curve, trace
-from .common import ViewResult, encode, keep_where_final, mean_or_nan, require
+from .common import ViewResult, encode, keep_where_final, mean_or_nan, nothing_to_score, require
 
 
 def default_facts_path() -> Path:
     return Path(str(resources.files("lenses") / "datasets" / "facts.jsonl"))
 
 
-def _records(obj: dict, where: str) -> list[dict]:
-    if "prompt" in obj and "answer" in obj:
-        return [{"prompt": obj["prompt"], "answer": obj["answer"], **{k: v for k, v in obj.items() if k in ("relation", "subject")}}]
-    if "requested_rewrite" in obj:  # CounterFact
-        rw = obj["requested_rewrite"]
-        rw = rw[0] if isinstance(rw, list) else rw
-        try:
-            return [{"prompt": rw["prompt"].format(rw["subject"]), "answer": rw["target_true"]["str"],
-                     "relation": rw.get("relation_id", ""), "subject": rw["subject"]}]
-        except (KeyError, TypeError, IndexError) as e:
-            raise DataError(f"{where}: CounterFact record lacks {e}; expected requested_rewrite.prompt/subject/target_true.str.") from e
-    if "single_hops" in obj:  # MQuAKE
-        return [{"prompt": h["cloze"], "answer": h["answer"]} for h in obj["single_hops"]]
-    raise DataError(f"{where}: unknown fact layout (keys {sorted(obj)[:6]}); expected {{prompt, answer}}, "
-                    "CounterFact's requested_rewrite or MQuAKE's single_hops.")
+def _records(obj, where: str) -> list[dict]:
+    """The facts of one JSON record, in any of the three layouts, with string prompts and answers."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: a fact must be a JSON object, not {type(obj).__name__}; expected {{prompt, answer}}, "
+                        "CounterFact's requested_rewrite or MQuAKE's single_hops.")
+    try:
+        if "prompt" in obj and "answer" in obj:
+            facts = [{"prompt": obj["prompt"], "answer": obj["answer"],
+                      **{k: v for k, v in obj.items() if k in ("relation", "subject")}}]
+        elif "requested_rewrite" in obj:  # CounterFact
+            rw = obj["requested_rewrite"]
+            rw = rw[0] if isinstance(rw, list) else rw
+            facts = [{"prompt": rw["prompt"].format(rw["subject"]), "answer": rw["target_true"]["str"],
+                      "relation": rw.get("relation_id", ""), "subject": rw["subject"]}]
+        elif "single_hops" in obj:  # MQuAKE
+            facts = [{"prompt": h["cloze"], "answer": h["answer"]} for h in obj["single_hops"]]
+        else:
+            raise DataError(f"{where}: unknown fact layout (keys {sorted(obj)[:6]}); expected {{prompt, answer}}, "
+                            "CounterFact's requested_rewrite or MQuAKE's single_hops.")
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
+        raise DataError(f"{where}: the record does not have the expected fields ({type(e).__name__}: {e}); expected "
+                        "{prompt, answer}, CounterFact's requested_rewrite.prompt/subject/target_true.str or "
+                        "MQuAKE's single_hops[].cloze/answer.") from e
+    for f in facts:
+        for key in ("prompt", "answer"):
+            if not isinstance(f[key], str) or not f[key].strip():
+                raise DataError(f"{where}: the {key} must be a non-empty string, not {f[key]!r}.")
+    return facts
 
 
 def read_facts(path: str | Path | None = None) -> list[dict]:
     """Facts as ``{prompt, answer, relation?, subject?}`` dicts from a JSONL file (or a JSON list)."""
+    from ..data import read_utf8
+
     path = Path(path) if path else default_facts_path()
-    if not path.exists():
+    if not path.is_file():
         raise DataError(f"fact file {path} does not exist; pass a JSONL file of {{prompt, answer}} with --facts.")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if text.lstrip().startswith("["):
-        objs = [(f"{path} item {i}", o) for i, o in enumerate(json.loads(text))]
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno} is not valid JSON ({e.msg}); fix the file.") from e
+        objs = [(f"{path} item {i}", o) for i, o in enumerate(records)]
     else:
         objs = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -67,10 +86,8 @@ def read_facts(path: str | Path | None = None) -> list[dict]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one fact.") from e
     facts = [r for where, o in objs for r in _records(o, where)]
-    for i, f in enumerate(facts):
-        if not str(f["prompt"]).strip() or not str(f["answer"]).strip():
-            raise DataError(f"{path}: fact {i} has an empty prompt or answer: {f}")
-    require(bool(facts), f"{path} holds no facts.")
+    require(bool(facts), f"{path} holds no facts; each line must be one JSON fact like "
+                         '{"prompt": "The capital of France is", "answer": "Paris"}.')
     return facts
 
 
@@ -112,6 +129,10 @@ def facts_view(
     df = trace(adapter, lenses, items, progress=progress)
     df["correct"] = df.rank_answer == 1
     kept = keep_where_final(df, "correct")
+    if kept.empty:
+        return nothing_to_score("facts", df.merge(tokens, on=["item", "position"]),
+                                f"the model predicts none of the {len(tokens)} answer tokens of {len(facts)} facts, so "
+                                "there is no depth to measure; pass facts it knows (--facts).")
     summary = depth_summary(kept, "answer").merge(tokens, on=["item", "position"])
     summary["token_index"] = summary.answer_token.clip(upper=3).map({1: "1", 2: "2", 3: "3+"})
     by_index = _index_table(summary, tokens, lenses)

@@ -18,6 +18,7 @@ in MMLU's CSV layout (question, A, B, C, D, answer; no header), so MMLU files lo
 from __future__ import annotations
 
 import csv
+import io
 import random
 from importlib import resources
 from pathlib import Path
@@ -41,11 +42,15 @@ def default_mcq_path() -> Path:
 def read_mcq(path: str | Path | None = None) -> list[dict]:
     """Rows of an MMLU-layout CSV as ``{question, options: [4], answer: 'A'..'D'}`` (a header row
     ``question,A,B,C,D,answer`` is skipped if present)."""
+    from ..data import read_utf8
+
     path = Path(path) if path else default_mcq_path()
-    if not path.exists():
+    if not path.is_file():
         raise DataError(f"MCQ file {path} does not exist; pass an MMLU-layout CSV with --mcq.")
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        rows = list(csv.reader(io.StringIO(read_utf8(path), newline="")))
+    except csv.Error as e:
+        raise DataError(f"{path} is not a readable CSV file ({e}); expected rows question,A,B,C,D,answer.") from e
     if rows and [c.strip().lower() for c in rows[0]] == ["question", "a", "b", "c", "d", "answer"]:
         rows = rows[1:]
     items = []

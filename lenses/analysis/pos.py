@@ -22,7 +22,7 @@ import pandas as pd
 from ..errors import DataError
 from ..models import ModelAdapter
 from ..trace import ONSET_KS, TraceItem, depth_summary, onset_curve, trace
-from .common import ViewResult, keep_where_final, mean_or_nan, require
+from .common import ViewResult, keep_where_final, mean_or_nan, nothing_to_score, require
 
 FUNCTION_TAGS = ("DET", "ADP", "PUNCT", "PART", "CCONJ", "SCONJ", "PRON", "AUX")
 CONTENT_TAGS = ("NOUN", "VERB", "ADJ", "ADV")
@@ -96,6 +96,10 @@ def pos_view(
     df = trace(adapter, lenses, items, progress=progress)
     df["correct"] = df.rank_word == 1
     kept = keep_where_final(df, "correct").merge(words, on=["item", "position"])
+    if kept.empty:
+        return nothing_to_score("pos", df.merge(words, on=["item", "position"]),
+                                f"the model predicts none of the {len(words)} tagged words, so there is no depth to "
+                                "measure; pass more or plainer English text (--corpus).")
     summary = depth_summary(kept, "word").merge(words, on=["item", "position"])
     tags = _tag_table(summary, words, lenses)
     curves = onset_curve(summary, by=("lens", "tag")).merge(

@@ -1,0 +1,117 @@
+"""The Lens protocol is the only seam, and the redesign changed no result.
+
+- A third lens defined here, in a few lines, runs through tracing, a depth view, held-out
+  evaluation and save/load with no library change.
+- Results pinned from the commit before the redesign (tests/fixtures/pinned_before_redesign.json,
+  made by that commit's code on the same tiny model): training, held-out KL and a trace.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lenses import Lens, LogitLens, ModelAdapter, load_lens
+from lenses.analysis.frequency import frequency_view
+from lenses.evaluate import evaluate
+from lenses.trace import TraceItem, trace
+from lenses.train import TrainConfig, train
+from tiny_models import random_lens, tiny_model
+
+PINNED = json.loads((Path(__file__).parent / "fixtures" / "pinned_before_redesign.json").read_text())
+
+
+class RotatedLens(Lens):  # the toy third lens: a fixed random rotation in front of the logit lens
+    kind = "test-rotation"
+
+    def __init__(self, num_layers, d_model, config=None):
+        super().__init__(num_layers, d_model, config)
+        q = torch.linalg.qr(torch.randn(d_model, d_model, generator=torch.Generator().manual_seed(7)))[0]
+        self.register_buffer("rotation", q)
+
+    def transform(self, h, layer):
+        return h @ self.rotation.T
+
+
+@pytest.fixture
+def tiny():
+    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    return adapter, {"logit": LogitLens(adapter), "rotated": RotatedLens.for_model(adapter)}
+
+
+def _rotated_logits(adapter, lens, h, layer):
+    """Independent float64 computation: rotate (except at the last layer), final norm, lm_head."""
+    model = adapter.model.double()
+    h = h.double() if layer == adapter.num_layers else h.double() @ lens.rotation.double().T
+    out = model.lm_head(model.model.norm(h))
+    adapter.model.float()
+    return out
+
+
+def test_third_lens_traces_evaluates_and_round_trips(tiny, tmp_path, eager_kl, char_tokenizer):
+    adapter, lenses = tiny
+    rot = lenses["rotated"]
+    ids = char_tokenizer("A third lens, read through every path.").input_ids
+    df = trace(adapter, lenses, [TraceItem(ids, [3, 9], {"next": [ids[4], ids[10]]})])
+    hidden = adapter.hidden_states(torch.tensor([ids]))[:, 0]
+    for layer in (0, 2, adapter.num_layers):
+        want = _rotated_logits(adapter, rot, hidden[layer, [3, 9]], layer)
+        got = df[(df.lens == "rotated") & (df.layer == layer)]
+        np.testing.assert_array_equal(got.top1_id, want.argmax(-1).numpy())
+        np.testing.assert_allclose(got.prob_next, torch.softmax(want, -1)[[0, 1], [ids[4], ids[10]]], rtol=1e-4)
+    # the lens really differs from the logit lens below the last layer, and equals it at the last
+    t = df.pivot_table(index=["layer", "position"], columns="lens", values="top1_prob")
+    assert not np.allclose(t.loc[0, "rotated"], t.loc[0, "logit"])
+    np.testing.assert_allclose(t.loc[adapter.num_layers, "rotated"], t.loc[adapter.num_layers, "logit"], rtol=1e-6)
+    # a depth view
+    texts = [" ".join(f"word{i % 7} and the {i}" for i in range(j, j + 60)) for j in range(12)]
+    view = frequency_view(adapter, char_tokenizer, lenses, texts, num_positions=20, seq_len=64)
+    layers = view.tables["layers"]
+    assert set(layers.lens) == {"logit", "rotated"} and np.allclose(layers.groupby(["lens", "layer"]).share.sum(), 1)
+    # held-out evaluation against a float64 KL
+    blocks = torch.tensor([ids[:12], ids[12:24]])
+    kl = evaluate(adapter, {"rotated": rot}, blocks, batch_size=1).kl["rotated"]
+    h = adapter.hidden_states(blocks).flatten(1, 2)
+    logp = torch.log_softmax(_rotated_logits(adapter, rot, h[-1], adapter.num_layers), -1)
+    for layer in range(adapter.num_layers):
+        logq = torch.log_softmax(_rotated_logits(adapter, rot, h[layer], layer), -1)
+        ref = (logp.exp() * (logp - logq)).sum(-1).mean()
+        torch.testing.assert_close(kl[layer].double(), ref, rtol=1e-4, atol=1e-6)
+    # save / load by kind, checked against the model
+    rot.save_pretrained(tmp_path / "rot")
+    back = load_lens(tmp_path / "rot", model=adapter)
+    assert type(back) is RotatedLens and torch.equal(back.rotation, rot.rotation)
+
+
+def test_training_reproduces_the_commit_before_the_redesign(tmp_path, char_tokenizer, eager_kl):
+    import pandas as pd
+
+    text = ("The quick brown fox jumps over the lazy dog. " * 40 + "\n\n") * 6
+    (tmp_path / "c.txt").write_text(text)
+    cfg = TrainConfig(corpus=str(tmp_path / "c.txt"), out=str(tmp_path / "run"), seq_len=16, batch_size=4, steps=6,
+                      optimizer="adam", lr=1e-2, checkpoint_every=2, compute_dtype="float32", progress=False,
+                      max_eval_tokens=64)
+    result = train(cfg, model=tiny_model("llama"), tokenizer=char_tokenizer)
+    np.testing.assert_allclose(result.lens.weight.detach().double().flatten()[::17], PINNED["train_weight"],
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.lens.bias.detach().double().flatten(), PINNED["train_bias"], rtol=1e-5, atol=1e-7)
+    assert result.eval.lens.tolist() == PINNED["eval_lens"]
+    np.testing.assert_allclose(result.eval.kl_nats, PINNED["eval_kl"], rtol=1e-5)
+    np.testing.assert_allclose(result.log.kl, PINNED["log_kl"], rtol=1e-5)
+    assert isinstance(result.log, pd.DataFrame)
+
+
+def test_trace_reproduces_the_commit_before_the_redesign(char_tokenizer, eager_kl):
+    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    ids = char_tokenizer("The capital of France is Paris, and the quick fox.").input_ids
+    items = [TraceItem(ids, [5, 10, 20, len(ids) - 2], {"next": [ids[6], ids[11], ids[21], ids[-1]]})]
+    df = trace(adapter, {"logit": LogitLens(adapter), "tuned": random_lens(adapter)}, items)
+    pinned = PINNED["trace"]
+    for col in ("lens", "layer", "position", "top1_id", "rank_next"):
+        assert df[col].tolist() == pinned[col], col
+    for col in ("top1_prob", "entropy", "prob_next"):
+        np.testing.assert_allclose(df[col], pinned[col], rtol=1e-6, err_msg=col)
+    # the KL terms are now summed in the training kernel's order: float32 rounding of O(1) terms, ~2e-7
+    np.testing.assert_allclose(df.kl, pinned["kl"], rtol=0, atol=1e-6)
