@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     tokens = result.lens.config["training"]["train_tokens"]
     plot_heldout_kl(result.eval, f"{cfg.out}/eval_kl.png", title=f"held-out KL, {tokens:,} training tokens")
     print("\nheld-out KL(final || lens), nats per token:")
-    print(result.eval.pivot(index="layer", columns="lens", values="kl_nats").to_string(float_format=lambda v: f"{v:.3f}"))
+    print(result.eval.pivot(index="layer", columns="lens",
+                            values="kl_nats").to_string(float_format=lambda v: f"{v:.3f}"))
     print(f"\nlens written to {cfg.out} (load with lenses.load_lens({cfg.out!r}, model))")
     return 0
 

@@ -274,7 +274,8 @@ def bench_memory(name: str, seqs: list[int]) -> list[dict]:
             out = subprocess.run([sys.executable, __file__, "--memory-probe", name, what, str(seq)],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append({"measure": f"memory ({what})", "method": f"{seq} tokens", "peak_mib": r["peak_above_model_mib"],
+            rows.append({"measure": f"memory ({what})", "method": f"{seq} tokens",
+                         "peak_mib": r["peak_above_model_mib"],
                          "model_mib": r["model_mib"]})
     return rows
 
@@ -283,7 +284,8 @@ def bench_memory(name: str, seqs: list[int]) -> list[dict]:
 
 
 def bench_load() -> list[dict]:
-    code = "import time; t=time.perf_counter(); from lenses import load_model; load_model(); print(time.perf_counter()-t)"
+    code = ("import time; t=time.perf_counter(); from lenses import load_model; load_model(); "
+            "print(time.perf_counter()-t)")
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "LENSES_CACHE": cache}
         times = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -343,7 +345,8 @@ def main() -> None:
             if r["measure"] == "trace":
                 trace_flops = 2 * 2 * (L + 1) * d * V  # two lenses, layers 0..L
                 r["share_of_limit"] = r["tokens_per_s"] * trace_flops / limits[r["dtype"]]
-                r["share_of_limit_all_work"] = r["tokens_per_s"] * (trace_flops + forward_flops(adapter, SEQ)) / limits[r["dtype"]]
+                all_work = trace_flops + forward_flops(adapter, SEQ)
+                r["share_of_limit_all_work"] = r["tokens_per_s"] * all_work / limits[r["dtype"]]
         ceiling = 1 / (lens_flops / limits["bfloat16"] + other_flops / limits["float32"])
         found.append({"measure": "train", "method": "ceiling: every matmul at its limit (bf16 lens, fp32 model)",
                       "dtype": "bfloat16", "tokens_per_s": ceiling, "share_of_limit_all_work": 1.0})

@@ -79,7 +79,8 @@ def add_options(parser: argparse.ArgumentParser, cls, groups: dict[str, str] | N
             target.add_argument(flag_name("no_" + dest), dest=dest, action="store_false",
                                 help=f"turn off: {f.metadata['help']} (on by default)")
         elif kind is bool:
-            target.add_argument(flag_name(dest), dest=dest, action="store_true", help=f"{f.metadata['help']} (off by default)")
+            target.add_argument(flag_name(dest), dest=dest, action="store_true",
+                                help=f"{f.metadata['help']} (off by default)")
         else:
             target.add_argument(flag_name(dest), dest=dest, type=_parser_for(kind), default=default,
                                 metavar=None if f.metadata["choices"] else f.name.upper(), help=help_text,
@@ -150,7 +151,8 @@ def check_device(name: str) -> str | None:
         if not torch.cuda.is_available():
             return f"{name!r} asked for, but this torch build has no usable CUDA device; use --device cpu."
         if device.index is not None and device.index >= torch.cuda.device_count():
-            return f"{name!r}: there are only {torch.cuda.device_count()} CUDA devices (0..{torch.cuda.device_count() - 1})."
+            n = torch.cuda.device_count()
+            return f"{name!r}: there are only {n} CUDA devices (0..{n - 1})."
     elif device.type == "mps" and not torch.backends.mps.is_available():
         return "mps is not available on this machine; use --device cpu."
     elif device.type not in ("cpu", "cuda", "mps"):

@@ -48,7 +48,8 @@ def _read_jsonl(path: Path, field: str = "text") -> list[str]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); fix or remove that line.") from e
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise DataError(f"{path}:{n} has no string field {field!r}; each JSONL line must look like {{\"{field}\": \"...\"}}.")
+            raise DataError(f"{path}:{n} has no string field {field!r}; each JSONL line must look like "
+                            f"{{\"{field}\": \"...\"}}.")
         texts.append(record[field])
     return texts
 
@@ -77,7 +78,7 @@ def read_texts(source: str | os.PathLike | None = None, field: str = "text") -> 
     if not path.exists():
         raise DataError(f"corpus {path} does not exist: pass a .txt/.jsonl file or a folder (--corpus).")
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        if any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
             texts = _read_saved_dataset(path, field)
         else:
             texts = []

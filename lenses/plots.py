@@ -29,7 +29,8 @@ def _integer_layers(*axes) -> None:
 
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=130, bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=130,
+                                               bbox_inches="tight"))
     _pyplot().close(fig)
     return path
 
@@ -135,7 +136,8 @@ def plot_frequency(layers: pd.DataFrame, path: str | os.PathLike) -> Path:
     for ax, lens in zip(axes, lenses):
         wide = layers[layers.lens == lens].pivot(index="layer", columns="bucket", values="share")[buckets]
         ax.stackplot(wide.index, wide.T.to_numpy(), labels=[f"ranks {b}" for b in buckets], colors=colors, alpha=0.9)
-        final = layers[(layers.lens == lens) & (layers.layer == wide.index.max())].set_index("bucket").final_share[buckets]
+        last = layers[(layers.lens == lens) & (layers.layer == wide.index.max())]
+        final = last.set_index("bucket").final_share[buckets]
         bottom, x = 0.0, wide.index.max() + 1.5
         for b, c in zip(buckets, colors):
             ax.bar(x, final[b], bottom=bottom, color=c, width=1.2, edgecolor="k", lw=0.5)
@@ -149,7 +151,8 @@ def plot_frequency(layers: pd.DataFrame, path: str | os.PathLike) -> Path:
         for b, c in zip(buckets, colors):
             rows = layers[(layers.lens == lens) & (layers.bucket == b) & (layers.n_guesses >= 5)]
             ax.plot(rows.layer, rows.flip_rate, _style(lens), color=c, label=f"{lens}: {b}")
-    ax.set(title="guesses later refined (flip rate)", xlabel="layer", ylabel="share differing from final top-1", ylim=(0, 1.02))
+    ax.set(title="guesses later refined (flip rate)", xlabel="layer", ylabel="share differing from final top-1",
+           ylim=(0, 1.02))
     ax.legend(fontsize=7, ncol=2)
     ax = axes[-1]
     for lens in lenses:
@@ -182,14 +185,16 @@ def plot_pos(tags: pd.DataFrame, curves: pd.DataFrame, path: str | os.PathLike) 
     for ax, lens in zip(axes, lenses):
         rows = tags[(tags.lens == lens) & (tags.n_correct > 0)].sort_values("mean_first_correct")
         y = range(len(rows))
-        ax.barh(y, rows.mean_first_correct, color=[group_color[g] for g in rows.group], alpha=0.85, label="first correct")
+        ax.barh(y, rows.mean_first_correct, color=[group_color[g] for g in rows.group], alpha=0.85,
+                label="first correct")
         ax.scatter(rows.mean_settled, y, color="k", marker="|", s=120, label="settled")
         ax.set_yticks(list(y), [f"{t} ({n})" for t, n in zip(rows.tag, rows.n_correct)], fontsize=8)
         ax.set(xlabel="mean layer", title=f"{lens} lens: depth by part of speech")
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3, axis="x")
     merged = curves.assign(n_w=curves.n * curves.mean_layer)
-    grouped = merged[merged.group != "other"].groupby(["lens", "group", "k"], as_index=False).agg(n=("n", "sum"), s=("n_w", "sum"))
+    grouped = merged[merged.group != "other"].groupby(["lens", "group", "k"], as_index=False).agg(n=("n", "sum"),
+                                                                                                  s=("n_w", "sum"))
     grouped["mean_layer"] = grouped.s / grouped.n.where(grouped.n > 0)
     _onset_panel(axes[-1], grouped, "group", "onset vs k: function vs content", group_color)
     axes[-1].legend(fontsize=8)
@@ -229,7 +234,8 @@ def plot_mcq(layers: pd.DataFrame, questions: pd.DataFrame, path: str | os.PathL
         ax1.plot(rows.layer, rows.letter_mass, _style(lens), color="C0", label=f"{lens}: mass on A-D")
         ax1.plot(rows.layer, rows.format_share, _style(lens), color="C2", label=f"{lens}: A-D all in top 4")
         ax1.plot(rows.layer, rows.prob_gold, _style(lens), color="C3", label=f"{lens}: p(correct letter)")
-    ax1.set(xlabel="layer", ylabel="mean over questions", ylim=(0, 1.02), title="multiple choice: format before answer?")
+    ax1.set(xlabel="layer", ylabel="mean over questions", ylim=(0, 1.02),
+            title="multiple choice: format before answer?")
     ax1.legend(fontsize=7)
     _integer_layers(ax1)
     cols = ["format_found", "format_settled", "answer_found", "choice_settled"]

@@ -152,7 +152,8 @@ def _row_stats(z: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor, t_id
     kl = _kl(finite, log_s, p, neg_entropy).clamp_min(0.0)  # KL >= 0; rounding can dip below
     zt = z.gather(1, t_ids)  # [C, n]
     ranks = (z[:, None, :] > zt[:, :, None]).sum(-1) + 1
-    return top_id, (1.0 / s).squeeze(-1), entropy, kl, ranks, torch.exp(zs.gather(1, t_ids) - log_s)
+    log_z = z.amax(-1, keepdim=True) + log_s  # log sum exp(z)
+    return top_id, (1.0 / s).squeeze(-1), entropy, kl, ranks, torch.exp(zt - log_z)
 
 
 class maybe_compiled:

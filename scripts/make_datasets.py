@@ -75,7 +75,8 @@ def facts(rows: list[dict]) -> list[dict]:
     for relation, (template, field) in TEMPLATES.items():
         for r in rows:
             if r[field]:
-                out.append({"prompt": template.format(**r), "answer": r[field], "relation": relation, "subject": r["country"]})
+                out.append({"prompt": template.format(**r), "answer": r[field], "relation": relation,
+                            "subject": r["country"]})
     return out
 
 

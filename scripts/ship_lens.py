@@ -29,6 +29,11 @@ from lenses.registry import PRETRAINED_DIR  # noqa: E402
 from lenses.evaluate import evaluate  # noqa: E402
 
 
+DEFAULT_CORPUS = ("the default corpus: prose of the Python documentation (pydoc topics + standard-library docstrings, "
+                  "PSF licence)")
+FP16_NOTE = "float16 (every layer's held-out KL equals the float32 lens's to 3 significant digits)"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a train_probes.py --out folder")
@@ -86,7 +91,7 @@ def card(name: str, config: dict, wide: pd.DataFrame, eval_tokens: int, fp16: bo
 For **{config.get("model", "")}** ({config["num_layers"]} layers, d = {config["d_model"]}); loads with
 `TunedLens.from_pretrained("{name}")` (checked against the model's fingerprint on attach).
 
-- **Corpus**: {t.get("corpus") or "the default corpus: prose of the Python documentation (pydoc topics + standard-library docstrings, PSF licence)"};
+- **Corpus**: {t.get("corpus") or DEFAULT_CORPUS};
   documents shuffled with seed 0, EOS-separated, packed into {t["seq_len"]}-token blocks; the last
   {t["eval_fraction"]:.0%} of blocks held out (first {eval_tokens:,} tokens used for evaluation).
 - **Tokens**: {t["train_tokens"]:,} training tokens ({t["train_tokens"] // (t["batch_size"] * t["seq_len"])} steps of
@@ -95,7 +100,7 @@ For **{config.get("model", "")}** ({config["num_layers"]} layers, d = {config["d
   (lr {lr}, weight decay {t["weight_decay"]}, linear decay to 0, gradient clip {t["clip"]}), seed {t["seed"]},
   loss KL(final || lens) summed over layers, vocabulary matmuls in {t.get("compute_dtype_used")},
   {t.get("tokens_per_second") or 0:.0f} training tokens/s on a 2-core CPU.
-- **Stored** in {"float16 (every layer's held-out KL equals the float32 lens's to 3 significant digits)" if fp16 else "float32"}.
+- **Stored** in {FP16_NOTE if fp16 else "float32"}.
 
 Held-out KL(final || lens) in nats per token, float32 evaluation (layer 0 = embeddings; layer
 {config["num_layers"]} is the model itself, KL 0):

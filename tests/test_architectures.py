@@ -117,7 +117,8 @@ def test_device_map_auto_model_gives_the_same_hidden_states(tmp_path):
     ids = torch.randint(1, 96, (2, 7))
     a, b = ModelAdapter.from_model(model), ModelAdapter.from_model(mapped)
     torch.testing.assert_close(b.hidden_states(ids), a.hidden_states(ids))
-    torch.testing.assert_close(TunedLens.for_model(b)(b.hidden_states(ids)[1], 1), LogitLens(a)(a.hidden_states(ids)[1], 1))
+    torch.testing.assert_close(TunedLens.for_model(b)(b.hidden_states(ids)[1], 1),
+                               LogitLens(a)(a.hidden_states(ids)[1], 1))
 
 
 def test_offloaded_unembedding_is_refused_with_advice(tmp_path):

@@ -106,5 +106,6 @@ def test_atomic_writes_get_normal_permissions_and_leave_nothing_on_failure(tmp_p
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0600
     with pytest.raises(RuntimeError):
-        atomic_write(tmp_path / "b.txt", lambda tmp: (open(tmp, "w").write("half"), (_ for _ in ()).throw(RuntimeError())))
+        atomic_write(tmp_path / "b.txt", lambda tmp: (open(tmp, "w").write("half"),
+                                                      (_ for _ in ()).throw(RuntimeError())))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -33,7 +32,8 @@ def _kw(tmp_path, name, variant):
 
 
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
-@pytest.mark.parametrize("variant", [{}, {"topk": 3, "keep_prob": 0.5, "token": "next"}], ids=["baseline", "subsampled"])
+@pytest.mark.parametrize("variant", [{}, {"topk": 3, "keep_prob": 0.5, "token": "next"}], ids=["baseline",
+                                                                                               "subsampled"])
 def test_two_processes_match_one(tmp_path, char_tokenizer, eager_kl, variant):
     one = _kw(tmp_path, "one", variant)
     train(TrainConfig(**{**one, "variant": FrequencyVariant(**variant)}), model=tiny_model("llama"),
@@ -42,7 +42,8 @@ def test_two_processes_match_one(tmp_path, char_tokenizer, eager_kl, variant):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LENSES_COMPILE": "0"}
     proc = subprocess.run(
         [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-         "no", "--dynamo_backend", "no", "--main_process_port", "29517", str(HERE / "train_worker.py"), json.dumps(two)],
+         "no", "--dynamo_backend", "no", "--main_process_port", "29517", str(HERE / "train_worker.py"),
+         json.dumps(two)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

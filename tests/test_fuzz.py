@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import os
 import string
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -123,37 +122,29 @@ def check(main, argv, world, capsys):
     assert snapshot(world / "inputs") == before, argv
 
 
-@pytest.mark.usefixtures("eager_kl")
-def test_fuzz_train_probes(world, capsys):
-    inputs = world / "inputs"
+def train_base(inputs, out):
+    return ["--model", str(inputs / "model"), "--corpus", str(inputs / "corpus.txt"), "--no-progress", "--steps", "2",
+            "--seq-len", "16", "--batch-size", "2", "--max-eval-tokens", "32", "--out", str(out)]
 
-    @FUZZ
-    @given(data=st.data())
-    def run(data):
-        out = world / "outs" / f"t{next(COUNTER)}"
-        base = ["--model", str(inputs / "model"), "--corpus", str(inputs / "corpus.txt"), "--no-progress", "--steps",
-                "2", "--seq-len", "16", "--batch-size", "2", "--max-eval-tokens", "32", "--out", str(out)]
-        check(train_probes.main, data.draw(command(world, TRAIN_OPTIONS, base)), world, capsys)
 
-    run()
-    print("\ntrain_probes.py outcomes:", sorted(OUTCOMES.items(), key=lambda kv: -kv[1]))
-    OUTCOMES.clear()
+def analyze_base(inputs, out):
+    return ["--model", str(inputs / "model"), "--lens", "logit", "--no-progress", "--view", "facts", "--facts",
+            str(inputs / "facts.jsonl"), "--mcq", str(inputs / "mcq.csv"), "--corpus", str(inputs / "corpus.txt"),
+            "--num-positions", "6", "--num-texts", "3", "--num-questions", "2", "--num-prompts", "3",
+            "--prompt-tokens", "8", "--out", str(out)]
 
 
 @pytest.mark.usefixtures("eager_kl")
-def test_fuzz_analyze(world, capsys):
-    inputs = world / "inputs"
-
+@pytest.mark.parametrize("main,options,base", [(train_probes.main, TRAIN_OPTIONS, train_base),
+                                               (analyze.main, ANALYZE_OPTIONS, analyze_base)],
+                         ids=["train_probes", "analyze"])
+def test_fuzz_cli(world, capsys, main, options, base):
     @FUZZ
     @given(data=st.data())
     def run(data):
-        out = world / "outs" / f"a{next(COUNTER)}"
-        base = ["--model", str(inputs / "model"), "--lens", "logit", "--no-progress", "--view", "facts", "--facts",
-                str(inputs / "facts.jsonl"), "--mcq", str(inputs / "mcq.csv"), "--corpus", str(inputs / "corpus.txt"),
-                "--num-positions", "6", "--num-texts", "3", "--num-questions", "2", "--num-prompts", "3",
-                "--prompt-tokens", "8", "--out", str(out)]
-        check(analyze.main, data.draw(command(world, ANALYZE_OPTIONS, base)), world, capsys)
+        out = world / "outs" / str(next(COUNTER))
+        check(main, data.draw(command(world, options, base(world / "inputs", out))), world, capsys)
 
     run()
-    print("\nanalyze.py outcomes:", sorted(OUTCOMES.items(), key=lambda kv: -kv[1]))
+    print(f"\n{main.__module__} outcomes:", sorted(OUTCOMES.items(), key=lambda kv: -kv[1]))
     OUTCOMES.clear()

@@ -196,19 +196,13 @@ BAD_ANALYZE = [
 ]
 
 
-@pytest.mark.parametrize("bad,message", BAD_TRAIN, ids=lambda x: str(x))
-def test_train_options_are_checked_before_any_work(bad, message, capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize("main,bad,message", [(train_probes.main, *case) for case in BAD_TRAIN]
+                         + [(analyze.main, *case) for case in BAD_ANALYZE], ids=lambda x: str(x)[:40])
+def test_options_are_checked_before_any_work(main, bad, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr("lenses.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    rc, err = cli(train_probes.main, ["--out", str(tmp_path / "o"), *bad], capsys)
+    rc, err = cli(main, ["--out", str(tmp_path / "o"), *bad], capsys)
     assert rc == 2 and message in err, err
     assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("bad,message", BAD_ANALYZE, ids=lambda x: str(x))
-def test_analyze_options_are_checked_before_any_work(bad, message, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr("lenses.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    rc, err = cli(analyze.main, ["--out", str(tmp_path / "o"), *bad], capsys)
-    assert rc == 2 and message in err, err
 
 
 def _write(path: Path, content: bytes | str) -> Path:

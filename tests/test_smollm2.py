@@ -63,7 +63,8 @@ def test_short_training_lowers_heldout_kl_at_every_layer(tmp_path, smollm2):
 
 def test_cli_reports_bad_model_path_cleanly(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_probes.py"), "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+        [sys.executable, str(ROOT / "train_probes.py"), "--model", str(tmp_path / "missing"), "--out",
+         str(tmp_path / "o")],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2
@@ -74,7 +75,8 @@ def test_analyze_representation_view(tmp_path):
     import analyze
 
     out = tmp_path / "rep"
-    assert analyze.main(["--view", "representation", "--num-prompts", "4", "--prompt-tokens", "16", "--out", str(out)]) == 0
+    assert analyze.main(["--view", "representation", "--num-prompts", "4", "--prompt-tokens", "16", "--out",
+                         str(out)]) == 0
     layers = pd.read_csv(out / "representation_layers.csv")
     prompts = pd.read_csv(out / "representation_prompts.csv")
     assert set(layers.layer) == set(range(31)) and prompts.prompt_id.nunique() == 4

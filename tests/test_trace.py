@@ -20,7 +20,6 @@ def _brute_force(family, lens, ids, positions, target, groups):
     model = tiny_model(family).double()
     adapter = ModelAdapter.from_model(model)
     hidden = adapter.hidden_states(torch.tensor([ids]))[:, 0, positions]  # [L+1, P, d]
-    L = adapter.num_layers
     rows = {}
     with torch.no_grad():
         return _brute_force_layers(adapter, lens, hidden, target, groups, rows)
@@ -43,11 +42,13 @@ def _brute_force_layers(adapter, lens, hidden, target, groups, rows):
             "top1_prob": p.max(-1).values,
             "entropy": -(p * p.log()).sum(-1),
             "kl": (logp_final.exp() * (logp_final - p.log())).sum(-1),
-            "rank": torch.tensor([[1 + int((z[l, j] > z[l, j, t]).sum()) for j, t in enumerate(target)] for l in range(L + 1)]),
+            "rank": torch.tensor([[1 + int((z[l, j] > z[l, j, t]).sum()) for j,
+                                   t in enumerate(target)] for l in range(L + 1)]),
             "prob": torch.stack([p[:, j, t] for j, t in enumerate(target)], -1),
             "mass_g0": (p * (groups == 0)).sum(-1),
             "mass_g1": (p * (groups == 1)).sum(-1),
-            "gap": torch.stack([(z[:, j] - z[:, j, t : t + 1]).abs().sort(-1).values[:, 1] for j, t in enumerate(target)], -1),
+            "gap": torch.stack([(z[:, j] - z[:, j, t : t + 1]).abs().sort(-1).values[:, 1] for j,
+                                t in enumerate(target)], -1),
         }
     return rows
 

@@ -1,6 +1,5 @@
 """Training math against a float64 autograd reference, and the training loop end to end."""
 
-import shutil
 import signal
 
 import pandas as pd
@@ -88,7 +87,8 @@ def test_bfloat16_matmuls_stay_within_the_stated_tolerance_of_float32():
     gradients within cosine 0.999 of the float32 computation (compiled kernel, as users run it)."""
     adapter = ModelAdapter.from_model(tiny_model("llama"))
     lens = random_lens(adapter)
-    hidden = adapter.hidden_states(torch.randint(1, 96, (4, 16), generator=torch.Generator().manual_seed(5))).flatten(1, 2)
+    hidden = adapter.hidden_states(torch.randint(1, 96, (4, 16),
+                                                 generator=torch.Generator().manual_seed(5))).flatten(1, 2)
     kl32 = lens_kl_backward(lens, hidden, None, torch.float32)
     g32 = lens.weight.grad.clone()
     lens.weight.grad = lens.bias.grad = None
@@ -234,7 +234,8 @@ def test_sigkilled_process_resumes_bit_identically(tmp_path, char_tokenizer, eag
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = load_file(str(Path(cfg.out) / "translators.safetensors"))
-    assert torch.equal(resumed["weight"], straight.weight.detach()) and torch.equal(resumed["bias"], straight.bias.detach())
+    assert torch.equal(resumed["weight"], straight.weight.detach()) and torch.equal(resumed["bias"],
+                                                                                    straight.bias.detach())
 
 
 def test_part_paths_reach_the_adapter(tmp_path, char_tokenizer, eager_kl):

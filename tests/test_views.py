@@ -99,8 +99,10 @@ def test_fact_readers_accept_three_layouts(tmp_path):
     path = tmp_path / "f.jsonl"
     lines = [
         {"prompt": "The capital of Peru is", "answer": "Lima"},
-        {"requested_rewrite": {"prompt": "{} is located in", "subject": "Kenya", "target_true": {"str": "Africa"}, "relation_id": "P30"}},
-        {"single_hops": [{"cloze": "Paris is the capital of", "answer": "France"}, {"cloze": "France is in", "answer": "Europe"}]},
+        {"requested_rewrite": {"prompt": "{} is located in", "subject": "Kenya", "target_true": {"str": "Africa"},
+                               "relation_id": "P30"}},
+        {"single_hops": [{"cloze": "Paris is the capital of", "answer": "France"}, {"cloze": "France is in",
+                                                                                    "answer": "Europe"}]},
     ]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
     facts = read_facts(path)
@@ -177,4 +179,5 @@ def test_mcq_csv_round_trip(tmp_path_factory, rows):
 def test_bucket_names_cover_all_ranks():
     freqs = TokenFrequencies(torch.arange(2000, 0, -1))
     b = freqs.bucket(torch.tensor([0, 9, 10, 99, 100, 999, 1000, 1999]))
-    assert [BUCKET_NAMES[i] for i in b] == ["1-10", "1-10", "11-100", "11-100", "101-1000", "101-1000", "1001+", "1001+"]
+    assert [BUCKET_NAMES[i] for i in b] == ["1-10", "1-10", "11-100", "11-100", "101-1000", "101-1000", "1001+",
+                                            "1001+"]

@@ -43,6 +43,17 @@ def nothing_to_score(view: str, positions: pd.DataFrame, why: str) -> ViewResult
     return ViewResult(view, {"positions": positions}, [f"nothing to score: {why}"], {"empty": why})
 
 
+def table_plot(figure: str, *tables: str):
+    """A view's ``plot(result, path)``: `lenses.plots` function ``figure`` drawn from the named tables."""
+
+    def plot(result: ViewResult, path):
+        from .. import plots
+
+        return getattr(plots, figure)(*(result.tables[t] for t in tables), path)
+
+    return plot
+
+
 def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 

@@ -26,7 +26,7 @@ import pandas as pd
 from ..errors import DataError
 from ..models import ModelAdapter
 from ..trace import TraceItem, depth_summary, onset_curve, trace
-from .common import ViewResult, encode, keep_where_final, mean_or_nan, nothing_to_score, require
+from .common import ViewResult, encode, keep_where_final, mean_or_nan, nothing_to_score, require, table_plot
 
 
 def default_facts_path() -> Path:
@@ -36,7 +36,8 @@ def default_facts_path() -> Path:
 def _records(obj, where: str) -> list[dict]:
     """The facts of one JSON record, in any of the three layouts, with string prompts and answers."""
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: a fact must be a JSON object, not {type(obj).__name__}; expected {{prompt, answer}}, "
+        raise DataError(f"{where}: a fact must be a JSON object, not {type(obj).__name__}; expected "
+                        "{prompt, answer}, "
                         "CounterFact's requested_rewrite or MQuAKE's single_hops.")
     try:
         if "prompt" in obj and "answer" in obj:
@@ -159,7 +160,8 @@ def _index_table(summary: pd.DataFrame, tokens: pd.DataFrame, lenses: dict) -> p
 def _summary(by_index: pd.DataFrame) -> list[str]:
     lines = []
     for lens, g in by_index.groupby("lens", sort=False):
-        parts = [f"token {r.token_index}: first correct {r.mean_first_correct:.1f}, settled {r.mean_settled:.1f} (n={r.n_correct})"
+        parts = [f"token {r.token_index}: first correct {r.mean_first_correct:.1f}, "
+                 f"settled {r.mean_settled:.1f} (n={r.n_correct})"
                  for r in g.itertuples()]
         lines.append(f"{lens:>6} lens: " + "; ".join(parts))
     return lines
@@ -171,7 +173,4 @@ def run(ctx) -> ViewResult:
                       progress=cfg.progress)
 
 
-def plot(result: ViewResult, path):
-    from ..plots import plot_facts
-
-    return plot_facts(result.tables["by_index"], result.tables["onset"], path)
+plot = table_plot("plot_facts", "by_index", "onset")

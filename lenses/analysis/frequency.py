@@ -24,7 +24,7 @@ from ..data import make_blocks
 from ..frequency import BUCKET_NAMES, TokenFrequencies
 from ..models import ModelAdapter
 from ..trace import TraceItem, flipped, trace, trajectories
-from .common import ViewResult, early_layers, require
+from .common import ViewResult, early_layers, require, table_plot
 
 
 def word_starts(tokenizer, vocab_size: int) -> torch.Tensor:
@@ -130,7 +130,4 @@ def run(ctx) -> ViewResult:
                           progress=cfg.progress)
 
 
-def plot(result: ViewResult, path):
-    from ..plots import plot_frequency
-
-    return plot_frequency(result.tables["layers"], path)
+plot = table_plot("plot_frequency", "layers")

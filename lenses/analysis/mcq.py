@@ -29,7 +29,7 @@ import pandas as pd
 from ..errors import DataError
 from ..models import ModelAdapter
 from ..trace import TraceItem, onset_layer, settled_layer, trace, trajectories
-from .common import ViewResult, encode, mean_or_nan, require
+from .common import ViewResult, encode, mean_or_nan, require, table_plot
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers).\n\n"
@@ -141,7 +141,8 @@ def _question_table(df: pd.DataFrame, gold: np.ndarray) -> pd.DataFrame:
 
 def _layer_table(df: pd.DataFrame) -> pd.DataFrame:
     """lens, layer, letter_mass, prob_gold, gold_top1 (share), format_share, median_rank_gold."""
-    g = df.assign(format_ok=(df[[f"rank_{l}" for l in LETTERS]] <= len(LETTERS)).all(axis=1), gold_top1=df.rank_gold == 1)
+    g = df.assign(format_ok=(df[[f"rank_{l}" for l in LETTERS]] <= len(LETTERS)).all(axis=1),
+                  gold_top1=df.rank_gold == 1)
     return g.groupby(["lens", "layer"], sort=True).agg(
         letter_mass=("letter_mass", "mean"), prob_gold=("prob_gold", "mean"), gold_top1=("gold_top1", "mean"),
         format_share=("format_ok", "mean"), median_rank_gold=("rank_gold", "median"), n=("item", "size"),
@@ -154,7 +155,8 @@ def _summary(per_q: pd.DataFrame, layers: pd.DataFrame) -> list[str]:
         lines.append(
             f"{lens:>6} lens: accuracy {g.correct.mean():.0%} of {len(g)} (final top-1 is a letter for "
             f"{g.choice_is_top1.mean():.0%}); format found at layer {mean_or_nan(g.format_found):.1f} "
-            f"(settled {mean_or_nan(g.format_settled):.1f}), final choice settled at {mean_or_nan(g.choice_settled):.1f}, "
+            f"(settled {mean_or_nan(g.format_settled):.1f}), "
+            f"final choice settled at {mean_or_nan(g.choice_settled):.1f}, "
             f"correct letter first top-1 at {mean_or_nan(g.answer_found):.1f}"
         )
     return lines
@@ -166,7 +168,4 @@ def run(ctx) -> ViewResult:
                     progress=cfg.progress)
 
 
-def plot(result: ViewResult, path):
-    from ..plots import plot_mcq
-
-    return plot_mcq(result.tables["layers"], result.tables["questions"], path)
+plot = table_plot("plot_mcq", "layers", "questions")

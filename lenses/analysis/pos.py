@@ -22,7 +22,7 @@ import pandas as pd
 from ..errors import DataError
 from ..models import ModelAdapter
 from ..trace import ONSET_KS, TraceItem, depth_summary, onset_curve, trace
-from .common import ViewResult, keep_where_final, mean_or_nan, nothing_to_score, require
+from .common import ViewResult, keep_where_final, mean_or_nan, nothing_to_score, require, table_plot
 
 FUNCTION_TAGS = ("DET", "ADP", "PUNCT", "PART", "CCONJ", "SCONJ", "PRON", "AUX")
 CONTENT_TAGS = ("NOUN", "VERB", "ADJ", "ADV")
@@ -45,7 +45,8 @@ def word_group(tag: str) -> str:
     return "function" if tag in FUNCTION_TAGS else "content" if tag in CONTENT_TAGS else "other"
 
 
-def pos_items(tokenizer, texts: list[str], tagger, max_tokens: int = 256, min_context: int = 4) -> tuple[list[TraceItem], pd.DataFrame]:
+def pos_items(tokenizer, texts: list[str], tagger, max_tokens: int = 256,
+              min_context: int = 4) -> tuple[list[TraceItem], pd.DataFrame]:
     """One item per text; positions predicting the first word of each tag. Returns the items and a
     table (item, position, word, tag, group) describing each kept position."""
     if not getattr(tokenizer, "is_fast", False):
@@ -71,7 +72,8 @@ def pos_items(tokenizer, texts: list[str], tagger, max_tokens: int = 256, min_co
             seen.add(w.pos_)
             positions.append(j - 1)
             targets.append(ids[j])
-            rows.append({"item": len(items), "position": j - 1, "word": w.text, "tag": w.pos_, "group": word_group(w.pos_)})
+            rows.append({"item": len(items), "position": j - 1, "word": w.text, "tag": w.pos_,
+                         "group": word_group(w.pos_)})
         if positions:
             items.append(TraceItem(ids, positions, {"word": targets}))
     return items, pd.DataFrame(rows, columns=["item", "position", "word", "tag", "group"])
@@ -144,7 +146,4 @@ def run(ctx) -> ViewResult:
                     progress=cfg.progress)
 
 
-def plot(result: ViewResult, path):
-    from ..plots import plot_pos
-
-    return plot_pos(result.tables["tags"], result.tables["onset"], path)
+plot = table_plot("plot_pos", "tags", "onset")

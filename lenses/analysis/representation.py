@@ -236,7 +236,8 @@ def representation_view(
 
     summary = (
         per_prompt.groupby(["layer", "metric"])["value"]
-        .agg(mean="mean", std="std", q10=lambda s: s.quantile(0.1), q50="median", q90=lambda s: s.quantile(0.9), n="count")
+        .agg(mean="mean", std="std", q10=lambda s: s.quantile(0.1), q50="median", q90=lambda s: s.quantile(0.9),
+             n="count")
         .reset_index()
     )
     dataset = pd.DataFrame(dataset_rows, columns=["layer", "metric", "mean"]).assign(n=len(prompts))
