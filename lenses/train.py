@@ -127,23 +127,11 @@ def lens_kl_backward(lens, hidden: torch.Tensor, pos_weight: torch.Tensor | None
     """Accumulate into ``lens``'s grads the gradient of sum_l mean_pos(w * KL_l); return KL [L, N].
 
     ``hidden``: ``[L+1, N, d]`` residual stream (positions flattened); ``pos_weight``: [N] or None.
-    The teacher is decoded ``teacher_positions`` at a time; the lens in chunks of about
-    ``chunk_rows`` rows (all layers x a few positions): see `lenses.vocab` for why both are small.
+    Chunking and the teacher: `lenses.vocab.kl_backward`.
     """
-    adapter = lens.adapter
-    L, N = lens.num_layers, hidden.shape[1]
-    chunk_rows = chunk_rows or vocab.default_chunk_rows(adapter, dtype)
-    u = adapter.final_norm(lens.transform_stack(hidden[:L]))  # [L, N, d], tracked by autograd
-    grad_u = torch.empty_like(u)
-    kl = torch.empty(L, N, device=hidden.device)
-    w_all = torch.full((N,), 1.0 / N, device=hidden.device) if pos_weight is None else pos_weight / N
-    for b0, b1 in vocab.blocks(0, N, teacher_positions):
-        teacher = vocab.Teacher(adapter, hidden[L, b0:b1])
-        for s, e in vocab.blocks(b0, b1, max(1, chunk_rows // L)):
-            p, neg_h = teacher.rows(s - b0, e - b0)
-            kl[:, s:e], grad_u[:, s:e] = vocab.kl_and_grad(adapter, u[:, s:e].detach(), p, neg_h, w_all[s:e], dtype)
-    u.backward(grad_u)
-    return kl
+    L = lens.num_layers
+    return vocab.kl_backward(lens.adapter, lens.transform_stack(hidden[:L]), hidden[L], pos_weight, dtype, chunk_rows,
+                             teacher_positions)
 
 
 def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> torch.Tensor:

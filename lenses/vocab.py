@@ -181,13 +181,13 @@ class maybe_compiled:
 KERNELS = {"kl": maybe_compiled(_kl_and_dz), "stats": maybe_compiled(_row_stats)}
 
 
-def kl_rows(adapter: "ModelAdapter", u: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor,
+def kl_rows(adapter: "ModelAdapter", h: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor,
             dtype: torch.dtype = torch.float32):
-    """KL(p || q) [G, C] and the lens top-1 ids [G, C] for normalised lens states ``u`` [G, C, d]
-    vs teacher rows ``p``, ``neg_entropy`` (see `Teacher`). (Scale and soft-cap are monotone, so the
-    raw argmax is the top-1.)"""
+    """KL(p || q) [G, C] and the lens top-1 ids [G, C] for lens outputs ``h`` [G, C, d] (states the
+    final norm reads) vs teacher rows ``p``, ``neg_entropy`` (see `Teacher`). (Scale and soft-cap are
+    monotone, so the raw argmax is the top-1.)"""
     with torch.no_grad():
-        z = unembed(adapter, u, dtype)
+        z = unembed(adapter, adapter.final_norm(h), dtype)
         kl, _ = KERNELS["kl"](z, p, neg_entropy, None, adapter.logit_scale, adapter.softcap or 0.0, False)
         return kl, z.argmax(-1)
 
@@ -206,6 +206,31 @@ def kl_and_grad(adapter: "ModelAdapter", u: torch.Tensor, p: torch.Tensor, neg_e
         kl, dz = KERNELS["kl"](z, p, neg_entropy, row_weight, adapter.logit_scale, adapter.softcap or 0.0, True)
         grad_u = (dz @ adapter.unembed_weight(dtype)).to(u.dtype)
     return kl, grad_u
+
+
+def kl_backward(adapter: "ModelAdapter", h: torch.Tensor, h_last: torch.Tensor, pos_weight: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32, chunk_rows: int | None = None,
+                teacher_positions: int = 256) -> torch.Tensor:
+    """Backpropagate sum_g mean_pos(w * KL(final || lens)) into lens outputs ``h`` [G, N, d] (tracked
+    by autograd); return the KL [G, N]. ``h_last``: the model's last hidden states [N, d] (the teacher).
+
+    The teacher is decoded ``teacher_positions`` at a time; the lens in chunks of about ``chunk_rows``
+    rows (all G layers x a few positions): see the module docstring for why both are small. Autograd
+    sees only the final norm; the vocabulary part is `kl_and_grad`.
+    """
+    G, N = h.shape[0], h.shape[1]
+    chunk_rows = chunk_rows or default_chunk_rows(adapter, dtype)
+    u = adapter.final_norm(h)  # [G, N, d]
+    grad_u = torch.empty_like(u)
+    kl = torch.empty(G, N, device=h.device)
+    w_all = torch.full((N,), 1.0 / N, device=h.device) if pos_weight is None else pos_weight / N
+    for b0, b1 in blocks(0, N, teacher_positions):
+        teacher = Teacher(adapter, h_last[b0:b1])
+        for s, e in blocks(b0, b1, max(1, chunk_rows // G)):
+            p, neg_h = teacher.rows(s - b0, e - b0)
+            kl[:, s:e], grad_u[:, s:e] = kl_and_grad(adapter, u[:, s:e].detach(), p, neg_h, w_all[s:e], dtype)
+    u.backward(grad_u)
+    return kl
 
 
 def row_stats(z: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor, t_ids: torch.Tensor):

@@ -165,40 +165,37 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(files, tmp_
 # --------------------------------------------------------------------------- one line, exit 2, before any work
 
 
-BAD_TRAIN = [
-    (["--seq-len", "0"], "--seq-len must be at least 2"),
-    (["--batch-size", "-1"], "--batch-size must be at least 1"),
-    (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
-    (["--max-tokens", "-5"], "--max-tokens must be at least 1"),
-    (["--lr", "-0.1"], "--lr must be greater than 0 (got -0.1)"),
-    (["--lr", "nan"], "not a finite number"),
-    (["--eval-fraction", "1.5"], "--eval-fraction must be less than 1"),
-    (["--model-dtype", "float8"], "invalid choice"),
-    (["--compute-dtype", "int4"], "invalid choice"),
-    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
-    (["--device", "toaster"], "not a device name"),
-    (["--steps", "three"], "not a whole number"),
-    (["--freq-keep-prob", "2"], "--freq-keep-prob: must be at most 1"),
-    (["--momentum", "1"], "--momentum: must be below 1"),
-    (["--chunk-rows", "0"], "--chunk-rows"),
-    (["--no-such-option"], "unrecognized arguments"),
-]
-
-BAD_ANALYZE = [
-    (["--num-prompts", "-1"], "--num-prompts must be at least 2"),
-    (["--num-positions", "0"], "--num-positions must be at least 1"),
-    (["--top-k", "0"], "--top-k must be at least 1"),
-    (["--prompt", "   "], "--prompt: is empty"),
-    (["--view", "nope"], "invalid choice"),
-    (["--alpha", "0"], "--alpha must be greater than 0"),
-    (["--num-facts", "-2"], "--num-facts must be at least 1"),
-    (["--device-map", "everywhere"], "invalid choice"),
+BAD_OPTIONS = [  # (which CLI, options, what the one line must say)
+    ("train", ["--seq-len", "0"], "--seq-len must be at least 2"),
+    ("train", ["--batch-size", "-1"], "--batch-size must be at least 1"),
+    ("train", ["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+    ("train", ["--max-tokens", "-5"], "--max-tokens must be at least 1"),
+    ("train", ["--lr", "-0.1"], "--lr must be greater than 0 (got -0.1)"),
+    ("train", ["--lr", "nan"], "not a finite number"),
+    ("train", ["--eval-fraction", "1.5"], "--eval-fraction must be less than 1"),
+    ("train", ["--model-dtype", "float8"], "invalid choice"),
+    ("train", ["--compute-dtype", "int4"], "invalid choice"),
+    ("train", ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
+    ("train", ["--device", "toaster"], "not a device name"),
+    ("train", ["--steps", "three"], "not a whole number"),
+    ("train", ["--freq-keep-prob", "2"], "--freq-keep-prob: must be at most 1"),
+    ("train", ["--momentum", "1"], "--momentum: must be below 1"),
+    ("train", ["--chunk-rows", "0"], "--chunk-rows"),
+    ("train", ["--no-such-option"], "unrecognized arguments"),
+    ("analyze", ["--num-prompts", "-1"], "--num-prompts must be at least 2"),
+    ("analyze", ["--num-positions", "0"], "--num-positions must be at least 1"),
+    ("analyze", ["--top-k", "0"], "--top-k must be at least 1"),
+    ("analyze", ["--prompt", "   "], "--prompt: is empty"),
+    ("analyze", ["--view", "nope"], "invalid choice"),
+    ("analyze", ["--alpha", "0"], "--alpha must be greater than 0"),
+    ("analyze", ["--num-facts", "-2"], "--num-facts must be at least 1"),
+    ("analyze", ["--device-map", "everywhere"], "invalid choice"),
 ]
 
 
-@pytest.mark.parametrize("main,bad,message", [(train_probes.main, *case) for case in BAD_TRAIN]
-                         + [(analyze.main, *case) for case in BAD_ANALYZE], ids=lambda x: str(x)[:40])
-def test_options_are_checked_before_any_work(main, bad, message, capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize("which,bad,message", BAD_OPTIONS, ids=lambda x: str(x)[:40])
+def test_options_are_checked_before_any_work(which, bad, message, capsys, monkeypatch, tmp_path):
+    main = {"train": train_probes.main, "analyze": analyze.main}[which]
     monkeypatch.setattr("lenses.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     rc, err = cli(main, ["--out", str(tmp_path / "o"), *bad], capsys)
     assert rc == 2 and message in err, err

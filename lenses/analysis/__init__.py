@@ -60,6 +60,16 @@ class Context:
     lenses: dict
     cfg: AnalysisConfig
 
+    @property
+    def parts(self) -> tuple:
+        """``(adapter, tokenizer, lenses)``: the first arguments of every view function."""
+        return self.adapter, self.tokenizer, self.lenses
+
+    @property
+    def sampling(self) -> dict:
+        """The keyword arguments every view function takes from the settings."""
+        return {"seed": self.cfg.seed, "progress": self.cfg.progress}
+
     @cached_property
     def texts(self) -> list[str]:
         from ..data import read_texts

@@ -168,9 +168,7 @@ def _summary(by_index: pd.DataFrame) -> list[str]:
 
 
 def run(ctx) -> ViewResult:
-    cfg = ctx.cfg
-    return facts_view(ctx.adapter, ctx.tokenizer, ctx.lenses, read_facts(cfg.facts), cfg.num_facts, seed=cfg.seed,
-                      progress=cfg.progress)
+    return facts_view(*ctx.parts, read_facts(ctx.cfg.facts), ctx.cfg.num_facts, **ctx.sampling)
 
 
 plot = table_plot("plot_facts", "by_index", "onset")

@@ -124,10 +124,8 @@ def _summary(layers: pd.DataFrame, num_layers: int) -> list[str]:
 
 
 def run(ctx) -> ViewResult:
-    cfg = ctx.cfg
-    freqs = TokenFrequencies.load(cfg.frequencies) if cfg.frequencies else None
-    return frequency_view(ctx.adapter, ctx.tokenizer, ctx.lenses, ctx.texts, freqs, cfg.num_positions, seed=cfg.seed,
-                          progress=cfg.progress)
+    freqs = TokenFrequencies.load(ctx.cfg.frequencies) if ctx.cfg.frequencies else None
+    return frequency_view(*ctx.parts, ctx.texts, freqs, ctx.cfg.num_positions, **ctx.sampling)
 
 
 plot = table_plot("plot_frequency", "layers")

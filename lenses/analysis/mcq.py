@@ -163,9 +163,7 @@ def _summary(per_q: pd.DataFrame, layers: pd.DataFrame) -> list[str]:
 
 
 def run(ctx) -> ViewResult:
-    cfg = ctx.cfg
-    return mcq_view(ctx.adapter, ctx.tokenizer, ctx.lenses, read_mcq(cfg.mcq), cfg.num_questions, seed=cfg.seed,
-                    progress=cfg.progress)
+    return mcq_view(*ctx.parts, read_mcq(ctx.cfg.mcq), ctx.cfg.num_questions, **ctx.sampling)
 
 
 plot = table_plot("plot_mcq", "layers", "questions")

@@ -141,9 +141,7 @@ def _summary(tags: pd.DataFrame) -> list[str]:
 
 
 def run(ctx) -> ViewResult:
-    cfg = ctx.cfg
-    return pos_view(ctx.adapter, ctx.tokenizer, ctx.lenses, ctx.texts, cfg.num_texts, seed=cfg.seed,
-                    progress=cfg.progress)
+    return pos_view(*ctx.parts, ctx.texts, ctx.cfg.num_texts, **ctx.sampling)
 
 
 plot = table_plot("plot_pos", "tags", "onset")
