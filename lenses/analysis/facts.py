@@ -60,7 +60,8 @@ def _records(obj, where: str) -> list[dict]:
     for f in facts:
         for key in ("prompt", "answer"):
             if not isinstance(f[key], str) or not f[key].strip():
-                raise DataError(f"{where}: the {key} must be a non-empty string, not {f[key]!r}.")
+                raise DataError(f"{where}: empty prompt or answer: the {key} must be a non-empty string, not "
+                                f"{f[key]!r}.")
     return facts
 
 
