@@ -1,10 +1,10 @@
-"""Text in, token blocks out: reading corpora, the default corpus, packing, held-out split.
+"""Text in, token blocks out: reading corpora, packing, the held-out split.
 
-The default corpus is English prose that ships with every CPython install, so it needs no
-download: the Python documentation's reference topics (``pydoc_data.topics``) and the
+The named corpora (Wikipedia lead sections, the default; Gutenberg books; Python-docs prose) are
+described in `lenses.corpora`. The ``pydocs`` corpus is built here: English prose that ships with
+every CPython install, the Python documentation's reference topics (``pydoc_data.topics``) and the
 docstrings of the standard library, filtered to prose paragraphs. Licence: PSF License v2
-(https://docs.python.org/3/license.html). It is technical English; bring your own corpus
-(``--corpus``) for other registers.
+(https://docs.python.org/3/license.html).
 """
 
 from __future__ import annotations
@@ -68,15 +68,20 @@ def _read_saved_dataset(path: Path, field: str = "text") -> list[str]:
 
 
 def read_texts(source: str | os.PathLike | None = None, field: str = "text") -> list[str]:
-    """Documents from a .txt/.md file, a .jsonl file, a folder of those, or a `save_to_disk` dataset.
+    """Documents of a named corpus (``wikipedia``, ``books``, ``pydocs``; see `lenses.corpora`), or of a
+    .txt/.md file, a .jsonl file, a folder of those, or a `save_to_disk` dataset.
 
-    ``None`` gives the default corpus (see module docstring).
+    ``None`` gives the default corpus, ``wikipedia`` (Python-docs prose with a notice if it is not installed).
+    A name wins over a file of that name in the working folder: write ``./books`` for the folder.
     """
-    if source is None or str(source) == "default":
-        return default_corpus()
+    from . import corpora
+
+    if corpora.is_name(source):
+        return corpora.named_documents(None if source is None else str(source))
     path = Path(source)
     if not path.exists():
-        raise DataError(f"corpus {path} does not exist: pass a .txt/.jsonl file or a folder (--corpus).")
+        raise DataError(f"corpus {path} does not exist: pass a .txt/.jsonl file or a folder, or one of "
+                        f"{', '.join(corpora.NAMES)} (--corpus).")
     if path.is_dir():
         if any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
             texts = _read_saved_dataset(path, field)
@@ -114,7 +119,7 @@ def _prose_paragraphs(text: str, min_words: int = 8) -> str:
     return "\n\n".join(kept)
 
 
-def default_corpus() -> list[str]:
+def pydocs_corpus() -> list[str]:
     """Python documentation prose: reference topics plus standard-library docstrings (PSF licence).
 
     Built once (~10 s of parsing) and cached as JSON in the lenses cache folder.
@@ -129,7 +134,7 @@ def default_corpus() -> list[str]:
         return json.loads(cache.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass
-    docs = _build_default_corpus()
+    docs = _build_pydocs_corpus()
     try:
         write_json(cache, docs)
     except Exception:
@@ -137,7 +142,7 @@ def default_corpus() -> list[str]:
     return docs
 
 
-def _build_default_corpus() -> list[str]:
+def _build_pydocs_corpus() -> list[str]:
     from pydoc_data.topics import topics
 
     docs = [_prose_paragraphs(text) for _, text in sorted(topics.items())]
@@ -185,20 +190,33 @@ def make_blocks(
     max_eval_blocks: int | None = None,
     max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and held-out blocks. Documents are shuffled with a fixed seed (0) before packing, and
-    the held-out blocks are the last ones, so the split never depends on the training seed."""
+    """Train and held-out blocks, split by document: documents are shuffled with a fixed seed (0), the
+    last ones (about ``eval_fraction`` of the tokens) are held out, and each side is packed on its own,
+    so no document (no Wikipedia article) is on both sides and the split never depends on the
+    training seed. A corpus of one document (or too few to give both sides a block) is split inside
+    its token stream instead: the last blocks are held out."""
     docs = list(texts)
     random.Random(0).shuffle(docs)
-    blocks = pack(tokenize(docs, tokenizer), seq_len)
-    if len(blocks) < 2:
-        raise DataError(
-            f"the corpus gives {len(blocks)} block(s) of {seq_len} tokens; at least 2 are needed (one to "
-            "train, one held out). Add text or lower --seq-len."
-        )
-    n_eval = max(1, round(eval_fraction * len(blocks)))
+    streams = [tokenize([d], tokenizer) for d in docs]
+    total = sum(len(s) for s in streams)
+    held_docs, held_tokens = 0, 0
+    while held_docs < len(docs) - 1 and held_tokens < eval_fraction * total:
+        held_docs += 1
+        held_tokens += len(streams[-held_docs])
+    cut = len(docs) - held_docs
+    train = pack(torch.cat(streams[:cut]), seq_len) if cut else torch.empty(0, seq_len, dtype=torch.long)
+    held_out = pack(torch.cat(streams[cut:]), seq_len) if held_docs else torch.empty(0, seq_len, dtype=torch.long)
+    if len(train) == 0 or len(held_out) == 0:  # too few documents: split the stream
+        blocks = pack(torch.cat(streams) if streams else torch.empty(0, dtype=torch.long), seq_len)
+        if len(blocks) < 2:
+            raise DataError(
+                f"the corpus gives {len(blocks)} block(s) of {seq_len} tokens; at least 2 are needed (one to "
+                "train, one held out). Add text or lower --seq-len."
+            )
+        n_eval = max(1, round(eval_fraction * len(blocks)))
+        train, held_out = blocks[:-n_eval], blocks[-n_eval:]
     if max_eval_blocks is not None:
-        n_eval = min(n_eval, max_eval_blocks)
-    train, held_out = blocks[:-n_eval], blocks[-n_eval:]
+        held_out = held_out[:max_eval_blocks]
     if max_tokens is not None:
         train = train[: max(1, max_tokens // seq_len)]
     return train, held_out

@@ -56,8 +56,8 @@ class TrainConfig(ModelOptions):
     """Everything that defines a training run. ``recipe`` and ``model`` fields (except device and
     device map) decide the result and must match on ``--resume``; ``runtime`` fields are free."""
 
-    corpus: str | None = option(None, "text: .txt/.jsonl file, folder or save_to_disk dataset (none: Python docs "
-                                      "prose)", group="recipe")
+    corpus: str | None = option(None, "text: wikipedia, books, pydocs, or a .txt/.jsonl file, folder or "
+                                      "save_to_disk dataset (none: wikipedia)", group="recipe")
     out: str = option("runs/lens", "output folder", group="runtime")
     seq_len: int = option(256, "tokens per training sequence", group="recipe", min=2)
     batch_size: int = option(8, "sequences per step", group="recipe", min=1)

@@ -31,8 +31,8 @@ class AnalysisConfig(ModelOptions):
                          group="prompt", check=lambda v: "is empty; give some text" if not v.strip() else None)
     all_positions: bool = option(False, "decode every position of --prompt, not just the last", group="prompt")
     top_k: int = option(1, "tokens shown per layer and position", group="prompt", min=1)
-    corpus: str | None = option(None, "text for frequency, pos and representation: .txt/.jsonl file or folder "
-                                      "(none: Python docs prose)", group="views")
+    corpus: str | None = option(None, "text for frequency, pos and representation: wikipedia, books, pydocs, "
+                                      "or a .txt/.jsonl file or folder (none: wikipedia)", group="views")
     facts: str | None = option(None, "facts JSONL: {prompt, answer}, CounterFact or MQuAKE (none: shipped set)",
                                group="views")
     mcq: str | None = option(None, "MMLU-layout CSV: question,A,B,C,D,answer (none: shipped set)", group="views")
