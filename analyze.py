@@ -4,11 +4,14 @@
     python analyze.py --view all --out out/
         the four depth-analysis views of Gupta et al. 2025 ("Guess-then-Refine") with the logit
         lens and the tuned lens: frequency, pos, facts, mcq. Each writes <view>_*.csv tables and
-        <view>.png into --out and prints a short summary. One view: --view facts (etc.).
+        <view>.png into --out, prints a short summary, and writes --out/index.html, the page to open
+        first (settings, summaries, figures, links to the tables). One view: --view facts (etc.).
 
-    python analyze.py --prompt "The capital of France is" --out out/
-        decodes every layer of the prompt's last position with each lens, prints the top-1 token
-        per layer and writes out/predictions.csv (one row per lens, layer, position, rank).
+    python analyze.py --prompt "The capital of France is" --out out/ [--html out/lens.html] [--png out/lens.png]
+        decodes every layer and position of the prompt with each lens, prints the top-1 token per
+        layer at the last position and writes out/lens_grid.csv (one row per lens, layer and
+        position: top-k tokens and probabilities, entropy, KL to the final layer, rank of the true
+        next token); --html writes the interactive grid page, --png the grid as a figure.
 
     python analyze.py --view representation --out out/ [--corpus prompts.txt] [--num-prompts 200]
         per-layer representation quality (Skean et al. 2024): representation_layers.csv,
@@ -27,8 +30,10 @@ import time
 from lenses.analysis import DEPTH_VIEWS, VIEW_NAMES, AnalysisConfig, Context, run_view
 from lenses.cli import Parser, add_options, from_args, run_cli
 from lenses.io import write_csv
+from lenses.models import DEFAULT_MODEL
 from lenses.outdir import claim
 from lenses.registry import select_lenses
+from lenses.report import Report, ViewEntry, analysis_settings
 
 GROUPS = {"model": "model", "lens": "lenses", "runtime": "running", "prompt": "prompt decoding (without --view)",
           "views": "views"}
@@ -40,7 +45,11 @@ def parse_args(argv=None) -> tuple[AnalysisConfig, str | None]:
                    help="which view to run; all = the four depth views (default: none, decode --prompt)")
     add_options(p, AnalysisConfig, GROUPS)
     a = p.parse_args(argv)
-    return from_args(AnalysisConfig, a), a.view
+    cfg = from_args(AnalysisConfig, a)
+    if a.view and (cfg.html or cfg.png):
+        p.error("--html and --png draw the grid of --prompt; run them without --view (views write "
+                "<out>/index.html and their own figures)")
+    return cfg, a.view
 
 
 def main(argv=None) -> int:
@@ -50,27 +59,41 @@ def main(argv=None) -> int:
         ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict), cfg)
         if view is None:
             return decode_prompt(ctx)
-        for name in DEPTH_VIEWS if view == "all" else (view,):
+        names = list(DEPTH_VIEWS if view == "all" else (view,))
+        report = Report(f"lenses analysis: {cfg.model or DEFAULT_MODEL}", analysis_settings(cfg, ctx.lenses, names))
+        for name in names:
             start = time.time()
             result = run_view(name, ctx)
             written = result.write(cfg.out)
+            report.views.append(ViewEntry(name, result.summary, written, time.time() - start))
+            index = report.write(cfg.out)  # after every view: an interrupted run still has its page
             print(f"\n== {name} ({time.time() - start:.0f} s)")
             print("\n".join(result.summary))
             print("wrote " + ", ".join(map(str, written)))
+        print(f"\nopen {index} first: the settings, every view's summary, figure and tables")
     return 0
 
 
 def decode_prompt(ctx: Context) -> int:
-    from lenses.trace import layer_predictions
+    from lenses.viz import lens_grid, plot_grid, visible, write_grid_html
 
     cfg = ctx.cfg
-    table = layer_predictions(ctx.adapter, ctx.tokenizer, cfg.prompt, ctx.lenses, k=cfg.top_k,
-                              positions=None if cfg.all_positions else [-1])
-    top1 = table[(table["rank"] == 1) & (table.position == table.position.max())]
-    wide = top1.pivot(index="layer", columns="lens", values="token")
+    table = lens_grid(ctx.adapter, ctx.tokenizer, cfg.prompt, ctx.lenses, top_k=cfg.top_k)
+    last = table[table.position == table.position.max()]
+    wide = last.pivot(index="layer", columns="lens", values="token_1")
     print(f"top-1 prediction after {cfg.prompt!r}, by layer:")
     print(wide.map(repr).to_string())
-    print(f"wrote {write_csv(f'{cfg.out}/predictions.csv', table)}")
+    if cfg.all_positions:
+        for name, rows in table.groupby("lens", sort=False):
+            grid = rows.pivot(index="layer", columns="position", values="token_1").map(visible)
+            grid.columns = [visible(t) for t in rows.drop_duplicates("position").input_token]
+            print(f"\n{name} lens, every position (columns: input tokens):\n{grid.to_string()}")
+    print(f"wrote {write_csv(f'{cfg.out}/lens_grid.csv', table)}")
+    title = f"{cfg.model or DEFAULT_MODEL}: {cfg.prompt[:80]}"
+    if cfg.html:
+        print(f"wrote {write_grid_html(table, cfg.html, title)} (open it in a browser)")
+    if cfg.png:
+        print(f"wrote {plot_grid(table, cfg.png, stat=cfg.color)}")
     return 0
 
 

@@ -65,5 +65,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def write_csv(path: str | os.PathLike, df) -> Path:
-    """Write a pandas DataFrame as CSV, atomically."""
-    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+    """Write a pandas DataFrame as CSV, atomically. Strings are always quoted, so tokens holding a
+    carriage return, a comma or a quote read back intact (`pandas.read_csv` reads them unchanged)."""
+    import csv
+
+    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC))

