@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Regenerate docs/lens_grid.png (the README's picture): the grid page of the default model with the
+logit and shipped tuned lens on a sentence, opened in headless Chromium, one cell hovered.
+
+    .venv/bin/python scripts/grid_screenshot.py [--prompt TEXT] [--out docs/lens_grid.png]
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from lenses.models import ModelOptions  # noqa: E402
+from lenses.registry import select_lenses  # noqa: E402
+from lenses.viz import lens_grid, write_grid_html  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default="The Eiffel Tower is in the city of Paris, the capital of France.")
+    p.add_argument("--out", default=str(ROOT / "docs" / "lens_grid.png"))
+    p.add_argument("--lens", default="tuned", help="lens shown in the screenshot")
+    a = p.parse_args()
+    from selenium.webdriver.common.action_chains import ActionChains
+    from test_viz_browser import _chromium
+
+    model, tok, adapter = ModelOptions().load()
+    start = time.perf_counter()
+    table = lens_grid(adapter, tok, a.prompt, select_lenses("auto", adapter))
+    page = write_grid_html(table, Path(tempfile.mkdtemp()) / "lens.html", title=f"SmolLM2-135M-Instruct: {a.prompt}")
+    print(f"grid of {table.position.nunique()} tokens in {time.perf_counter() - start:.1f} s, "
+          f"page {page.stat().st_size / 1e3:.0f} kB")
+    browser = _chromium()
+    try:
+        browser.set_window_size(1500, 1000)
+        browser.get(page.as_uri())
+        browser.find_element("id", f"lens-{a.lens}").click()
+        cells = browser.find_elements("css selector", "td.cell")
+        n = table.position.nunique()
+        ActionChains(browser).move_to_element(cells[20 * n + n - 9]).perform()  # layer 20, a late position
+        browser.save_screenshot(a.out)
+    finally:
+        browser.quit()
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
