@@ -113,3 +113,39 @@ def test_empty_prompt_is_refused(setup):
     _, adapter, tok, lenses = setup
     with pytest.raises(LensesError, match="has no tokens"):
         lens_grid(adapter, tok, "", lenses)
+
+
+def test_report_page_links_escapes_and_survives_moves(tmp_path):
+    from lenses.report import Report, ViewEntry
+
+    (tmp_path / "a_layers.csv").write_text("x\n1\n")
+    (tmp_path / "a.png").write_bytes(b"png")
+    report = Report("run <1>", {"model": "m&m"}, [ViewEntry("a", ["share <b>0.5</b>"],
+                                                            [tmp_path / "a_layers.csv", tmp_path / "a.png"], 3.2)])
+    page = report.write(tmp_path).read_text()
+    assert "href='a_layers.csv'" in page and "src='a.png'" in page  # relative: the folder can move
+    assert "&lt;b&gt;0.5&lt;/b&gt;" in page and "<b>0.5" not in page and "m&amp;m" in page
+
+
+def test_cli_grid_page_figure_and_bad_options(tmp_path, capsys):
+    import analyze
+    from tiny_models import save_tiny_model
+
+    from lenses.cli import run_cli
+
+    model = save_tiny_model(tmp_path / "model")
+    out = tmp_path / "o"
+    argv = ["--model", str(model), "--lens", "logit", "--prompt", "a <b> c", "--out", str(out)]
+    assert run_cli(analyze.main, argv + ["--html", str(out / "g.html"), "--png", str(out / "g.svg"),
+                                         "--color", "kl", "--all-positions"]) == 0
+    printed = capsys.readouterr().out
+    assert "every position" in printed and "␣" in printed and "\\x00" in printed  # whitespace, controls visible
+    table = read_grid(out / "lens_grid.csv")
+    assert len(table) == 4 * 7 and set(table.layer) == {0, 1, 2, 3}
+    assert (out / "g.svg").read_text().lstrip().startswith("<?xml")
+    assert "a <b> c" not in (out / "g.html").read_text()  # escaped in the title, data as JSON escapes
+    for extra, message in [(["--html", str(out / "g.txt")], "--html: should end in .html"),
+                           (["--png", str(tmp_path)], "--png: should end in .png"),
+                           (["--html", str(out / "x.html"), "--view", "facts"], "draw the grid of --prompt")]:
+        assert run_cli(analyze.main, argv + extra) == 2
+        assert message in capsys.readouterr().err
