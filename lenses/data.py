@@ -193,8 +193,9 @@ def make_blocks(
     """Train and held-out blocks, split by document: documents are shuffled with a fixed seed (0), the
     last ones (about ``eval_fraction`` of the tokens) are held out, and each side is packed on its own,
     so no document (no Wikipedia article) is on both sides and the split never depends on the
-    training seed. A corpus of one document (or too few to give both sides a block) is split inside
-    its token stream instead: the last blocks are held out."""
+    training seed or on ``max_eval_blocks`` (which only caps the blocks evaluated). A corpus of one
+    document (or too few to give both sides a block) is split inside its token stream instead: the
+    last blocks are held out, at most ``max_eval_blocks``, and the rest is for training."""
     docs = list(texts)
     random.Random(0).shuffle(docs)
     streams = [tokenize([d], tokenizer) for d in docs]
@@ -214,8 +215,10 @@ def make_blocks(
                 "train, one held out). Add text or lower --seq-len."
             )
         n_eval = max(1, round(eval_fraction * len(blocks)))
+        if max_eval_blocks is not None:  # blocks not evaluated go to training
+            n_eval = min(n_eval, max_eval_blocks)
         train, held_out = blocks[:-n_eval], blocks[-n_eval:]
-    if max_eval_blocks is not None:
+    if max_eval_blocks is not None:  # held-out documents stay held out; the first blocks are evaluated
         held_out = held_out[:max_eval_blocks]
     if max_tokens is not None:
         train = train[: max(1, max_tokens // seq_len)]
