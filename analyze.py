@@ -17,6 +17,12 @@
         per-layer representation quality (Skean et al. 2024): representation_layers.csv,
         representation_prompts.csv and representation.png.
 
+    python analyze.py --view causal --out out/
+        causal checks of what the lenses show: early-exit (stop at layer l, emit the lens's
+        prediction), patching (cross-task activation patching: the switch layer vs the lens's
+        reading; --tasks, --num-pairs, --positions) and layer-skip (skip block l, measure every
+        later readout and the output; --skip-mode zero|mean). One: --view patching (etc.).
+
 --lens: 'auto' (default: the logit lens plus the tuned lens shipped for this model, if any),
 'logit', 'both' (logit + shipped tuned lens; error if none is shipped), or lens folders / shipped
 names, comma-separated (each shown next to the logit lens). --out must be new, empty, or the
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import time
 
-from lenses.analysis import DEPTH_VIEWS, VIEW_NAMES, AnalysisConfig, Context, run_view
+from lenses.analysis import CAUSAL_VIEWS, DEPTH_VIEWS, VIEW_NAMES, AnalysisConfig, Context, run_view
 from lenses.cli import Parser, add_options, from_args, run_cli
 from lenses.io import write_csv
 from lenses.models import DEFAULT_MODEL
@@ -36,13 +42,14 @@ from lenses.registry import select_lenses
 from lenses.report import Report, ViewEntry, analysis_settings
 
 GROUPS = {"model": "model", "lens": "lenses", "runtime": "running", "prompt": "prompt decoding (without --view)",
-          "views": "views"}
+          "views": "views", "causal": "causal checks (early-exit, patching, layer-skip)"}
 
 
 def parse_args(argv=None) -> tuple[AnalysisConfig, str | None]:
     p = Parser(description=__doc__, prog="analyze.py")
-    p.add_argument("--view", choices=(*VIEW_NAMES, "all"), default=None,
-                   help="which view to run; all = the four depth views (default: none, decode --prompt)")
+    p.add_argument("--view", choices=(*VIEW_NAMES, "all", "causal"), default=None,
+                   help="which view to run; all = the four depth views, causal = early-exit, patching and "
+                        "layer-skip (default: none, decode --prompt)")
     add_options(p, AnalysisConfig, GROUPS)
     a = p.parse_args(argv)
     cfg = from_args(AnalysisConfig, a)
@@ -59,7 +66,7 @@ def main(argv=None) -> int:
         ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict), cfg)
         if view is None:
             return decode_prompt(ctx)
-        names = list(DEPTH_VIEWS if view == "all" else (view,))
+        names = list({"all": DEPTH_VIEWS, "causal": CAUSAL_VIEWS}.get(view, (view,)))
         report = Report(f"lenses analysis: {cfg.model or DEFAULT_MODEL}", analysis_settings(cfg, ctx.lenses, names))
         for name in names:
             start = time.time()

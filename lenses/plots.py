@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .io import atomic_write
@@ -249,5 +250,94 @@ def plot_mcq(layers: pd.DataFrame, questions: pd.DataFrame, path: str | os.PathL
     ax2.set(xlabel="layer", title="per question")
     ax2.tick_params(axis="y", labelsize=7)
     ax2.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_early_exit(layers: pd.DataFrame, adaptive: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Left: exiting at layer l, agreement with the full model and accuracy on the next token, per lens.
+    Right: adaptive exit (first layer whose top-1 probability reaches a threshold): mean exit layer
+    against agreement, one point per threshold."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for lens, rows in layers.groupby("lens", sort=False):
+        ax1.plot(rows.layer, rows.agreement, _style(lens), color="C0", label=f"{lens}: agrees with full model")
+        ax1.plot(rows.layer, rows.accuracy, _style(lens), color="C3", label=f"{lens}: next-token accuracy")
+    ax1.set(xlabel="exit layer", ylabel="share of positions", ylim=(0, 1.02), title="early exit at layer l")
+    ax1.legend(fontsize=7)
+    _integer_layers(ax1)
+    for lens, rows in adaptive.groupby("lens", sort=False):
+        ax2.plot(rows.mean_exit_layer, rows.agreement, _style(lens) + "o", label=lens, markersize=4)
+        for r in rows.itertuples():
+            if r.threshold in (0.5, 0.9, 0.99):
+                ax2.annotate(f"{r.threshold:g}", (r.mean_exit_layer, r.agreement), fontsize=7,
+                             textcoords="offset points", xytext=(3, -9))
+    ax2.set(xlabel="mean exit layer", ylabel="agreement with full model", ylim=(0, 1.02),
+            title="adaptive exit: top-1 probability >= threshold")
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_patching(layers: pd.DataFrame, reads: pd.DataFrame, pairs: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Left: patching the source's hidden[l] into the target: mean probability mass on the source's and
+    the target's labels after the patch, and the same masses read by each lens on the source prompt.
+    Right: per pair, the switch layer against each lens's switch layer."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    mean = layers.groupby("layer")[["mass_source", "mass_target"]].mean()
+    ax1.plot(mean.index, mean.mass_source, "-", color="C3", lw=2, label="patched output: source labels")
+    ax1.plot(mean.index, mean.mass_target, "-", color="C0", lw=2, label="patched output: target labels")
+    for lens, rows in reads.groupby("lens", sort=False):
+        m = rows.groupby("layer")[["mass_source", "mass_target"]].mean()
+        ax1.plot(m.index, m.mass_source, _style(lens), color="C1", label=f"{lens} lens on source: source labels")
+    ax1.set(xlabel="layer l (hidden[l] patched / read)", ylabel="mean probability mass", ylim=(0, 1.02),
+            title=f"cross-task patching ({len(pairs)} pairs)")
+    ax1.legend(fontsize=7)
+    _integer_layers(ax1)
+    lens_cols = [c for c in pairs.columns if c.startswith("lens_switch_")]
+    rng = np.random.default_rng(0)
+    for i, col in enumerate(lens_cols):
+        jitter = rng.uniform(-0.2, 0.2, len(pairs))
+        ax2.scatter(pairs[col] + jitter, pairs.switch_layer + jitter[::-1], s=12, alpha=0.6, color=f"C{i + 2}",
+                    label=col.removeprefix("lens_switch_") + " lens")
+    top = float(layers.layer.max())
+    ax2.plot([0, top], [0, top], "k:", lw=1, label="equal")
+    ax2.set(xlabel="lens switch layer (source labels read ahead)", ylabel="patching switch layer",
+            title="does patching switch where the lens reads it?")
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_layer_skip(effects: pd.DataFrame, output: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """One L x L panel per lens: mean KL of the readout at layer m (x) when block l (y) is skipped,
+    log colour scale; last panel: the output's KL and accuracy per skipped block."""
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    lens_names = list(dict.fromkeys(effects.lens))
+    fig, axes = plt.subplots(1, len(lens_names) + 1, figsize=(5.2 * (len(lens_names) + 1), 4.4), squeeze=False)
+    L = int(effects.layer.max())
+    vmax = max(float(effects.kl.max()), 1e-3)
+    for ax, lens in zip(axes[0], lens_names):
+        grid = effects[effects.lens == lens].pivot(index="skipped", columns="layer", values="kl")
+        grid = grid.reindex(index=range(L), columns=range(L + 1))
+        image = ax.imshow(grid.to_numpy(dtype=float).clip(1e-4), origin="lower", aspect="auto", cmap="magma_r",
+                          norm=LogNorm(1e-4, vmax))
+        ax.set(xlabel="readout layer m", ylabel="skipped block l", title=f"{lens} lens: KL(unskipped || skipped)")
+        fig.colorbar(image, ax=ax, fraction=0.046).set_label("nats", fontsize=7)
+    ax = axes[0][-1]
+    ax.plot(output.skipped, output.kl_output, "o-", color="C3", markersize=3, label="output KL (nats)")
+    ax.set(xlabel="skipped block l", ylabel="KL of the output", title="the model's output")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(output.skipped, output.accuracy, "s-", color="C0", markersize=3, label="accuracy")
+    twin.axhline(output.accuracy_unskipped.iloc[0], color="C0", ls=":", lw=1)
+    twin.set(ylabel="next-token accuracy", ylim=(0, 1))
+    ax.legend(loc="upper right", fontsize=7)
+    twin.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     return _save(fig, path)

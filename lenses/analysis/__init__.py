@@ -66,6 +66,15 @@ class AnalysisConfig(ModelOptions):
                                     group="views")
     hist_layer: int | None = option(None, "representation: layer of the entropy histogram (none: the middle)",
                                     group="views", min=0)
+    tasks: str = option("sentiment,yesno,continent,mcq", "patching: label-set tasks, shipped names or JSONL files "
+                        "{prompt, labels, answer}, comma-separated", group="causal")
+    num_pairs: int = option(10, "patching: prompt pairs per ordered pair of tasks", group="causal", min=1)
+    positions: str = option("last", "patching: patch the last position, or all (prompts of equal length)",
+                            group="causal", choices=("last", "all"))
+    first_token: bool = option(False, "patching: let a multi-token label stand for its first token", group="causal")
+    skip_positions: int = option(128, "layer-skip: positions scored", group="causal", min=1)
+    skip_mode: str = option("zero", "layer-skip: the skipped block's update becomes zero, or its mean",
+                            group="causal", choices=("zero", "mean"))
 
 
 @dataclass
@@ -95,13 +104,15 @@ class Context:
 
 
 def _views() -> dict:
-    from . import facts, frequency, mcq, pos, representation
+    from . import early_exit, facts, frequency, layer_skip, mcq, patching, pos, representation
 
-    return {"frequency": frequency, "pos": pos, "facts": facts, "mcq": mcq, "representation": representation}
+    return {"frequency": frequency, "pos": pos, "facts": facts, "mcq": mcq, "representation": representation,
+            "early-exit": early_exit, "patching": patching, "layer-skip": layer_skip}
 
 
-VIEW_NAMES = ("frequency", "pos", "facts", "mcq", "representation")
+VIEW_NAMES = ("frequency", "pos", "facts", "mcq", "representation", "early-exit", "patching", "layer-skip")
 DEPTH_VIEWS = VIEW_NAMES[:4]  # "all": the four depth-analysis views of Gupta et al. 2025
+CAUSAL_VIEWS = VIEW_NAMES[5:]  # "causal": interventions that check what the lenses show
 
 
 def get_view(name: str):
@@ -118,4 +129,5 @@ def run_view(name: str, ctx: Context) -> ViewResult:
     return get_view(name).run(ctx)
 
 
-__all__ = ["AnalysisConfig", "Context", "ViewResult", "VIEW_NAMES", "DEPTH_VIEWS", "get_view", "run_view"]
+__all__ = ["AnalysisConfig", "Context", "ViewResult", "VIEW_NAMES", "DEPTH_VIEWS", "CAUSAL_VIEWS", "get_view",
+           "run_view"]

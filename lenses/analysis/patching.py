@@ -1,0 +1,218 @@
+"""Cross-task activation patching (Gupta et al. 2025, arXiv 2510.18871v2, causal checks): does the
+layer at which patching switches the model's task match the layer at which the lenses read it?
+
+For a *source* prompt of task S and a *target* prompt of task T (each task has a label set, e.g.
+" positive"/" negative"), the source's ``hidden[l]`` at its last position is written into the
+target's forward pass at the target's last position and layer l (our convention: the input of
+block l; ``hidden[l]`` is the output of block l-1 in "block output" conventions), the rest of the
+model runs, and the output's top-1 is classified as a label of T, of S, or neither, with the
+probability mass on each label set. Per pair:
+
+- switch layer: the first l at which S's labels get more probability than T's labels;
+- lens switch (per lens): the first l at which the lens, reading the *unpatched* source prompt's
+  ``hidden[l]``, puts more probability on S's labels than on T's: the layer at which the lens says
+  the source's answer format is there to be carried over.
+
+The finding of the paper is that the two agree; the summary gives both with bootstrap intervals.
+Shipped tasks (``lenses/datasets/tasks``, written for this project by ``scripts/make_tasks.py``):
+``sentiment`` (positive/negative), ``yesno``, ``continent`` (Africa/Europe/Asia), and ``mcq`` (the
+option letters of the MCQ view's questions). Your own: JSONL lines ``{prompt, labels, answer}``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import DataError
+from ..intervene import edit_residual, final_logits
+from .common import ViewResult, encode, require, table_plot
+
+SHIPPED = ("sentiment", "yesno", "continent", "mcq")
+
+
+@dataclass
+class Task:
+    name: str
+    prompts: list[list[int]]  # token ids
+    labels: list[int]  # the label set (token ids)
+    label_names: list[str]
+
+
+def tasks_dir() -> Path:
+    return Path(str(resources.files("lenses") / "datasets" / "tasks"))
+
+
+def _mcq_rows(n: int = 60) -> list[dict]:
+    from .mcq import HEADER, format_question, read_mcq
+
+    qs = read_mcq()
+    prefix = HEADER + "".join(format_question(q, solved=True) for q in qs[:2])
+    return [{"prompt": prefix + format_question(q, solved=False), "labels": [" A", " B", " C", " D"],
+             "answer": " " + q["answer"]} for q in qs[2: 2 + n]]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    from ..data import read_utf8
+
+    if not path.is_file():
+        raise DataError(f"task file {path} does not exist; give a shipped task ({', '.join(SHIPPED)}) or a JSONL "
+                        "file of {prompt, labels, answer} lines.")
+    rows = []
+    for n, line in enumerate(read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n} is not valid JSON ({e.msg}).") from e
+        ok = (isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip()
+              and isinstance(row.get("labels"), list) and len(row["labels"]) >= 2
+              and all(isinstance(x, str) and x for x in row["labels"]))
+        if not ok:
+            raise DataError(f"{path}:{n} must look like {{\"prompt\": \"...\", \"labels\": [\" yes\", \" no\"], "
+                            "\"answer\": \" yes\"}} with a non-empty prompt and at least two labels.")
+        rows.append(row)
+    require(bool(rows), f"{path} holds no prompts.")
+    return rows
+
+
+def read_task(spec: str, tokenizer, first_token: bool = False) -> Task:
+    """A task by shipped name or JSONL path. Labels must be single tokens; with ``first_token`` a
+    multi-token label stands for its first token (two labels with the same first token are refused)."""
+    name = spec
+    if spec == "mcq":
+        rows = _mcq_rows()
+    elif spec in SHIPPED:
+        rows = _read_rows(tasks_dir() / f"{spec}.jsonl")
+    else:
+        rows, name = _read_rows(Path(spec)), Path(spec).stem
+    label_names = list(dict.fromkeys(x for r in rows for x in r["labels"]))
+    ids = {x: encode(tokenizer, x) for x in label_names}
+    multi = [f"{x!r} ({len(t)} tokens)" for x, t in ids.items() if len(t) != 1]
+    if multi and not first_token:
+        raise DataError(f"task {name}: labels {', '.join(multi)} are not single tokens for this tokenizer. Use "
+                        "single-token labels (a leading space often helps), or pass --first-token to let each "
+                        "label stand for its first token.")
+    firsts = [t[0] for t in ids.values() if t]
+    if len(set(firsts)) != len(firsts):
+        raise DataError(f"task {name}: two labels share their first token, so they cannot be told apart.")
+    return Task(name, [encode(tokenizer, r["prompt"]) for r in rows], firsts, label_names)
+
+
+def read_tasks(spec: str, tokenizer, first_token: bool = False) -> list[Task]:
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    require(len(names) >= 2, f"patching needs at least two tasks (got {spec!r}); e.g. --tasks sentiment,yesno.")
+    tasks = [read_task(n, tokenizer, first_token) for n in names]
+    for a in tasks:
+        for b in tasks:
+            if a is not b and set(a.labels) & set(b.labels):
+                raise DataError(f"tasks {a.name} and {b.name} share labels; cross-task patching needs disjoint "
+                                "label sets.")
+    return tasks
+
+
+def patching_view(adapter, tokenizer, lenses: dict, tasks: list[Task], num_pairs: int = 10,
+                  positions: str = "last", seed: int = 0, progress: bool = False) -> ViewResult:
+    """``num_pairs`` random (source, target) prompt pairs for every ordered pair of tasks."""
+    from tqdm.auto import tqdm
+
+    rng = random.Random(seed)
+    jobs = [(s, t, rng.randrange(len(s.prompts)), rng.randrange(len(t.prompts)))
+            for s in tasks for t in tasks if s is not t for _ in range(num_pairs)]
+    L = adapter.num_layers
+    rows, lens_rows = [], []
+    for pair, (src, tgt, i, j) in enumerate(tqdm(jobs, desc="patching", unit="pair", disable=not progress)):
+        s_ids, t_ids = torch.tensor([src.prompts[i]]), torch.tensor([tgt.prompts[j]])
+        if positions == "all" and s_ids.shape[1] != t_ids.shape[1]:
+            raise DataError(f"--positions all needs source and target prompts of the same length; {src.name} "
+                            f"prompt {i} has {s_ids.shape[1]} tokens and {tgt.name} prompt {j} has "
+                            f"{t_ids.shape[1]}. Use --positions last, or tasks with prompts of equal length.")
+        hidden = adapter.hidden_states(s_ids)[:, 0]  # [L+1, n, d]: the one extra copy held
+        S, T = torch.tensor(src.labels), torch.tensor(tgt.labels)
+        for layer in range(L + 1):
+            patch = hidden[layer] if positions == "all" else hidden[layer, -1]
+            with edit_residual(adapter, {layer: _writer(patch, positions)}):
+                p = torch.softmax(final_logits(adapter, t_ids)[0, -1], -1).cpu()
+            top = int(p.argmax())
+            rows.append({"pair": pair, "source_task": src.name, "target_task": tgt.name, "source_prompt": i,
+                         "target_prompt": j, "layer": layer, "mass_source": float(p[S].sum()),
+                         "mass_target": float(p[T].sum()),
+                         "outcome": "source" if top in src.labels else "target" if top in tgt.labels else "neither"})
+        with torch.no_grad():
+            for name, lens in lenses.items():
+                for layer in range(L + 1):
+                    q = torch.softmax(lens(hidden[layer, -1:], layer).float(), -1)[0].cpu()
+                    lens_rows.append({"pair": pair, "lens": name, "layer": layer, "mass_source": float(q[S].sum()),
+                                      "mass_target": float(q[T].sum())})
+    layers, reads = pd.DataFrame(rows), pd.DataFrame(lens_rows)
+    pairs = _pair_table(layers, reads)
+    return ViewResult("patching", {"layers": layers, "lens": reads, "pairs": pairs},
+                      _summary(pairs, list(lenses), L, seed))
+
+
+def _writer(patch: torch.Tensor, positions: str):
+    def fn(h):
+        h = h.clone()
+        if positions == "all":
+            h[:] = patch.to(h)
+        else:
+            h[:, -1] = patch.to(h)
+        return h
+
+    return fn
+
+
+def _first_win(g: pd.DataFrame) -> float:
+    win = (g.mass_source > g.mass_target).to_numpy()
+    return float(g.layer.to_numpy()[win.argmax()]) if win.any() else float("nan")
+
+
+def _pair_table(layers: pd.DataFrame, reads: pd.DataFrame) -> pd.DataFrame:
+    first = layers.drop_duplicates("pair").set_index("pair")[["source_task", "target_task"]]
+    out = first.assign(switch_layer=layers.groupby("pair").apply(_first_win, include_groups=False))
+    last = layers[layers.layer == layers.layer.max()].set_index("pair")
+    out["source_output_in_labels"] = last.outcome == "source"
+    for lens, g in reads.groupby("lens", sort=False):
+        out[f"lens_switch_{lens}"] = g.groupby("pair").apply(_first_win, include_groups=False)
+    return out.reset_index()
+
+
+def bootstrap_ci(values, seed: int = 0, n: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and a percentile bootstrap interval of ``values`` (NaN dropped)."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    means = np.random.default_rng(seed).choice(v, size=(n, len(v))).mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(v.mean()), float(lo), float(hi)
+
+
+def _summary(pairs: pd.DataFrame, lens_names: list[str], L: int, seed: int) -> list[str]:
+    m, lo, hi = bootstrap_ci(pairs.switch_layer, seed)
+    lines = [f"switch layer (patched source's labels win): {m:.1f} [95% CI {lo:.1f}, {hi:.1f}] of {L}, "
+             f"{pairs.switch_layer.notna().sum()} of {len(pairs)} pairs switch"]
+    for lens in lens_names:
+        col = f"lens_switch_{lens}"
+        m2, lo2, hi2 = bootstrap_ci(pairs[col], seed)
+        d, dlo, dhi = bootstrap_ci(pairs.switch_layer - pairs[col], seed)
+        lines.append(f"{lens:>6} lens reads the source's labels ahead at layer {m2:.1f} [{lo2:.1f}, {hi2:.1f}]; "
+                     f"switch minus lens: {d:+.1f} [{dlo:+.1f}, {dhi:+.1f}] layers")
+    return lines
+
+
+def run(ctx) -> ViewResult:
+    cfg = ctx.cfg
+    tasks = read_tasks(cfg.tasks, ctx.tokenizer, cfg.first_token)
+    return patching_view(*ctx.parts, tasks, cfg.num_pairs, cfg.positions, **ctx.sampling)
+
+
+plot = table_plot("plot_patching", "layers", "lens", "pairs")
