@@ -9,7 +9,9 @@ device map (the edit runs on the module's device) and are always removed, even a
 - `edit_residual(adapter, {l: fn})`: ``hidden[l] <- fn(hidden[l])`` during the ``with`` block.
 - `skip_block(adapter, l, update=None)`: block ``l``'s residual update is replaced by ``update``
   (zero by default; e.g. its corpus mean): ``hidden[l+1] <- hidden[l] + update``.
-- `final_logits(adapter, ids)`: the model's logits (last layer, via the logit lens of the stream).
+- `final_logits(adapter, ids)`: the model's logits.
+- `last_stream(adapter, ids, edits)`: ``hidden[L]`` at one position under edits, without the
+  ``[tokens x vocab]`` logits of every position (decode it with any lens at layer L).
 """
 
 from __future__ import annotations
@@ -84,6 +86,25 @@ def final_logits(adapter: ModelAdapter, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = adapter.model(input_ids=ids.to(adapter._input_device()), use_cache=False)
     return out.logits.float()
+
+
+def last_stream(adapter: ModelAdapter, ids: torch.Tensor, edits: dict[int, Edit] | None = None,
+                position: int = -1) -> torch.Tensor:
+    """``hidden[L]`` at ``position`` ([batch, d]) of a forward pass of ``ids`` under ``edits``."""
+    L = adapter.num_layers
+    edits = dict(edits or {})
+    captured: list[torch.Tensor] = []
+    inner = edits.get(L, lambda h: h)
+
+    def grab(h):
+        h = inner(h)
+        captured.append(h[:, position].detach())
+        return h
+
+    edits[L] = grab
+    with edit_residual(adapter, edits):
+        adapter.run_stream(ids)
+    return captured[0].to(adapter.device)
 
 
 def patch_positions(source: torch.Tensor, positions: list[int] | slice, target_positions=None) -> Edit:

@@ -358,11 +358,8 @@ class ModelAdapter:
 
         modules = list(self.layers) + [self.final_norm]
         hooks = [m.register_forward_pre_hook(partial(grab, i), with_kwargs=True) for i, m in enumerate(modules)]
-        base = getattr(self.model, "base_model", self.model)
-        runner = base if any(m is self.final_norm for m in base.modules()) else self.model
         try:
-            with torch.no_grad():
-                runner(input_ids=input_ids.to(self._input_device()), attention_mask=attention_mask, use_cache=False)
+            self.run_stream(input_ids, attention_mask)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -373,6 +370,14 @@ class ModelAdapter:
                 "layers/final_norm are not the modules the model runs. Pass them explicitly."
             )
         return torch.stack([h.to(self.device) for h in store])  # type: ignore[union-attr]
+
+    def run_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """One forward pass of the headless base model (blocks and final norm, no logits), without
+        gradients; hooks on the adapter's modules see the residual stream."""
+        base = getattr(self.model, "base_model", self.model)
+        runner = base if any(m is self.final_norm for m in base.modules()) else self.model
+        with torch.no_grad():
+            runner(input_ids=input_ids.to(self._input_device()), attention_mask=attention_mask, use_cache=False)
 
     def _input_device(self) -> torch.device:
         """Where the token ids go: the embedding's device (differs from ``device`` under a device map)."""

@@ -143,6 +143,19 @@ def test_patching_view_tables(tiny, tmp_path):
         src = tasks[0] if row.source_task == "a" else tasks[1]
         p = torch.softmax(final_logits(adapter, torch.tensor([src.prompts[last.source_prompt]]))[0, -1], -1)
         assert last.mass_source == pytest.approx(float(p[src.labels].sum()), abs=1e-5)
+    # a middle layer of the batched view = the same patch made alone
+    row = layers[(layers.pair == 0) & (layers.layer == 1)].iloc[0]
+    src = adapter.hidden_states(torch.tensor([tasks[0].prompts[row.source_prompt]]))[1, 0, -1]
+
+    def write(h):
+        h = h.clone()
+        h[:, -1] = src
+        return h
+
+    with edit_residual(adapter, {1: write}):
+        p = torch.softmax(final_logits(adapter, torch.tensor([tasks[1].prompts[row.target_prompt]]))[0, -1], -1)
+    assert row.mass_source == pytest.approx(float(p[tasks[0].labels].sum()), abs=1e-5)
+    assert row.mass_target == pytest.approx(float(p[tasks[1].labels].sum()), abs=1e-5)
     assert {"lens_switch_logit", "lens_switch_tuned", "switch_layer"} <= set(pairs.columns)
     assert "switch layer" in result.summary[0]
 

@@ -90,7 +90,8 @@ ANALYZE_OPTIONS = {
     "--num-texts": "num", "--num-facts": "num", "--num-questions": "num", "--num-prompts": "num",
     "--prompt-tokens": "num", "--alpha": "num", "--hist-layer": "num", "--corpus": "file", "--facts": "file",
     "--mcq": "file", "--frequencies": "file", "--model": "file", "--device-map": "text", "--seed": "num",
-    "--html": "file", "--png": "file", "--color": "text",
+    "--html": "file", "--png": "file", "--color": "text", "--tasks": "file", "--num-pairs": "num",
+    "--positions": "text", "--skip-positions": "num", "--skip-mode": "text",
 }
 
 
@@ -102,7 +103,8 @@ def command(draw, world, options, base):
         if kind == "small":
             value = str(draw(st.integers(-2, 3)))
         elif kind == "view":
-            value = draw(st.sampled_from(["frequency", "pos", "facts", "mcq", "representation", "all", "bogus"]))
+            value = draw(st.sampled_from(["frequency", "pos", "facts", "mcq", "representation", "all", "bogus",
+                                          "early-exit", "patching", "layer-skip"]))
         else:
             value = value_for(draw, world, kind)
         argv += [option, value] if value.startswith("-") is False or value == "" else [f"{option}={value}"]

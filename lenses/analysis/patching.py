@@ -32,7 +32,8 @@ import pandas as pd
 import torch
 
 from ..errors import DataError
-from ..intervene import edit_residual, final_logits
+from ..intervene import last_stream
+from ..lens import LogitLens
 from .common import ViewResult, encode, require, table_plot
 
 SHIPPED = ("sentiment", "yesno", "continent", "mcq")
@@ -128,6 +129,7 @@ def patching_view(adapter, tokenizer, lenses: dict, tasks: list[Task], num_pairs
     jobs = [(s, t, rng.randrange(len(s.prompts)), rng.randrange(len(t.prompts)))
             for s in tasks for t in tasks if s is not t for _ in range(num_pairs)]
     L = adapter.num_layers
+    output_lens = LogitLens(adapter)  # layer L of any lens is the model's own output
     rows, lens_rows = [], []
     for pair, (src, tgt, i, j) in enumerate(tqdm(jobs, desc="patching", unit="pair", disable=not progress)):
         s_ids, t_ids = torch.tensor([src.prompts[i]]), torch.tensor([tgt.prompts[j]])
@@ -137,10 +139,15 @@ def patching_view(adapter, tokenizer, lenses: dict, tasks: list[Task], num_pairs
                             f"{t_ids.shape[1]}. Use --positions last, or tasks with prompts of equal length.")
         hidden = adapter.hidden_states(s_ids)[:, 0]  # [L+1, n, d]: the one extra copy held
         S, T = torch.tensor(src.labels), torch.tensor(tgt.labels)
+        # one batched pass: row l of the batch is the target with hidden[l] patched
+        batch = t_ids.repeat(L + 1, 1)
+        edits = {layer: _writer(hidden[layer] if positions == "all" else hidden[layer, -1], positions, layer)
+                 for layer in range(L + 1)}
+        with torch.no_grad():
+            out = output_lens(last_stream(adapter, batch, edits), L)
+        probs = torch.softmax(out.float(), -1).cpu()
         for layer in range(L + 1):
-            patch = hidden[layer] if positions == "all" else hidden[layer, -1]
-            with edit_residual(adapter, {layer: _writer(patch, positions)}):
-                p = torch.softmax(final_logits(adapter, t_ids)[0, -1], -1).cpu()
+            p = probs[layer]
             top = int(p.argmax())
             rows.append({"pair": pair, "source_task": src.name, "target_task": tgt.name, "source_prompt": i,
                          "target_prompt": j, "layer": layer, "mass_source": float(p[S].sum()),
@@ -158,13 +165,14 @@ def patching_view(adapter, tokenizer, lenses: dict, tasks: list[Task], num_pairs
                       _summary(pairs, list(lenses), L, seed))
 
 
-def _writer(patch: torch.Tensor, positions: str):
+def _writer(patch: torch.Tensor, positions: str, row: int):
+    """An edit writing ``patch`` into batch row ``row`` (every position, or the last)."""
     def fn(h):
         h = h.clone()
         if positions == "all":
-            h[:] = patch.to(h)
+            h[row] = patch.to(h)
         else:
-            h[:, -1] = patch.to(h)
+            h[row, -1] = patch.to(h)
         return h
 
     return fn
