@@ -182,6 +182,20 @@ def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     return stream[: n * seq_len].view(n, seq_len)
 
 
+def split_documents(texts: list[str], tokenizer, eval_fraction: float = 0.1):
+    """The document-level split of `make_blocks`: ``(documents, token streams, cut)`` with the documents
+    shuffled by a fixed seed (0); ``documents[cut:]`` (about ``eval_fraction`` of the tokens) are held out."""
+    docs = list(texts)
+    random.Random(0).shuffle(docs)
+    streams = [tokenize([d], tokenizer) for d in docs]
+    total = sum(len(s) for s in streams)
+    held_docs, held_tokens = 0, 0
+    while held_docs < len(docs) - 1 and held_tokens < eval_fraction * total:
+        held_docs += 1
+        held_tokens += len(streams[-held_docs])
+    return docs, streams, len(docs) - held_docs
+
+
 def make_blocks(
     texts: list[str],
     tokenizer,
@@ -196,17 +210,10 @@ def make_blocks(
     training seed or on ``max_eval_blocks`` (which only caps the blocks evaluated). A corpus of one
     document (or too few to give both sides a block) is split inside its token stream instead: the
     last blocks are held out, at most ``max_eval_blocks``, and the rest is for training."""
-    docs = list(texts)
-    random.Random(0).shuffle(docs)
-    streams = [tokenize([d], tokenizer) for d in docs]
-    total = sum(len(s) for s in streams)
-    held_docs, held_tokens = 0, 0
-    while held_docs < len(docs) - 1 and held_tokens < eval_fraction * total:
-        held_docs += 1
-        held_tokens += len(streams[-held_docs])
-    cut = len(docs) - held_docs
+    docs, streams, cut = split_documents(texts, tokenizer, eval_fraction)
     train = pack(torch.cat(streams[:cut]), seq_len) if cut else torch.empty(0, seq_len, dtype=torch.long)
-    held_out = pack(torch.cat(streams[cut:]), seq_len) if held_docs else torch.empty(0, seq_len, dtype=torch.long)
+    held_out = (pack(torch.cat(streams[cut:]), seq_len) if cut < len(docs)
+                else torch.empty(0, seq_len, dtype=torch.long))
     if len(train) == 0 or len(held_out) == 0:  # too few documents: split the stream
         blocks = pack(torch.cat(streams) if streams else torch.empty(0, dtype=torch.long), seq_len)
         if len(blocks) < 2:

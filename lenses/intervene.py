@@ -89,8 +89,9 @@ def final_logits(adapter: ModelAdapter, ids: torch.Tensor) -> torch.Tensor:
 
 
 def last_stream(adapter: ModelAdapter, ids: torch.Tensor, edits: dict[int, Edit] | None = None,
-                position: int = -1) -> torch.Tensor:
-    """``hidden[L]`` at ``position`` ([batch, d]) of a forward pass of ``ids`` under ``edits``."""
+                position: int = -1, **forward) -> torch.Tensor:
+    """``hidden[L]`` at ``position`` ([batch, d]) of a forward pass of ``ids`` under ``edits``
+    (``forward``: extra model arguments, e.g. a cache of the prompt's prefix)."""
     L = adapter.num_layers
     edits = dict(edits or {})
     captured: list[torch.Tensor] = []
@@ -103,7 +104,7 @@ def last_stream(adapter: ModelAdapter, ids: torch.Tensor, edits: dict[int, Edit]
 
     edits[L] = grab
     with edit_residual(adapter, edits):
-        adapter.run_stream(ids)
+        adapter.run_stream(ids, **forward)
     return captured[0].to(adapter.device)
 
 

@@ -205,3 +205,20 @@ def test_early_exit_and_layer_skip_views(tiny):
 def test_bootstrap_interval_covers_the_mean():
     m, lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0, float("nan")])
     assert m == 2.5 and 1.0 <= lo < m < hi <= 4.0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt"])
+def test_cached_prefix_patching_equals_the_full_pass(family):
+    """Patching the last position reuses the target prefix's cache for all L+1 rows; it must equal running
+    every row in full."""
+    from lenses.analysis.patching import _patched_outputs, _writer
+    from lenses.intervene import last_stream
+
+    adapter = ModelAdapter.from_model(tiny_model(family))
+    L = adapter.num_layers
+    hidden = adapter.hidden_states(torch.tensor([[3, 1, 4, 1, 5]]))[:, 0]
+    target = torch.tensor([[2, 7, 1, 8, 2, 8, 1, 8]])
+    cached = _patched_outputs(adapter, target, hidden, "last")
+    full = last_stream(adapter, target.repeat(L + 1, 1), {l: _writer(hidden[l, -1], "last", l) for l in range(L + 1)})
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cached[0], cached[L])  # the rows differ: the patches took effect

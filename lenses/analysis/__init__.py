@@ -55,7 +55,10 @@ class AnalysisConfig(ModelOptions):
     mcq: str | None = option(None, "MMLU-layout CSV: question,A,B,C,D,answer (none: shipped set)", group="views")
     frequencies: str | None = option(None, "token_frequencies.safetensors (none: counted on --corpus)",
                                      group="views")
-    num_positions: int = option(1000, "frequency: positions traced", group="views", min=1)
+    num_positions: int = option(1000, "frequency and early-exit: positions traced", group="views", min=1)
+    freq_prompts: str = option("paragraphs", "frequency: one held-out paragraph per prompt cut at a random word "
+                               "(the paper), or positions of held-out blocks", group="views",
+                               choices=("paragraphs", "blocks"))
     num_texts: int = option(200, "pos: paragraphs tagged", group="views", min=1)
     num_facts: int | None = option(None, "facts: sample this many (none: all)", group="views", min=1)
     num_questions: int = option(100, "mcq: questions scored", group="views", min=1)

@@ -1,10 +1,14 @@
 """Frequency view (Gupta et al. 2025, arXiv 2510.18871, section 4.1): are early-layer guesses
 dominated by frequent tokens, and are they later refined?
 
-Protocol. The paper cuts real text at a random word and reads every layer's top-1 at the last
-position of the prefix. In a causal model the last position of a prefix computes exactly what the
-same position computes inside the whole text, so we run each held-out block once and sample
-positions whose *next* token starts a word: same observations, one forward pass per block.
+Protocol (``prompts="paragraphs"``, the default), as the paper: each prompt is one held-out
+paragraph of more than 200 characters (with the Wikipedia corpus: one article's lead section), cut
+at a random word; every layer's top-1 is read at the last position of the prefix. In a causal
+model that position computes exactly what it computes inside the whole paragraph, so the paragraph
+runs once with the cut position marked. Frequency ranks are counted on the whole corpus, the text
+the prompts come from. ``prompts="blocks"`` samples word-boundary positions of held-out token
+blocks instead (several per block, ranks counted on the training blocks), for text without
+paragraphs.
 
 Per lens and layer we report the share of top-1 guesses in each frequency-rank bucket (1-10,
 11-100, 101-1000, 1001+) next to the share among final predictions; the flip rate of guesses per
@@ -20,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import make_blocks
+from ..data import make_blocks, split_documents
 from ..frequency import BUCKET_NAMES, TokenFrequencies
 from ..models import ModelAdapter
 from ..trace import TraceItem, flipped, trace, trajectories
@@ -54,6 +58,27 @@ def frequency_items(blocks: torch.Tensor, starts: torch.Tensor, num_positions: i
     return items
 
 
+def paragraph_items(tokenizer, documents: list[str], starts: torch.Tensor, num_prompts: int, min_chars: int = 200,
+                    seed: int = 0) -> list[TraceItem]:
+    """One prompt per paragraph of more than ``min_chars`` characters (up to ``num_prompts``, drawn with
+    ``seed``), cut at a random word: the marked position is the last token before a word start."""
+    from .common import encode
+
+    rng = random.Random(seed)
+    paragraphs = [p.strip() for d in documents for p in d.split("\n\n") if len(p.strip()) > min_chars]
+    rng.shuffle(paragraphs)
+    items = []
+    for text in paragraphs:
+        ids = encode(tokenizer, text)
+        cuts = [t for t in range(len(ids) - 1) if starts[ids[t + 1]]]
+        if cuts:
+            t = rng.choice(cuts)
+            items.append(TraceItem(ids[: t + 1], [t], {"next": [ids[t + 1]]}))
+        if len(items) >= num_prompts:
+            break
+    return items
+
+
 def frequency_view(
     adapter: ModelAdapter,
     tokenizer,
@@ -64,20 +89,31 @@ def frequency_view(
     seq_len: int = 256,
     seed: int = 0,
     progress: bool = False,
+    prompts: str = "paragraphs",
 ) -> ViewResult:
-    """Run the frequency view on the held-out blocks of ``texts`` (the split train_probes.py uses).
+    """Run the frequency view on the held-out part of ``texts`` (the split train_probes.py uses):
+    ``num_positions`` paragraph prompts, or positions of held-out blocks (see the module docstring).
 
-    ``freqs`` defaults to counts over the training blocks of the same texts.
+    ``freqs`` defaults to counts over the whole corpus (paragraphs) or its training blocks (blocks).
     """
-    train_blocks, held_out = make_blocks(texts, tokenizer, seq_len)
-    if freqs is None:
-        freqs = TokenFrequencies.from_tokens(train_blocks, adapter.vocab_size)
+    require(prompts in ("paragraphs", "blocks"), f"unknown prompt protocol {prompts!r}: use paragraphs or blocks.")
+    starts = word_starts(tokenizer, adapter.vocab_size)
+    if prompts == "paragraphs":
+        docs, streams, cut = split_documents(texts, tokenizer)
+        if freqs is None:
+            freqs = TokenFrequencies.from_tokens(torch.cat(streams), adapter.vocab_size)
+        items = paragraph_items(tokenizer, docs[cut:] if cut < len(docs) else docs, starts, num_positions, seed=seed)
+        require(bool(items), "no held-out paragraph of more than 200 characters; pass more text with --corpus, or "
+                             "use --freq-prompts blocks for text without blank-line paragraphs.")
+    else:
+        train_blocks, held_out = make_blocks(texts, tokenizer, seq_len)
+        if freqs is None:
+            freqs = TokenFrequencies.from_tokens(train_blocks, adapter.vocab_size)
+        items = frequency_items(held_out, starts, num_positions, eos=tokenizer.eos_token_id, seed=seed)
+        require(bool(items), "no word-boundary positions found in the held-out text; pass more text with --corpus.")
     require(len(freqs.counts) >= adapter.vocab_size,
             f"the frequency counts cover {len(freqs.counts)} tokens but the model has {adapter.vocab_size}: "
             "they were counted with another tokenizer. Count them on your corpus (omit --frequencies).")
-    starts = word_starts(tokenizer, adapter.vocab_size)
-    items = frequency_items(held_out, starts, num_positions, eos=tokenizer.eos_token_id, seed=seed)
-    require(bool(items), "no word-boundary positions found in the held-out text; pass more text with --corpus.")
     buckets = freqs.bucket(torch.arange(adapter.vocab_size))
     df = trace(adapter, lenses, items, groups=buckets, group_names=BUCKET_NAMES, progress=progress)
     df["top1_bucket"] = np.asarray(BUCKET_NAMES)[buckets.numpy()[df.top1_id.to_numpy()]]
@@ -125,7 +161,8 @@ def _summary(layers: pd.DataFrame, num_layers: int) -> list[str]:
 
 def run(ctx) -> ViewResult:
     freqs = TokenFrequencies.load(ctx.cfg.frequencies) if ctx.cfg.frequencies else None
-    return frequency_view(*ctx.parts, ctx.texts, freqs, ctx.cfg.num_positions, **ctx.sampling)
+    return frequency_view(*ctx.parts, ctx.texts, freqs, ctx.cfg.num_positions, **ctx.sampling,
+                          prompts=ctx.cfg.freq_prompts)
 
 
 plot = table_plot("plot_frequency", "layers")

@@ -139,12 +139,8 @@ def patching_view(adapter, tokenizer, lenses: dict, tasks: list[Task], num_pairs
                             f"{t_ids.shape[1]}. Use --positions last, or tasks with prompts of equal length.")
         hidden = adapter.hidden_states(s_ids)[:, 0]  # [L+1, n, d]: the one extra copy held
         S, T = torch.tensor(src.labels), torch.tensor(tgt.labels)
-        # one batched pass: row l of the batch is the target with hidden[l] patched
-        batch = t_ids.repeat(L + 1, 1)
-        edits = {layer: _writer(hidden[layer] if positions == "all" else hidden[layer, -1], positions, layer)
-                 for layer in range(L + 1)}
         with torch.no_grad():
-            out = output_lens(last_stream(adapter, batch, edits), L)
+            out = output_lens(_patched_outputs(adapter, t_ids, hidden, positions), L)
         probs = torch.softmax(out.float(), -1).cpu()
         for layer in range(L + 1):
             p = probs[layer]
@@ -163,6 +159,31 @@ def patching_view(adapter, tokenizer, lenses: dict, tasks: list[Task], num_pairs
     pairs = _pair_table(layers, reads)
     return ViewResult("patching", {"layers": layers, "lens": reads, "pairs": pairs},
                       _summary(pairs, list(lenses), L, seed))
+
+
+def _patched_outputs(adapter, t_ids: torch.Tensor, hidden: torch.Tensor, positions: str) -> torch.Tensor:
+    """``hidden[L]`` at the target's last position with the source's ``hidden[l]`` patched in, for every l
+    (row l of one batch). Patching the last position leaves every earlier position as it was (the model
+    is causal), so the target's prefix runs once and its cache serves all L+1 rows; models whose cache
+    cannot be copied that way run the whole target in each row (same result, slower; said once)."""
+    L = adapter.num_layers
+    if positions == "last" and t_ids.shape[1] > 1:
+        edits = {layer: _writer(hidden[layer, -1], positions, layer) for layer in range(L + 1)}
+        try:
+            cache = adapter.run_stream(t_ids[:, :-1], use_cache=True).past_key_values
+            cache.batch_repeat_interleave(L + 1)
+            return last_stream(adapter, t_ids[:, -1:].repeat(L + 1, 1), edits, past_key_values=cache, use_cache=True)
+        except (AttributeError, TypeError, ValueError, NotImplementedError) as e:
+            if not _NOTED:
+                _NOTED.append(e)
+                print(f"note: this model's cache cannot be reused ({type(e).__name__}); patching runs each "
+                      "target in full (same result, slower).")
+    edits = {layer: _writer(hidden[layer] if positions == "all" else hidden[layer, -1], positions, layer)
+             for layer in range(L + 1)}
+    return last_stream(adapter, t_ids.repeat(L + 1, 1), edits)
+
+
+_NOTED: list = []
 
 
 def _writer(patch: torch.Tensor, positions: str, row: int):
