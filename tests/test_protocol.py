@@ -67,7 +67,7 @@ def test_third_lens_traces_evaluates_and_round_trips(tiny, tmp_path, eager_kl, c
     np.testing.assert_allclose(t.loc[adapter.num_layers, "rotated"], t.loc[adapter.num_layers, "logit"], rtol=1e-6)
     # a depth view
     texts = [" ".join(f"word{i % 7} and the {i}" for i in range(j, j + 60)) for j in range(12)]
-    view = frequency_view(adapter, char_tokenizer, lenses, texts, num_positions=20, seq_len=64)
+    view = frequency_view(adapter, char_tokenizer, lenses, texts, num_positions=20, seq_len=64, prompts="blocks")
     layers = view.tables["layers"]
     assert set(layers.lens) == {"logit", "rotated"} and np.allclose(layers.groupby(["lens", "layer"]).share.sum(), 1)
     # held-out evaluation against a float64 KL

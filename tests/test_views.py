@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from lenses import DataError, LogitLens, ModelAdapter, TunedLens
 from lenses.analysis.facts import fact_items, facts_view, read_facts
-from lenses.analysis.frequency import frequency_items, frequency_view, word_starts
+from lenses.analysis.frequency import frequency_items, frequency_view, paragraph_items, word_starts
 from lenses.analysis.mcq import option_ids, read_mcq
 from lenses.frequency import BUCKET_NAMES, TokenFrequencies
 from tiny_models import VOCAB, tiny_model
@@ -30,7 +30,7 @@ def tiny(char_tokenizer):
 def test_frequency_view_invariants(tiny):
     adapter, tok, lenses = tiny
     texts = [" ".join(f"word{i % 7} and the {i}" for i in range(j, j + 60)) for j in range(12)]
-    result = frequency_view(adapter, tok, lenses, texts, num_positions=30, seq_len=64)
+    result = frequency_view(adapter, tok, lenses, texts, num_positions=30, seq_len=64, prompts="blocks")
     layers, pos = result.tables["layers"], result.tables["positions"]
     L = adapter.num_layers
     assert pos.groupby(["lens", "layer"]).size().eq(30).all()
@@ -44,6 +44,30 @@ def test_frequency_view_invariants(tiny):
     # every traced position is followed by a word start (the paper's "cut at a word")
     assert all(tok.decode([int(t)]).startswith(" ") for t in pos.target_next)
     assert len(result.summary) == 2
+
+
+def test_frequency_view_paragraph_prompts_follow_the_paper(tiny):
+    """One held-out paragraph of more than 200 characters per prompt, cut before a word; ranks counted
+    on the whole corpus."""
+    from lenses.data import split_documents
+
+    adapter, tok, lenses = tiny
+    texts = ["\n\n".join(f"Doc {j} part {k}: " + " ".join(f"word{(i * k) % 11} the" for i in range(30 + k))
+                          for k in range(1, 6)) + "\n\nshort paragraph." for j in range(40)]
+    result = frequency_view(adapter, tok, lenses, texts, num_positions=12, seed=3)
+    pos = result.tables["positions"]
+    assert pos.groupby(["lens", "layer"]).size().eq(12).all()
+    assert (pos.groupby(["lens", "item"]).position.nunique() == 1).all()  # one cut per prompt
+    assert all(tok.decode([int(t)]).startswith(" ") for t in pos.target_next)
+    docs, _, cut = split_documents(texts, tok)
+    held = [p for d in docs[cut:] for p in d.split("\n\n") if len(p) > 200]
+    train = {p for d in docs[:cut] for p in d.split("\n\n")}
+    assert len(held) >= 12 and not set(held) & train
+    items = paragraph_items(tok, docs[cut:], word_starts(tok, VOCAB), 12, seed=3)
+    for item in items:  # each prompt is the start of one held-out paragraph, ending before a word
+        text = tok.decode(item.ids)
+        assert item.positions == [len(item.ids) - 1] and any(p.startswith(text) for p in held)
+        assert text.split()[0] == "Doc"
 
 
 def test_frequency_items_sample_word_boundaries():
