@@ -170,9 +170,11 @@ def _patched_outputs(adapter, t_ids: torch.Tensor, hidden: torch.Tensor, positio
     if positions == "last" and t_ids.shape[1] > 1:
         edits = {layer: _writer(hidden[layer, -1], positions, layer) for layer in range(L + 1)}
         try:
-            cache = adapter.run_stream(t_ids[:, :-1], use_cache=True).past_key_values
+            out = adapter.run_stream(t_ids[:, :-1], use_cache=True)
+            cache = out.get("cache") or out.past_key_values  # transformers >= 5.24 names it `cache`
             cache.batch_repeat_interleave(L + 1)
-            return last_stream(adapter, t_ids[:, -1:].repeat(L + 1, 1), edits, past_key_values=cache, use_cache=True)
+            key = "cache" if "cache" in out else "past_key_values"
+            return last_stream(adapter, t_ids[:, -1:].repeat(L + 1, 1), edits, **{key: cache}, use_cache=True)
         except (AttributeError, TypeError, ValueError, NotImplementedError) as e:
             if not _NOTED:
                 _NOTED.append(e)
