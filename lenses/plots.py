@@ -304,7 +304,7 @@ def plot_patching(layers: pd.DataFrame, reads: pd.DataFrame, pairs: pd.DataFrame
                     label=col.removeprefix("lens_switch_") + " lens")
     top = float(layers.layer.max())
     ax2.plot([0, top], [0, top], "k:", lw=1, label="equal")
-    ax2.set(xlabel="lens switch layer (source labels read ahead)", ylabel="patching switch layer",
+    ax2.set(xlabel="lens switch layer (source labels ahead from there on)", ylabel="patching switch layer",
             title="does patching switch where the lens reads it?")
     ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
