@@ -38,17 +38,24 @@ def read_utf8(path: Path) -> str:
         ) from e
 
 
-def _read_jsonl(path: Path, field: str = "text") -> list[str]:
-    texts = []
+def jsonl_records(path: Path) -> list[tuple[str, object]]:
+    """``(where, object)`` for every non-blank line of a JSONL file (``where`` is ``path:line``)."""
+    records = []
     for n, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            records.append((f"{path}:{n}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); fix or remove that line.") from e
+    return records
+
+
+def _read_jsonl(path: Path, field: str = "text") -> list[str]:
+    texts = []
+    for where, record in jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise DataError(f"{path}:{n} has no string field {field!r}; each JSONL line must look like "
+            raise DataError(f"{where} has no string field {field!r}; each JSONL line must look like "
                             f"{{\"{field}\": \"...\"}}.")
         texts.append(record[field])
     return texts

@@ -67,7 +67,7 @@ def _records(obj, where: str) -> list[dict]:
 
 def read_facts(path: str | Path | None = None) -> list[dict]:
     """Facts as ``{prompt, answer, relation?, subject?}`` dicts from a JSONL file (or a JSON list)."""
-    from ..data import read_utf8
+    from ..data import jsonl_records, read_utf8
 
     path = Path(path) if path else default_facts_path()
     if not path.is_file():
@@ -80,13 +80,7 @@ def read_facts(path: str | Path | None = None) -> list[dict]:
             raise DataError(f"{path}:{e.lineno} is not valid JSON ({e.msg}); fix the file.") from e
         objs = [(f"{path} item {i}", o) for i, o in enumerate(records)]
     else:
-        objs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    objs.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one fact.") from e
+        objs = jsonl_records(path)
     facts = [r for where, o in objs for r in _records(o, where)]
     require(bool(facts), f"{path} holds no facts; each line must be one JSON fact like "
                          '{"prompt": "The capital of France is", "answer": "Paris"}.')

@@ -23,7 +23,6 @@ option letters of the MCQ view's questions). Your own: JSONL lines ``{prompt, la
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -63,24 +62,18 @@ def _mcq_rows(n: int = 60) -> list[dict]:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    from ..data import read_utf8
+    from ..data import jsonl_records
 
     if not path.is_file():
         raise DataError(f"task file {path} does not exist; give a shipped task ({', '.join(SHIPPED)}) or a JSONL "
                         "file of {prompt, labels, answer} lines.")
     rows = []
-    for n, line in enumerate(read_utf8(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n} is not valid JSON ({e.msg}).") from e
+    for where, row in jsonl_records(path):
         ok = (isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip()
               and isinstance(row.get("labels"), list) and len(row["labels"]) >= 2
               and all(isinstance(x, str) and x for x in row["labels"]))
         if not ok:
-            raise DataError(f"{path}:{n} must look like {{\"prompt\": \"...\", \"labels\": [\" yes\", \" no\"], "
+            raise DataError(f"{where} must look like {{\"prompt\": \"...\", \"labels\": [\" yes\", \" no\"], "
                             "\"answer\": \" yes\"}} with a non-empty prompt and at least two labels.")
         rows.append(row)
     require(bool(rows), f"{path} holds no prompts.")
