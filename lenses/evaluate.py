@@ -63,3 +63,19 @@ def evaluate(adapter: ModelAdapter, lenses: dict, blocks: torch.Tensor, tokenize
     return HeldOut({name: sums[name] / max(1, count) for name in lenses},
                    {name: torch.cat(top1[name], dim=1) for name in lenses},
                    blocks.numel() / n_bytes if n_bytes else float("nan"))
+
+
+def cross_domain(adapter: ModelAdapter, tokenizer, lenses: dict, corpora: list[str], seq_len: int = 256,
+                 max_tokens: int = 8192, **kwargs) -> pd.DataFrame:
+    """Held-out per-layer KL of every lens on the held-out split of every corpus (names or paths; the
+    split `train_probes.py` uses, first ``max_tokens`` tokens). Tidy: corpus, layer, lens, kl_nats,
+    kl_bits_per_byte."""
+    from .data import make_blocks, read_texts
+
+    frames = []
+    for corpus in corpora:
+        _, held = make_blocks(read_texts(corpus), tokenizer, seq_len, max_eval_blocks=max(1, max_tokens // seq_len))
+        table = evaluate(adapter, lenses, held, tokenizer, **kwargs).table()
+        frames.append(table.assign(corpus=corpus))
+    out = pd.concat(frames, ignore_index=True)
+    return out[["corpus", "layer", "lens", "kl_nats", "kl_bits_per_byte"]]
