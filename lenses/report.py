@@ -20,6 +20,7 @@ class ViewEntry:
     summary: list[str]
     files: list[Path]
     seconds: float
+    earlier: str = ""  # set for a view kept from an earlier run into the same folder: when it was written
 
 
 @dataclass
@@ -39,15 +40,35 @@ class Report:
             rel = [os.path.relpath(f, folder) for f in v.files]
             figures = [r for r in rel if r.endswith(".png")]
             tables = [r for r in rel if not r.endswith(".png")]
-            parts.append(f"<section id='{e(v.name)}'><h2>{e(v.name)} <small>({v.seconds:.0f} s)</small></h2>")
+            note = f", from an earlier run written {v.earlier}" if v.earlier else ""
+            parts.append(f"<section id='{e(v.name)}'><h2>{e(v.name)} <small>({v.seconds:.0f} s{e(note)})</small></h2>")
             parts.append("<pre>" + e("\n".join(v.summary)) + "</pre>")
             parts += [f"<a href='{e(r)}'><img src='{e(r)}' alt='{e(v.name)} figure'></a>" for r in figures]
             parts.append("<p>Tables: " + ", ".join(f"<a href='{e(r)}'>{e(r)}</a>" for r in tables) + "</p></section>")
         return _PAGE.replace("__TITLE__", e(self.title)).replace("__BODY__", "\n".join(parts))
 
     def write(self, folder: str | os.PathLike) -> Path:
+        """Write ``index.html`` and ``report.json`` (its record). Views of earlier runs into the same
+        folder that this run did not redo stay on the page, marked as such."""
+        import json
+
+        from .io import write_json
+
         folder = Path(folder)
-        return write_text(folder / "index.html", self.html(folder))
+        try:
+            earlier = json.loads((folder / "report.json").read_text(encoding="utf-8"))["views"]
+        except (OSError, ValueError, KeyError, TypeError):
+            earlier = []
+        now = str(self.settings.get("written", ""))
+        mine = {v.name for v in self.views}
+        kept = [ViewEntry(e["name"], e["summary"], [folder / f for f in e["files"]], e["seconds"], e["written"])
+                for e in earlier if isinstance(e, dict) and e.get("name") not in mine]
+        views = [ViewEntry(v.name, v.summary, v.files, v.seconds, v.earlier or now) for v in self.views] + kept
+        write_json(folder / "report.json", {"views": [
+            {"name": v.name, "summary": v.summary, "files": [os.path.relpath(f, folder) for f in v.files],
+             "seconds": v.seconds, "written": v.earlier} for v in views]})
+        page = Report(self.title, self.settings, self.views + kept)
+        return write_text(folder / "index.html", page.html(folder))
 
 
 def analysis_settings(cfg, lenses: dict, views: list[str]) -> dict[str, object]:

@@ -149,3 +149,19 @@ def test_cli_grid_page_figure_and_bad_options(tmp_path, capsys):
                            (["--html", str(out / "x.html"), "--view", "facts"], "draw the grid of --prompt")]:
         assert run_cli(analyze.main, argv + extra) == 2
         assert message in capsys.readouterr().err
+
+
+def test_report_keeps_views_of_earlier_runs(tmp_path):
+    from lenses.report import Report, ViewEntry
+
+    (tmp_path / "a.png").write_bytes(b"png")
+    (tmp_path / "b.png").write_bytes(b"png")
+    Report("first", {"written": "T1"}, [ViewEntry("a", ["a says 1"], [tmp_path / "a.png"], 1.0)]).write(tmp_path)
+    page = Report("second", {"written": "T2"}, [ViewEntry("b", ["b says 2"], [tmp_path / "b.png"], 2.0)])
+    html = page.write(tmp_path).read_text()
+    assert "b says 2" in html and "a says 1" in html and "from an earlier run written T1" in html
+    again = Report("third", {"written": "T3"}, [ViewEntry("a", ["a says 3"], [tmp_path / "a.png"], 1.0)])
+    html = again.write(tmp_path).read_text()
+    assert "a says 3" in html and "a says 1" not in html and "b says 2" in html  # redone views replace
+    (tmp_path / "report.json").write_text("{broken")
+    assert "a says 3" in again.write(tmp_path).read_text()  # a damaged record only loses the older views
