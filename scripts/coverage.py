@@ -103,18 +103,49 @@ def check(model_type: str, class_name: str) -> tuple[str, str]:
     return "pass", ""
 
 
+TIMEOUT_S, MEMORY_GB = 120, 6
+
+
+def run_isolated(model_type: str) -> tuple[str, str]:
+    """`check` in a child process with a time and memory limit (a config that does not shrink cannot
+    take the sweep down with it)."""
+    import json
+    import resource
+    import subprocess
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_GB * 2**30, MEMORY_GB * 2**30))
+
+    try:
+        done = subprocess.run([sys.executable, __file__, "--one", model_type], capture_output=True, text=True,
+                              timeout=TIMEOUT_S, preexec_fn=limit)
+    except subprocess.TimeoutExpired:
+        return "fail", f"no result within {TIMEOUT_S} s (the tiny config may not be tiny)"
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return tuple(json.loads(line[7:]))
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return "fail", f"the check process died (exit {done.returncode}; over {MEMORY_GB} GB?): {tail[:160]}"
+
+
 def main(argv: list[str]) -> int:
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if argv[:1] == ["--one"]:  # a child process: check one type, print the result as JSON
+        import json
+
+        try:
+            result = check(argv[1], MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(argv[1], "?"))
+        except Exception as e:  # noqa: BLE001
+            result = ("fail", f"{type(e).__name__}: {str(e)[:200]} {traceback.format_exc(limit=1)[-120:]}")
+        print("RESULT " + json.dumps(result))
+        return 0
     types = argv or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     rows, start = [], time.time()
     for t in types:
         t0 = time.time()
-        try:
-            result, reason = check(t, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(t, "?"))
-        except Exception as e:  # noqa: BLE001
-            result, reason = "fail", f"{type(e).__name__}: {str(e)[:200]} {traceback.format_exc(limit=1)[-120:]}"
+        result, reason = run_isolated(t)
         rows.append((t, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(t, "?"), result, reason.replace("|", "/")))
         print(f"{t:28s} {result:8s} {time.time() - t0:5.1f} s  {reason[:110]}", flush=True)
     counts = {k: sum(r[2] == k for r in rows) for k in ("pass", "refused", "fail")}
