@@ -106,16 +106,3 @@ def last_stream(adapter: ModelAdapter, ids: torch.Tensor, edits: dict[int, Edit]
     with edit_residual(adapter, edits):
         adapter.run_stream(ids, **forward)
     return captured[0].to(adapter.device)
-
-
-def patch_positions(source: torch.Tensor, positions: list[int] | slice, target_positions=None) -> Edit:
-    """An edit writing ``source`` ([n, d], the source run's ``hidden[l]`` at ``positions``) into the
-    target's ``hidden[l]`` at ``target_positions`` (default: the same positions)."""
-    where = positions if target_positions is None else target_positions
-
-    def fn(h):
-        h = h.clone()
-        h[:, where] = source.to(h)
-        return h
-
-    return fn

@@ -84,3 +84,16 @@ def mean_or_nan(values) -> float:
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
     return float(values.mean()) if len(values) else float("nan")
+
+
+def held_out_blocks(texts: list[str], tokenizer, seq_len: int, num_positions: int, seed: int, view: str):
+    """``(chosen, blocks)``: the held-out blocks of ``texts`` and the indices, in a seeded random order,
+    of as many of them as ``num_positions`` scored positions need at ``seq_len - 1`` per block."""
+    import random
+
+    from ..data import make_blocks
+
+    _, held = make_blocks(texts, tokenizer, seq_len)
+    n_blocks = min(len(held), -(-num_positions // (seq_len - 1)))
+    require(n_blocks > 0, f"no held-out text for the {view} view; pass more text with --corpus.")
+    return random.Random(seed).sample(range(len(held)), n_blocks), held

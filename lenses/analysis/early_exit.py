@@ -16,25 +16,19 @@ agreement and accuracy, the curve of what a confidence-based early exit would co
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pandas as pd
 
-from ..data import make_blocks
 from ..trace import TraceItem, trace, trajectories
-from .common import ViewResult, require, table_plot
+from .common import ViewResult, held_out_blocks, table_plot
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 def early_exit_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 1000,
                     seq_len: int = 128, thresholds=THRESHOLDS, seed: int = 0, progress: bool = False) -> ViewResult:
-    _, held = make_blocks(texts, tokenizer, seq_len)
+    chosen, held = held_out_blocks(texts, tokenizer, seq_len, num_positions, seed, "early-exit")
     per_block = seq_len - 1
-    n_blocks = min(len(held), -(-num_positions // per_block))
-    require(n_blocks > 0, "no held-out text for the early-exit view; pass more text with --corpus.")
-    chosen = random.Random(seed).sample(range(len(held)), n_blocks)
     items, left = [], num_positions
     for b in chosen:
         ids = held[b].tolist()

@@ -10,14 +10,11 @@ pair per step, never ``[layers x positions x vocab]``.
 
 from __future__ import annotations
 
-import random
-
 import pandas as pd
 import torch
 
-from ..data import make_blocks
 from ..intervene import skip_block
-from .common import ViewResult, require, table_plot
+from .common import ViewResult, held_out_blocks, require, table_plot
 
 
 def _log_probs(lens, h: torch.Tensor, layer: int) -> torch.Tensor:
@@ -29,10 +26,8 @@ def layer_skip_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
     from tqdm.auto import tqdm
 
     require(mode in ("zero", "mean"), f"unknown skip mode {mode!r}: use zero or mean.")
-    _, held = make_blocks(texts, tokenizer, seq_len)
-    n_blocks = min(len(held), -(-num_positions // (seq_len - 1)))
-    require(n_blocks > 0, "no held-out text for the layer-skip view; pass more text with --corpus.")
-    ids = held[sorted(random.Random(seed).sample(range(len(held)), n_blocks))]
+    chosen, held = held_out_blocks(texts, tokenizer, seq_len, num_positions, seed, "layer-skip")
+    ids = held[sorted(chosen)]
     targets = ids[:, 1:].reshape(-1)[:num_positions].to(adapter.device)
     L = adapter.num_layers
 
