@@ -8,6 +8,7 @@ Quick start::
 """
 
 from .errors import CorruptFileError, DataError, LensesError, LensMismatchError, ModelStructureError
+from .jacobian import JacobianLens
 from .lens import Lens, LogitLens, TunedLens
 from .lens_io import load_lens, save_lens
 from .models import DEFAULT_MODEL, ModelAdapter, load_model
@@ -22,6 +23,7 @@ __all__ = [
     "Lens",
     "LogitLens",
     "TunedLens",
+    "JacobianLens",
     "DEFAULT_MODEL",
     "LensesError",
     "ModelStructureError",

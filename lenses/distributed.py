@@ -49,6 +49,15 @@ class DataParallel:
             dist.all_reduce(t)
             t.div_(self.world)
 
+    def sum_(self, *tensors: torch.Tensor) -> None:
+        """Add tensors over processes, in place."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.all_reduce(t)
+
     def any(self, flag: bool) -> bool:
         """True if ``flag`` is true in any process (keeps a stop request in step everywhere)."""
         if self.world == 1:

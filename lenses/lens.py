@@ -57,6 +57,11 @@ class Lens(nn.Module):
         """The lens's map of ``hidden[layer]`` (0 <= layer < L) to a state the final norm can read."""
         raise NotImplementedError
 
+    def has_layer(self, layer: int) -> bool:
+        """Whether this lens reads ``hidden[layer]`` (a lens fitted on some layers only reports the others as
+        absent: NaN in tables, a gap in plots)."""
+        return True
+
     def transform_stack(self, h: torch.Tensor) -> torch.Tensor:
         """``transform`` of a stack ``[L, ..., d]`` of layers 0..L-1 (subclasses may batch it)."""
         return torch.stack([self.transform(h[layer], layer) for layer in range(h.shape[0])])

@@ -18,6 +18,7 @@ import torch
 
 from .errors import CorruptFileError, LensesError
 from .io import atomic_write, write_json
+from .jacobian import JacobianLens  # noqa: F401  (registers the "jacobian" kind)
 from .lens import Lens, TunedLens
 from .version import __version__
 
@@ -30,7 +31,8 @@ def save_lens(lens: Lens, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in lens.state_dict().items()}
+    cast = getattr(lens, "save_dtypes", {})
+    tensors = {k: v.detach().cpu().to(cast.get(k, v.dtype)).contiguous() for k, v in lens.state_dict().items()}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
     config = {**lens.config, "lens": lens.kind, "num_layers": lens.num_layers, "d_model": lens.d_model,
               "lenses_version": __version__}
@@ -39,7 +41,8 @@ def save_lens(lens: Lens, path: str | os.PathLike) -> Path:
 
 
 def load_lens(path: str | os.PathLike, model=None, strict: bool = True, device=None) -> Lens:
-    """Load any lens folder (ours of any registered kind, or tuned-lens's) or a shipped lens's name.
+    """Load any lens: a folder (ours of any registered kind, or tuned-lens's), a Jacobian-lens file
+    (published format or fit checkpoint, `lenses.jacobian`), a shipped lens's name or a hub id.
 
     With ``model`` (a HF model or `ModelAdapter`) the lens is attached and checked against it; a lens
     made for another model is refused (``strict=False`` relaxes the weight check only).
@@ -47,6 +50,11 @@ def load_lens(path: str | os.PathLike, model=None, strict: bool = True, device=N
     from .registry import resolve_lens_path
 
     path = resolve_lens_path(path)
+    if path.is_file():
+        from .jacobian import load_published
+
+        lens = load_published(path, model, strict)
+        return lens.to(device) if device is not None else lens
     config = read_config(path)
     if (path / WEIGHTS_NAME).exists():
         kind = config.get("lens", "tuned")

@@ -371,13 +371,14 @@ class ModelAdapter:
             )
         return torch.stack([h.to(self.device) for h in store])  # type: ignore[union-attr]
 
-    def run_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    def run_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, grad: bool = False,
+                   **kwargs):
         """One forward pass of the headless base model (blocks and final norm, no logits), without
-        gradients; hooks on the adapter's modules see the residual stream. ``kwargs`` go to the model
-        (e.g. ``use_cache=True, past_key_values=...``); returns its output."""
+        gradients unless ``grad``; hooks on the adapter's modules see the residual stream. ``kwargs`` go
+        to the model (e.g. ``use_cache=True, past_key_values=...``); returns its output."""
         base = getattr(self.model, "base_model", self.model)
         runner = base if any(m is self.final_norm for m in base.modules()) else self.model
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             return runner(input_ids=input_ids.to(self._input_device()), attention_mask=attention_mask,
                           **{"use_cache": False, **kwargs})
 

@@ -18,15 +18,21 @@ def available() -> list[str]:
 
 
 def resolve_lens_path(name: str | os.PathLike) -> Path:
-    """A lens folder path, or the folder of a shipped lens with that short name."""
+    """A lens folder or file path, the folder of a shipped lens with that short name, or the local copy
+    of a hub lens id (``neuronpedia/jacobian-lens:gpt2-small``; see `lenses.hub`)."""
+    from . import hub
+
     path = Path(name)
     if path.exists():
         return path
     if str(name) in available():
         return PRETRAINED_DIR / str(name)
+    if hub.is_hub_id(str(name)):
+        return hub.resolve(str(name))
     raise LensesError(
-        f"no lens at {name!r}: not a folder, and not a shipped lens name (shipped: {available() or 'none'}). "
-        "Train one with `python train_probes.py --out DIR` and pass DIR."
+        f"no lens at {name!r}: not a folder or file, not a shipped lens name (shipped: {available() or 'none'}), "
+        f"and not a hub id ({hub.JLENS_REPO}:<model>, {hub.TUNED_LENS_REPO}:<model>). Train one with "
+        "`python train_probes.py --out DIR` and pass DIR."
     )
 
 

@@ -1,0 +1,349 @@
+"""Fitting a Jacobian lens: the reference estimator (Gurnee et al. 2026), resumable and data-parallel.
+
+For one prompt of ``T`` tokens the valid positions are ``V = {skip_first, ..., T-2}`` and
+
+    J_p[k] = mean over sources t in V of  sum over targets t' in V of  d hidden[L][t'] / d hidden[k][t]
+
+(causality makes every term with ``t' < t`` zero). The lens is the mean of ``J_p`` over prompts, each
+prompt weighted equally. One reverse pass per output dimension gives row ``i`` of ``J_p[k]`` for
+every layer ``k`` at once: the cotangent is ``e_i`` at every valid target; ``dim_batch`` dimensions
+run side by side on copies of the prompt, all on one retained graph (`prompt_jacobian`).
+
+Two things make it cheaper than the textbook loop without changing a number: the model's weights
+never require gradients (the graph starts at the earliest source layer), and the last position,
+which is neither a source nor a target, is not run at all (causal models: the other positions do not
+see it).
+
+`fit` is the long job (``train_probes.py --method jacobian``): prompts from a corpus, a checkpoint in
+the reference's own format after every prompt (``--resume`` continues exactly), a progress bar with
+prompts/s and the running relative change, an optional early stop, and data parallelism over
+prompts with ``torchrun``/``accelerate launch`` (each process fits every N-th prompt; the sums are
+added at the end).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .cli import option
+from .errors import CorruptFileError, DataError, LensesError
+from .intervene import edit_residual
+from .io import atomic_write, write_csv
+from .jacobian import REFERENCE_OFFSET, JacobianLens
+from .models import DEFAULT_MODEL, ModelAdapter, ModelOptions
+
+CHECKPOINT_NAME = "jacobian_checkpoint.pt"
+PUBLISHED_NAME = "jacobian_lens.pt"
+SKIP_FIRST = 16  # the reference's attention-sink region
+
+
+# --------------------------------------------------------------------------- one prompt
+
+
+def valid_positions(T: int, skip_first: int = SKIP_FIRST) -> range:
+    return range(skip_first, T - 1)
+
+
+def prompt_jacobian(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int], skip_first: int = SKIP_FIRST,
+                    dim_batch: int = 8) -> torch.Tensor:
+    """``J_p`` of one prompt (token ids [T]) for our layers ``layers`` (``hidden[k]``, k < L):
+    ``[len(layers), d, d]``, rows = target dimensions, in float32 (float64 for a float64 model)."""
+    ids = torch.as_tensor(ids).flatten()
+    T, L, d = ids.numel(), adapter.num_layers, adapter.d_model
+    valid = torch.tensor(valid_positions(T, skip_first), device=adapter.device)
+    if valid.numel() == 0:
+        raise DataError(f"a prompt of {T} tokens has no valid position (needs more than {skip_first + 1} tokens).")
+    first, captured = min(layers), {}
+
+    def capture(k):
+        def fn(h):
+            if k == first:
+                h = h.detach().requires_grad_(True)
+            captured[k] = h
+            return h
+        return fn
+
+    x = ids[: T - 1][None].expand(dim_batch, -1)  # position T-1 is neither a source nor a target
+    with edit_residual(adapter, {k: capture(k) for k in sorted(set(layers) | {L})}):
+        adapter.run_stream(x, grad=True)
+    target, sources = captured[L], [captured[k] for k in layers]
+    acc = torch.promote_types(target.dtype, torch.float32)
+    out = torch.zeros(len(layers), d, d, dtype=acc)
+    cotangent = torch.zeros_like(target)
+    rows = torch.arange(dim_batch, device=target.device)
+    for start in range(0, d, dim_batch):
+        n = min(dim_batch, d - start)
+        cotangent.zero_()
+        cotangent[rows[:n, None], valid[None, :], start + rows[:n, None]] = 1
+        grads = torch.autograd.grad(target, sources, cotangent, retain_graph=start + dim_batch < d)
+        for j, g in enumerate(grads):
+            out[j, start : start + n] = g[:n, valid].to(acc).mean(1).cpu()
+    return out
+
+
+def fit_prompts(adapter: ModelAdapter, prompts, layers: list[int] | None = None, skip_first: int = SKIP_FIRST,
+                dim_batch: int = 8, progress: bool = False) -> JacobianLens:
+    """The Jacobian lens of ``prompts`` (token-id sequences; too-short ones are skipped, not counted), for
+    ``layers`` (default 1..L-1, the published layers). No files: see `fit` for the long job."""
+    from tqdm.auto import tqdm
+
+    layers = check_layers(adapter, layers)
+    total, n = None, 0
+    for ids in tqdm(list(prompts), desc="fitting J-lens", unit="prompt", disable=not progress):
+        if len(ids) <= skip_first + 1:
+            continue
+        J = prompt_jacobian(adapter, torch.as_tensor(ids), layers, skip_first, dim_batch)
+        total = J if total is None else total + J
+        n += 1
+    if total is None:
+        raise DataError(f"every prompt has {skip_first + 1} tokens or fewer: none has a valid position.")
+    return JacobianLens.from_matrices({k: total[j] / n for j, k in enumerate(layers)}, adapter.num_layers,
+                                      {"n_prompts": n, "skip_first": skip_first}, model=adapter)
+
+
+def check_layers(adapter: ModelAdapter, layers) -> list[int]:
+    L = adapter.num_layers
+    layers = list(range(1, L)) if layers is None else sorted(set(int(k) for k in layers))
+    bad = [k for k in layers if not 0 <= k < L]
+    if bad or not layers:
+        raise LensesError(f"Jacobian-lens layers {bad or '[]'} are out of range: fit hidden states 0..{L - 1} "
+                          f"(hidden[{L}] is the model's output, read without a transport).")
+    return layers
+
+
+# --------------------------------------------------------------------------- the long job
+
+
+def _check_layer_spec(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        return f"{text!r} is not a comma-separated list of layer numbers (e.g. 1,2,3)."
+    return None
+
+
+@dataclass
+class FitConfig(ModelOptions):
+    """A Jacobian-lens fit (``train_probes.py --method jacobian``)."""
+
+    corpus: str | None = option(None, "prompts' text: wikipedia, books, pydocs, or a file/folder (none: wikipedia)",
+                                group="recipe")
+    out: str = option("runs/jlens", "output folder", group="runtime")
+    num_prompts: int = option(100, "prompts to fit (the reference: ~100 usable, 1,000 published)", group="recipe",
+                              min=1)
+    seq_len: int = option(128, "tokens per prompt (BOS included)", group="recipe", min=3)
+    min_chars: int = option(600, "documents shorter than this many characters are not used as prompts",
+                            group="recipe", min=0)
+    skip_first: int = option(SKIP_FIRST, "leading positions excluded as sources and targets", group="recipe", min=0)
+    source_layers: str | None = option(None, "our hidden-state numbers to fit, e.g. 1,2,3 (none: 1..L-1)",
+                                       group="recipe", check=_check_layer_spec)
+    dim_batch: int = option(8, "output dimensions per backward pass (memory vs. speed; no effect on J)",
+                            group="runtime", min=1)
+    tol: float = option(0.0, "stop early once the running mean's relative change per prompt falls below this "
+                             "(0: fit every prompt)", group="runtime", min=0)
+    min_prompts: int = option(16, "never stop early before this many prompts", group="runtime", min=1)
+    eval_tokens: int = option(4096, "held-out tokens for the lens's KL table (0: none)", group="runtime", min=0)
+    progress: bool = option(True, "progress bar", group="runtime")
+    resume: bool = option(False, "continue the fit in --out from its checkpoint", group="runtime")
+    overwrite: bool = option(False, "replace a finished lens or interrupted fit in --out", group="runtime")
+
+    def recipe(self) -> dict[str, Any]:
+        import dataclasses
+
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("fixed")}
+
+
+def corpus_prompts(texts: list[str], tokenizer, n: int, seq_len: int = 128, min_chars: int = 600) -> list[torch.Tensor]:
+    """Up to ``n`` prompts from the training side of the corpus's document split (the held-out side is
+    never fitted on): documents of at least ``min_chars`` characters, BOS first when the tokenizer has
+    one, cut to ``seq_len`` tokens. The reference used WikiText records of >= 600 characters, 128 tokens."""
+    from .data import split_documents
+
+    docs, streams, cut = split_documents(texts, tokenizer)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    prompts = []
+    for doc, stream in zip(docs[:cut], streams[:cut]):
+        if len(doc) < min_chars:
+            continue
+        ids = stream.tolist()
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        prompts.append(torch.tensor(ids[:seq_len], dtype=torch.long))
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+@dataclass
+class FitState:
+    """The running sums of one process; saved in the reference's checkpoint format (plus our fields)."""
+
+    layers: list[int]
+    sums: torch.Tensor  # [n_layers, d, d] float32 (float64 for a float64 model)
+    n_done: int = 0
+    next_idx: int = 0  # the next prompt index (of this process's share) to fit
+    log: list = field(default_factory=list)  # [prompt, n_done, seconds, rel_change (max over layers), dist_identity]
+
+    def add(self, J: torch.Tensor) -> tuple[float, float]:
+        """Add one prompt's ``J_p``; return the running mean's relative change (max over layers) and its
+        mean distance from the identity (relative Frobenius norms)."""
+        self.sums += J
+        self.n_done += 1
+        mean = self.sums / self.n_done
+        change = ((J - mean) / max(1, self.n_done - 1)).flatten(1).norm(dim=1) if self.n_done > 1 else None
+        rel = float((change / mean.flatten(1).norm(dim=1).clamp_min(1e-30)).max()) if change is not None else math.inf
+        eye = torch.eye(mean.shape[-1], dtype=mean.dtype)
+        dist = float(((mean - eye).flatten(1).norm(dim=1) / math.sqrt(mean.shape[-1])).mean())
+        return rel, dist
+
+    def save(self, path: Path, identity: dict, target_layer: int, skip_first: int) -> None:
+        payload = {
+            "jacobian_sum": {k - REFERENCE_OFFSET: self.sums[j].float().clone() for j, k in enumerate(self.layers)},
+            "n_done": self.n_done, "next_idx": self.next_idx,
+            "source_layers": [k - REFERENCE_OFFSET for k in self.layers], "target_layer": target_layer,
+            "skip_first": skip_first, "identity": identity, "log": self.log,
+            "sums_dtype": str(self.sums.dtype).removeprefix("torch."),
+        }
+        if self.sums.dtype == torch.float64:  # keep float64 fits exact across a resume
+            payload["lenses_sum_float64"] = self.sums.clone()
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+    def load(self, path: Path, identity: dict) -> None:
+        from .train import _differences
+
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            saved = payload["identity"]
+        except Exception as e:
+            raise CorruptFileError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, or "
+                                   "pass --overwrite to start afresh.") from e
+        changed = _differences(saved, identity)
+        if changed:
+            raise LensesError(f"cannot resume {path.parent}: these settings differ from the checkpoint's, and they "
+                              f"change the result: {'; '.join(changed)}. Use the checkpoint's settings, or another "
+                              "--out (or --overwrite) to start afresh.")
+        if "lenses_sum_float64" in payload:
+            self.sums.copy_(payload["lenses_sum_float64"])
+        else:
+            for j, k in enumerate(self.layers):
+                self.sums[j] = payload["jacobian_sum"][k - REFERENCE_OFFSET]
+        self.n_done, self.next_idx, self.log = payload["n_done"], payload["next_idx"], payload["log"]
+
+
+@dataclass
+class FitResult:
+    lens: JacobianLens
+    convergence: pd.DataFrame  # prompt, n_done, seconds, rel_change, dist_identity
+    eval: pd.DataFrame  # layer, lens, kl_nats, kl_bits_per_byte
+    out: Path
+
+
+def _digest(prompts: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.numpy().astype("int64").tobytes() + b"|")
+    return h.hexdigest()[:16]
+
+
+def fit(cfg: FitConfig, model=None, tokenizer=None) -> FitResult:
+    """Fit a Jacobian lens on ``cfg.corpus``; write it (our folder + the published file), its convergence
+    log and its held-out KL into ``cfg.out``; return them."""
+    from tqdm.auto import tqdm
+
+    from .data import make_blocks, read_texts
+    from .distributed import DataParallel
+    from .evaluate import evaluate
+    from .lens import LogitLens
+    from .outdir import claim
+    from .train import stop_on_signal
+
+    dp = DataParallel.from_env(cfg.device)
+    ckpt = Path(cfg.out) / (CHECKPOINT_NAME if dp.world == 1 else f"jacobian_checkpoint.rank{dp.rank}.pt")
+    folder = claim(cfg.out, "train", resume=cfg.resume, overwrite=cfg.overwrite, finished=("translators.safetensors",),
+                   interrupted=(CHECKPOINT_NAME, "jacobian_checkpoint.rank0.pt")) if dp.main else None
+    try:
+        with stop_on_signal() as stop_requested:
+            dp.barrier()
+            if model is None:
+                model, tokenizer, adapter = cfg.load(device=dp.device)
+            else:
+                adapter = cfg.adapter(model)
+            layers = check_layers(adapter, None if cfg.source_layers is None else
+                                  [int(p) for p in cfg.source_layers.split(",") if p.strip()])
+            texts = read_texts(cfg.corpus)
+            prompts = corpus_prompts(texts, tokenizer, cfg.num_prompts, cfg.seq_len, cfg.min_chars)
+            prompts = [p for p in prompts if len(p) > cfg.skip_first + 1]
+            if not prompts:
+                raise DataError(f"the corpus gives no document of {cfg.min_chars}+ characters and more than "
+                                f"{cfg.skip_first + 1} tokens; lower --min-chars or --skip-first, or add text.")
+            if len(prompts) < cfg.num_prompts and dp.main:
+                print(f"note: the corpus gives {len(prompts)} prompts, fewer than --num-prompts {cfg.num_prompts}")
+            mine = prompts[dp.rank :: dp.world]
+            identity = {"recipe": cfg.recipe(), "prompts": _digest(prompts), "world": dp.world,
+                        "layers": layers, "fingerprint": adapter.fingerprint()}
+            acc = torch.promote_types(next(adapter.model.parameters()).dtype, torch.float32)
+            state = FitState(layers, torch.zeros(len(layers), adapter.d_model, adapter.d_model, dtype=acc))
+            if cfg.resume and ckpt.exists():
+                state.load(ckpt, identity)
+            bar = tqdm(total=len(mine), initial=state.next_idx, unit="prompt", desc="fitting J-lens",
+                       disable=not (cfg.progress and dp.main))
+            t0, done_here = time.perf_counter(), 0
+            while state.next_idx < len(mine):
+                J = prompt_jacobian(adapter, mine[state.next_idx], layers, cfg.skip_first, cfg.dim_batch)
+                rel, dist = state.add(J)
+                state.next_idx += 1
+                done_here += 1
+                elapsed = time.perf_counter() - t0
+                state.log.append([dp.rank + dp.world * (state.next_idx - 1), state.n_done, elapsed, rel, dist])
+                state.save(ckpt, identity, adapter.num_layers - 1, cfg.skip_first)
+                bar.set_postfix(prompt_s=f"{done_here / elapsed:.3g}", change=f"{rel:.2e}", dist_I=f"{dist:.3f}")
+                bar.update(1)
+                converged = cfg.tol > 0 and state.n_done >= cfg.min_prompts and rel < cfg.tol
+                if not dp.any(not converged) and state.next_idx < len(mine):
+                    if dp.main:
+                        print(f"converged: the running mean changed by {rel:.2e} < --tol {cfg.tol} after "
+                              f"{state.n_done} prompts")
+                    break
+                if dp.any(stop_requested()):
+                    bar.close()
+                    raise LensesError(f"interrupted after {state.n_done} prompts; progress saved in {ckpt}. "
+                                      "Continue with the same command plus --resume.")
+            bar.close()
+            sums, n = state.sums.clone(), torch.tensor([float(state.n_done)], dtype=torch.float64)
+            dp.sum_(sums, n)
+            lens = JacobianLens.from_matrices(
+                {k: sums[j] / n.item() for j, k in enumerate(layers)}, adapter.num_layers,
+                {"model": cfg.model or DEFAULT_MODEL, "n_prompts": int(n.item()), "corpus": cfg.corpus or "wikipedia",
+                 "skip_first": cfg.skip_first, "seq_len": cfg.seq_len, "fit_seconds": time.perf_counter() - t0,
+                 "convergence": [row[3] for row in state.log][-1:] or None},
+                model=adapter)
+            convergence = pd.DataFrame(state.log, columns=["prompt", "n_done", "seconds", "rel_change",
+                                                           "dist_identity"])
+            table = pd.DataFrame()
+            if dp.main:
+                out = Path(cfg.out)
+                if cfg.eval_tokens:
+                    _, held = make_blocks(texts, tokenizer, 256, max_eval_blocks=max(1, cfg.eval_tokens // 256))
+                    table = evaluate(adapter, {"logit": LogitLens(adapter), "jacobian": lens}, held, tokenizer).table()
+                    lens.config["heldout_kl_nats"] = [None if math.isnan(v) else round(v, 5)
+                                                      for v in table[table.lens == "jacobian"].kl_nats]
+                    write_csv(out / "eval.csv", table)
+                lens.save_pretrained(out)
+                if not lens.present[0]:
+                    lens.save_published(out / PUBLISHED_NAME)
+                write_csv(out / "convergence.csv", convergence)
+            dp.barrier()
+            return FitResult(lens, convergence, table, Path(cfg.out))
+    finally:
+        if folder:
+            folder.release()
