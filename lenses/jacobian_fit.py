@@ -297,19 +297,22 @@ def fit(cfg: FitConfig, model=None, tokenizer=None) -> FitResult:
                 state.load(ckpt, identity)
             bar = tqdm(total=len(mine), initial=state.next_idx, unit="prompt", desc="fitting J-lens",
                        disable=not (cfg.progress and dp.main))
-            t0, done_here = time.perf_counter(), 0
-            while state.next_idx < len(mine):
-                J = prompt_jacobian(adapter, mine[state.next_idx], layers, cfg.skip_first, cfg.dim_batch)
-                rel, dist = state.add(J)
-                state.next_idx += 1
-                done_here += 1
-                elapsed = time.perf_counter() - t0
-                state.log.append([dp.rank + dp.world * (state.next_idx - 1), state.n_done, elapsed, rel, dist])
-                state.save(ckpt, identity, adapter.num_layers - 1, cfg.skip_first)
-                bar.set_postfix(prompt_s=f"{done_here / elapsed:.3g}", change=f"{rel:.2e}", dist_I=f"{dist:.3f}")
-                bar.update(1)
+            t0, done_here, rel = time.perf_counter(), 0, math.inf
+            # every process runs the same number of rounds (its collectives pair up with the others'), fitting
+            # its next prompt while it has one; after a resume the processes may be a prompt apart
+            while dp.any(state.next_idx < len(mine)):
+                if state.next_idx < len(mine):
+                    J = prompt_jacobian(adapter, mine[state.next_idx], layers, cfg.skip_first, cfg.dim_batch)
+                    rel, dist = state.add(J)
+                    state.next_idx += 1
+                    done_here += 1
+                    elapsed = time.perf_counter() - t0
+                    state.log.append([dp.rank + dp.world * (state.next_idx - 1), state.n_done, elapsed, rel, dist])
+                    state.save(ckpt, identity, adapter.num_layers - 1, cfg.skip_first)
+                    bar.set_postfix(prompt_s=f"{done_here / elapsed:.3g}", change=f"{rel:.2e}", dist_I=f"{dist:.3f}")
+                    bar.update(1)
                 converged = cfg.tol > 0 and state.n_done >= cfg.min_prompts and rel < cfg.tol
-                if not dp.any(not converged) and state.next_idx < len(mine):
+                if not dp.any(not converged):
                     if dp.main:
                         print(f"converged: the running mean changed by {rel:.2e} < --tol {cfg.tol} after "
                               f"{state.n_done} prompts")
@@ -325,7 +328,7 @@ def fit(cfg: FitConfig, model=None, tokenizer=None) -> FitResult:
                 {k: sums[j] / n.item() for j, k in enumerate(layers)}, adapter.num_layers,
                 {"model": cfg.model or DEFAULT_MODEL, "n_prompts": int(n.item()), "corpus": cfg.corpus or "wikipedia",
                  "skip_first": cfg.skip_first, "seq_len": cfg.seq_len, "fit_seconds": time.perf_counter() - t0,
-                 "convergence": [row[3] for row in state.log][-1:] or None},
+                 "final_rel_change": state.log[-1][3] if state.log else None},
                 model=adapter)
             convergence = pd.DataFrame(state.log, columns=["prompt", "n_done", "seconds", "rel_change",
                                                            "dist_identity"])

@@ -86,6 +86,22 @@ def plot_heldout_kl(table: pd.DataFrame, path: str | os.PathLike, title: str = "
     return _save(fig, path)
 
 
+def plot_convergence(log: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """A Jacobian-lens fit's convergence: the running mean's relative change per prompt (it falls like
+    1/n once the estimate settles) and its mean distance from the identity."""
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(log.n_done, log.rel_change, marker=".")
+    a.set(xlabel="prompts fitted", ylabel="relative change of the mean", xscale="log", yscale="log",
+          title="convergence (max over layers)")
+    b.plot(log.n_done, log.dist_identity, marker=".")
+    b.set(xlabel="prompts fitted", ylabel="||J - I|| / sqrt(d), mean over layers", xscale="log",
+          title="distance from the logit lens")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_representation(summary: pd.DataFrame, per_prompt: pd.DataFrame, path: str | os.PathLike,
                         hist_layer: int | None = None) -> Path:
     """Each metric against relative depth (median and 10-90% band where per prompt), plus a

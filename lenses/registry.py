@@ -36,12 +36,13 @@ def resolve_lens_path(name: str | os.PathLike) -> Path:
     )
 
 
-def find_for(adapter) -> str | None:
-    """The name of a shipped lens made for ``adapter``'s model (same fingerprint), if any."""
+def shipped_for(adapter) -> dict[str, str]:
+    """kind -> name of the shipped lenses made for ``adapter``'s model (same fingerprint)."""
     import json
 
     from .errors import LensMismatchError
 
+    found: dict[str, str] = {}
     for name in available():
         try:
             saved = json.loads((PRETRAINED_DIR / name / "config.json").read_text(encoding="utf-8"))
@@ -50,35 +51,58 @@ def find_for(adapter) -> str | None:
             adapter.check_fingerprint(saved["fingerprint"], strict=True)
         except (LensMismatchError, ValueError, OSError, KeyError):
             continue
-        return name
-    return None
+        found.setdefault(saved.get("lens", "tuned"), name)
+    return found
+
+
+def find_for(adapter, kind: str = "tuned") -> str | None:
+    """The name of the shipped lens of ``kind`` made for ``adapter``'s model, if any."""
+    return shipped_for(adapter).get(kind)
 
 
 def select_lenses(spec: str | list[str], adapter, strict: bool = True) -> dict:
-    """name -> lens for a lens choice: ``auto`` (the logit lens plus the lens shipped for this model,
-    if any), ``logit``, ``both`` (logit + shipped lens; an error if none is shipped), or lens folders /
-    shipped names (each added after the logit lens). A list or a comma-separated string combines them."""
+    """name -> lens for a lens choice: ``auto`` (the logit lens plus the lenses shipped for this model,
+    if any), ``logit``, ``both`` (logit + shipped tuned lens; an error if none is shipped), ``tuned`` or
+    ``jacobian`` (the shipped lens of that kind), or lens folders / files / shipped names / hub ids, each
+    optionally prefixed by a label (``jacobian:runs/jlens``, ``mine:runs/lens``). A list or a
+    comma-separated string combines them; the logit lens always comes first."""
     from .lens import LogitLens
     from .lens_io import load_lens
 
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
     if not parts:
-        raise LensesError("--lens is empty: use auto, logit, both, or a lens folder.")
+        raise LensesError("--lens is empty: use auto, logit, both, tuned, jacobian, or a lens folder or file.")
     lenses = {"logit": LogitLens(adapter)}
+    shipped = shipped_for(adapter)
     for part in parts:
-        if part == "logit":
+        label, source = _labelled(part)
+        if source == "logit":
             continue
-        if part in ("auto", "both"):
-            name = find_for(adapter)
-            if name is None:
-                if part == "both":
-                    raise LensesError("no tuned lens is shipped for this model: train one with "
-                                      "`python train_probes.py --model ... --out DIR` and pass --lens DIR.")
+        if source in ("auto", "both", "tuned", "jacobian"):
+            kinds = {"auto": list(shipped), "both": ["tuned"], "tuned": ["tuned"], "jacobian": ["jacobian"]}[source]
+            missing = [k for k in kinds if k not in shipped]
+            if missing and source != "auto":
+                raise LensesError(f"no {missing[0]} lens is shipped for this model: make one with `python "
+                                  f"train_probes.py --model ... {'--method jacobian ' if missing[0] == 'jacobian' else ''}"
+                                  "--out DIR` and pass --lens DIR.")
+            if not kinds:
                 print("note: no shipped lens matches this model; showing the logit lens only "
                       "(train one with train_probes.py and pass --lens DIR).")
-                continue
-            part = name
-        lens = load_lens(part, model=adapter, strict=strict)
-        label = lens.kind if lens.kind not in lenses else f"{lens.kind}:{Path(part).name}"
-        lenses[label] = lens
+            for kind in kinds:
+                lenses[kind if label is None or len(kinds) > 1 else label] = load_lens(shipped[kind], model=adapter,
+                                                                                       strict=strict)
+            continue
+        lens = load_lens(source, model=adapter, strict=strict)
+        name = label or (lens.kind if lens.kind not in lenses else f"{lens.kind}:{Path(source).name}")
+        if name in lenses:
+            raise LensesError(f"two lenses are named {name!r} in --lens; label them, e.g. a:{source}.")
+        lenses[name] = lens
     return lenses
+
+
+def _labelled(part: str) -> tuple[str | None, str]:
+    """``label:source`` -> (label, source); a hub id (``owner/repo:name``) or a path is not a label."""
+    head, sep, rest = part.partition(":")
+    if sep and rest and "/" not in head and "\\" not in head and len(head) > 1 and not Path(part).exists():
+        return head, rest
+    return None, part

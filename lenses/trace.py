@@ -80,7 +80,8 @@ def trace(
 ) -> pd.DataFrame:
     """Trace ``items`` through every layer (0..L) of every lens in ``lenses`` (name -> lens).
 
-    Columns: lens, item, position, layer, top1_id, top1_prob (and top<r>_id, top<r>_prob for
+    A layer a lens does not read (`Lens.has_layer`, e.g. the embeddings for a Jacobian lens) gets NaN
+    statistics and token id -1. Columns: lens, item, position, layer, top1_id, top1_prob (and top<r>_id, top<r>_prob for
     r = 2..``top_k``), entropy, kl (to the final layer's
     distribution, nats), for each target ``t``: target_t, rank_t, prob_t; for each token group
     ``g`` (``groups``: group index per vocab id, -1 for none): mass_g, the probability mass the
@@ -118,8 +119,12 @@ def trace(
                 teacher = vocab.Teacher(adapter, h[L], dtype)
                 for lens_name, lens in lenses.items():
                     for layer in range(L + 1):
-                        st = _stats(lens(h[layer], layer, dtype), teacher.p, teacher.neg_entropy, tg, groups, n_groups,
-                                    top_k)
+                        z = lens(h[layer], layer, dtype) if lens.has_layer(layer) else None
+                        st = _stats(torch.zeros_like(teacher.p) if z is None else z, teacher.p, teacher.neg_entropy,
+                                    tg, groups, n_groups, top_k)
+                        if z is None:  # a layer this lens does not read: NaN statistics, id -1
+                            st = {k: (torch.full_like(v, -1) if k.endswith("_id") else torch.full_like(v.double(),
+                                      float("nan"))) for k, v in st.items()}
                         cols = {
                             "lens": lens_name,
                             "item": meta[s : s + chunk, 0],

@@ -186,3 +186,47 @@ def test_bad_files(tmp_path):
     lens = _fitted(adapter)
     with pytest.raises(LensesError, match="not in this Jacobian lens"):
         lens.subset([0])
+
+
+# --------------------------------------------------------------------------- TransformerLens 4.3 as a reference
+
+
+@pytest.fixture(scope="module")
+def tl_pair(tmp_path_factory):
+    """The same tiny Llama as a TransformerLens bridge and as our adapter, with TL's prompts (BOS first)."""
+    pytest.importorskip("transformer_lens", reason="transformer-lens==4.3.0 (the 'tl' test extra) is not installed")
+    from tiny_models import save_tiny_model
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path_factory.mktemp("tl") / "llama", "llama")
+    bridge = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float32)
+    bridge.eval()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval().requires_grad_(False)
+    texts = ["The quick brown fox jumps over the lazy dog, twice.", "Lenses read every layer of a model in turn."]
+    return bridge, ModelAdapter.from_model(model), texts, [bridge.to_tokens(t)[0] for t in texts]
+
+
+def test_fit_and_readout_equal_transformer_lens(tl_pair, tmp_path):
+    from transformer_lens.tools.analysis.jacobian_lens import JacobianLens as TLJacobianLens
+
+    bridge, adapter, texts, ids = tl_pair
+    theirs = TLJacobianLens.fit(bridge, texts, corpus="test", dim_batch=8, max_seq_len=128, show_progress=False)
+    ours = fit_prompts(adapter, ids, dim_batch=8)
+    assert theirs.n_prompts == ours.n_prompts == 2 and theirs.source_layers == [k - 1 for k in ours.layers]
+    for k in ours.layers:
+        torch.testing.assert_close(ours.matrices[k], theirs.jacobians[k - 1], atol=1e-5, rtol=1e-5)
+    # readout: full logits at every fitted layer and at the last
+    read = theirs.readout(bridge, ids[0][None], return_full_logits=True)
+    hidden = adapter.hidden_states(ids[0][None])[:, 0]
+    for k in ours.layers + [adapter.num_layers]:
+        torch.testing.assert_close(ours(hidden[k], k), read.lens_logits[k - 1].float(), atol=1e-5, rtol=1e-5)
+    # files: theirs load in ours, ours in theirs
+    theirs.save(str(tmp_path / "tl.pt"))
+    from_tl = load_lens(tmp_path / "tl.pt", adapter)
+    torch.testing.assert_close(from_tl.matrices[1:], ours.matrices[1:].half().float(), atol=2e-3, rtol=2e-3)
+    ours.save_published(tmp_path / "ours.pt")
+    into_tl = TLJacobianLens.load(str(tmp_path / "ours.pt"))
+    assert into_tl.source_layers == theirs.source_layers and into_tl.n_prompts == 2
+    for k in ours.layers:
+        torch.testing.assert_close(into_tl.jacobians[k - 1], ours.matrices[k].half().float())

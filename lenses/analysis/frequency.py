@@ -116,10 +116,13 @@ def frequency_view(
             "they were counted with another tokenizer. Count them on your corpus (omit --frequencies).")
     buckets = freqs.bucket(torch.arange(adapter.vocab_size))
     df = trace(adapter, lenses, items, groups=buckets, group_names=BUCKET_NAMES, progress=progress)
-    df["top1_bucket"] = np.asarray(BUCKET_NAMES)[buckets.numpy()[df.top1_id.to_numpy()]]
+    ids = df.top1_id.to_numpy()
+    names = np.asarray(BUCKET_NAMES, dtype=object)[buckets.numpy()[np.clip(ids, 0, None)]]
+    names[ids < 0] = None  # a layer the lens does not read
+    df["top1_bucket"] = names
     keys, top1 = trajectories(df, "top1_id")
     df["final_top1_id"] = np.repeat(top1[:, -1], top1.shape[1])
-    df["flipped"] = flipped(top1).reshape(-1)
+    df["flipped"] = np.where(top1 < 0, np.nan, flipped(top1)).reshape(-1)
     layers = _layer_table(df)
     return ViewResult("frequency", {"positions": df, "layers": layers}, _summary(layers, adapter.num_layers))
 
@@ -134,7 +137,7 @@ def _layer_table(df: pd.DataFrame) -> pd.DataFrame:
             in_b = g[g.top1_bucket == b]
             rows.append({
                 "lens": lens, "layer": layer, "bucket": b,
-                "share": len(in_b) / len(g),
+                "share": len(in_b) / len(g) if (g.top1_id >= 0).any() else np.nan,
                 "final_share": float(final_share.get((lens, b), 0.0)),
                 "flip_rate": float(in_b.flipped.mean()) if len(in_b) else np.nan,
                 "n_guesses": len(in_b),

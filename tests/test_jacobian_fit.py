@@ -1,0 +1,101 @@
+"""The Jacobian-lens fit as a long job: `train_probes.py --method jacobian`, kill -9 and --resume,
+two processes (torchrun, gloo on CPU) against one, early stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lenses import JacobianLens, load_lens
+from tiny_models import save_tiny_model
+
+ROOT = Path(__file__).parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "LENSES_COMPILE": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("jfit")
+    model = save_tiny_model(base / "model", "llama")
+    corpus = base / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i:02d}.txt").write_text(f"Document {i} says something new about lenses and layers. " * 14)
+    return model, corpus
+
+
+def _cli(model, corpus, out, *extra, background=False):
+    cmd = [sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(model), "--corpus",
+           str(corpus), "--out", str(out), "--num-prompts", "8", "--seq-len", "48", "--eval-tokens", "256",
+           "--no-progress", *extra]
+    if background:
+        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_kill_then_resume_equals_uninterrupted(setup, tmp_path):
+    model, corpus = setup
+    _cli(model, corpus, tmp_path / "full")
+    full = load_lens(tmp_path / "full")
+    assert isinstance(full, JacobianLens) and full.n_prompts == 8
+    # kill -9 once a few prompts are checkpointed (slowed down so the kill lands mid-fit)
+    proc = _cli(model, corpus, tmp_path / "cut", "--dim-batch", "1", background=True)
+    ckpt = tmp_path / "cut" / "jacobian_checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["n_done"] >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the fit finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = torch.load(ckpt, weights_only=True)["n_done"]
+    assert 2 <= done < 8
+    _cli(model, corpus, tmp_path / "cut", "--resume", "--dim-batch", "1")  # dim_batch changes no number
+    cut = load_lens(tmp_path / "cut")
+    assert cut.n_prompts == 8
+    torch.testing.assert_close(cut.matrices, full.matrices, atol=0, rtol=0)  # the same sums in the same order
+    log = pd.read_csv(tmp_path / "cut" / "convergence.csv")
+    assert log.n_done.tolist() == list(range(1, 9))
+    # the published file is what TransformerLens and the reference read
+    raw = torch.load(tmp_path / "full" / "jacobian_lens.pt", weights_only=True)
+    assert raw["n_prompts"] == 8 and sorted(raw["J"]) == [0, 1]
+    # a changed recipe is refused on resume, naming the setting
+    bad = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(model),
+                          "--corpus", str(corpus), "--out", str(tmp_path / "cut"), "--num-prompts", "8", "--seq-len",
+                          "40", "--resume", "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "seq_len" in bad.stderr
+
+
+def test_two_processes_match_one(setup, tmp_path):
+    model, corpus = setup
+    _cli(model, corpus, tmp_path / "one")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(model), "--corpus", str(corpus),
+           "--out", str(tmp_path / "two"), "--num-prompts", "7", "--seq-len", "48", "--eval-tokens", "256",
+           "--no-progress", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _cli(model, corpus, tmp_path / "one7", "--num-prompts", "7")
+    one, two = load_lens(tmp_path / "one7"), load_lens(tmp_path / "two")
+    assert two.n_prompts == 7  # 4 + 3: the shares need not be equal
+    torch.testing.assert_close(two.matrices, one.matrices, atol=1e-6, rtol=1e-5)  # float rounding only
+    for rank in (0, 1):
+        assert (tmp_path / "two" / f"jacobian_checkpoint.rank{rank}.pt").exists()
+
+
+def test_early_stop(setup, tmp_path):
+    model, corpus = setup
+    out = _cli(model, corpus, tmp_path / "tol", "--tol", "1.0", "--min-prompts", "3")
+    assert "converged" in out.stdout
+    assert load_lens(tmp_path / "tol").n_prompts == 3
