@@ -74,8 +74,9 @@ class JacobianLens(Lens):
             lens.to(torch.float64)
         for k, J in matrices.items():
             if not 0 <= k < num_layers:
-                raise LensMismatchError(f"the Jacobian lens has a matrix for hidden state {k}, outside 0..{num_layers - 1}"
-                                        f" of a {num_layers}-layer model: it was fitted for a model with more layers.")
+                raise LensMismatchError(f"the Jacobian lens has a matrix for hidden state {k}, outside "
+                                        f"0..{num_layers - 1} of a {num_layers}-layer model: it was fitted for a "
+                                        "model with more layers.")
             if tuple(J.shape) != (d, d):
                 raise CorruptFileError(f"the matrix of layer {k} is {tuple(J.shape)}, not ({d}, {d}).")
             lens.matrices[k] = J
