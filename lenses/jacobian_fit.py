@@ -9,10 +9,12 @@ prompt weighted equally. One reverse pass per output dimension gives row ``i`` o
 every layer ``k`` at once: the cotangent is ``e_i`` at every valid target; ``dim_batch`` dimensions
 run side by side on copies of the prompt, all on one retained graph (`prompt_jacobian`).
 
-Two things make it cheaper than the textbook loop without changing a number: the model's weights
-never require gradients (the graph starts at the earliest source layer), and the last position,
-which is neither a source nor a target, is not run at all (causal models: the other positions do not
-see it).
+Three things make it cheaper than the textbook loop without changing a number: the model's weights
+never require gradients (the graph starts at the earliest source layer); the first ``skip_first``
+positions run once without gradients and serve the rest as a key/value cache, so no backward pass
+touches them; and the last position, neither a source nor a target, is not run at all (causal
+models: the other positions do not see it). At 128 tokens the backward runs 111 rows per prompt
+copy instead of 128; the rest is matmuls near the machine's limit (benchmarks/jacobian_fit.py).
 
 `fit` is the long job (``train_probes.py --method jacobian``): prompts from a corpus, a checkpoint in
 the reference's own format after every prompt (``--resume`` continues exactly), a progress bar with
@@ -24,6 +26,7 @@ added at the end).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 import math
 import time
 from dataclasses import dataclass, field
@@ -53,28 +56,20 @@ def valid_positions(T: int, skip_first: int = SKIP_FIRST) -> range:
 
 
 def prompt_jacobian(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int], skip_first: int = SKIP_FIRST,
-                    dim_batch: int = 8) -> torch.Tensor:
+                    dim_batch: int = 8, prefix_cache: bool = True) -> torch.Tensor:
     """``J_p`` of one prompt (token ids [T]) for our layers ``layers`` (``hidden[k]``, k < L):
-    ``[len(layers), d, d]``, rows = target dimensions, in float32 (float64 for a float64 model)."""
+    ``[len(layers), d, d]``, rows = target dimensions, in float32 (float64 for a float64 model).
+
+    With ``prefix_cache`` the first ``skip_first`` positions (never sources nor targets) run once
+    without gradients and serve the rest as a key/value cache, so the backward passes skip them (the
+    numbers are the same; models whose cache cannot be reused run in full)."""
     ids = torch.as_tensor(ids).flatten()
     T, L, d = ids.numel(), adapter.num_layers, adapter.d_model
-    valid = torch.tensor(valid_positions(T, skip_first), device=adapter.device)
-    if valid.numel() == 0:
+    if T - 1 <= skip_first:
         raise DataError(f"a prompt of {T} tokens has no valid position (needs more than {skip_first + 1} tokens).")
-    first, captured = min(layers), {}
-
-    def capture(k):
-        def fn(h):
-            if k == first:
-                h = h.detach().requires_grad_(True)
-            captured[k] = h
-            return h
-        return fn
-
     x = ids[: T - 1][None].expand(dim_batch, -1)  # position T-1 is neither a source nor a target
-    with edit_residual(adapter, {k: capture(k) for k in sorted(set(layers) | {L})}):
-        adapter.run_stream(x, grad=True)
-    target, sources = captured[L], [captured[k] for k in layers]
+    target, sources, offset = _graph(adapter, x, layers, skip_first if prefix_cache else 0)
+    valid = torch.arange(skip_first - offset, T - 1 - offset, device=target.device)
     acc = torch.promote_types(target.dtype, torch.float32)
     out = torch.zeros(len(layers), d, d, dtype=acc)
     cotangent = torch.zeros_like(target)
@@ -87,6 +82,40 @@ def prompt_jacobian(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int],
         for j, g in enumerate(grads):
             out[j, start : start + n] = g[:n, valid].to(acc).mean(1).cpu()
     return out
+
+
+def _graph(adapter: ModelAdapter, x: torch.Tensor, layers: list[int], prefix: int):
+    """Run ``x`` [B, T] recording ``hidden[L]`` and the sources (the earliest one a leaf requiring grad);
+    the first ``prefix`` positions, when > 0, run first without gradients as a cache. Returns (target,
+    sources, offset): the recorded tensors cover positions ``offset..T-1``."""
+    L, first, captured = adapter.num_layers, min(layers), {}
+
+    def capture(k):
+        def fn(h):
+            if k == first:
+                h = h.detach().requires_grad_(True)
+            captured[k] = h
+            return h
+        return fn
+
+    edits = {k: capture(k) for k in sorted(set(layers) | {L})}
+    if prefix > 0:
+        try:
+            out = adapter.run_stream(x[:, :prefix], use_cache=True)
+            if not isinstance(out, Mapping):
+                raise TypeError("the model returns no cache")
+            key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.24 names it `cache`
+            cache = out.get(key)
+            if cache is None:
+                raise TypeError("no cache returned")
+            with edit_residual(adapter, edits):
+                adapter.run_stream(x[:, prefix:], grad=True, use_cache=True, **{key: cache})
+            return captured[L], [captured[k] for k in layers], prefix
+        except (AttributeError, TypeError, ValueError, NotImplementedError, KeyError):
+            captured.clear()  # this model's cache cannot be reused that way: run in full (same numbers)
+    with edit_residual(adapter, edits):
+        adapter.run_stream(x, grad=True)
+    return captured[L], [captured[k] for k in layers], 0
 
 
 def fit_prompts(adapter: ModelAdapter, prompts, layers: list[int] | None = None, skip_first: int = SKIP_FIRST,

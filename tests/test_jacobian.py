@@ -230,3 +230,14 @@ def test_fit_and_readout_equal_transformer_lens(tl_pair, tmp_path):
     assert into_tl.source_layers == theirs.source_layers and into_tl.n_prompts == 2
     for k in ours.layers:
         torch.testing.assert_close(into_tl.jacobians[k - 1], ours.matrices[k].half().float())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt", "gpt_neox"])
+def test_cached_prefix_equals_full_run(family):
+    """The prefix served from a key/value cache changes no number (float32, rounding only)."""
+    adapter = ModelAdapter.from_model(tiny_model(family))
+    ids = torch.randint(1, 90, (30,), generator=torch.Generator().manual_seed(2))
+    a = prompt_jacobian(adapter, ids, [1, 2], skip_first=16, dim_batch=8, prefix_cache=True)
+    b = prompt_jacobian(adapter, ids, [1, 2], skip_first=16, dim_batch=8, prefix_cache=False)
+    assert a.abs().max() > 0.1
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
