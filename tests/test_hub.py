@@ -1,0 +1,64 @@
+"""Lenses by hub id, read from a Hugging Face cache folder the test builds (HF_HUB_OFFLINE=1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tiny_models import random_lens, tiny_model
+
+from lenses import ModelAdapter
+from lenses.hub import JACOBIAN_LENSES, jacobian_file
+from lenses.jacobian_fit import fit_prompts
+from lenses.lens_io import export_tuned_lens
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _snapshot(cache: Path, kind: str, repo: str) -> Path:
+    """The folder layout huggingface_hub uses: <kind>s--<owner>--<name>/{refs/main, snapshots/<sha>/...}."""
+    root = cache / f"{kind}s--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(SHA)
+    return root / "snapshots" / SHA
+
+
+def test_hub_ids_resolve_through_the_offline_cache(tmp_path):
+    adapter = ModelAdapter.from_model(tiny_model("gpt2"))
+    jlens = fit_prompts(adapter, [torch.randint(1, 90, (20,), generator=torch.Generator().manual_seed(0))])
+    file = _snapshot(tmp_path, "model", "neuronpedia/jacobian-lens") / jacobian_file("gpt2-small")
+    file.parent.mkdir(parents=True)
+    jlens.save_published(file)
+    tuned = random_lens(adapter)
+    export_tuned_lens(tuned, _snapshot(tmp_path, "space", "AlignmentResearch/tuned-lens") / "lens" / "gpt2")
+    script = (
+        "import sys, torch\n"
+        "from lenses import load_lens\n"
+        "from lenses.errors import LensesError\n"
+        "a = load_lens('neuronpedia/jacobian-lens:gpt2-small')\n"
+        "b = load_lens('neuronpedia/jacobian-lens:openai-community/gpt2')\n"
+        "t = load_lens('AlignmentResearch/tuned-lens:gpt2')\n"
+        "torch.save({'a': a.matrices, 'b': b.matrices, 'layers': a.layers, 'w': t.weight}, sys.argv[1])\n"
+        "try:\n"
+        "    load_lens('neuronpedia/jacobian-lens:qwen3-4b')\n"
+        "except LensesError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "HF_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.pt")], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got["layers"] == jlens.layers == [1, 2]
+    torch.testing.assert_close(got["a"], jlens.matrices.half().float())
+    torch.testing.assert_close(got["b"], got["a"])
+    torch.testing.assert_close(got["w"], tuned.weight.detach())
+    assert "ERROR" in proc.stdout and "not in the local Hugging Face cache" in proc.stdout
+
+
+def test_known_published_lenses():
+    assert len(JACOBIAN_LENSES) == 37
+    assert jacobian_file("meta-llama/Llama-3.1-8B") == "llama3.1-8b/jlens/Salesforce-wikitext/Llama-3.1-8B_jacobian_lens.pt"
