@@ -64,7 +64,7 @@ def prompt_jacobian(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int],
     without gradients and serve the rest as a key/value cache, so the backward passes skip them (the
     numbers are the same; models whose cache cannot be reused run in full)."""
     ids = torch.as_tensor(ids).flatten()
-    T, L, d = ids.numel(), adapter.num_layers, adapter.d_model
+    T, d = ids.numel(), adapter.d_model
     if T - 1 <= skip_first:
         raise DataError(f"a prompt of {T} tokens has no valid position (needs more than {skip_first + 1} tokens).")
     x = ids[: T - 1][None].expand(dim_batch, -1)  # position T-1 is neither a source nor a target

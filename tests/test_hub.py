@@ -61,4 +61,5 @@ def test_hub_ids_resolve_through_the_offline_cache(tmp_path):
 
 def test_known_published_lenses():
     assert len(JACOBIAN_LENSES) == 37
-    assert jacobian_file("meta-llama/Llama-3.1-8B") == "llama3.1-8b/jlens/Salesforce-wikitext/Llama-3.1-8B_jacobian_lens.pt"
+    path = "llama3.1-8b/jlens/Salesforce-wikitext/Llama-3.1-8B_jacobian_lens.pt"
+    assert jacobian_file("meta-llama/Llama-3.1-8B") == jacobian_file("llama3.1-8b") == path

@@ -99,3 +99,38 @@ def test_early_stop(setup, tmp_path):
     out = _cli(model, corpus, tmp_path / "tol", "--tol", "1.0", "--min-prompts", "3")
     assert "converged" in out.stdout
     assert load_lens(tmp_path / "tol").n_prompts == 3
+
+
+def test_three_lenses_through_the_views(setup, tmp_path):
+    """logit, tuned and Jacobian lenses side by side in the depth views, early exit and the agreement view;
+    the Jacobian lens's layer 0 (no matrix) is NaN, never the logit lens's numbers."""
+    model, corpus = setup
+    jl = tmp_path / "jl"
+    _cli(model, corpus, jl, "--num-prompts", "3")
+    tl = tmp_path / "tl"
+    proc = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--model", str(model), "--corpus",
+                           str(corpus), "--out", str(tl), "--steps", "3", "--seq-len", "32", "--batch-size", "2",
+                           "--no-progress", "--compute-dtype", "float32"], env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "out"
+    for view in ("frequency", "early-exit", "agreement"):
+        proc = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(model), "--corpus", str(corpus),
+                               "--lens", f"tuned:{tl},jacobian:{jl}", "--view", view, "--num-positions", "40",
+                               "--out", str(out), "--no-progress", "--freq-prompts", "blocks"],
+                              env=ENV, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    freq = pd.read_csv(out / "frequency_layers.csv")
+    assert set(freq.lens) == {"logit", "tuned", "jacobian"}
+    j0 = freq[(freq.lens == "jacobian") & (freq.layer == 0)]
+    assert j0.share.isna().all() and freq[(freq.lens == "logit") & (freq.layer == 0)].share.notna().all()
+    assert freq[(freq.lens == "jacobian") & (freq.layer == 1)].share.notna().all()
+    exits = pd.read_csv(out / "early-exit_layers.csv")
+    assert exits[(exits.lens == "jacobian") & (exits.layer == 0)][["agreement", "accuracy", "kl"]].isna().all().all()
+    agree = pd.read_csv(out / "agreement_layers.csv")
+    assert len(agree.groupby(["lens_a", "lens_b"])) == 3
+    last = agree[agree.layer == agree.layer.max()]
+    assert (last.top1_agreement == 1).all() and (last.sym_kl.abs() < 1e-4).all()  # layer L: the model's output
+    assert agree[(agree.layer == 0) & (agree.lens_b == "jacobian")].top1_agreement.isna().all()
+    assert (out / "agreement.png").exists()
+    assert "agreement" in (out / "index.html").read_text()

@@ -32,8 +32,8 @@ def _suffix(path: str, allowed: tuple[str, ...]) -> str | None:
 class AnalysisConfig(ModelOptions):
     """Settings of ``analyze.py`` (and of `run_views`); each is also a CLI option."""
 
-    lens: str = option("auto", "auto | logit | both | lens folder or shipped name; comma-separate several",
-                       group="lens")
+    lens: str = option("auto", "auto | logit | both | tuned | jacobian | a lens folder, J-lens .pt file, shipped "
+                       "name or hub id, optionally labelled (jlens:runs/jlens); comma-separate several", group="lens")
     strict: bool = option(True, "refuse a lens whose model weights differ slightly from this model's", group="lens")
     out: str = option("out", "output folder")
     seed: int = option(0, "seed of every sample the views draw", min=0)
@@ -55,7 +55,7 @@ class AnalysisConfig(ModelOptions):
     mcq: str | None = option(None, "MMLU-layout CSV: question,A,B,C,D,answer (none: shipped set)", group="views")
     frequencies: str | None = option(None, "token_frequencies.safetensors (none: counted on --corpus)",
                                      group="views")
-    num_positions: int = option(1000, "frequency and early-exit: positions traced", group="views", min=1)
+    num_positions: int = option(1000, "frequency, early-exit and agreement: positions traced", group="views", min=1)
     freq_prompts: str = option("paragraphs", "frequency: one held-out paragraph per prompt cut at a random word "
                                "(the paper), or positions of held-out blocks", group="views",
                                choices=("paragraphs", "blocks"))
@@ -107,15 +107,16 @@ class Context:
 
 
 def _views() -> dict:
-    from . import early_exit, facts, frequency, layer_skip, mcq, patching, pos, representation
+    from . import agreement, early_exit, facts, frequency, layer_skip, mcq, patching, pos, representation
 
     return {"frequency": frequency, "pos": pos, "facts": facts, "mcq": mcq, "representation": representation,
-            "early-exit": early_exit, "patching": patching, "layer-skip": layer_skip}
+            "early-exit": early_exit, "patching": patching, "layer-skip": layer_skip, "agreement": agreement}
 
 
-VIEW_NAMES = ("frequency", "pos", "facts", "mcq", "representation", "early-exit", "patching", "layer-skip")
+VIEW_NAMES = ("frequency", "pos", "facts", "mcq", "representation", "early-exit", "patching", "layer-skip",
+              "agreement")
 DEPTH_VIEWS = VIEW_NAMES[:4]  # "all": the four depth-analysis views of Gupta et al. 2025
-CAUSAL_VIEWS = VIEW_NAMES[5:]  # "causal": interventions that check what the lenses show
+CAUSAL_VIEWS = VIEW_NAMES[5:8]  # "causal": interventions that check what the lenses show
 
 
 def get_view(name: str):

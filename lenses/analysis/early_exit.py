@@ -48,8 +48,11 @@ def _final_top1(df: pd.DataFrame) -> pd.Series:
 def _layer_table(df: pd.DataFrame) -> pd.DataFrame:
     final = _final_top1(df)
     keyed = df.set_index(["item", "position"])
-    df = df.assign(agree=(keyed.top1_id.to_numpy() == final.reindex(keyed.index).to_numpy()),
-                   correct=df.rank_next == 1, nll=-np.log(np.clip(df.prob_next.to_numpy(), 1e-45, None)))
+    absent = df.top1_id.to_numpy() < 0  # a layer the lens does not read: NaN, not "wrong"
+    agree = (keyed.top1_id.to_numpy() == final.reindex(keyed.index).to_numpy()).astype(float)
+    df = df.assign(agree=np.where(absent, np.nan, agree),
+                   correct=np.where(absent, np.nan, (df.rank_next == 1).astype(float)),
+                   nll=-np.log(np.clip(df.prob_next.to_numpy(), 1e-45, None)))
     return df.groupby(["lens", "layer"], sort=True).agg(
         agreement=("agree", "mean"), accuracy=("correct", "mean"), cross_entropy=("nll", "mean"),
         kl=("kl", "mean"), n=("item", "size")).reset_index()

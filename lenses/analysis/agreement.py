@@ -1,0 +1,72 @@
+"""Agreement view: how alike are the lenses, layer by layer? For every pair of lenses and every layer,
+on held-out positions: the share of positions where their top-1 tokens agree, and the symmetric KL
+(Jeffreys divergence, KL(p||q) + KL(q||p), nats) between their distributions. A layer one lens does
+not read (the embeddings for a Jacobian lens) is NaN for its pairs.
+
+Logits are made one chunk of positions and one layer at a time (``[chunk x vocab]`` per lens), never
+``[layers x positions x vocab]``.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .common import ViewResult, held_out_blocks, require, table_plot
+
+
+def agreement_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 1000, seq_len: int = 128,
+                   chunk: int = 256, seed: int = 0, progress: bool = False) -> ViewResult:
+    from tqdm.auto import tqdm
+
+    require(len(lenses) >= 2, "the agreement view compares lenses: give at least two (e.g. --lens logit,tuned).")
+    chosen, held = held_out_blocks(texts, tokenizer, seq_len, num_positions, seed, "agreement")
+    L, names = adapter.num_layers, list(lenses)
+    pairs = list(combinations(names, 2))
+    sums = {(a, b): np.zeros((L + 1, 2)) for a, b in pairs}  # [layer, (agree, sym_kl)]
+    count = 0
+    with torch.no_grad():
+        for i in tqdm(sorted(chosen), desc="agreement", unit="block", disable=not progress):
+            hidden = adapter.hidden_states(held[i : i + 1])[:, 0, :-1]  # [L+1, seq-1, d]
+            hidden = hidden[:, : num_positions - count]
+            for s in range(0, hidden.shape[1], chunk):
+                h = hidden[:, s : s + chunk]
+                for layer in range(L + 1):
+                    logp = {n: torch.log_softmax(lens(h[layer], layer).float(), -1) for n, lens in lenses.items()
+                            if lens.has_layer(layer)}
+                    for a, b in pairs:
+                        if a not in logp or b not in logp:
+                            sums[(a, b)][layer] = np.nan
+                            continue
+                        p, q = logp[a], logp[b]
+                        agree = (p.argmax(-1) == q.argmax(-1)).float().sum()
+                        jeffreys = ((p.exp() - q.exp()) * (p - q)).sum(-1).clamp_min(0).sum()
+                        sums[(a, b)][layer] += [float(agree), float(jeffreys)]
+            count += hidden.shape[1]
+            if count >= num_positions:
+                break
+    rows = [{"lens_a": a, "lens_b": b, "layer": layer, "top1_agreement": v[layer, 0] / count,
+             "sym_kl": v[layer, 1] / count, "n": count} for (a, b), v in sums.items() for layer in range(L + 1)]
+    table = pd.DataFrame(rows)
+    return ViewResult("agreement", {"layers": table}, _summary(table, L))
+
+
+def _summary(table: pd.DataFrame, L: int) -> list[str]:
+    lines = []
+    mid = L // 2
+    for (a, b), g in table.groupby(["lens_a", "lens_b"], sort=False):
+        g = g.set_index("layer")
+        lines.append(f"{a} vs {b}: top-1 agreement {g.top1_agreement.loc[1]:.0%} at layer 1, "
+                     f"{g.top1_agreement.loc[mid]:.0%} at layer {mid}, {g.top1_agreement.loc[L - 1]:.0%} at layer "
+                     f"{L - 1}; symmetric KL {g.sym_kl.loc[mid]:.2f} nats at layer {mid}")
+    return lines
+
+
+def run(ctx) -> ViewResult:
+    return agreement_view(*ctx.parts, ctx.texts, ctx.cfg.num_positions, **ctx.sampling)
+
+
+plot = table_plot("plot_agreement", "layers")
