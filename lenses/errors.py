@@ -12,6 +12,11 @@ class ModelStructureError(LensesError):
     """The adapter could not find a model part (decoder layers, final norm, unembedding)."""
 
 
+class UnsupportedModelError(ModelStructureError):
+    """The model has no residual stream a lens can read layer by layer (not causal, looped blocks, a
+    transform between the last block and the unembedding that we cannot name, ...); the message says why."""
+
+
 class LensMismatchError(LensesError):
     """A lens was trained for another model (shape or fingerprint differs)."""
 

@@ -27,12 +27,6 @@ from .models import ModelAdapter
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
-def stream_module(adapter: ModelAdapter, layer: int) -> torch.nn.Module:
-    """The module whose input is ``hidden[layer]``."""
-    check_layer(adapter, layer)
-    return adapter.layers[layer] if layer < adapter.num_layers else adapter.final_norm
-
-
 def check_layer(adapter: ModelAdapter, layer: int, what: str = "layer") -> None:
     if not 0 <= layer <= adapter.num_layers:
         raise LensesError(f"{what} {layer} is out of range: this model has hidden states 0..{adapter.num_layers} "
@@ -51,8 +45,9 @@ def _hook(fn: Edit):
 @contextmanager
 def edit_residual(adapter: ModelAdapter, edits: dict[int, Edit]):
     """Within the block, ``hidden[l]`` is replaced by ``edits[l](hidden[l])`` on every forward pass."""
-    handles = [stream_module(adapter, l).register_forward_pre_hook(_hook(fn), with_kwargs=True)
-               for l, fn in sorted(edits.items())]
+    for l in edits:
+        check_layer(adapter, l)
+    handles = [h for l, fn in sorted(edits.items()) for h in adapter.hook_stream(l, _hook(fn))]
     try:
         yield
     finally:

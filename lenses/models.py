@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .cli import check_device, option
-from .errors import LensesError, LensMismatchError, ModelStructureError
+from .errors import LensesError, LensMismatchError, ModelStructureError, UnsupportedModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -257,9 +257,10 @@ class ModelAdapter:
         if not isinstance(layer_list, nn.ModuleList) or len(layer_list) == 0:
             raise ModelStructureError(f"{layers_path!r} is a {type(layer_list).__name__}, not a list of decoder "
                                       "layers; pass the dotted path of the nn.ModuleList of blocks (--layers).")
-        norm_path = final_norm or cls._find_final_norm(model, layers_path)
-        norm = _get(model, norm_path)
         head = _get(model, unembed) if unembed else model.get_output_embeddings()
+        norm_path = final_norm or cls._head_transform(model, head, layer_list) or cls._find_final_norm(model,
+                                                                                                    layers_path)
+        norm = _get(model, norm_path)
         if not isinstance(head, nn.Linear):
             raise ModelStructureError(
                 "could not find the unembedding (model.get_output_embeddings() returned "
@@ -267,7 +268,7 @@ class ModelAdapter:
                 "or --unembed on the CLI."
             )
         cfg = _text_config(model.config)
-        softcap = getattr(cfg, "final_logit_softcapping", None) or None
+        softcap = getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logits_soft_cap", None) or None
         scale = float(getattr(cfg, "logit_scale", None) or 1.0)
         if getattr(cfg, "logits_scaling", None):  # Granite divides
             scale /= float(cfg.logits_scaling)
@@ -295,7 +296,38 @@ class ModelAdapter:
                 f"could not find the decoder layers (no nn.ModuleList of length {want}). Pass the dotted "
                 "path: ModelAdapter.from_model(model, layers='model.layers'), or --layers on the CLI."
             )
-        return min(lists, key=lambda nm: nm[0].count("."))[0]
+        path = min(lists, key=lambda nm: nm[0].count("."))[0]
+        parent = _get(model, path.rpartition(".")[0]) if "." in path else model
+        parallel = [n for n, c in parent.named_children() if isinstance(c, nn.ModuleList) and len(c) == want]
+        if len(parallel) > 1:
+            raise UnsupportedModelError(
+                f"the model's blocks are split across parallel lists ({', '.join(parallel)}) rather than one list of "
+                "blocks, so no module's input is the residual stream entering a block; pass a list of blocks with "
+                "--layers if the model has one."
+            )
+        return path
+
+    @staticmethod
+    def _head_transform(model: nn.Module, head: nn.Module, layers: nn.ModuleList) -> str | None:
+        """The module a BERT-style head applies before its unembedding (``cls.predictions.transform``:
+        dense, activation, norm), when the unembedding sits inside such a head; that module, not a bare
+        norm, is what turns ``hidden[L]`` into the unembedding's input."""
+        path = next((n for n, m in model.named_modules() if m is head), None)
+        parent_path = (path or "").rpartition(".")[0]
+        if not parent_path:
+            return None
+        parent = _get(model, parent_path)
+        embed = model.get_input_embeddings()
+        others = [n for n, c in parent.named_children() if c is not head and any(True for _ in c.parameters())
+                  and not any(m is layers or m is embed for m in c.modules())]
+        if len(others) > 1:
+            raise UnsupportedModelError(
+                f"the unembedding {path!r} sits in a head that first applies {', '.join(others)} in its own forward "
+                "(a post-norm LM head with no single module for it), so no module turns a hidden state into the "
+                "unembedding's input. Wrap those parts in one module and pass it: "
+                "ModelAdapter.from_model(model, final_norm=...)."
+            )
+        return f"{parent_path}.{others[0]}" if others else None
 
     @staticmethod
     def _find_final_norm(model: nn.Module, layers_path: str) -> str:
@@ -307,11 +339,37 @@ class ModelAdapter:
             and not any(isinstance(c, nn.ModuleList) for c in mod.children())
         ]
         if not candidates:
-            raise ModelStructureError(
-                "could not find the final norm (no *Norm module outside the decoder layers). Pass the "
-                "dotted path: ModelAdapter.from_model(model, final_norm='model.norm'), or --final-norm on the CLI."
+            raise UnsupportedModelError(
+                "the model has no final norm outside its blocks (post-norm blocks, as in the original GPT): the "
+                "adapter reads hidden[L] at the final norm's input. If a module maps the last block's output to "
+                "the unembedding's input, pass it: ModelAdapter.from_model(model, final_norm=...) (--final-norm)."
             )
+        if len(candidates) > 1:  # the one the model calls after its last block, when a pass can tell
+            ran = ModelAdapter._norms_after_last_block(model, _get(model, layers_path), candidates)
+            if ran:
+                return ran[0]
         return candidates[-1]  # registered after the layers: the final one
+
+    @staticmethod
+    def _norms_after_last_block(model: nn.Module, layers: nn.ModuleList, names: list[str]) -> list[str]:
+        """Of the modules ``names``, those called after the last block in a 4-token pass, in call order."""
+        order: list[str] = []
+        after = [False]
+        hooks = [layers[0].register_forward_pre_hook(lambda *a: after.__setitem__(0, False)),
+                 layers[-1].register_forward_hook(lambda *a: after.__setitem__(0, True))]
+        for name in names:
+            hooks.append(_get(model, name).register_forward_pre_hook(
+                lambda *a, name=name: order.append(name) if after[0] and name not in order else None))
+        try:
+            with torch.no_grad():
+                device = next(model.parameters()).device
+                model(input_ids=torch.arange(1, 5, device=device)[None], use_cache=False)
+        except Exception:  # noqa: BLE001 - the probe is a hint only; the numeric check decides
+            return []
+        finally:
+            for h in hooks:
+                h.remove()
+        return order
 
     # ---- shapes
     @property
@@ -342,28 +400,74 @@ class ModelAdapter:
         return self._weight_cache[key]
 
     # ---- hidden states
+    def hook_stream(self, layer: int, fn) -> list:
+        """Register ``fn(module, args, kwargs)`` as a forward pre-hook where ``hidden[layer]`` enters a module:
+        block ``layer``, or for ``layer = L`` the final norm's first call after the last block (some models
+        call the same norm module on the embeddings too). Returns the handles to remove."""
+        if layer < self.num_layers:
+            return [self.layers[layer].register_forward_pre_hook(fn, with_kwargs=True)]
+        state = {"after_last_block": False}
+
+        def start(module, args, kwargs):
+            state["after_last_block"] = False
+
+        def end(module, args, output):
+            state["after_last_block"] = True
+
+        def at_final_norm(module, args, kwargs):
+            if state["after_last_block"]:
+                state["after_last_block"] = False
+                return fn(module, args, kwargs)
+            return None
+
+        return [self.layers[0].register_forward_pre_hook(start, with_kwargs=True),
+                self.layers[-1].register_forward_hook(end),
+                self.final_norm.register_forward_pre_hook(at_final_norm, with_kwargs=True)]
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Residual stream ``[L+1, batch, seq, d]`` in the layer convention of this module.
 
         Runs the headless base model (no [tokens x vocab] logits are made) with pre-hooks on
-        every block and on the final norm.
+        every block and on the final norm. A model whose blocks run more than once per pass (looped,
+        recurrent-depth) is refused: a layer number would not name one state.
         """
         L = self.num_layers
         store: list[torch.Tensor | None] = [None] * (L + 1)
+        calls = [0] * (L + 1)
 
         def grab(i, module, args, kwargs):
             h = args[0] if args else kwargs.get("hidden_states")
+            calls[i] += 1
             if store[i] is None:
                 store[i] = h.detach()
 
-        modules = list(self.layers) + [self.final_norm]
-        hooks = [m.register_forward_pre_hook(partial(grab, i), with_kwargs=True) for i, m in enumerate(modules)]
+        hooks = [h for i in range(L + 1) for h in self.hook_stream(i, partial(grab, i))]
         try:
             self.run_stream(input_ids, attention_mask)
         finally:
             for hook in hooks:
                 hook.remove()
+        looped = [i for i in range(L) if calls[i] > 1]
+        if looped:
+            raise UnsupportedModelError(
+                f"blocks {looped[:4]} run {max(calls)} times in one forward pass (a looped or recurrent-depth model): "
+                "a layer number does not name one residual state, so per-layer lenses are not defined for it."
+            )
+        shapes = {tuple(h.shape) for h in store if h is not None}
+        if len(shapes) > 1:
+            raise UnsupportedModelError(
+                f"the blocks read residual streams of different shapes ({sorted(shapes)}): the model keeps several "
+                "stacked streams (e.g. Gemma 3n's AltUp) rather than one residual stream of one width, so a "
+                "lens has no single state per layer to read."
+            )
         missing = [i for i, h in enumerate(store) if h is None]
+        if missing == [L]:
+            raise UnsupportedModelError(
+                f"the module taken as the final norm ({self.final_norm_path!r}) does not run after the last block: "
+                "the model has no final norm there (post-norm blocks), and the adapter reads hidden[L] at the final "
+                "norm's input. If a module maps the last block's output to the unembedding's input, pass it: "
+                "ModelAdapter.from_model(model, final_norm=...) (--final-norm)."
+            )
         if missing:
             raise ModelStructureError(
                 f"hidden states of layers {missing} were not seen during the forward pass: the adapter's "
@@ -396,7 +500,10 @@ class ModelAdapter:
         ids = torch.arange(4, device=self.device).unsqueeze(0) % vocab + 1
         with torch.no_grad():
             logits = self.model(input_ids=ids, use_cache=False).logits.float()
-            ours = decode(self, self.hidden_states(ids)[-1]).float()
+            hidden = self.hidden_states(ids)
+            ours = decode(self, hidden[-1]).float()
+            self._check_causal(ids, hidden)
+            self._check_last_block(ids, hidden[-1])
         if not torch.isfinite(logits).all():
             raise LensesError(
                 "the model outputs NaN/inf logits on a 4-token test input: its weights are damaged or its dtype "
@@ -408,6 +515,37 @@ class ModelAdapter:
                 "unembedding does not reproduce the model's logits (max difference "
                 f"{(ours - logits).abs().max().item():.3g}). Pass the right parts explicitly: "
                 "ModelAdapter.from_model(model, layers=..., final_norm=..., unembed=...)."
+            )
+
+    def _check_last_block(self, ids: torch.Tensor, last: torch.Tensor) -> None:
+        """Refuse a model that transforms the last block's output before its final norm (e.g. a dense layer
+        and an activation in front of a norm): hidden[L] would not be the residual stream."""
+        out: list[torch.Tensor] = []
+        handle = self.layers[-1].register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            self.run_stream(ids)
+        finally:
+            handle.remove()
+        block = out[-1] if out else None
+        if torch.is_tensor(block) and block.shape == last.shape and not torch.allclose(block.float(), last.float(),
+                                                                                        rtol=1e-4, atol=1e-5):
+            raise UnsupportedModelError(
+                f"the model changes the last block's output before its final norm ({self.final_norm_path!r}): "
+                "something (a dense layer, an activation, a stream merge) sits in between, so the state at the "
+                "norm is not the residual stream. Pass the module that maps the last block's output to the "
+                "unembedding's input: ModelAdapter.from_model(model, final_norm=...) (--final-norm)."
+            )
+
+    def _check_causal(self, ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Refuse a model whose earlier positions see later tokens (a BERT-style model built as an encoder)."""
+        changed = ids.clone()
+        changed[0, -1] = ids[0, 0]
+        other = self.hidden_states(changed)
+        if not torch.allclose(other[:, :, :-1], hidden[:, :, :-1], rtol=1e-4, atol=1e-5):
+            raise UnsupportedModelError(
+                "the model is not causal as built: its states at earlier positions change when a later token "
+                "changes (bidirectional attention). Lenses read next-token predictions; load a BERT-style model as "
+                "a decoder (config.is_decoder = True, e.g. from_pretrained(..., is_decoder=True))."
             )
 
     # ---- identity

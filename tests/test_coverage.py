@@ -1,0 +1,75 @@
+"""A representative subset of the coverage sweep (scripts/coverage.py): one or more MoE, hybrid,
+state-space, stacked-stream and wrapped multimodal families, and every architecture-specific adapter
+fix or refusal, each on a tiny random model built from the family's own config class."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent.parent / "scripts" / "coverage.py"
+
+
+@pytest.fixture(scope="module")
+def coverage():
+    spec = importlib.util.spec_from_file_location("coverage_sweep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EXPECTED = {
+    # families
+    "qwen3_moe": ("pass", ""),                # mixture of experts
+    "deepseek_v3": ("pass", ""),              # MoE with multi-head latent attention
+    "jamba": ("pass", ""),                    # attention + Mamba hybrid
+    "qwen3_next": ("pass", ""),               # attention + gated delta-net hybrid
+    "mamba": ("pass", "block outputs"),       # pure state space; its output_hidden_states are one layer later
+    "rwkv": ("pass", "block outputs"),        # recurrent
+    "gemma3": ("pass", ""),                   # a language model wrapped in a multimodal model
+    "mllama": ("pass", ""),
+    # architecture-specific fixes
+    "nanochat": ("pass", ""),                 # the final norm module also runs on the embeddings
+    "recurrent_gemma": ("pass", ""),          # logit soft-capping under the name logits_soft_cap
+    "bert": ("pass", ""),                     # a head transform (dense, activation, norm) before the unembedding
+    "gptj": ("pass", ""),                     # rotary dimension shrunk with the head size
+    # refusals, with the adapter's reason
+    "gemma3n_text": ("refused", "stacked streams"),
+    "dory": ("refused", "looped"),
+    "xlm": ("refused", "parallel lists"),
+    "openai-gpt": ("refused", "no final norm"),
+    "xlm-roberta": ("refused", "post-norm LM head"),
+    "electra": ("refused", "changes the last block's output"),
+    "bart": ("refused", "encoder-decoder"),
+}
+
+
+@pytest.mark.parametrize("model_type", list(EXPECTED))
+def test_sweep_subset(coverage, model_type):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    torch.set_num_threads(1)
+    result, reason = coverage.check(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    want, words = EXPECTED[model_type]
+    assert result == want, reason
+    assert words in reason, reason
+
+
+def test_bidirectional_model_is_refused_with_the_fix(coverage):
+    """A BERT-style causal-LM class built as an encoder (is_decoder=False) sees later tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lenses import ModelAdapter
+    from lenses.errors import UnsupportedModelError
+
+    config = AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, vocab_size=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(UnsupportedModelError, match="is_decoder = True"):
+        ModelAdapter.from_model(model)
+    config.is_decoder = True
+    adapter = ModelAdapter.from_model(AutoModelForCausalLM.from_config(config).eval())
+    assert adapter.final_norm_path == "cls.predictions.transform"  # the whole head transform, not its norm
