@@ -159,7 +159,11 @@ def bench_training(model, adapter, train_blocks, held_out, tokens: int, steps: i
     if auto == torch.float32:
         methods.pop("ours (float32)")  # the same as the auto row
     try:
+        import tuned_lens.model_surgery
+
         from tuned_lens import TunedLens as PackageLens
+
+        tuned_lens.model_surgery._transformer_lens_available = False  # it probes TransformerLens 3's HookedTransformer
     except ImportError:
         print("tuned-lens is not installed (pip install --no-deps tuned-lens==0.2.0): skipping its rows")
         methods = {k: v for k, v in methods.items() if v[0] == "ours"}

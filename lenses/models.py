@@ -258,8 +258,8 @@ class ModelAdapter:
             raise ModelStructureError(f"{layers_path!r} is a {type(layer_list).__name__}, not a list of decoder "
                                       "layers; pass the dotted path of the nn.ModuleList of blocks (--layers).")
         head = _get(model, unembed) if unembed else model.get_output_embeddings()
-        norm_path = final_norm or cls._head_transform(model, head, layer_list) or cls._find_final_norm(model,
-                                                                                                    layers_path)
+        transform = None if final_norm or unembed else cls._head_transform(model, head, layer_list)
+        norm_path = final_norm or transform or cls._find_final_norm(model, layers_path)
         norm = _get(model, norm_path)
         if not isinstance(head, nn.Linear):
             raise ModelStructureError(

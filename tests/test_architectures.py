@@ -98,7 +98,7 @@ def test_explicit_parts_override_search():
 
 def test_wrong_explicit_norm_is_caught_by_verification():
     model = tiny_model("llama")
-    with pytest.raises(ModelStructureError, match="does not reproduce the model's logits"):
+    with pytest.raises(ModelStructureError, match="does not run after the last block"):  # a block's own norm
         ModelAdapter.from_model(model, final_norm="model.layers.0.input_layernorm")
 
 

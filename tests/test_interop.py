@@ -16,6 +16,16 @@ FIXTURES = Path(__file__).parent / "fixtures"
 has_tuned_lens = importlib.util.find_spec("tuned_lens") is not None
 
 
+@pytest.fixture(autouse=True)
+def tuned_lens_without_transformer_lens(monkeypatch):
+    """tuned-lens 0.2 checks `transformer_lens.HookedTransformer` whenever TransformerLens is installed, and
+    TransformerLens 4 (our `tl` test extra) removed that class: tell tuned-lens it is absent."""
+    if has_tuned_lens:
+        import tuned_lens.model_surgery as surgery
+
+        monkeypatch.setattr(surgery, "_transformer_lens_available", False)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_lens_saved_by_tuned_lens_gives_its_logits(family):
     """Fixture written by tuned-lens's own TunedLens.save (see fixtures/make_tuned_lens_fixture.py)."""
