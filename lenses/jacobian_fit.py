@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from .cli import option
-from .errors import CorruptFileError, DataError, LensesError
+from .errors import DataError, LensesError
 from .intervene import edit_residual
 from .io import atomic_write, write_csv
 from .jacobian import REFERENCE_OFFSET, JacobianLens
@@ -248,19 +248,9 @@ class FitState:
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
     def load(self, path: Path, identity: dict) -> None:
-        from .train import _differences
+        from .train import read_checkpoint
 
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            saved = payload["identity"]
-        except Exception as e:
-            raise CorruptFileError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, or "
-                                   "pass --overwrite to start afresh.") from e
-        changed = _differences(saved, identity)
-        if changed:
-            raise LensesError(f"cannot resume {path.parent}: these settings differ from the checkpoint's, and they "
-                              f"change the result: {'; '.join(changed)}. Use the checkpoint's settings, or another "
-                              "--out (or --overwrite) to start afresh.")
+        payload = read_checkpoint(path, identity)
         if "lenses_sum_float64" in payload:
             self.sums.copy_(payload["lenses_sum_float64"])
         else:

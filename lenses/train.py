@@ -200,17 +200,7 @@ class TrainState:
 
     def load(self, path: Path, identity: dict[str, Any]) -> None:
         """Restore from ``path`` after checking it was made by the same run (``identity``)."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            saved = state.get("identity") or {"recipe": state["config"]}  # checkpoints before identities
-        except Exception as e:
-            raise CorruptFileError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, "
-                                   "or pass --overwrite to start afresh.") from e
-        changed = _differences(saved, identity)
-        if changed:
-            raise LensesError(f"cannot resume {path.parent}: these settings differ from the checkpoint's, and they "
-                              f"change the result: {'; '.join(changed)}. Use the checkpoint's settings, or another "
-                              "--out (or --overwrite) to start afresh.")
+        state = read_checkpoint(path, identity)
         self.lens.adapter.check_fingerprint(state["fingerprint"] or {}, what="checkpoint")
         with torch.no_grad():
             self.lens.weight.copy_(state["weight"])
@@ -220,6 +210,23 @@ class TrainState:
         if "rng" in state:
             torch.set_rng_state(state["rng"])
         self.step, self.log = state["step"], state["log"]
+
+
+def read_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's contents, after checking that it is whole and that the run that wrote it had the same
+    ``identity`` (the settings that change the result); both failures say how to go on."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state.get("identity") or {"recipe": state["config"]}  # checkpoints before identities
+    except Exception as e:
+        raise CorruptFileError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, "
+                               "or pass --overwrite to start afresh.") from e
+    changed = _differences(saved, identity)
+    if changed:
+        raise LensesError(f"cannot resume {path.parent}: these settings differ from the checkpoint's, and they "
+                          f"change the result: {'; '.join(changed)}. Use the checkpoint's settings, or another "
+                          "--out (or --overwrite) to start afresh.")
+    return state
 
 
 def _differences(saved: dict, now: dict, where: str = "") -> list[str]:
