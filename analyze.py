@@ -23,10 +23,15 @@
         reading; --tasks, --num-pairs, --positions) and layer-skip (skip block l, measure every
         later readout and the output; --skip-mode zero|mean). One: --view patching (etc.).
 
---lens: 'auto' (default: the logit lens plus the tuned lens shipped for this model, if any),
-'logit', 'both' (logit + shipped tuned lens; error if none is shipped), or lens folders / shipped
-names, comma-separated (each shown next to the logit lens). --out must be new, empty, or the
-output folder of an earlier analyze.py run.
+    python analyze.py --view agreement --lens logit,tuned,jacobian:runs/jlens --out out/
+        how alike the lenses are, layer by layer: top-1 agreement and symmetric KL of every pair.
+
+--lens: 'auto' (default: the logit lens plus every lens shipped for this model: tuned, Jacobian),
+'logit', 'both' (logit + shipped tuned lens), 'tuned' or 'jacobian' (the shipped lens of that
+kind; an error if none is shipped), or lens folders, J-lens .pt files, shipped names or hub ids
+(neuronpedia/jacobian-lens:gpt2-small), each optionally labelled (mine:runs/lens), comma-separated
+(each shown next to the logit lens). --out must be new, empty, or the output folder of an earlier
+analyze.py run.
 """
 
 from __future__ import annotations
