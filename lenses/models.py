@@ -493,22 +493,30 @@ class ModelAdapter:
         return self.device if dev.type == "meta" else dev
 
     def verify(self) -> None:
-        """Check on a 4-token input that decoding the last hidden state reproduces the model's logits."""
+        """Check on a 4-token input that decoding the last hidden state reproduces the model's logits, that
+        the model is causal, and that the final norm reads the last block's output."""
         from .vocab import decode
 
         vocab = min(self.vocab_size, int(getattr(_text_config(self.model.config), "vocab_size", self.vocab_size)))
         ids = torch.arange(4, device=self.device).unsqueeze(0) % vocab + 1
+        changed = ids.clone()
+        changed[0, -1] = ids[0, 0]  # the same text with another last token: earlier states must not move
         with torch.no_grad():
             logits = self.model(input_ids=ids, use_cache=False).logits.float()
-            hidden = self.hidden_states(ids)
-            ours = decode(self, hidden[-1]).float()
-            self._check_causal(ids, hidden)
-            self._check_last_block(ids, hidden[-1])
-        if not torch.isfinite(logits).all():
-            raise LensesError(
-                "the model outputs NaN/inf logits on a 4-token test input: its weights are damaged or its dtype "
-                "overflows. Load it in float32 or bfloat16 (--model-dtype) or check the checkpoint."
-            )
+            if not torch.isfinite(logits).all():
+                raise LensesError(
+                    "the model outputs NaN/inf logits on a 4-token test input: its weights are damaged or its dtype "
+                    "overflows. Load it in float32 or bfloat16 (--model-dtype) or check the checkpoint."
+                )
+            both = self.hidden_states(torch.cat([ids, changed]))
+            ours = decode(self, both[-1, :1]).float()
+            if not torch.allclose(both[:, 1, :-1], both[:, 0, :-1], rtol=1e-4, atol=1e-5):
+                raise UnsupportedModelError(
+                    "the model is not causal as built: its states at earlier positions change when a later token "
+                    "changes (bidirectional attention). Lenses read next-token predictions; load a BERT-style model "
+                    "as a decoder (config.is_decoder = True, e.g. from_pretrained(..., is_decoder=True))."
+                )
+            self._check_last_block(ids, both[-1, :1])
         if not torch.allclose(ours, logits, rtol=1e-3, atol=1e-3 * (1 + logits.abs().max().item())):
             raise ModelStructureError(
                 f"decoding the last hidden state with final norm {self.final_norm_path!r} and the model's "
@@ -534,18 +542,6 @@ class ModelAdapter:
                 "something (a dense layer, an activation, a stream merge) sits in between, so the state at the "
                 "norm is not the residual stream. Pass the module that maps the last block's output to the "
                 "unembedding's input: ModelAdapter.from_model(model, final_norm=...) (--final-norm)."
-            )
-
-    def _check_causal(self, ids: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Refuse a model whose earlier positions see later tokens (a BERT-style model built as an encoder)."""
-        changed = ids.clone()
-        changed[0, -1] = ids[0, 0]
-        other = self.hidden_states(changed)
-        if not torch.allclose(other[:, :, :-1], hidden[:, :, :-1], rtol=1e-4, atol=1e-5):
-            raise UnsupportedModelError(
-                "the model is not causal as built: its states at earlier positions change when a later token "
-                "changes (bidirectional attention). Lenses read next-token predictions; load a BERT-style model as "
-                "a decoder (config.is_decoder = True, e.g. from_pretrained(..., is_decoder=True))."
             )
 
     # ---- identity
