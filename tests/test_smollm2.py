@@ -172,4 +172,34 @@ def test_shipped_lens_offline_attached_and_better_than_logit_lens(smollm2):
                          max_tokens=512)
     kl = table.pivot_table(index=["corpus", "layer"], columns="lens", values="kl_nats")
     assert len(kl) == 2 * 30 and (kl.tuned < kl.logit).all()  # every layer, held-out Wikipedia and books
-    assert set(select_lenses("auto", adapter)) == {"logit", "tuned"}  # the default picks it up
+    from lenses.registry import available
+
+    shipped = {"tuned"} | ({"jacobian"} if "smollm2-135m-instruct-jacobian" in available() else set())
+    assert set(select_lenses("auto", adapter)) == {"logit"} | shipped  # the default picks them up
+
+
+def test_shipped_jacobian_lens(smollm2):
+    """The shipped J-lens: layers 1..29 (the embeddings absent), the model's logits at layer 30, a real
+    transport (not the identity), and finite held-out KL at every layer it reads."""
+    from lenses import JacobianLens, load_lens
+    from lenses.evaluate import cross_domain
+
+    from lenses.registry import available
+
+    if "smollm2-135m-instruct-jacobian" not in available():
+        pytest.skip("the SmolLM2 J-lens is not shipped yet (its fit is under way: runs/jlens-smollm2)")
+    model, tok = smollm2
+    adapter = ModelAdapter.from_model(model, verify=False)
+    jl = load_lens("smollm2-135m-instruct-jacobian", adapter)
+    assert isinstance(jl, JacobianLens) and jl.layers == list(range(1, 30)) and jl.n_prompts >= 32
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    hidden = adapter.hidden_states(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(jl(hidden[30], 30), model(input_ids=ids).logits.float(), rtol=1e-4, atol=1e-4)
+        assert torch.isnan(jl(hidden[0], 0)).all()
+        eye = torch.eye(576)
+        assert min(float((jl.matrices[k] - eye).norm() / eye.norm()) for k in jl.layers) > 0.05
+    table = cross_domain(adapter, tok, {"logit": LogitLens(adapter), "jacobian": jl}, ["wikipedia"], max_tokens=512)
+    kl = table.pivot_table(index="layer", columns="lens", values="kl_nats", dropna=False)
+    assert kl.jacobian.iloc[1:].notna().all() and np.isfinite(kl.jacobian.iloc[1:]).all()
+    assert np.isnan(kl.jacobian.iloc[0])
