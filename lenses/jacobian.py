@@ -166,7 +166,11 @@ def read_published(file: str | os.PathLike, num_layers: int | None = None) -> Ja
     if not isinstance(matrices, dict) or not matrices or not all(torch.is_tensor(v) for v in matrices.values()):
         raise CorruptFileError(f"{file}: its matrices are not a non-empty {{layer: tensor}} dict.")
     d = payload.get("d_model") or next(iter(matrices.values())).shape[-1]
-    ours = {int(i) + REFERENCE_OFFSET: v for i, v in matrices.items()}
+    try:
+        ours = {int(i) + REFERENCE_OFFSET: v for i, v in matrices.items()}
+    except (TypeError, ValueError):
+        raise CorruptFileError(f"{file}: its layer keys {sorted(map(str, matrices))[:4]} are not layer numbers; "
+                               "it is not a Jacobian lens file.") from None
     L = num_layers or max(ours) + 1
     meta = payload.get("metadata") if isinstance(payload.get("metadata"), dict) else {}
     config = {"n_prompts": n, "imported_from": file.name, **{k: v for k, v in meta.items() if k != "n_prompts"}}

@@ -172,6 +172,9 @@ def test_bad_files(tmp_path):
                 "target_layer": L - 1, "skip_first": 16}, tmp_path / "c.pt")
     with pytest.raises(CorruptFileError, match="n_done = 0"):
         load_lens(tmp_path / "c.pt", adapter)
+    torch.save({"J": {"a": torch.eye(d)}, "n_prompts": 1}, tmp_path / "keys.pt")
+    with pytest.raises(CorruptFileError, match="not layer numbers"):
+        load_lens(tmp_path / "keys.pt", adapter)
     torch.save({"weights": [1, 2]}, tmp_path / "other.pt")
     with pytest.raises(CorruptFileError, match="not a Jacobian lens"):
         load_lens(tmp_path / "other.pt", adapter)
