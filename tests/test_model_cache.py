@@ -1,0 +1,48 @@
+"""The dequantised-GGUF cache: two processes filling it at once (two ranks, or a fit beside a training run)."""
+
+import torch
+import transformers
+
+from lenses.models import _dequantise_gguf_to_cache
+
+
+class _Tok:
+    def save_pretrained(self, folder):
+        (folder / "tokenizer.json").write_text("{}")
+
+
+def _tiny():
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def test_losing_the_race_keeps_the_winners_folder(tmp_path, monkeypatch):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: _tiny())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: _Tok())
+    dest = tmp_path / "cache" / "m-123"
+    _dequantise_gguf_to_cache(gguf, dest)  # the first process
+    first = (dest / "model.safetensors").read_bytes()
+    torch.manual_seed(1)
+    _dequantise_gguf_to_cache(gguf, dest)  # a second one that finished later: no error, the folder stays whole
+    assert (dest / "model.safetensors").read_bytes() == first
+    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".")]  # its temporary folder is gone
+
+
+def test_a_real_failure_still_raises(tmp_path, monkeypatch):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: _tiny())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: _Tok())
+    dest = tmp_path / "cache" / "m-123"
+    dest.mkdir(parents=True)
+    (dest / "stray.txt").write_text("not a model folder")  # occupied, but not by a finished copy
+    try:
+        _dequantise_gguf_to_cache(gguf, dest)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("expected the rename onto a foreign folder to fail")
+    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".")]
