@@ -100,7 +100,7 @@ class Lens(nn.Module):
             self.config["fingerprint"] = adapter.fingerprint()
             self.config.setdefault("model", getattr(adapter.model.config, "_name_or_path", ""))
         self.adapter = adapter
-        return self
+        return self.to(adapter.device)  # a lens lives where the model decodes (a fit accumulates on the CPU)
 
     # ---- files (see lenses.lens_io)
     def save_pretrained(self, path: str | os.PathLike):

@@ -183,14 +183,16 @@ def load_model(
 class ModelOptions:
     """Which model to read and how to load it: the option group both CLIs share."""
 
+    # Where the model file lies and which device runs it do not identify a run: checkpoints record the model's
+    # fingerprint, so a run can move between machines (started on a GPU, finished on a laptop) and --resume.
     model: str | None = option(None, "HF folder, cached hub id or .gguf file (none: SmolLM2-135M-Instruct)",
-                               group="model")
+                               group="model", fixed=False)
     device: str | None = option(None, "cpu, cuda, cuda:1, ... (none: cuda if available, else cpu)", group="model",
-                                check=check_device)
+                                check=check_device, fixed=False)
     model_dtype: str = option("float32", "dtype the model's weights are loaded in", group="model",
                               choices=("float32", "bfloat16", "float16"))
     device_map: str | None = option(None, "'auto' spreads a large model over the available devices (accelerate)",
-                                    group="model", choices=("auto", "balanced", "sequential"))
+                                    group="model", choices=("auto", "balanced", "sequential"), fixed=False)
     layers: str | None = option(None, "dotted path of the decoder layers, if not found (e.g. model.layers)",
                                 group="model")
     final_norm: str | None = option(None, "dotted path of the final norm, if not found (e.g. model.norm)",

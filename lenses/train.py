@@ -320,7 +320,8 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
             raise DataError(f"--frequencies covers {len(freqs.counts)} tokens but the model has {adapter.vocab_size}: "
                             "it was counted with another tokenizer. Omit --frequencies to count on the corpus.")
         identity = {"recipe": cfg.recipe(), "total_steps": total, "data": _hash(train_blocks, eval_blocks),
-                    "frequencies": _hash(freqs.counts), "compute_dtype_used": str(dtype).replace("torch.", "")}
+                    "frequencies": _hash(freqs.counts), "compute_dtype_used": str(dtype).replace("torch.", ""),
+                    "fingerprint": adapter.fingerprint()}  # the model itself, wherever its file lies
         state = TrainState.fresh(cfg, adapter, total)
         run = Run(cfg, adapter, tokenizer, dp, dtype, train_blocks, eval_blocks, freqs, state, identity, folder, total)
         if cfg.resume and run.checkpoint.exists():

@@ -77,6 +77,27 @@ def test_kill_then_resume_equals_uninterrupted(setup, tmp_path):
     assert bad.returncode == 2 and "seq_len" in bad.stderr
 
 
+def test_a_checkpoint_finishes_elsewhere(setup, tmp_path):
+    """A fit's checkpoint carried to another machine (the model file at another path, another device) is
+    finished there with --resume: the model is identified by its fingerprint, not by where its file lies."""
+    import shutil
+
+    model, corpus = setup
+    _cli(model, corpus, tmp_path / "run", "--num-prompts", "3")
+    fitted = load_lens(tmp_path / "run")
+    for f in (tmp_path / "run").iterdir():
+        if f.name != "jacobian_checkpoint.pt" and not f.name.startswith("."):
+            f.unlink()
+    moved = shutil.copytree(model, tmp_path / "elsewhere")
+    _cli(moved, corpus, tmp_path / "run", "--num-prompts", "3", "--resume", "--device", "cpu")
+    torch.testing.assert_close(load_lens(tmp_path / "run").matrices, fitted.matrices, atol=0, rtol=0)
+    other = save_tiny_model(tmp_path / "other", "llama", seed=5)  # same shapes, other weights: refused
+    bad = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(other),
+                          "--corpus", str(corpus), "--out", str(tmp_path / "run"), "--num-prompts", "3", "--seq-len",
+                          "48", "--resume", "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "fingerprint" in bad.stderr
+
+
 def test_two_processes_match_one(setup, tmp_path):
     model, corpus = setup
     _cli(model, corpus, tmp_path / "one")
