@@ -317,6 +317,7 @@ def fit(cfg: FitConfig, model=None, tokenizer=None) -> FitResult:
             bar = tqdm(total=len(mine), initial=state.next_idx, unit="prompt", desc="fitting J-lens",
                        disable=not (cfg.progress and dp.main))
             t0, done_here, rel = time.perf_counter(), 0, math.inf
+            before = state.log[-1][2] if state.log else 0.0  # seconds spent by earlier sessions of this fit
             # every process runs the same number of rounds (its collectives pair up with the others'), fitting
             # its next prompt while it has one; after a resume the processes may be a prompt apart
             while dp.any(state.next_idx < len(mine)):
@@ -326,7 +327,8 @@ def fit(cfg: FitConfig, model=None, tokenizer=None) -> FitResult:
                     state.next_idx += 1
                     done_here += 1
                     elapsed = time.perf_counter() - t0
-                    state.log.append([dp.rank + dp.world * (state.next_idx - 1), state.n_done, elapsed, rel, dist])
+                    state.log.append([dp.rank + dp.world * (state.next_idx - 1), state.n_done, before + elapsed,
+                                      rel, dist])
                     state.save(ckpt, identity, adapter.num_layers - 1, cfg.skip_first)
                     bar.set_postfix(prompt_s=f"{done_here / elapsed:.3g}", change=f"{rel:.2e}", dist_I=f"{dist:.3f}")
                     bar.update(1)
@@ -346,7 +348,7 @@ def fit(cfg: FitConfig, model=None, tokenizer=None) -> FitResult:
             lens = JacobianLens.from_matrices(
                 {k: sums[j] / n.item() for j, k in enumerate(layers)}, adapter.num_layers,
                 {"model": cfg.model or DEFAULT_MODEL, "n_prompts": int(n.item()), "corpus": cfg.corpus or "wikipedia",
-                 "skip_first": cfg.skip_first, "seq_len": cfg.seq_len, "fit_seconds": time.perf_counter() - t0,
+                 "skip_first": cfg.skip_first, "seq_len": cfg.seq_len, "fit_seconds": before + time.perf_counter() - t0,
                  "final_rel_change": state.log[-1][3] if state.log else None},
                 model=adapter)
             convergence = pd.DataFrame(state.log, columns=["prompt", "n_done", "seconds", "rel_change",

@@ -55,7 +55,7 @@ def main() -> int:
     model, tok = load_model(t.get("model"))
     adapter = ModelAdapter.from_model(model)
     lens.attach(adapter)
-    _, held_out = make_blocks(read_texts(t.get("corpus")), tok, t["seq_len"], t["eval_fraction"],
+    train_blocks, held_out = make_blocks(read_texts(t.get("corpus")), tok, t["seq_len"], t["eval_fraction"],
                               max(1, a.eval_tokens // t["seq_len"]))
     half = TunedLens(lens.num_layers, lens.d_model, config=dict(lens.config))
     with torch.no_grad():
@@ -84,13 +84,15 @@ def main() -> int:
     write_csv(dest / "eval.csv", final)
     if (run / FREQUENCIES_NAME).exists():
         shutil.copyfile(run / FREQUENCIES_NAME, dest / FREQUENCIES_NAME)
-    write_text(dest / "README.md", card(a.name, lens.config, wide, held_out.numel(), same))
+    write_text(dest / "README.md", card(a.name, lens.config, wide, held_out.numel(), same, train_blocks.numel()))
     print(f"shipped {dest}")
     return 0
 
 
-def card(name: str, config: dict, wide: pd.DataFrame, eval_tokens: int, fp16: bool) -> str:
+def card(name: str, config: dict, wide: pd.DataFrame, eval_tokens: int, fp16: bool, corpus_tokens: int) -> str:
     t = config["training"]
+    passes = t["train_tokens"] / corpus_tokens
+    reuse = "one pass, no repeats" if passes <= 1 else f"{passes:.2f} passes over the {corpus_tokens:,} training-side tokens"
     rows = "\n".join(f"| {layer} | {r.logit:.3f} | {r.tuned:.3f} | {r.logit / max(r.tuned, 1e-9):.1f}x |"
                      for layer, r in wide.iterrows() if layer < len(wide) - 1)
     lr = t["lr"] if t["lr"] is not None else ("1e-3" if t["optimizer"] == "adam" else "1.0 x (1 - momentum)")
@@ -103,11 +105,11 @@ For **{config.get("model", "")}** ({config["num_layers"]} layers, d = {config["d
   documents shuffled with seed 0, EOS-separated, packed into {t["seq_len"]}-token blocks; the last
   documents (about {t["eval_fraction"]:.0%} of the tokens) held out ({eval_tokens:,} tokens used for evaluation).
 - **Tokens**: {t["train_tokens"]:,} training tokens ({t["train_tokens"] // (t["batch_size"] * t["seq_len"])} steps of
-  {t["batch_size"]} x {t["seq_len"]}), one pass, no repeats.
+  {t["batch_size"]} x {t["seq_len"]}), {reuse}.
 - **Recipe**: `train_probes.py --optimizer {t["optimizer"]} --max-tokens {t["max_tokens"]}` — {t["optimizer"]}
   (lr {lr}, weight decay {t["weight_decay"]}, linear decay to 0, gradient clip {t["clip"]}), seed {t["seed"]},
   loss KL(final || lens) summed over layers, vocabulary matmuls in {t.get("compute_dtype_used")},
-  {t.get("tokens_per_second") or 0:.0f} training tokens/s on a 2-core CPU.
+  {t.get("tokens_per_second") or 0:,.0f} training tokens/s on {t.get("machine") or "a 2-core CPU"}.
 - **Stored** in {FP16_NOTE if fp16 else "float32"}.
 
 Held-out KL(final || lens) in nats per token, float32 evaluation (layer 0 = embeddings; layer

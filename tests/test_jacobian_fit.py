@@ -67,6 +67,7 @@ def test_kill_then_resume_equals_uninterrupted(setup, tmp_path):
     torch.testing.assert_close(cut.matrices, full.matrices, atol=0, rtol=0)  # the same sums in the same order
     log = pd.read_csv(tmp_path / "cut" / "convergence.csv")
     assert log.n_done.tolist() == list(range(1, 9))
+    assert log.seconds.is_monotonic_increasing  # wall time adds up across the killed and the resumed session
     # the published file is what TransformerLens and the reference read
     raw = torch.load(tmp_path / "full" / "jacobian_lens.pt", weights_only=True)
     assert raw["n_prompts"] == 8 and sorted(raw["J"]) == [0, 1]
