@@ -236,6 +236,12 @@ def _get(model: nn.Module, dotted: str) -> nn.Module:
         raise ModelStructureError(f"model has no submodule {dotted!r}: {e}") from e
 
 
+class HeadChain(nn.Sequential):
+    """What maps the last block's output to the unembedding's input when it is several modules in a row:
+    a final norm in the base model, then the LM head's own transform (dense, activation, norm) around the
+    unembedding, as in ModernBERT-decoder. ``hidden[L]`` is the input of the first."""
+
+
 @dataclass
 class ModelAdapter:
     """A causal LM with its parts named: decoder ``layers``, ``final_norm``, ``unembed``.
@@ -274,6 +280,10 @@ class ModelAdapter:
         transform = None if final_norm or unembed else cls._head_transform(model, head, layer_list)
         norm_path = final_norm or transform or cls._find_final_norm(model, layers_path)
         norm = _get(model, norm_path)
+        if transform:  # a final norm inside the base model may run first (ModernBERT-decoder): chain the two
+            before = cls._final_norm_before(model, layers_path, transform)
+            if before:
+                norm, norm_path = HeadChain(_get(model, before), norm), f"{before} -> {transform}"
         if not isinstance(head, nn.Linear):
             raise ModelStructureError(
                 "could not find the unembedding (model.get_output_embeddings() returned "
@@ -326,13 +336,16 @@ class ModelAdapter:
         dense, activation, norm), when the unembedding sits inside such a head; that module, not a bare
         norm, is what turns ``hidden[L]`` into the unembedding's input."""
         path = next((n for n, m in model.named_modules() if m is head), None)
-        parent_path = (path or "").rpartition(".")[0]
-        if not parent_path:
+        if path is None:
             return None
-        parent = _get(model, parent_path)
+        parent_path = path.rpartition(".")[0]
+        parent = _get(model, parent_path) if parent_path else model
         embed = model.get_input_embeddings()
         others = [n for n, c in parent.named_children() if c is not head and any(True for _ in c.parameters())
                   and not any(m is layers or m is embed for m in c.modules())]
+        if not parent_path:  # beside the base model at the top: only a module the forward runs after the blocks
+            others = ModelAdapter._norms_after_last_block(model, layers, others) if others else []
+            return others[0] if len(others) == 1 else None
         if len(others) > 1:
             raise UnsupportedModelError(
                 f"the unembedding {path!r} sits in a head that first applies {', '.join(others)} in its own forward "
@@ -341,6 +354,16 @@ class ModelAdapter:
                 "ModelAdapter.from_model(model, final_norm=...)."
             )
         return f"{parent_path}.{others[0]}" if others else None
+
+    @staticmethod
+    def _final_norm_before(model: nn.Module, layers_path: str, transform: str) -> str | None:
+        """A norm outside the blocks and outside the head transform that the forward runs after the last
+        block (and so before the transform), if there is one."""
+        names = [n for n, m in model.named_modules() if re.search("norm", type(m).__name__, re.I)
+                 and not n.startswith(layers_path + ".") and not n.startswith(transform + ".")
+                 and not any(isinstance(c, nn.ModuleList) for c in m.children())]
+        ran = ModelAdapter._norms_after_last_block(model, _get(model, layers_path), names) if names else []
+        return ran[0] if ran else None
 
     @staticmethod
     def _find_final_norm(model: nn.Module, layers_path: str) -> str:
@@ -383,6 +406,11 @@ class ModelAdapter:
             for h in hooks:
                 h.remove()
         return order
+
+    @property
+    def norm_entry(self) -> nn.Module:
+        """The module whose input is ``hidden[L]``: the final norm, or the first of a `HeadChain`."""
+        return self.final_norm[0] if isinstance(self.final_norm, HeadChain) else self.final_norm
 
     # ---- shapes
     @property
@@ -435,7 +463,7 @@ class ModelAdapter:
 
         return [self.layers[0].register_forward_pre_hook(start, with_kwargs=True),
                 self.layers[-1].register_forward_hook(end),
-                self.final_norm.register_forward_pre_hook(at_final_norm, with_kwargs=True)]
+                self.norm_entry.register_forward_pre_hook(at_final_norm, with_kwargs=True)]
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Residual stream ``[L+1, batch, seq, d]`` in the layer convention of this module.
@@ -494,7 +522,7 @@ class ModelAdapter:
         gradients unless ``grad``; hooks on the adapter's modules see the residual stream. ``kwargs`` go
         to the model (e.g. ``use_cache=True, past_key_values=...``); returns its output."""
         base = getattr(self.model, "base_model", self.model)
-        runner = base if any(m is self.final_norm for m in base.modules()) else self.model
+        runner = base if any(m is self.norm_entry for m in base.modules()) else self.model
         with torch.set_grad_enabled(grad):
             return runner(input_ids=input_ids.to(self._input_device()), attention_mask=attention_mask,
                           **{"use_cache": False, **kwargs})

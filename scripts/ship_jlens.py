@@ -93,7 +93,8 @@ A Jacobian lens (Gurnee et al. 2026) fitted with `train_probes.py --method jacob
 corpus (lead sections of Wikipedia's vital articles, documents of 600+ characters), skipping the
 first {c.get('skip_first')} positions as sources and targets; the reference estimator (targets summed,
 sources averaged, prompts weighted equally), float32 accumulation, matrices stored in float16.
-Fit wall time: {c.get('fit_seconds', 0) / 60:.0f} min on {c.get('machine') or 'a 2-core CPU'}. Layers 1..{adapter.num_layers - 1} have a matrix;
+Fit wall time: {c.get('fit_seconds', 0) / 60:.0f} min on {c.get('machine') or 'a 2-core CPU'}.
+Layers 1..{adapter.num_layers - 1} have a matrix;
 layer 0 (the embeddings) is absent, as in the published lenses; layer {adapter.num_layers} is the model's output.
 The same matrices in the published format: `{run.name}/jacobian_lens.pt` of the fit folder
 (`JacobianLens.save_published`).

@@ -92,7 +92,8 @@ def main() -> int:
 def card(name: str, config: dict, wide: pd.DataFrame, eval_tokens: int, fp16: bool, corpus_tokens: int) -> str:
     t = config["training"]
     passes = t["train_tokens"] / corpus_tokens
-    reuse = "one pass, no repeats" if passes <= 1 else f"{passes:.2f} passes over the {corpus_tokens:,} training-side tokens"
+    reuse = ("one pass, no repeats" if passes <= 1
+             else f"{passes:.2f} passes over the {corpus_tokens:,} training-side tokens")
     rows = "\n".join(f"| {layer} | {r.logit:.3f} | {r.tuned:.3f} | {r.logit / max(r.tuned, 1e-9):.1f}x |"
                      for layer, r in wide.iterrows() if layer < len(wide) - 1)
     lr = t["lr"] if t["lr"] is not None else ("1e-3" if t["optimizer"] == "adam" else "1.0 x (1 - momentum)")

@@ -36,13 +36,15 @@ EXPECTED = {
     "recurrent_gemma": ("pass", ""),          # logit soft-capping under the name logits_soft_cap
     "bert": ("pass", ""),                     # a head transform (dense, activation, norm) before the unembedding
     "gptj": ("pass", ""),                     # rotary dimension shrunk with the head size
+    "modernbert-decoder": ("pass", ""),       # final norm in the base model, then the head's own transform
+    "megatron-bert": ("pass", ""),            # the same with the transform inside a head module
+    "electra": ("pass", ""),                  # a head transform beside the base model, at the top level
     # refusals, with the adapter's reason
     "gemma3n_text": ("refused", "stacked streams"),
     "dory": ("refused", "looped"),
     "xlm": ("refused", "parallel lists"),
     "openai-gpt": ("refused", "no final norm"),
     "xlm-roberta": ("refused", "post-norm LM head"),
-    "electra": ("refused", "changes the last block's output"),
     "bart": ("refused", "encoder-decoder"),
 }
 
@@ -73,3 +75,33 @@ def test_bidirectional_model_is_refused_with_the_fix(coverage):
     config.is_decoder = True
     adapter = ModelAdapter.from_model(AutoModelForCausalLM.from_config(config).eval())
     assert adapter.final_norm_path == "cls.predictions.transform"  # the whole head transform, not its norm
+
+
+def test_a_layer_between_the_last_block_and_the_norm_is_refused():
+    """Something that transforms the last block's output before the final norm: the norm's input is not
+    the residual stream, so the adapter refuses rather than reading it as hidden[L]."""
+    from tiny_models import tiny_model
+
+    from lenses import ModelAdapter
+    from lenses.errors import UnsupportedModelError
+
+    model = tiny_model("llama")
+    norm = model.model.norm
+    model.model.norm = torch.nn.Sequential(torch.nn.Linear(norm.weight.shape[0], norm.weight.shape[0]), norm)
+    with pytest.raises(UnsupportedModelError, match="changes the last block's output"):
+        ModelAdapter.from_model(model)
+
+
+def test_modernbert_decoder_chains_its_norm_and_head():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lenses import ModelAdapter
+    from lenses.models import HeadChain
+
+    config = AutoConfig.for_model("modernbert-decoder", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, vocab_size=64, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, sep_token_id=2, cls_token_id=1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    adapter = ModelAdapter.from_model(model)  # verify(): decoding hidden[L] reproduces the logits
+    assert isinstance(adapter.final_norm, HeadChain) and adapter.final_norm_path == "model.final_norm -> lm_head"
+    assert adapter.norm_entry is model.model.final_norm
