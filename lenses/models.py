@@ -220,13 +220,12 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _num_layers_from_config(config) -> int | None:
+def _layer_counts_from_config(config) -> list[int]:
+    """The block counts a config states, most usual name first (they can differ: LongCat-Flash's
+    ``num_hidden_layers`` counts two sub-layers per block of ``num_layers``)."""
     cfg = _text_config(config)
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
+    counts = [getattr(cfg, attr, None) for attr in ("num_hidden_layers", "n_layer", "num_layers")]
+    return list(dict.fromkeys(c for c in counts if isinstance(c, int)))
 
 
 def _get(model: nn.Module, dotted: str) -> nn.Module:
@@ -310,8 +309,13 @@ class ModelAdapter:
 
     @staticmethod
     def _find_layers(model: nn.Module) -> str:
-        want = _num_layers_from_config(model.config)
+        counts = _layer_counts_from_config(model.config)
         lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+        want = counts[0] if counts else None
+        for count in counts:  # the first count some list has
+            if any(len(m) == count for _, m in lists):
+                want = count
+                break
         if want is not None:
             lists = [(n, m) for n, m in lists if len(m) == want]
         if not lists:

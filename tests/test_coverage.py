@@ -36,6 +36,7 @@ EXPECTED = {
     "recurrent_gemma": ("pass", ""),          # logit soft-capping under the name logits_soft_cap
     "bert": ("pass", ""),                     # a head transform (dense, activation, norm) before the unembedding
     "gptj": ("pass", ""),                     # rotary dimension shrunk with the head size
+    "longcat_flash": ("pass", ""),            # num_hidden_layers counts two sub-layers per block
     "modernbert-decoder": ("pass", ""),       # final norm in the base model, then the head's own transform
     "megatron-bert": ("pass", ""),            # the same with the transform inside a head module
     "electra": ("pass", ""),                  # a head transform beside the base model, at the top level
