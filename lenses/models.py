@@ -294,6 +294,8 @@ class ModelAdapter:
         scale = float(getattr(cfg, "logit_scale", None) or 1.0)
         if getattr(cfg, "logits_scaling", None):  # Granite divides
             scale /= float(cfg.logits_scaling)
+        if getattr(cfg, "logits_mup_width_multiplier", None):  # muP output scaling (Inkling): h / m before the head
+            scale /= float(cfg.logits_mup_width_multiplier)
         offloaded = [name for name, part in (("final norm", norm), ("unembedding", head))
                      if any(p.device.type == "meta" for p in part.parameters())]
         if offloaded:
@@ -316,8 +318,16 @@ class ModelAdapter:
             if any(len(m) == count for _, m in lists):
                 want = count
                 break
+        every = lists
         if want is not None:
             lists = [(n, m) for n, m in lists if len(m) == want]
+        stacks = [n for n, m in every if len({type(b) for b in m}) == 1 and not n.endswith("experts")]
+        if not lists and len(stacks) > 1 and len({n.count(".") for n in stacks}) == 1:
+            raise UnsupportedModelError(
+                f"the model has several stacks of blocks ({', '.join(stacks)}) and none has the {want} layers its "
+                "config states: a hierarchical or looped model, whose blocks run in cycles, so a layer number "
+                "names no single state. If one list is the model's sequence of blocks, pass it with --layers."
+            )
         if not lists:
             raise ModelStructureError(
                 f"could not find the decoder layers (no nn.ModuleList of length {want}). Pass the dotted "

@@ -52,7 +52,9 @@ SHRINK = {  # config field -> tiny value, set when the config has the field
     "dim_head": 16, "dim_ff": 128,
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
     "hidden_size_per_layer_input": 16, "laurel_rank": 8,
-    "swa_head_dim": 16, "swa_num_attention_heads": 4, "unpadded_vocab_size": 128, "moe_latent_size": 16,
+    "swa_head_dim": 16, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "unpadded_vocab_size": 128,
+    "moe_latent_size": 16,
+    "n_group": 1, "topk_group": 1,  # group-limited routing: the groups must divide the (shrunk) experts
 }
 ENCODER_DECODER = {"bart", "mbart", "marian", "pegasus", "blenderbot", "blenderbot-small", "plbart", "prophetnet",
                    "xlm-prophetnet", "bigbird_pegasus", "trocr", "whisper", "speech_to_text_2", "m2m_100", "mvp"}

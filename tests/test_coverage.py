@@ -37,12 +37,15 @@ EXPECTED = {
     "bert": ("pass", ""),                     # a head transform (dense, activation, norm) before the unembedding
     "gptj": ("pass", ""),                     # rotary dimension shrunk with the head size
     "longcat_flash": ("pass", ""),            # num_hidden_layers counts two sub-layers per block
+    "inkling_text": ("pass", ""),             # muP output scaling (logits_mup_width_multiplier)
+    "axk1": ("pass", ""),                     # group-limited MoE routing, groups shrunk with the experts
     "modernbert-decoder": ("pass", ""),       # final norm in the base model, then the head's own transform
     "megatron-bert": ("pass", ""),            # the same with the transform inside a head module
     "electra": ("pass", ""),                  # a head transform beside the base model, at the top level
     # refusals, with the adapter's reason
     "gemma3n_text": ("refused", "stacked streams"),
     "dory": ("refused", "looped"),
+    "hrm_text": ("refused", "several stacks of blocks"),
     "xlm": ("refused", "parallel lists"),
     "openai-gpt": ("refused", "no final norm"),
     "xlm-roberta": ("refused", "post-norm LM head"),
