@@ -1,5 +1,6 @@
 """The dequantised-GGUF cache: two processes filling it at once (two ranks, or a fit beside a training run)."""
 
+import pytest
 import torch
 import transformers
 
@@ -17,11 +18,17 @@ def _tiny():
     return transformers.LlamaForCausalLM(cfg)
 
 
-def test_losing_the_race_keeps_the_winners_folder(tmp_path, monkeypatch):
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF")
+@pytest.fixture
+def gguf(tmp_path, monkeypatch):
+    """A stand-in GGUF file whose 'dequantisation' gives a tiny Llama and a tokenizer that saves one file."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: _tiny())
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: _Tok())
+    return path
+
+
+def test_losing_the_race_keeps_the_winners_folder(tmp_path, gguf):
     dest = tmp_path / "cache" / "m-123"
     _dequantise_gguf_to_cache(gguf, dest)  # the first process
     first = (dest / "model.safetensors").read_bytes()
@@ -31,11 +38,7 @@ def test_losing_the_race_keeps_the_winners_folder(tmp_path, monkeypatch):
     assert not [p for p in dest.parent.iterdir() if p.name.startswith(".")]  # its temporary folder is gone
 
 
-def test_a_real_failure_still_raises(tmp_path, monkeypatch):
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: _tiny())
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: _Tok())
+def test_a_real_failure_still_raises(tmp_path, gguf):
     dest = tmp_path / "cache" / "m-123"
     dest.mkdir(parents=True)
     (dest / "stray.txt").write_text("not a model folder")  # occupied, but not by a finished copy
