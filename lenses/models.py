@@ -276,6 +276,12 @@ class ModelAdapter:
             raise ModelStructureError(f"{layers_path!r} is a {type(layer_list).__name__}, not a list of decoder "
                                       "layers; pass the dotted path of the nn.ModuleList of blocks (--layers).")
         head = _get(model, unembed) if unembed else model.get_output_embeddings()
+        if isinstance(head, nn.ModuleList) and not unembed:
+            raise UnsupportedModelError(
+                f"the model has {len(head)} output heads (model.get_output_embeddings() is a list, as MusicGen's one "
+                "head per audio codebook): a lens decodes through one unembedding. To read one of them, pass it: "
+                "ModelAdapter.from_model(model, unembed='lm_heads.0') (--unembed)."
+            )
         transform = None if final_norm or unembed else cls._head_transform(model, head, layer_list)
         norm_path = final_norm or transform or cls._find_final_norm(model, layers_path)
         norm = _get(model, norm_path)
@@ -570,6 +576,13 @@ class ModelAdapter:
                 both = self.hidden_states(torch.cat([ids, changed]))
             finally:
                 handle.remove()
+            if both.shape[-1] != self.d_model:
+                raise UnsupportedModelError(
+                    f"the residual stream is {both.shape[-1]} wide but the unembedding reads {self.d_model}: the "
+                    "model changes the width between its last block and its head (several parallel streams mixed "
+                    "there, as Qwen4-Exp's hyper-connections, or a projection, as OPT-350m's project_out), so a "
+                    f"lens of width {self.d_model} has no state of its width to read at each layer."
+                )
             ours = decode(self, both[-1, :1]).float()
             if not _close(both[:, 1, :-1], both[:, 0, :-1]):
                 raise UnsupportedModelError(

@@ -5,7 +5,7 @@ For each type: build the config class with shrunk sizes (layers, width, heads, e
 the architecture's own switches are left as they are), build the model, and run our checks:
 the adapter finds its parts and decoding the last hidden state reproduces the model's logits
 (`ModelAdapter.from_model` verifies it), the hidden states agree with ``output_hidden_states``
-where the model returns them, an untrained tuned lens equals the logit lens, and `trace` runs.
+where the model returns them, an untrained tuned lens equals the logit lens, and `trace` and a training step run.
 Each type ends as ``pass``, ``refused`` (with a reason: not decoder-only, a config we cannot
 build, ...) or ``fail`` (with the error: a bug for us to fix).
 
@@ -55,74 +55,160 @@ SHRINK = {  # config field -> tiny value, set when the config has the field
     "swa_head_dim": 16, "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "unpadded_vocab_size": 128,
     "moe_latent_size": 16,
     "n_group": 1, "topk_group": 1,  # group-limited routing: the groups must divide the (shrunk) experts
+    "ffn_hidden_size": 128, "moe_num_experts": 4,  # DBRX's ffn_config
+    "num_blocks": 2, "embedding_dim": 64,  # xLSTM
+    "hidden_size_global": 64, "encoder_hash_byte_group_vocab": 128,  # BLT's byte encoder and global model
+    "first_k_dense_replace": 1, "num_dense_layers": 1,  # leave a mixture-of-experts layer among the two
 }
+UNSET = {  # fields a checkpoint's config.json always sets but the default config leaves at None
+    "head_dim": 16, "num_experts_per_tok": 2, "n_routed_experts": 4, "n_shared_experts": 1,
+}
+DEFAULTS_THAT_DO_NOT_BUILD = {  # model type -> fields whose transformers default does not build a model
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # default None, read per layer
+    "qwen4_exp": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+                  "indexer_compress_ratio": 4},  # the sparse-attention indexer is built whether set or not
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+    "dbrx": {"attn_config.rope_theta": 1e4, "attn_config.clip_qkv": 8.0},  # read there; clamped even when None
+    "dots3_note": {"rope_parameters": {kind: {"rope_type": "default", "rope_theta": 5e4, "partial_rotary_factor": 1.0}
+                                       for kind in ("indexed_attention", "sliding_attention")}},  # rotary = rope dims
+    "reformer": {"axial_pos_embds_dim": (32, 32), "axial_pos_shape": (8, 16)},  # sum = width, product = positions
+}
+DEFAULT_CONFIG_DOES_NOT_VALIDATE = {  # model type -> arguments its config class needs to be built at all
+    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
+}
+for _name in ("qwen4_exp", "dots3_note"):  # the same text model alone
+    DEFAULTS_THAT_DO_NOT_BUILD[_name + "_text"] = DEFAULTS_THAT_DO_NOT_BUILD[_name]
 ENCODER_DECODER = {"bart", "mbart", "marian", "pegasus", "blenderbot", "blenderbot-small", "plbart", "prophetnet",
                    "xlm-prophetnet", "bigbird_pegasus", "trocr", "whisper", "speech_to_text_2", "m2m_100", "mvp"}
 
 
-def tiny_config(model_type: str):
-    from transformers import AutoConfig
+def _set(cfg, key, value) -> None:
+    try:
+        setattr(cfg, key, value)
+    except (AttributeError, NotImplementedError):  # derived from other fields (a property), or refused by the config
+        pass
 
-    config = AutoConfig.for_model(model_type)
+
+def _kept_layers(layer_types: list | None, depth: int, n: int) -> list[int]:
+    """Which of `depth` layers a tiny model of `n` keeps: the first ones, with the last replaced by the first
+    layer of every kind (attention, sliding window, Mamba, ...) the first ones miss."""
+    keep = list(range(min(n, depth)))
+    if layer_types:
+        missing = [layer_types.index(kind) for kind in dict.fromkeys(layer_types) if kind not in layer_types[:n]]
+        for i, first in enumerate(missing[:len(keep)]):
+            keep[-1 - i] = first
+    return sorted(keep)
+
+
+def _shrink(cfg, model_type: str) -> None:
+    """Shrink one (sub-)config in place; per-layer settings follow the layers kept."""
+    per_layer = {}  # a heterogeneous config's per-layer overrides (Gemma 4: head sizes per layer)
+    if getattr(cfg, "is_heterogeneous", False):
+        per_layer = {i: dict(o) for i, o in cfg._heterogeneity_spec.per_layer_overrides.items()}
+        cfg.per_layer_config = None
+    before = {k: v for k, v in cfg.to_dict().items() if isinstance(v, int) and not isinstance(v, bool)}
+    full_mha = getattr(cfg, "num_key_value_heads", None) in (None, getattr(cfg, "num_attention_heads", 0))
+    depth = getattr(cfg, "num_hidden_layers", None)
+    lists = [k for k, v in cfg.to_dict().items() if isinstance(v, (list, tuple)) and depth and len(v) == depth]
+    for key, value in SHRINK.items():  # 0 means "none" (no per-layer inputs, no shared experts): left as it is
+        if isinstance(getattr(cfg, key, None), int) and not isinstance(getattr(cfg, key), bool) and getattr(cfg, key):
+            _set(cfg, key, value)
+    for key, value in UNSET.items():
+        if key in cfg.to_dict() and getattr(cfg, key) is None:
+            _set(cfg, key, value)
+    if full_mha and hasattr(cfg, "num_key_value_heads"):  # keep multi-head attention where the architecture has it
+        cfg.num_key_value_heads = cfg.num_attention_heads
+    if getattr(cfg, "is_decoder", None) is False and model_type not in ENCODER_DECODER:
+        cfg.is_decoder = True  # a BERT-style causal-LM class runs causally only so (what a user must set too)
+    n = getattr(cfg, "num_hidden_layers", 2)
+    types = getattr(cfg, "layer_types", None)
+    keep = _kept_layers(list(types) if isinstance(types, (list, tuple)) else None, depth or n, n)
+    for key in lists:  # per-layer settings (layer kinds, Gemma 3n's activation sparsity, Reformer's attention kinds)
+        _set(cfg, key, type(getattr(cfg, key))(getattr(cfg, key)[i] for i in keep))
+    if per_layer:  # the kept layers' overrides, with sizes scaled as the global ones were
+        scaled = {}
+        for new, old in enumerate(keep):
+            o = {k: (v * getattr(cfg, k) // before[k] if k in before and isinstance(v, int) else v)
+                 for k, v in per_layer.get(old, {}).items()}
+            if o:
+                scaled[new] = o
+        cfg.per_layer_config = scaled
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids must fit the shrunk vocabulary
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value >= getattr(cfg, "vocab_size", 1 << 30):
+            setattr(cfg, key, 0)
+    if isinstance(getattr(cfg, "num_kv_shared_layers", None), int):
+        cfg.num_kv_shared_layers = 0  # sharing needs more layers of each kind than a tiny model has
+
+
+def tiny_config(model_type: str):
+    from transformers import AutoConfig, PreTrainedConfig
+
+    config = AutoConfig.for_model(model_type, **DEFAULT_CONFIG_DOES_NOT_VALIDATE.get(model_type, {}))
     text = getattr(config, "text_config", None) or config
-    for cfg in {id(c): c for c in (config, text)}.values():
-        full_mha = getattr(cfg, "num_key_value_heads", None) == getattr(cfg, "num_attention_heads", 0)
-        depth = getattr(cfg, "num_hidden_layers", None)
-        per_layer = [k for k, v in cfg.to_dict().items() if isinstance(v, list) and depth and len(v) == depth
-                     and k != "layer_types"]  # per-layer settings (e.g. Gemma 3n's activation sparsity)
-        for key, value in SHRINK.items():
-            if isinstance(getattr(cfg, key, None), int) and not isinstance(getattr(cfg, key), bool):
-                setattr(cfg, key, value)
-            elif key == "num_experts_per_tok" and hasattr(cfg, key) and getattr(cfg, key) is None:
-                setattr(cfg, key, value)  # some MoE configs leave it unset by default
-        if full_mha:  # keep multi-head attention where the architecture has it (MLA has no grouped heads)
-            cfg.num_key_value_heads = cfg.num_attention_heads
-        if getattr(cfg, "is_decoder", None) is False and model_type not in ENCODER_DECODER:
-            cfg.is_decoder = True  # a BERT-style causal-LM class runs causally only so (what a user must set too)
-        n = getattr(cfg, "num_hidden_layers", 2)
-        for key in per_layer:
-            setattr(cfg, key, getattr(cfg, key)[:n])
-        if isinstance(getattr(cfg, "layer_types", None), list):
-            kinds = list(dict.fromkeys(cfg.layer_types))
-            short = cfg.layer_types[:n]
-            for i, kind in enumerate(k for k in kinds if k not in short):  # keep every kind of layer
-                short[-1 - i] = kind
-            try:
-                cfg.layer_types = short
-            except AttributeError:  # derived from other fields in this config
-                pass
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids must fit the shrunk vocabulary
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and value >= getattr(cfg, "vocab_size", 1 << 30):
-                setattr(cfg, key, 0)
-        if isinstance(getattr(cfg, "num_kv_shared_layers", None), int):
-            cfg.num_kv_shared_layers = 0  # sharing needs more layers of each kind than a tiny model has
+    for path, value in DEFAULTS_THAT_DO_NOT_BUILD.get(model_type, {}).items():
+        *parents, key = path.split(".")
+        owner = text
+        for name in parents:
+            owner = getattr(owner, name)
+        setattr(owner, key, value)
+    parts = {id(c): c for c in (config, text)}
+    for c in list(parts.values()):  # settings kept in sub-configs (DBRX's attention and FFN, BLT's models)
+        for name in ("attn_config", "ffn_config", "patcher_config", "encoder_config", "decoder_config",
+                     "global_config"):
+            if isinstance(getattr(c, name, None), PreTrainedConfig):
+                parts[id(getattr(c, name))] = getattr(c, name)
+    for cfg in parts.values():
+        _shrink(cfg, model_type)
     return config
 
 
-def check(model_type: str, class_name: str) -> tuple[str, str]:
+def build(model_type: str, config):
+    """The type's causal-LM class from `config`, or from the sub-config that class takes (MusicGen's decoder)."""
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if not isinstance(config, cls.config_class):
+        subs = [v for v in vars(config).values() if isinstance(v, cls.config_class)]
+        if subs:
+            return cls._from_config(subs[0])
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _own_forward_error(model) -> str:
+    """transformers' own forward pass on 4 tokens, none of our code in it: its error, or ''."""
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.arange(1, 5)[None], use_cache=False)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {str(e)[:160]}"
+    return ""
+
+
+def check(model_type: str, class_name: str) -> tuple[str, str]:
     from lenses import LogitLens, TunedLens
     from lenses.errors import ModelStructureError, UnsupportedModelError
     from lenses.models import ModelAdapter
     from lenses.trace import TraceItem, trace
+    from lenses.train import lens_kl_backward
 
     if model_type in ENCODER_DECODER:
         return "refused", "encoder-decoder model: its causal-LM class is a decoder reading an encoder's states"
     try:
         torch.manual_seed(0)
-        config = tiny_config(model_type)
-        model = AutoModelForCausalLM.from_config(config).eval()
+        model = build(model_type, tiny_config(model_type)).eval()
     except Exception as e:  # noqa: BLE001 - every failure is reported in the table
         return "refused", f"cannot build a tiny model from the default config: {type(e).__name__}: {str(e)[:160]}"
+
     try:
         adapter = ModelAdapter.from_model(model)
     except UnsupportedModelError as e:
         return "refused", str(e)[:300]
-    except ModelStructureError as e:
-        return "fail", f"adapter: {str(e)[:200]}"
-    except Exception as e:  # noqa: BLE001
+    except (ModelStructureError, Exception) as e:  # noqa: BLE001
+        broken = _own_forward_error(model)
+        if broken:
+            return "refused", f"the tiny model's own forward pass fails: {broken}"
         return "fail", f"adapter: {type(e).__name__}: {str(e)[:200]}"
     try:
         vocab = min(adapter.vocab_size, 100)
@@ -147,6 +233,11 @@ def check(model_type: str, class_name: str) -> tuple[str, str]:
                 if not torch.allclose(lens(hidden[l], l), logit(hidden[l], l)):
                     return "fail", f"untrained tuned lens differs from the logit lens at layer {l}"
         trace(adapter, {"logit": logit}, [TraceItem(ids[0].tolist(), [3, 7], {"next": [1, 2]})])
+        before = [p.detach().clone() for p in lens.parameters()]  # one training step of the tuned lens
+        kl = lens_kl_backward(lens, hidden[:, 0])
+        torch.optim.SGD(lens.parameters(), lr=1e-2).step()
+        if not torch.isfinite(kl).all() or all(torch.equal(a, p) for a, p in zip(before, lens.parameters())):
+            return "fail", "a training step of the tuned lens gives a non-finite KL or leaves the lens unchanged"
     except Exception as e:  # noqa: BLE001
         return "fail", f"{type(e).__name__}: {str(e)[:200]}"
     return "pass", note
@@ -216,7 +307,8 @@ def main(argv: list[str]) -> int:
                  "by structure and decoding the last hidden state reproduces the logits; the model is causal; "
                  "the last block's output is what the final norm reads; no block runs twice in a pass; hidden "
                  "states agree with `output_hidden_states` (in either of the two conventions models use); an "
-                 "untrained tuned lens equals the logit lens; `trace` runs. **refused** rows carry the adapter's "
+                 "untrained tuned lens equals the logit lens; `trace` and one training step of the tuned lens run. "
+                 "**refused** rows carry the adapter's "
                  "own reason (the same message a user gets); **fail** rows are bugs or configs the generic "
                  "shrinking cannot make consistent yet.", "",
                  "| type | class | transformers | result | reason |", "|---|---|---|---|---|"]

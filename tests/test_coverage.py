@@ -42,7 +42,16 @@ EXPECTED = {
     "modernbert-decoder": ("pass", ""),       # final norm in the base model, then the head's own transform
     "megatron-bert": ("pass", ""),            # the same with the transform inside a head module
     "electra": ("pass", ""),                  # a head transform beside the base model, at the top level
+    # configs the generic shrinking had to learn
+    "falcon": ("pass", ""),                   # head_dim is a read-only property: left to follow the width
+    "nemotron": ("pass", ""),                 # num_key_value_heads None by default: multi-head attention
+    "dbrx": ("pass", ""),                     # sizes in attn_config/ffn_config sub-configs
+    "lfm2_moe": ("pass", ""),                 # layer_types None by default; a dense first layer, then MoE
+    "gemma4_text": ("pass", ""),              # per-layer head sizes (a heterogeneous config), scaled with the rest
+    "dots3_note_text": ("pass", ""),          # per-layer heads and MLA ranks
     # refusals, with the adapter's reason
+    "qwen4_exp_text": ("refused", "residual stream is 256 wide"),  # hyper-connections: 4 streams mixed at the end
+    "musicgen": ("refused", "4 output heads"),  # one head per audio codebook
     "gemma3n_text": ("refused", "stacked streams"),
     "dory": ("refused", "looped"),
     "hrm_text": ("refused", "several stacks of blocks"),
@@ -109,3 +118,12 @@ def test_modernbert_decoder_chains_its_norm_and_head():
     adapter = ModelAdapter.from_model(model)  # verify(): decoding hidden[L] reproduces the logits
     assert isinstance(adapter.final_norm, HeadChain) and adapter.final_norm_path == "model.final_norm -> lm_head"
     assert adapter.norm_entry is model.model.final_norm
+
+
+def test_per_layer_sizes_survive_shrinking(coverage):
+    """Gemma 4's full-attention layers have twice the head size of its sliding ones (a per-layer config):
+    the tiny model keeps one layer of each kind and the ratio, instead of one size for all."""
+    config = coverage.tiny_config("gemma4_text")
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    heads = [config.per_layer_config[i].head_dim for i in range(2)]
+    assert heads == [16, 32]

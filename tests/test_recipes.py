@@ -32,3 +32,30 @@ def test_transformer_lens_4_bridge_recipe(tmp_path):
     lens = random_lens(adapter)
     torch.testing.assert_close(lens(stream[L], L), logits.float(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lens(stream[1], 1), lens(ours[1], 1), atol=1e-5, rtol=1e-5)
+
+
+def test_nnterp_recipe(tmp_path):
+    pytest.importorskip("nnterp", reason="nnterp==1.3.0 (in the 'test' extra) is not installed")
+    from nnterp import StandardizedTransformer
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path / "llama", "llama")
+    ids = torch.tensor([[256, 72, 101, 108, 108, 111, 33]])
+    # --- the recipe (README, "Other tools")
+    nt = StandardizedTransformer(str(path), device_map="cpu", dtype=torch.float32)
+    L = nt.num_layers
+    stream = []
+    with nt.trace(ids):
+        for l in range(L):
+            stream.append(nt.layers_input[l].save())  # = our hidden[l]
+        stream.append(nt.ln_final.input.save())  # = our hidden[L]
+        logits = nt.logits.save()
+    # --- checked against our adapter on the same weights
+    adapter = ModelAdapter.from_model(AutoModelForCausalLM.from_pretrained(path).eval())
+    ours = adapter.hidden_states(ids)
+    assert len(stream) == len(ours) == L + 1
+    for l in range(L + 1):
+        torch.testing.assert_close(stream[l], ours[l], atol=1e-5, rtol=1e-5)
+    lens = random_lens(adapter)
+    torch.testing.assert_close(lens(stream[L], L), logits.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lens(stream[1], 1), lens(ours[1], 1), atol=1e-5, rtol=1e-5)
