@@ -71,6 +71,10 @@ DEFAULTS_THAT_DO_NOT_BUILD = {  # model type -> fields whose transformers defaul
     "dbrx": {"attn_config.rope_theta": 1e4, "attn_config.clip_qkv": 8.0},  # read there; clamped even when None
     "dots3_note": {"rope_parameters": {kind: {"rope_type": "default", "rope_theta": 5e4, "partial_rotary_factor": 1.0}
                                        for kind in ("indexed_attention", "sliding_attention")}},  # rotary = rope dims
+    # Zamba's hybrid layers share one attention block, tied across them: a tiny model needs two to tie
+    "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},
+    "zamba2": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"],
+               "hybrid_layer_ids": [1, 2]},
     "reformer": {"axial_pos_embds_dim": (32, 32), "axial_pos_shape": (8, 16)},  # sum = width, product = positions
 }
 DEFAULT_CONFIG_DOES_NOT_VALIDATE = {  # model type -> arguments its config class needs to be built at all
@@ -110,8 +114,10 @@ def _shrink(cfg, model_type: str) -> None:
     full_mha = getattr(cfg, "num_key_value_heads", None) in (None, getattr(cfg, "num_attention_heads", 0))
     depth = getattr(cfg, "num_hidden_layers", None)
     lists = [k for k, v in cfg.to_dict().items() if isinstance(v, (list, tuple)) and depth and len(v) == depth]
+    chosen = DEFAULTS_THAT_DO_NOT_BUILD.get(model_type, {})
     for key, value in SHRINK.items():  # 0 means "none" (no per-layer inputs, no shared experts): left as it is
-        if isinstance(getattr(cfg, key, None), int) and not isinstance(getattr(cfg, key), bool) and getattr(cfg, key):
+        now = getattr(cfg, key, None)
+        if key not in chosen and isinstance(now, int) and not isinstance(now, bool) and now:
             _set(cfg, key, value)
     for key, value in UNSET.items():
         if key in cfg.to_dict() and getattr(cfg, key) is None:

@@ -49,6 +49,7 @@ EXPECTED = {
     "lfm2_moe": ("pass", ""),                 # layer_types None by default; a dense first layer, then MoE
     "gemma4_text": ("pass", ""),              # per-layer head sizes (a heterogeneous config), scaled with the rest
     "dots3_note_text": ("pass", ""),          # per-layer heads and MLA ranks
+    "zamba2": ("pass", ""),                   # two hybrid layers sharing one tied attention block
     # refusals, with the adapter's reason
     "qwen4_exp_text": ("refused", "residual stream is 256 wide"),  # hyper-connections: 4 streams mixed at the end
     "musicgen": ("refused", "4 output heads"),  # one head per audio codebook
