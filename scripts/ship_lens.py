@@ -84,9 +84,19 @@ def main() -> int:
     write_csv(dest / "eval.csv", final)
     if (run / FREQUENCIES_NAME).exists():
         shutil.copyfile(run / FREQUENCIES_NAME, dest / FREQUENCIES_NAME)
-    write_text(dest / "README.md", card(a.name, lens.config, wide, held_out.numel(), same, train_blocks.numel()))
+    generated = card(a.name, lens.config, wide, held_out.numel(), same, train_blocks.numel())
+    write_text(dest / "README.md", generated + kept_part(dest / "README.md"))
     print(f"shipped {dest}")
     return 0
+
+
+KEEP_MARK = "<!-- added after shipping; kept when scripts/ship_lens.py re-ships the lens -->"
+
+
+def kept_part(path: Path) -> str:
+    """What a card says from `KEEP_MARK` on (tables measured after shipping, e.g. the cross-domain one), or ''."""
+    text = path.read_text() if path.exists() else ""
+    return "\n" + text[text.index(KEEP_MARK):] if KEEP_MARK in text else ""
 
 
 def card(name: str, config: dict, wide: pd.DataFrame, eval_tokens: int, fp16: bool, corpus_tokens: int) -> str:
