@@ -111,9 +111,16 @@ def test_two_processes_match_one(setup, tmp_path):
     _cli(model, corpus, tmp_path / "one7", "--num-prompts", "7")
     one, two = load_lens(tmp_path / "one7"), load_lens(tmp_path / "two")
     assert two.n_prompts == 7  # 4 + 3: the shares need not be equal
-    torch.testing.assert_close(two.matrices, one.matrices, atol=1e-6, rtol=1e-5)  # float rounding only
-    for rank in (0, 1):
-        assert (tmp_path / "two" / f"jacobian_checkpoint.rank{rank}.pt").exists()
+    # the float32 sums of the two shares add up to the one-process sum, to float32 rounding
+    ranks = [torch.load(tmp_path / "two" / f"jacobian_checkpoint.rank{r}.pt", weights_only=True) for r in (0, 1)]
+    single = torch.load(tmp_path / "one7" / "jacobian_checkpoint.pt", weights_only=True)
+    assert ranks[0]["n_done"] + ranks[1]["n_done"] == single["n_done"] == 7
+    for k, total in single["jacobian_sum"].items():
+        both = ranks[0]["jacobian_sum"][k] + ranks[1]["jacobian_sum"][k]
+        torch.testing.assert_close(both, total, atol=1e-5 * total.abs().max().item(), rtol=1e-5)
+    # the saved lenses (float16 matrices): equal up to one float16 rounding step where a float32 sum
+    # lands on the other side of a float16 rounding boundary (the CPU's kernels decide which)
+    torch.testing.assert_close(two.matrices.float(), one.matrices.float(), atol=1e-6, rtol=2**-10)
 
 
 def test_early_stop(setup, tmp_path):

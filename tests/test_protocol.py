@@ -98,8 +98,9 @@ def test_training_reproduces_the_commit_before_the_redesign(tmp_path, char_token
                                rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(result.lens.bias.detach().double().flatten(), PINNED["train_bias"], rtol=1e-5, atol=1e-7)
     assert result.eval.lens.tolist() == PINNED["eval_lens"]
-    np.testing.assert_allclose(result.eval.kl_nats, PINNED["eval_kl"], rtol=1e-5)
-    np.testing.assert_allclose(result.log.kl, PINNED["log_kl"], rtol=1e-5)
+    # KLs near 1e-3 summed from O(1) float32 terms: another CPU's kernels move them by ~1e-7 absolute
+    np.testing.assert_allclose(result.eval.kl_nats, PINNED["eval_kl"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.log.kl, PINNED["log_kl"], rtol=1e-5, atol=1e-6)
     assert isinstance(result.log, pd.DataFrame)
 
 
