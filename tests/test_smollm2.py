@@ -172,7 +172,7 @@ def test_shipped_lens_offline_attached_and_better_than_logit_lens(smollm2):
                          max_tokens=512)
     kl = table.pivot_table(index=["corpus", "layer"], columns="lens", values="kl_nats")
     assert len(kl) == 2 * 30 and (kl.tuned < kl.logit).all()  # every layer, held-out Wikipedia and books
-    from lenses.registry import available
+    from lenses.registry import PRETRAINED_DIR, available
 
     shipped = {"tuned"} | ({"jacobian"} if "smollm2-135m-instruct-jacobian" in available() else set())
     assert set(select_lenses("auto", adapter)) == {"logit"} | shipped  # the default picks them up
@@ -183,7 +183,7 @@ def test_shipped_jacobian_lens(smollm2):
     transport (not the identity), and finite held-out KL at every layer it reads."""
     from lenses import JacobianLens, load_lens
     from lenses.evaluate import cross_domain
-    from lenses.registry import available
+    from lenses.registry import PRETRAINED_DIR, available
 
     assert "smollm2-135m-instruct-jacobian" in available()  # shipped in the package
     model, tok = smollm2
@@ -201,4 +201,10 @@ def test_shipped_jacobian_lens(smollm2):
     kl = table.pivot_table(index="layer", columns="lens", values="kl_nats", dropna=False)
     assert kl.jacobian.iloc[1:].notna().all() and np.isfinite(kl.jacobian.iloc[1:]).all()
     assert np.isnan(kl.jacobian.iloc[0])
-    assert (kl.jacobian.iloc[1:] < kl.logit.iloc[1:]).all()  # 1,000 prompts: closer than the logit lens everywhere
+    # the lens does what its card reports (8,192 held-out tokens there, 512 here): per-layer KL within sampling
+    # noise of the card's, layer by layer in the median. Whether it beats the logit lens is a measurement
+    # shown side by side in the card, never asserted (../shared/JLENS.md: in the paper it does not, mostly).
+    card = pd.read_csv(PRETRAINED_DIR / "smollm2-135m-instruct-jacobian" / "eval.csv")
+    card = card[card.lens == "jacobian"].set_index("layer").kl_nats
+    ratio = (kl.jacobian / card).iloc[1:30]
+    assert 0.67 < ratio.median() < 1.5, ratio.round(2).tolist()
