@@ -172,7 +172,7 @@ def test_shipped_lens_offline_attached_and_better_than_logit_lens(smollm2):
                          max_tokens=512)
     kl = table.pivot_table(index=["corpus", "layer"], columns="lens", values="kl_nats")
     assert len(kl) == 2 * 30 and (kl.tuned < kl.logit).all()  # every layer, held-out Wikipedia and books
-    from lenses.registry import PRETRAINED_DIR, available
+    from lenses.registry import available
 
     shipped = {"tuned"} | ({"jacobian"} if "smollm2-135m-instruct-jacobian" in available() else set())
     assert set(select_lenses("auto", adapter)) == {"logit"} | shipped  # the default picks them up
