@@ -3,12 +3,15 @@
 
     python benchmarks/jacobian_fit.py                         # SmolLM2, 2 Wikipedia prompts of 128 tokens
     python benchmarks/jacobian_fit.py --prompts 1 --seq-len 64   # quicker
+    python benchmarks/jacobian_fit.py --bf16                      # also ours with the model in bfloat16
 
 Same model (SmolLM2-135M-Instruct, float32), same token ids (TransformerLens's, BOS first), same
 prompts, same dim_batch, same thread count, one process, alternating which runs first. Prints, per
 implementation, prompts/s, the backward pass's achieved matmul FLOP/s as a share of this machine's
 float32 matmul limit (median of single GEMMs of the backward's shapes), the speed ratio, and the
-largest relative difference between the two J's (target: below 1e-4).
+largest relative difference between the two J's (target: below 1e-4). With ``--bf16``, a third row: our
+fit with the model in bfloat16 (sums still accumulated in float32) and its J's deviation from our float32
+J; skipped where bfloat16 matmuls are emulated (AVX2-only CPUs), where it would run for hours.
 
 The FLOP count is the backward's input-gradient matmuls of every linear layer of the blocks, over
 the rows each implementation runs backward (theirs: all T positions; ours: T - 1 - 16, the first 16
@@ -59,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--dim-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--bf16", action="store_true", help="also time our fit with the model in bfloat16")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     try:
@@ -105,7 +109,27 @@ def main(argv=None) -> int:
     ratio = min(times["transformer-lens"]) / min(times["ours"])
     print(f"speed ratio (ours / transformer-lens, prompts/s): {ratio:.2f}x")
     print(f"largest relative difference of J (Frobenius, per layer): {rel:.2e}")
+    if a.bf16:
+        bf16_row(a, ids, ours, min(times["ours"]))
     return 0
+
+
+def bf16_row(a, ids, ours32, seconds32: float) -> None:
+    """Our fit with the model in bfloat16: speed against our float32 fit, and how far its J moves."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from run import bf16_is_native
+
+    if not bf16_is_native():
+        print("bfloat16: skipped (emulated on this CPU, many times slower than float32)")
+        return
+    model16, _ = load_model(dtype=torch.bfloat16)
+    t = time.perf_counter()
+    ours16 = fit_prompts(ModelAdapter.from_model(model16), ids, dim_batch=a.dim_batch)
+    seconds16 = time.perf_counter() - t
+    dev = max(float((ours16.matrices[k].float() - ours32.matrices[k]).norm() / ours32.matrices[k].norm())
+              for k in ours32.layers)
+    print(f"ours, model in bfloat16: {seconds16 / len(ids):.1f} s/prompt, {seconds32 / seconds16:.2f}x our float32 "
+          f"speed; largest relative difference of J from float32 (Frobenius, per layer): {dev:.2e}")
 
 
 if __name__ == "__main__":
