@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -241,6 +242,38 @@ class HeadChain(nn.Sequential):
     unembedding, as in ModernBERT-decoder. ``hidden[L]`` is the input of the first."""
 
 
+class StreamHead(nn.Module):
+    """The final part of a model whose residual stream is several parallel streams (hyper-connections:
+    DeepSeek-V4, HY-V4, Qwen4-Exp): the module that mixes them into one vector, then the final norm where
+    it is a separate module. The adapter hands lenses the stream flattened to one vector per position,
+    ``[..., prod(shape)]``; this restores ``shape`` before the model's own mixer runs."""
+
+    def __init__(self, chain: nn.Module, shape: tuple[int, ...]):
+        super().__init__()
+        self.chain, self.shape = chain, tuple(shape)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # mixers expect [batch, seq, *shape]: one row per position
+        out = self.chain(h.reshape(-1, 1, *self.shape))
+        return out.reshape(*h.shape[:-1], out.shape[-1])
+
+
+def _flattened(fn, dims: int):
+    """A stream pre-hook ``fn`` that sees (and may replace) the hidden state with its last ``dims`` dimensions
+    flattened into one, as lenses read it; a replacement is given back to the model in its own shape."""
+    def hook(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        own = h.shape[-dims:]
+        flat = h.flatten(-dims) if dims > 1 else h
+        out = fn(module, (flat, *args[1:]), kwargs) if args else fn(module, args, {**kwargs, "hidden_states": flat})
+        if out is None:
+            return None
+        a, k = out
+        new = (a[0] if a else k["hidden_states"]).unflatten(-1, own)
+        return ((new, *a[1:]), k) if a else (a, {**k, "hidden_states": new})
+
+    return hook
+
+
 @dataclass
 class ModelAdapter:
     """A causal LM with its parts named: decoder ``layers``, ``final_norm``, ``unembed``.
@@ -257,6 +290,7 @@ class ModelAdapter:
     softcap: float | None = None
     logit_scale: float = 1.0
     final_norm_path: str = ""
+    stream_shape: tuple[int, ...] | None = None  # per position, where the stream is not one unembedding-wide vector
     _weight_cache: dict = field(default_factory=dict, repr=False)
 
     # ---- construction
@@ -289,6 +323,14 @@ class ModelAdapter:
             before = cls._final_norm_before(model, layers_path, transform)
             if before:
                 norm, norm_path = HeadChain(_get(model, before), norm), f"{before} -> {transform}"
+        stream_shape = None
+        if not (final_norm or unembed or transform) and isinstance(head, nn.Linear):
+            found = cls._stream_head(model, layers_path, head.in_features)
+            if found:  # parallel streams mixed after the last block (then a norm), or a norm then a projection
+                mixer, stream_shape, after = found
+                parts = [_get(model, p) for p in [mixer, *after]]
+                norm = StreamHead(HeadChain(*parts) if len(parts) > 1 else parts[0], stream_shape)
+                norm_path = " -> ".join([mixer, *after])
         if not isinstance(head, nn.Linear):
             raise ModelStructureError(
                 "could not find the unembedding (model.get_output_embeddings() returned "
@@ -310,7 +352,7 @@ class ModelAdapter:
                 "(device_map): every layer is decoded through them, so keep them on a device, e.g. a device_map "
                 "that puts them on GPU 0 or CPU, or more max_memory."
             )
-        adapter = cls(model, layer_list, norm, head, softcap, scale, norm_path)
+        adapter = cls(model, layer_list, norm, head, softcap, scale, norm_path, stream_shape)
         if verify:
             adapter.verify()
         return adapter
@@ -386,6 +428,45 @@ class ModelAdapter:
         return ran[0] if ran else None
 
     @staticmethod
+    def _stream_head(model: nn.Module, layers_path: str, width: int):
+        """Where the blocks' stream is not one ``width``-wide vector per position: ``(path, per-position shape,
+        [paths])`` of the first module after the last block that reads the stream (a mixer of parallel streams,
+        or a norm before a projection) and of the modules the model runs after it; None otherwise."""
+        layers = _get(model, layers_path)
+        parent = _get(model, layers_path.rpartition(".")[0]) if "." in layers_path else model
+        prefix = layers_path.rpartition(".")[0] + "." if "." in layers_path else ""
+        seen: dict = {"block": None, "after": False, "order": []}
+
+        def block_in(m, args, kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            if seen["block"] is None and torch.is_tensor(h):
+                seen["block"] = tuple(h.shape)
+
+        hooks = [layers[0].register_forward_pre_hook(block_in, with_kwargs=True),
+                 layers[-1].register_forward_hook(lambda *a: seen.__setitem__("after", True))]
+        for name, child in parent.named_children():
+            if child is not layers:
+                hooks.append(child.register_forward_pre_hook(
+                    lambda m, args, name=name: seen["order"].append((prefix + name, tuple(args[0].shape)))
+                    if seen["after"] and args and torch.is_tensor(args[0]) else None))
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.arange(1, 5, device=next(model.parameters()).device)[None], use_cache=False)
+        except Exception:  # noqa: BLE001 - a hint only; verify() decides
+            return None
+        finally:
+            for h in hooks:
+                h.remove()
+        block = seen["block"]
+        if block is None or block[2:] == (width,):
+            return None
+        names = [name for name, _ in seen["order"]]
+        mixer = next((name for name, shape in seen["order"] if shape == block), None)
+        if mixer is None:
+            return None
+        return mixer, block[2:], names[names.index(mixer) + 1:]
+
+    @staticmethod
     def _find_final_norm(model: nn.Module, layers_path: str) -> str:
         candidates = [
             name
@@ -430,7 +511,8 @@ class ModelAdapter:
     @property
     def norm_entry(self) -> nn.Module:
         """The module whose input is ``hidden[L]``: the final norm, or the first of a `HeadChain`."""
-        return self.final_norm[0] if isinstance(self.final_norm, HeadChain) else self.final_norm
+        norm = self.final_norm.chain if isinstance(self.final_norm, StreamHead) else self.final_norm
+        return norm[0] if isinstance(norm, HeadChain) else norm
 
     # ---- shapes
     @property
@@ -439,7 +521,9 @@ class ModelAdapter:
 
     @property
     def d_model(self) -> int:
-        return self.unembed.weight.shape[1]
+        """The width of ``hidden[l]`` as lenses read it: the unembedding's input width, or for parallel
+        streams (``stream_shape``) all of them flattened into one vector."""
+        return math.prod(self.stream_shape) if self.stream_shape else self.unembed.weight.shape[1]
 
     @property
     def vocab_size(self) -> int:
@@ -465,6 +549,8 @@ class ModelAdapter:
         """Register ``fn(module, args, kwargs)`` as a forward pre-hook where ``hidden[layer]`` enters a module:
         block ``layer``, or for ``layer = L`` the final norm's first call after the last block (some models
         call the same norm module on the embeddings too). Returns the handles to remove."""
+        if self.stream_shape:
+            fn = _flattened(fn, len(self.stream_shape))
         if layer < self.num_layers:
             return [self.layers[layer].register_forward_pre_hook(fn, with_kwargs=True)]
         state = {"after_last_block": False}
@@ -578,10 +664,11 @@ class ModelAdapter:
                 handle.remove()
             if both.shape[-1] != self.d_model:
                 raise UnsupportedModelError(
-                    f"the residual stream is {both.shape[-1]} wide but the unembedding reads {self.d_model}: the "
-                    "model changes the width between its last block and its head (several parallel streams mixed "
-                    "there, as Qwen4-Exp's hyper-connections, or a projection, as OPT-350m's project_out), so a "
-                    f"lens of width {self.d_model} has no state of its width to read at each layer."
+                    f"the residual stream is {both.shape[-1]} wide but the unembedding reads {self.d_model}: "
+                    "something between the last block and the head changes the width (a mixer of parallel "
+                    "streams, a projection), and the module given as the final norm does not. Pass the first "
+                    "module after the last block instead (ModelAdapter.from_model(model, final_norm=...), "
+                    "--final-norm), or let the adapter find it (no final_norm)."
                 )
             ours = decode(self, both[-1, :1]).float()
             if not _close(both[:, 1, :-1], both[:, 0, :-1]):
@@ -590,7 +677,10 @@ class ModelAdapter:
                     "changes (bidirectional attention). Lenses read next-token predictions; load a BERT-style model "
                     "as a decoder (config.is_decoder = True, e.g. from_pretrained(..., is_decoder=True))."
                 )
-            self._check_last_block(block_out[-1] if block_out else None, both[-1])
+            last_out = block_out[-1] if block_out else None
+            if torch.is_tensor(last_out) and self.stream_shape:
+                last_out = last_out.flatten(-len(self.stream_shape))
+            self._check_last_block(last_out, both[-1])
         if not torch.allclose(ours, logits, rtol=1e-3, atol=1e-3 * (1 + logits.abs().max().item())):
             raise ModelStructureError(
                 f"decoding the last hidden state with final norm {self.final_norm_path!r} and the model's "

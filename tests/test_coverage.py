@@ -50,8 +50,9 @@ EXPECTED = {
     "gemma4_text": ("pass", ""),              # per-layer head sizes (a heterogeneous config), scaled with the rest
     "dots3_note_text": ("pass", ""),          # per-layer heads and MLA ranks
     "zamba2": ("pass", ""),                   # two hybrid layers sharing one tied attention block
+    "qwen4_exp_text": ("pass", ""),           # hyper-connections: 4 streams side by side, mixed at the end
+    "deepseek_v4": ("pass", ""),              # hyper-connections: [batch, seq, 4, d], a mixing head, then the norm
     # refusals, with the adapter's reason
-    "qwen4_exp_text": ("refused", "residual stream is 256 wide"),  # hyper-connections: 4 streams mixed at the end
     "musicgen": ("refused", "4 output heads"),  # one head per audio codebook
     "gemma3n_text": ("refused", "stacked streams"),
     "dory": ("refused", "looped"),
