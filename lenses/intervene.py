@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from .errors import LensesError
-from .models import ModelAdapter
+from .models import ModelAdapter, stream_arg, with_stream
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,9 +35,7 @@ def check_layer(adapter: ModelAdapter, layer: int, what: str = "layer") -> None:
 
 def _hook(fn: Edit):
     def pre_hook(module, args, kwargs):
-        if args:
-            return (fn(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+        return with_stream(args, kwargs, fn(stream_arg(args, kwargs)))
 
     return pre_hook
 

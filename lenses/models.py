@@ -257,19 +257,25 @@ class StreamHead(nn.Module):
         return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
+def stream_arg(args: tuple, kwargs: dict):
+    """The hidden state a block (or the final norm) is called with: its first argument, or ``hidden_states=``."""
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def with_stream(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a pre-hook with the hidden state replaced by ``h``."""
+    return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+
 def _flattened(fn, dims: int):
     """A stream pre-hook ``fn`` that sees (and may replace) the hidden state with its last ``dims`` dimensions
     flattened into one, as lenses read it; a replacement is given back to the model in its own shape."""
     def hook(module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        own = h.shape[-dims:]
-        flat = h.flatten(-dims) if dims > 1 else h
-        out = fn(module, (flat, *args[1:]), kwargs) if args else fn(module, args, {**kwargs, "hidden_states": flat})
+        h = stream_arg(args, kwargs)
+        out = fn(module, *with_stream(args, kwargs, h.flatten(-dims)))
         if out is None:
             return None
-        a, k = out
-        new = (a[0] if a else k["hidden_states"]).unflatten(-1, own)
-        return ((new, *a[1:]), k) if a else (a, {**k, "hidden_states": new})
+        return with_stream(*out, stream_arg(*out).unflatten(-1, h.shape[-dims:]))
 
     return hook
 
@@ -323,14 +329,14 @@ class ModelAdapter:
             before = cls._final_norm_before(model, layers_path, transform)
             if before:
                 norm, norm_path = HeadChain(_get(model, before), norm), f"{before} -> {transform}"
-        stream_shape = None
-        if not (final_norm or unembed or transform) and isinstance(head, nn.Linear):
-            found = cls._stream_head(model, layers_path, head.in_features)
-            if found:  # parallel streams mixed after the last block (then a norm), or a norm then a projection
-                mixer, stream_shape, after = found
-                parts = [_get(model, p) for p in [mixer, *after]]
-                norm = StreamHead(HeadChain(*parts) if len(parts) > 1 else parts[0], stream_shape)
-                norm_path = " -> ".join([mixer, *after])
+        found = None if final_norm or unembed or transform or not isinstance(head, nn.Linear) else cls._stream_head(
+            model, layers_path, head.in_features)
+        stream_shape = found[1] if found else None
+        if found:  # parallel streams mixed after the last block (then a norm), or a norm then a projection
+            mixer, _, after = found
+            parts = [_get(model, p) for p in [mixer, *after]]
+            norm = StreamHead(HeadChain(*parts) if len(parts) > 1 else parts[0], stream_shape)
+            norm_path = " -> ".join([mixer, *after])
         if not isinstance(head, nn.Linear):
             raise ModelStructureError(
                 "could not find the unembedding (model.get_output_embeddings() returned "
@@ -433,38 +439,16 @@ class ModelAdapter:
         [paths])`` of the first module after the last block that reads the stream (a mixer of parallel streams,
         or a norm before a projection) and of the modules the model runs after it; None otherwise."""
         layers = _get(model, layers_path)
-        parent = _get(model, layers_path.rpartition(".")[0]) if "." in layers_path else model
-        prefix = layers_path.rpartition(".")[0] + "." if "." in layers_path else ""
-        seen: dict = {"block": None, "after": False, "order": []}
-
-        def block_in(m, args, kwargs):
-            h = args[0] if args else kwargs.get("hidden_states")
-            if seen["block"] is None and torch.is_tensor(h):
-                seen["block"] = tuple(h.shape)
-
-        hooks = [layers[0].register_forward_pre_hook(block_in, with_kwargs=True),
-                 layers[-1].register_forward_hook(lambda *a: seen.__setitem__("after", True))]
-        for name, child in parent.named_children():
-            if child is not layers:
-                hooks.append(child.register_forward_pre_hook(
-                    lambda m, args, name=name: seen["order"].append((prefix + name, tuple(args[0].shape)))
-                    if seen["after"] and args and torch.is_tensor(args[0]) else None))
-        try:
-            with torch.no_grad():
-                model(input_ids=torch.arange(1, 5, device=next(model.parameters()).device)[None], use_cache=False)
-        except Exception:  # noqa: BLE001 - a hint only; verify() decides
-            return None
-        finally:
-            for h in hooks:
-                h.remove()
-        block = seen["block"]
+        parent, _, _ = layers_path.rpartition(".")
+        names = [f"{parent}.{n}" if parent else n for n, c in _get(model, parent).named_children() if c is not layers]
+        block, order = ModelAdapter._probe_after_last_block(model, layers, names)
         if block is None or block[2:] == (width,):
             return None
-        names = [name for name, _ in seen["order"]]
-        mixer = next((name for name, shape in seen["order"] if shape == block), None)
+        mixer = next((name for name, shape in order if shape == block), None)
         if mixer is None:
             return None
-        return mixer, block[2:], names[names.index(mixer) + 1:]
+        after = [name for name, shape in order if shape is not None]
+        return mixer, block[2:], after[after.index(mixer) + 1:]
 
     @staticmethod
     def _find_final_norm(model: nn.Module, layers_path: str) -> str:
@@ -490,23 +474,37 @@ class ModelAdapter:
     @staticmethod
     def _norms_after_last_block(model: nn.Module, layers: nn.ModuleList, names: list[str]) -> list[str]:
         """Of the modules ``names``, those called after the last block in a 4-token pass, in call order."""
-        order: list[str] = []
-        after = [False]
-        hooks = [layers[0].register_forward_pre_hook(lambda *a: after.__setitem__(0, False)),
-                 layers[-1].register_forward_hook(lambda *a: after.__setitem__(0, True))]
-        for name in names:
-            hooks.append(_get(model, name).register_forward_pre_hook(
-                lambda *a, name=name: order.append(name) if after[0] and name not in order else None))
+        return [name for name, _ in ModelAdapter._probe_after_last_block(model, layers, names)[1]]
+
+    @staticmethod
+    def _probe_after_last_block(model: nn.Module, layers: nn.ModuleList, names: list[str]):
+        """A 4-token pass: the shape of the first block's input, and ``[(name, input shape)]`` of the modules
+        ``names`` called after the last block, each once, in call order. ``(None, [])`` if the pass fails (the
+        probe is a hint only; the numeric check decides)."""
+        seen: dict = {"block": None, "after": False, "order": {}}
+
+        def block_in(module, args, kwargs):
+            seen["after"] = False
+            h = stream_arg(args, kwargs)
+            if seen["block"] is None and torch.is_tensor(h):
+                seen["block"] = tuple(h.shape)
+
+        def called(name, module, args):
+            if seen["after"] and name not in seen["order"]:
+                seen["order"][name] = tuple(args[0].shape) if args and torch.is_tensor(args[0]) else None
+
+        hooks = [layers[0].register_forward_pre_hook(block_in, with_kwargs=True),
+                 layers[-1].register_forward_hook(lambda *a: seen.__setitem__("after", True))]
+        hooks += [_get(model, name).register_forward_pre_hook(partial(called, name)) for name in names]
         try:
             with torch.no_grad():
-                device = next(model.parameters()).device
-                model(input_ids=torch.arange(1, 5, device=device)[None], use_cache=False)
-        except Exception:  # noqa: BLE001 - the probe is a hint only; the numeric check decides
-            return []
+                model(input_ids=torch.arange(1, 5, device=next(model.parameters()).device)[None], use_cache=False)
+        except Exception:  # noqa: BLE001
+            return None, []
         finally:
             for h in hooks:
                 h.remove()
-        return order
+        return seen["block"], list(seen["order"].items())
 
     @property
     def norm_entry(self) -> nn.Module:
@@ -583,7 +581,7 @@ class ModelAdapter:
         calls = [0] * (L + 1)
 
         def grab(i, module, args, kwargs):
-            h = args[0] if args else kwargs.get("hidden_states")
+            h = stream_arg(args, kwargs)
             calls[i] += 1
             if store[i] is None:
                 store[i] = h.detach()

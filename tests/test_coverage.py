@@ -4,21 +4,16 @@ fix or refusal, each on a tiny random model built from the family's own config c
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import load_script
 
-SCRIPT = Path(__file__).parent.parent / "scripts" / "coverage.py"
 
 
 @pytest.fixture(scope="module")
 def coverage():
-    spec = importlib.util.spec_from_file_location("coverage_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("coverage")
 
 
 EXPECTED = {

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from tiny_models import load_script
 
 ROOT = Path(__file__).parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("ship_lens", ROOT / "scripts" / "ship_lens.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("ship_lens")
 
 
 def test_the_part_after_the_mark_is_kept(tmp_path):

@@ -5,24 +5,17 @@ flattened per position; checked against the model's own outputs and a raw hook i
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from tiny_models import load_script
 
 from lenses import LogitLens, ModelAdapter
 from lenses.intervene import edit_residual, final_logits
 from lenses.jacobian_fit import prompt_jacobian
 from lenses.vocab import decode
 
-SCRIPT = Path(__file__).parent.parent / "scripts" / "coverage.py"
-
-
 def tiny(model_type: str):
-    spec = importlib.util.spec_from_file_location("coverage_sweep", SCRIPT)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_script("coverage")
     torch.manual_seed(0)
     return sweep.build(model_type, sweep.tiny_config(model_type)).eval()
 
