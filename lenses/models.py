@@ -329,10 +329,12 @@ class ModelAdapter:
             before = cls._final_norm_before(model, layers_path, transform)
             if before:
                 norm, norm_path = HeadChain(_get(model, before), norm), f"{before} -> {transform}"
-        found = None if final_norm or unembed or transform or not isinstance(head, nn.Linear) else cls._stream_head(
+        found = None if transform or not isinstance(head, nn.Linear) else cls._stream_head(
             model, layers_path, head.in_features)
         stream_shape = found[1] if found else None
-        if found:  # parallel streams mixed after the last block (then a norm), or a norm then a projection
+        if found and final_norm:  # the user's module reads the stream in the model's own shape
+            norm = StreamHead(norm, stream_shape)
+        elif found:  # parallel streams mixed after the last block (then a norm), or a norm then a projection
             mixer, _, after = found
             parts = [_get(model, p) for p in [mixer, *after]]
             norm = StreamHead(HeadChain(*parts) if len(parts) > 1 else parts[0], stream_shape)
@@ -660,9 +662,10 @@ class ModelAdapter:
                 both = self.hidden_states(torch.cat([ids, changed]))
             finally:
                 handle.remove()
-            if both.shape[-1] != self.d_model:
+            if self.final_norm(both[-1, :1]).shape[-1] != self.unembed.weight.shape[1]:
                 raise UnsupportedModelError(
-                    f"the residual stream is {both.shape[-1]} wide but the unembedding reads {self.d_model}: "
+                    f"the residual stream is {both.shape[-1]} wide but the unembedding reads "
+                    f"{self.unembed.weight.shape[1]}: "
                     "something between the last block and the head changes the width (a mixer of parallel "
                     "streams, a projection), and the module given as the final norm does not. Pass the first "
                     "module after the last block instead (ModelAdapter.from_model(model, final_norm=...), "

@@ -101,3 +101,24 @@ def test_a_projection_after_the_final_norm():
         assert TunedLens.for_model(adapter)(hidden[1], 1).shape == (1, 5, 100)
     with pytest.raises(Exception, match="64 wide but the unembedding reads 32"):
         ModelAdapter.from_model(model, final_norm="model.decoder.final_layer_norm")
+
+
+@pytest.mark.parametrize("model_type, given", [("qwen4_exp_text", "model.hyper_connection_mixer"),
+                                               ("deepseek_v4", "model.hc_head")])
+def test_a_given_final_module_reads_the_stream_in_the_models_shape(model_type, given):
+    """The user names the mixer (as the width refusal tells them to): it gets the stream in the model's own
+    layout, and decoding reproduces the logits where that module is all the model runs (Qwen4-Exp); where
+    the model runs a norm after it (DeepSeek-V4), the numeric check says so."""
+    from lenses.errors import ModelStructureError
+
+    model = tiny(model_type)
+    if model_type == "deepseek_v4":
+        with pytest.raises(ModelStructureError, match="does not reproduce the model's logits"):
+            ModelAdapter.from_model(model, final_norm=given)
+        return
+    adapter = ModelAdapter.from_model(model, final_norm=given)  # verify(): decoding equals the logits
+    assert adapter.final_norm_path == given and adapter.d_model == 256
+    ids = torch.tensor([[5, 17, 3, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(decode(adapter, adapter.hidden_states(ids)[-1]), model(input_ids=ids).logits.float(),
+                                   atol=1e-5, rtol=1e-5)
