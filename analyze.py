@@ -38,13 +38,17 @@ from __future__ import annotations
 
 import time
 
-from lenses.analysis import CAUSAL_VIEWS, DEPTH_VIEWS, VIEW_NAMES, AnalysisConfig, Context, run_view
+from pathlib import Path
+
+from lenses.analysis import (CAUSAL_VIEWS, DEPTH_VIEWS, VIEW_NAMES, VIEW_SETTINGS, AnalysisConfig, Context, run_view,
+                             view_settings)
 from lenses.cli import Parser, add_options, from_args, run_cli
 from lenses.io import write_csv
 from lenses.models import DEFAULT_MODEL
-from lenses.outdir import claim
+from lenses.errors import LensesError
+from lenses.outdir import check_target, claim
 from lenses.registry import select_lenses
-from lenses.report import Report, ViewEntry, analysis_settings
+from lenses.report import Report, ViewEntry, analysis_settings, earlier_views
 
 GROUPS = {"model": "model", "lens": "lenses", "runtime": "running", "prompt": "prompt decoding (without --view)",
           "views": "views", "causal": "causal checks (early-exit, patching, layer-skip)"}
@@ -66,46 +70,104 @@ def parse_args(argv=None) -> tuple[AnalysisConfig, str | None]:
 
 def main(argv=None) -> int:
     cfg, view = parse_args(argv)
-    with claim(cfg.out, "analysis"):
+    names = ["grid"] if view is None else list({"all": DEPTH_VIEWS, "causal": CAUSAL_VIEWS}.get(view, (view,)))
+    with claim(cfg.out, "analysis", resumable=False) as folder:
+        for option, path in (("--html", cfg.html), ("--png", cfg.png)):
+            if path:
+                check_target(path, cfg.overwrite, option)
+        dropped = replaced_views(folder, cfg, names)  # before any model loads
         model, tok, adapter = cfg.load()
         ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict), cfg)
+        report = Report(f"lenses analysis: {cfg.model or DEFAULT_MODEL}", analysis_settings(cfg, ctx.lenses, names),
+                        pending=names, dropped=dropped)
         if view is None:
-            return decode_prompt(ctx)
-        names = list({"all": DEPTH_VIEWS, "causal": CAUSAL_VIEWS}.get(view, (view,)))
-        report = Report(f"lenses analysis: {cfg.model or DEFAULT_MODEL}", analysis_settings(cfg, ctx.lenses, names))
-        for name in names:
-            start = time.time()
-            result = run_view(name, ctx)
-            written = result.write(cfg.out)
-            report.views.append(ViewEntry(name, result.summary, written, time.time() - start))
-            index = report.write(cfg.out)  # after every view: an interrupted run still has its page
-            print(f"\n== {name} ({time.time() - start:.0f} s)")
-            print("\n".join(result.summary))
-            print("wrote " + ", ".join(map(str, written)))
-        print(f"\nopen {index} first: the settings, every view's summary, figure and tables")
+            decode_prompt(ctx, report)
+            folder.finish()
+            return 0
+        try:
+            run_views(ctx, names, report)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the page says which views are missing, then one line
+            report.interrupted = True
+            report.write(cfg.out)
+            raise
+        folder.finish()
     return 0
 
 
-def decode_prompt(ctx: Context) -> int:
+def run_views(ctx: Context, names: list[str], report: Report) -> None:
+    """Run each view, write its tables and figure, and rewrite the page after each one."""
+    cfg = ctx.cfg
+    for name in names:
+        start = time.time()
+        result = run_view(name, ctx)
+        written = result.write(cfg.out)
+        report.views.append(ViewEntry(name, result.lines(), written, time.time() - start,
+                                      settings=view_settings(cfg, name), data=[u.record() for u in result.usage]))
+        index = report.write(cfg.out)  # after every view: an interrupted run still has its page
+        print(f"\n== {name} ({time.time() - start:.0f} s)")
+        print("\n".join(result.lines()))
+        print("wrote " + ", ".join(map(str, written)))
+    print(f"\nopen {index} first: the settings, every view's summary, figure and tables")
+
+
+def replaced_views(folder, cfg, names: list[str]) -> set[str]:
+    """Views in ``--out`` made with other settings than this run's: refused unless ``--overwrite``, which
+    deletes their files (so the page never mixes runs). Returns the names of the views dropped."""
+    earlier = earlier_views(folder.path)
+    differ = {}
+    for v in earlier:
+        name = v["name"]
+        if name not in VIEW_SETTINGS or not v.get("settings"):
+            differ[name] = "made by an earlier version of lenses (settings not recorded)"
+            continue
+        mine = view_settings(cfg, name)
+        changed = [f"{k}: {v['settings'].get(k)!r} there, {mine[k]!r} now" for k in mine
+                   if v["settings"].get(k) != mine[k]]
+        if changed:
+            differ[name] = "; ".join(changed[:3])
+    if differ and not cfg.overwrite:
+        what = " | ".join(f"{n} ({why})" for n, why in differ.items())
+        raise LensesError(f"--out {folder.path} holds views made with other settings: {what}. Pass --overwrite to "
+                          "replace them, or choose another --out (a page never mixes two runs).")
+    for v in earlier:
+        if v["name"] in differ:
+            folder.forget(v["files"])
+    return set(differ)
+
+
+def decode_prompt(ctx: Context, report: Report) -> int:
     from lenses.viz import lens_grid, plot_grid, visible, write_grid_html
 
     cfg = ctx.cfg
+    start = time.time()
     table = lens_grid(ctx.adapter, ctx.tokenizer, cfg.prompt, ctx.lenses, top_k=cfg.top_k)
     last = table[table.position == table.position.max()]
+    last = last.assign(token_1=last.token_1.where(last.prob_1.notna(), None))  # None: the lens skips that layer
     wide = last.pivot(index="layer", columns="lens", values="token_1")
-    print(f"top-1 prediction after {cfg.prompt!r}, by layer:")
-    print(wide.map(repr).to_string())
+    lines = [f"top-1 prediction after {cfg.prompt!r}, by layer ('-': a layer the lens does not read):",
+             wide.map(lambda t: "-" if t is None or t != t else repr(t)).to_string()]
+    print("\n".join(lines))
     if cfg.all_positions:
         for name, rows in table.groupby("lens", sort=False):
             grid = rows.pivot(index="layer", columns="position", values="token_1").map(visible)
             grid.columns = [visible(t) for t in rows.drop_duplicates("position").input_token]
             print(f"\n{name} lens, every position (columns: input tokens):\n{grid.to_string()}")
-    print(f"wrote {write_csv(f'{cfg.out}/lens_grid.csv', table)}")
+    written = [write_csv(f"{cfg.out}/lens_grid.csv", table)]
+    print(f"wrote {written[0]}")
     title = f"{cfg.model or DEFAULT_MODEL}: {cfg.prompt[:80]}"
     if cfg.html:
-        print(f"wrote {write_grid_html(table, cfg.html, title)} (open it in a browser)")
+        written.append(write_grid_html(table, cfg.html, title))
+        print(f"wrote {written[-1]} (open it in a browser)")
     if cfg.png:
-        print(f"wrote {plot_grid(table, cfg.png, stat=cfg.color)}")
+        written.append(plot_grid(table, cfg.png, stat=cfg.color))
+        print(f"wrote {written[-1]}")
+    n = table.position.nunique()
+    lines.insert(0, f"data: {n} positions of the prompt (all of it), {table.lens.nunique()} lenses")
+    inside = [f for f in written if Path(f).resolve().is_relative_to(Path(cfg.out).resolve())]
+    report.views.append(ViewEntry("grid", lines, inside, time.time() - start, settings=view_settings(cfg, "grid"),
+                                  data=[{"unit": "positions", "requested": None, "available": n, "used": n,
+                                         "source": "--prompt", "notes": []}]))
+    report.write(cfg.out)
     return 0
 
 

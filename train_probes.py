@@ -24,6 +24,8 @@ with `torchrun --nproc_per_node N train_probes.py --method jacobian ...`.
 
 from __future__ import annotations
 
+import os
+
 from lenses.cli import Parser, add_options, from_args, run_cli
 from lenses.experiment import probe_bias_experiment
 from lenses.frequency import FrequencyVariant
@@ -61,10 +63,17 @@ def parse_args(argv=None) -> tuple[TrainConfig | FitConfig, str | None]:
     return from_args(TrainConfig, a, variant=from_args(FrequencyVariant, a, prefix="freq_")), a.experiment
 
 
+def main_process() -> bool:
+    """Whether this is the process that reports and writes (rank 0, or the only one)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def main(argv=None) -> int:
     cfg, experiment = parse_args(argv)
     if isinstance(cfg, FitConfig):
         result = fit(cfg)
+        if not main_process():  # the other processes of a data-parallel fit hold the same lens
+            return 0
         plot_convergence(result.convergence, f"{cfg.out}/convergence.png")
         if len(result.eval):
             plot_heldout_kl(result.eval, f"{cfg.out}/eval_kl.png",
@@ -84,6 +93,8 @@ def main(argv=None) -> int:
         print(f"\nwrote {cfg.out}/bucket_shares.csv, heldout_kl.csv, probe_bias.png")
         return 0
     result = train(cfg)
+    if not main_process():
+        return 0
     tokens = result.lens.config["training"]["train_tokens"]
     plot_heldout_kl(result.eval, f"{cfg.out}/eval_kl.png", title=f"held-out KL, {tokens:,} training tokens")
     print("\nheld-out KL(final || lens), nats per token:")

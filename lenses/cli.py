@@ -123,6 +123,13 @@ def validate(cfg, prefix: str = ""):
         if not m or value is None or isinstance(value, bool):
             continue
         name = flag_name(prefix + f.name)
+        kind = _base_type(f.type) if m.get("help") else None
+        if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise LensesError(f"{name} must be a number (got {value!r}).")
+        if kind is int and not isinstance(value, int):
+            raise LensesError(f"{name} must be a whole number (got {value!r}).")
+        if kind is str and not isinstance(value, str):
+            raise LensesError(f"{name} must be a string (got {value!r}).")
         if m.get("choices") and value not in m["choices"]:
             raise LensesError(f"{name} {value!r} is not one of {', '.join(map(str, m['choices']))}.")
         if isinstance(value, (int, float)):
@@ -139,6 +146,16 @@ def validate(cfg, prefix: str = ""):
             if problem:
                 raise LensesError(f"{name}: {problem}")
     return cfg
+
+
+class Options:
+    """Base of the option dataclasses: every value is checked when the object is made (`validate`), so
+    the Python API refuses what the CLI refuses (``TrainConfig(steps=-5)`` is an error, not a default)."""
+
+    option_prefix = ""  # the CLI names of a class always shown with a prefix (e.g. --freq-*)
+
+    def __post_init__(self):
+        validate(self, self.option_prefix)
 
 
 def check_device(name: str) -> str | None:
@@ -173,13 +190,68 @@ class Parser(argparse.ArgumentParser):
         raise LensesError(f"{message} (see {self.prog} --help)")
 
 
+INTERNAL_ERROR = 3  # exit status of a bug (anything escaping that is not a LensesError)
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run ``main``; our errors print one line ``error: ...`` on stderr and return status 2."""
+    """Run ``main``; our errors print one line ``error: ...`` on stderr and return status 2. Anything
+    else is a bug: one line ``error: internal error (...)``, the traceback saved to a crash log (in
+    ``--out`` when that folder exists, else in the lenses cache folder), status `INTERNAL_ERROR`.
+    SIGTERM (what ``timeout`` and schedulers send) is handled like Ctrl-C: one line, status 130."""
+    import signal
+    import threading
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, terminated)
     try:
         return int(main(argv) or 0)
     except LensesError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: nothing finished was lost; run the same command again (training: add --resume)",
+              file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place where a bug becomes a line and a log
+        log = _crash_log(argv if argv is not None else sys.argv[1:])
+        first = " ".join(str(e).split())[:200]
+        print(f"error: internal error ({type(e).__name__}: {first}); this is a bug. The traceback is in {log}; "
+              "please report it with that file.", file=sys.stderr)
+        return INTERNAL_ERROR
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _crash_log(argv: list[str]) -> str:
+    """Write the current exception's traceback to a crash log; return its path."""
+    import os
+    import tempfile
+    import time
+    import traceback
+    from pathlib import Path
+
+    out = None
+    for i, arg in enumerate(argv):
+        if arg == "--out" and i + 1 < len(argv):
+            out = argv[i + 1]
+        elif arg.startswith("--out="):
+            out = arg.split("=", 1)[1]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = f"lenses crash {stamp}\ncommand: {' '.join(argv)}\n\n{traceback.format_exc()}"
+    folders = [Path(out)] if out and Path(out).is_dir() else []
+    folders.append(Path(os.environ.get("LENSES_CACHE", Path.home() / ".cache" / "lenses")) / "crashes")
+    folders.append(Path(tempfile.gettempdir()))
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"crash-{stamp}-{os.getpid()}.log"
+            path.write_text(text, encoding="utf-8")
+            return str(path)
+        except OSError:
+            continue
+    return "(no writable folder for a crash log)"

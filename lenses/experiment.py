@@ -15,7 +15,7 @@ import pandas as pd
 
 from .frequency import FrequencyVariant
 from .io import write_csv
-from .outdir import claim
+from .outdir import claim, read_mark
 from .train import TrainConfig, train
 
 DEFAULT_VARIANTS: dict[str, FrequencyVariant] = {
@@ -33,18 +33,24 @@ def probe_bias_experiment(cfg: TrainConfig, variants: dict[str, FrequencyVariant
     return ``bucket_shares.csv`` and ``heldout_kl.csv`` in ``cfg.out``. (The CLI adds ``probe_bias.png``.)"""
     variants = variants or DEFAULT_VARIANTS
     out = Path(cfg.out)
-    with claim(out, "experiment"):
+    with claim(out, "experiment", resumable=False):  # it continues its variants' runs itself
         if model is None:
             model, tokenizer, _ = cfg.load()
         shares, kls = [], []
         for name, variant in variants.items():
-            run = replace(cfg, out=str(out / name), variant=variant, variant_name=name,
-                          resume=not cfg.overwrite, overwrite=cfg.overwrite)
-            result = train(run, model=model, tokenizer=tokenizer)
-            shares.append(result.buckets.assign(variant=name))
-            kls.append(result.eval.assign(variant=name))
-        shares_df = pd.concat(shares)[["variant", "lens", "layer", "bucket", "share"]]
-        kl_df = pd.concat(kls)[["variant", "lens", "layer", "kl_nats", "kl_bits_per_byte"]]
+            folder = out / name
+            if read_mark(folder).get("state") == "finished" and not cfg.overwrite:  # trained by an earlier run
+                print(f"note: variant {name} was trained by an earlier run; reading its tables from {folder}")
+                buckets, table = pd.read_csv(folder / "eval_top1_buckets.csv"), pd.read_csv(folder / "eval.csv")
+            else:
+                run = replace(cfg, out=str(folder), variant=variant, variant_name=name,
+                              resume=not cfg.overwrite, overwrite=cfg.overwrite)
+                result = train(run, model=model, tokenizer=tokenizer)
+                buckets, table = result.buckets, result.eval
+            shares.append(buckets.assign(variant=name))
+            kls.append(table.assign(variant=name))
+        shares_df = pd.concat(shares, ignore_index=True)[["variant", "lens", "layer", "bucket", "share"]]
+        kl_df = pd.concat(kls, ignore_index=True)[["variant", "lens", "layer", "kl_nats", "kl_bits_per_byte"]]
         write_csv(out / "bucket_shares.csv", shares_df)
         write_csv(out / "heldout_kl.csv", kl_df)
     return shares_df, kl_df

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .cli import option
+from .cli import Options, option
 from .errors import CorruptFileError, DataError
 from .io import atomic_write
 
@@ -75,7 +75,7 @@ class TokenFrequencies:
 
 
 @dataclass
-class FrequencyVariant:
+class FrequencyVariant(Options):
     """How training treats positions by the frequency of "their" token (all neutral = baseline).
 
     - ``alpha``: loss weight ``count^-alpha``;
@@ -88,6 +88,8 @@ class FrequencyVariant:
 
     Weights are normalised to mean 1 over the batch (dropped positions count as 0).
     """
+
+    option_prefix = "freq_"
 
     alpha: float = option(0.0, "loss weight count^-alpha", group="recipe", min=0)
     topk: int = option(1, "the k most frequent tokens for --freq-topk-weight and --freq-keep-prob", group="recipe",

@@ -10,6 +10,43 @@ from typing import Any, Callable
 
 from .errors import LensesError
 
+# The mark of an output folder (`lenses.outdir`): which kind of run made it, its state, and the manifest
+# of every file lenses wrote there. `atomic_write` adds each file it writes to the manifest of the marked
+# folder that holds it (its own folder or the one above), so only files lenses wrote are ever replaced.
+MARK = ".lenses-out"
+
+
+def read_mark(folder: str | os.PathLike) -> dict:
+    """The mark of ``folder`` (empty when it has none or it is unreadable)."""
+    try:
+        data = json.loads((Path(folder) / MARK).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def update_mark(folder: str | os.PathLike, change: Callable[[dict], None]) -> dict:
+    """Read ``folder``'s mark, apply ``change`` to it, and write it back atomically; return it."""
+    folder = Path(folder)
+    mark = read_mark(folder)
+    change(mark)
+    tmp = folder / f".{MARK}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(mark, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / MARK)
+    return mark
+
+
+def _record(path: Path) -> None:
+    for folder in (path.parent, path.parent.parent):
+        if (folder / MARK).is_file():
+            rel = str(path.relative_to(folder))
+
+            def add(mark, rel=rel):
+                mark["files"] = sorted({*mark.get("files", []), rel})
+
+            if rel not in read_mark(folder).get("files", []):
+                update_mark(folder, add)
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -32,10 +69,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only file system, quota: our error, naming the file
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise LensesError(f"could not write {path}: {e.strerror or e}. Free some space or choose another "
+                          "output folder (--out); nothing else was changed.") from e
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:
+        _record(path)
+    except OSError:
+        pass  # a folder whose mark cannot be updated only costs an --overwrite later
     return path
 
 

@@ -288,8 +288,8 @@ def fit(cfg: FitConfig, model=None, tokenizer=None) -> FitResult:
 
     dp = DataParallel.from_env(cfg.device)
     ckpt = Path(cfg.out) / (CHECKPOINT_NAME if dp.world == 1 else f"jacobian_checkpoint.rank{dp.rank}.pt")
-    folder = claim(cfg.out, "train", resume=cfg.resume, overwrite=cfg.overwrite, finished=("translators.safetensors",),
-                   interrupted=(CHECKPOINT_NAME, "jacobian_checkpoint.rank0.pt")) if dp.main else None
+    folder = claim(cfg.out, "jacobian", resume=cfg.resume, overwrite=cfg.overwrite,
+                   owned=("jacobian_checkpoint.rank*.pt",)) if dp.main else None
     try:
         with stop_on_signal() as stop_requested:
             dp.barrier()
@@ -366,6 +366,7 @@ def fit(cfg: FitConfig, model=None, tokenizer=None) -> FitResult:
                 if not lens.present[0]:
                     lens.save_published(out / PUBLISHED_NAME)
                 write_csv(out / "convergence.csv", convergence)
+                folder.finish()
             dp.barrier()
             return FitResult(lens, convergence, table, Path(cfg.out))
     finally:

@@ -103,10 +103,12 @@ class Lens(nn.Module):
         return self.to(adapter.device)  # a lens lives where the model decodes (a fit accumulates on the CPU)
 
     # ---- files (see lenses.lens_io)
-    def save_pretrained(self, path: str | os.PathLike):
+    def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False):
+        """Write the lens folder (see `lenses.lens_io.save_lens`; a folder lenses did not write is refused
+        unless ``overwrite``)."""
         from .lens_io import save_lens
 
-        return save_lens(self, path)
+        return save_lens(self, path, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, path, model=None, strict: bool = True, device=None) -> "Lens":

@@ -26,11 +26,25 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "translators.safetensors"
 
 
-def save_lens(lens: Lens, path: str | os.PathLike) -> Path:
-    """Write ``translators.safetensors`` then ``config.json`` (each atomically)."""
+def save_lens(lens: Lens, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``translators.safetensors`` then ``config.json`` (each atomically). A folder whose
+    ``config.json`` lenses did not write (a model folder, another tool's file) is refused unless
+    ``overwrite``: saving never replaces a file lenses did not make without being asked."""
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LensesError(f"{path} is a file; save a lens into a folder.")
+    existing = path / CONFIG_NAME
+    if existing.exists() and not overwrite:
+        try:
+            ours = "lenses_version" in json.loads(existing.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise LensesError(f"{path} already holds a {CONFIG_NAME} that lenses did not write (a model folder?); "
+                              "nothing was changed. Save the lens into another folder, or pass overwrite=True to "
+                              "replace it.")
     cast = getattr(lens, "save_dtypes", {})
     tensors = {k: v.detach().cpu().to(cast.get(k, v.dtype)).contiguous() for k, v in lens.state_dict().items()}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
@@ -54,6 +68,9 @@ def load_lens(path: str | os.PathLike, model=None, strict: bool = True, device=N
         from .jacobian import load_published
 
         lens = load_published(path, model, strict)
+        _check_finite(lens, path)
+        if model is not None:
+            _note_unchecked(path, "a published Jacobian-lens file")
         return lens.to(device) if device is not None else lens
     config = read_config(path)
     if (path / WEIGHTS_NAME).exists():
@@ -69,10 +86,30 @@ def load_lens(path: str | os.PathLike, model=None, strict: bool = True, device=N
         raise CorruptFileError(f"{path} has no {WEIGHTS_NAME} (nor a tuned-lens params.pt): is this a lens folder "
                                "written by train_probes.py? Re-train or re-copy it.")
     lens = _build(Lens.kinds[kind], path, config, tensors)
+    _check_finite(lens, path)
     if model is not None:
+        if not isinstance(config.get("fingerprint"), dict):
+            _note_unchecked(path, "a tuned-lens package lens" if "imported_from" in config else "a lens folder")
         lens.attach(model, strict=strict)
         device = device or lens.adapter.device
     return lens.to(device) if device is not None else lens
+
+
+def _note_unchecked(path: Path, what: str) -> None:
+    """One line saying that a lens could not be checked against the model's weights."""
+    import sys
+
+    print(f"note: {path} ({what}) carries no model fingerprint, so only its shapes were checked against this "
+          "model; make sure it was made for it.", file=sys.stderr)
+
+
+def _check_finite(lens: Lens, path: Path) -> None:
+    """Refuse a lens holding NaN or infinite values (they would silently poison every reading)."""
+    for name, t in lens.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CorruptFileError(f"{path}: tensor {name!r} holds {bad} NaN or infinite values; the lens is "
+                                   "damaged (or was trained with a diverging loss). Re-train or re-copy it.")
 
 
 def _build(cls: type[Lens], path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Lens:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cli import check_device, option
+from .cli import Options, check_device, option
 from .errors import LensesError, LensMismatchError, ModelStructureError, UnsupportedModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -38,6 +38,20 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def _block_probe(block: torch.nn.Module) -> list[float]:
+    """12 values of a block's weights: 4 evenly spaced ones from its first, middle and last parameter
+    (empty where the weights are not materialised, e.g. offloaded to the meta device)."""
+    params = [p for p in block.parameters() if p.numel() >= 4]
+    if not params or any(p.device.type == "meta" for p in params):
+        return []
+    out = []
+    for p in dict.fromkeys([params[0], params[len(params) // 2], params[-1]]):
+        flat = p.detach().reshape(-1)
+        idx = torch.tensor([i * (flat.numel() - 1) // 3 for i in range(4)], device=flat.device)
+        out += [round(float(v), 6) for v in flat[idx].float().cpu()]
+    return out
 
 
 def cache_dir() -> Path:
@@ -181,7 +195,7 @@ def load_model(
 
 
 @dataclass
-class ModelOptions:
+class ModelOptions(Options):
     """Which model to read and how to load it: the option group both CLIs share."""
 
     # Where the model file lies and which device runs it do not identify a run: checkpoints record the model's
@@ -219,6 +233,20 @@ class ModelOptions:
 
 def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's absolute positions allow (None: no fixed limit stated)."""
+    if config is None:
+        return None
+    config = _text_config(config)
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    if any(getattr(config, a, None) for a in ("rope_theta", "rope_scaling", "rotary_dim", "rotary_pct",
+                                                "alibi", "rope_parameters")):
+        return None  # rotary / ALiBi positions extrapolate (quality aside): not a hard limit
+    return next((getattr(config, a) for a in ("n_positions", "max_position_embeddings", "n_ctx")
+                 if isinstance(getattr(config, a, None), int)), None)
 
 
 def _layer_counts_from_config(config) -> list[int]:
@@ -627,11 +655,32 @@ class ModelAdapter:
         """One forward pass of the headless base model (blocks and final norm, no logits), without
         gradients unless ``grad``; hooks on the adapter's modules see the residual stream. ``kwargs`` go
         to the model (e.g. ``use_cache=True, past_key_values=...``); returns its output."""
+        self.check_ids(input_ids)
         base = getattr(self.model, "base_model", self.model)
         runner = base if any(m is self.norm_entry for m in base.modules()) else self.model
         with torch.set_grad_enabled(grad):
             return runner(input_ids=input_ids.to(self._input_device()), attention_mask=attention_mask,
                           **{"use_cache": False, **kwargs})
+
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        """Refuse token ids outside the embedding and sequences longer than the model's positions before
+        any kernel runs (an id out of range aborts some compiled kernels, or the whole process)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dim() != 2:
+            raise LensesError(f"token ids must be a [batch, seq] tensor of integers (got "
+                              f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} of shape "
+                              f"{tuple(getattr(input_ids, 'shape', ()))}); tokenize the text first.")
+        emb = self.model.get_input_embeddings()
+        rows = getattr(emb, "num_embeddings", None) or getattr(getattr(emb, "weight", None), "shape", [None])[0]
+        if input_ids.numel() and rows:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= rows:
+                bad = lo if lo < 0 else hi
+                raise LensesError(f"token id {bad} is outside the model's embedding (ids 0..{rows - 1}): "
+                                  "the ids were made by another tokenizer. Tokenize with this model's tokenizer.")
+        limit = max_positions(getattr(self.model, "config", None))
+        if limit and input_ids.shape[1] > limit:
+            raise LensesError(f"a sequence of {input_ids.shape[1]} tokens is longer than the model's {limit} "
+                              "positions; cut the text (e.g. --seq-len) to at most that many tokens.")
 
     def _input_device(self) -> torch.device:
         """Where the token ids go: the embedding's device (differs from ``device`` under a device map)."""
@@ -704,7 +753,9 @@ class ModelAdapter:
 
     # ---- identity
     def fingerprint(self) -> dict[str, Any]:
-        """Shapes plus a 16-value probe of the unembedding: tells models apart, survives dtype casts."""
+        """Shapes plus small probes of the weights: 16 values of the unembedding and 12 of every block
+        (4 from each of its first, middle and last parameter). Tells apart models that share their
+        embeddings but not their blocks; survives dtype casts (compared with a tolerance)."""
         w = self.unembed.weight.detach().reshape(-1)
         idx = torch.tensor([i * (w.numel() - 1) // 15 for i in range(16)], device=w.device)
         return {
@@ -713,6 +764,7 @@ class ModelAdapter:
             "d_model": self.d_model,
             "vocab_size": self.vocab_size,
             "unembed_probe": [round(float(v), 6) for v in w[idx].float().cpu()],
+            "block_probe": [_block_probe(block) for block in self.layers],
         }
 
     def check_fingerprint(self, saved: dict[str, Any], what: str = "lens", strict: bool = True) -> None:
@@ -725,12 +777,23 @@ class ModelAdapter:
                     f"{key}={mine[key]}. Load it onto the model it was trained for (see its config.json), "
                     "or train a new one with train_probes.py."
                 )
-        probe = saved.get("unembed_probe")
-        if strict and probe is not None:
-            a, b = torch.tensor(probe), torch.tensor(mine["unembed_probe"])
-            if not torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().mean()) + 1e-8):
+        if not strict:
+            return
+        probes = [("unembedding", saved.get("unembed_probe"), mine["unembed_probe"])]
+        blocks = saved.get("block_probe")
+        if isinstance(blocks, list) and len(blocks) == len(mine["block_probe"]):
+            probes += [(f"block {l}", a, b) for l, (a, b) in enumerate(zip(blocks, mine["block_probe"]))]
+        for part, theirs, ours in probes:
+            if not theirs or not ours:  # not recorded (older files), or weights not materialised here
+                continue
+            try:
+                a, b = torch.tensor(theirs, dtype=torch.float32), torch.tensor(ours, dtype=torch.float32)
+            except (TypeError, ValueError):
+                raise LensMismatchError(f"the fingerprint of this {what} is malformed ({part}); re-save it with "
+                                        "this version of lenses.") from None
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().mean()) + 1e-8):
                 raise LensMismatchError(
-                    f"this {what} was trained for another model with the same shapes (its unembedding "
-                    "weights differ). Load it onto the model it was trained for, or pass strict=False "
+                    f"this {what} was made for another model with the same shapes (the weights of its {part} "
+                    "differ). Load it onto the model it was made for, or pass strict=False "
                     "(analyze.py --no-strict) if you know the weights are a close variant (e.g. a quantised copy)."
                 )

@@ -1,32 +1,46 @@
-"""Output folders that never destroy what they did not make.
+"""Output folders and files that never destroy what they did not make.
 
-`claim` is how every run takes its ``--out`` folder:
+`claim` is how every run takes its ``--out`` folder. The folder's mark (``.lenses-out``, JSON) says
+which kind of run made it (``train``, ``jacobian``, ``analysis``, ``experiment``), the run's state
+(``running``, ``interrupted``, ``finished``) and the **manifest**: every file the runs wrote there.
+Every file lenses writes goes through `lenses.io.atomic_write`, which reports it here, so the
+manifest is complete by construction.
 
-- a folder that does not exist, or is empty, is created and marked as ours (``.lenses-out``, which
-  records the kind of run: ``train`` or ``analysis``);
-- a non-empty folder without our mark (a model folder, your data, ...) is refused, naming what is
-  there; so is a folder made by another kind of run;
-- a training folder that holds a finished lens or an interrupted run is refused unless the user
-  says ``--resume`` (continue it) or ``--overwrite`` (replace it);
+- a folder that does not exist, or is empty, is created and marked as ours;
+- a folder holding anything that is not in its manifest (a model folder, your data, a file someone
+  put there, ...) is refused, with or without ``--overwrite``, naming those files: a folder is never
+  adopted because of a file's name;
+- a folder made by another kind of run is refused, naming the kind;
+- a training folder whose run finished is refused unless ``--overwrite`` (``--resume`` over a
+  finished result is refused: there is nothing to continue); an interrupted run needs ``--resume``
+  or ``--overwrite``; ``--overwrite`` deletes only the files in the manifest;
 - a lock (``.lenses-lock``, holding the writer's pid and host) is held for the run's lifetime: a
   second run into the same folder is refused while the first lives; the lock of a dead process is
-  taken over with a notice;
+  taken over with a notice (its run is then ``interrupted``);
 - once the lock is ours, any temporary file (``.*.tmp``) left by a killed writer is removed.
+
+`check_target` is the same rule for a single file given by path (``--html``, ``--png``, a save
+function's target): an existing file is replaced only if lenses wrote it (it is in a manifest, or
+carries our signature) or with ``overwrite=True``.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import socket
 import sys
 from pathlib import Path
 
+from . import io
 from .errors import LensesError
 
-MARK = ".lenses-out"
+MARK = io.MARK
 LOCK = ".lenses-lock"
 IGNORED = {MARK, LOCK, ".write-test"}
+ALWAYS_OURS = ("crash-*.log", ".*.tmp")  # crash logs (lenses.cli) and temporary files of atomic writes
+SIGNATURE = "lenses-toolkit"  # in every page (<meta name="generator">) and figure (its metadata) lenses writes
 
 
 def _alive(pid: int) -> bool:
@@ -47,15 +61,60 @@ def _read_json(file: Path) -> dict:
         return {}
 
 
+read_mark = io.read_mark
+
+
+def _content(path: Path) -> list[str]:
+    """Every file under ``path`` (relative, sorted), our mark and lock left out."""
+    if not path.is_dir():
+        return []
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in IGNORED)
+
+
 class OutputFolder:
-    """A claimed output folder; use as a context manager (releases the lock on exit)."""
+    """A claimed output folder; use as a context manager (releases the lock on exit, marking the run
+    ``interrupted`` unless `finish` was called). The mark lives on disk (`lenses.io.update_mark`): every
+    file written through `lenses.io.atomic_write` is added to its manifest as it is written."""
 
-    def __init__(self, path: Path, kind: str):
-        self.path, self.kind, self.locked = path, kind, False
+    def __init__(self, path: Path, kind: str, mark: dict, owned: tuple[str, ...] = ()):
+        self.path, self.kind, self.locked, self.owned = path, kind, False, owned
+        self.mark = {**mark, "kind": kind, "files": sorted(set(mark.get("files", [])))}
 
-    def _lock(self) -> None:
+    # ---- the mark
+    def _save_mark(self) -> None:
+        """Write the mark as claimed (the manifest of what is there, the kind, the state)."""
+        self.mark = io.update_mark(self.path, lambda m: (m.clear(), m.update(self.mark)))
+
+    @property
+    def files(self) -> list[str]:
+        return io.read_mark(self.path).get("files", [])
+
+    def set_state(self, state: str, **extra) -> None:
+        self.mark = io.update_mark(self.path, lambda m: m.update(state=state, **extra))
+
+    def finish(self, **extra) -> None:
+        """Mark the run finished (``extra``: anything to record with it)."""
+        self.set_state("finished", **extra)
+
+    def ours(self, rel: str) -> bool:
+        name = Path(rel).name
+        return rel in self.mark["files"] or any(fnmatch.fnmatch(name, p) for p in ALWAYS_OURS + self.owned)
+
+    def forget(self, names) -> None:
+        """Delete files of the manifest (``--overwrite``); nothing outside it is touched."""
+        names = [rel for rel in names if rel in self.files or any(fnmatch.fnmatch(Path(rel).name, p)
+                                                                    for p in self.owned)]
+        for rel in names:
+            (self.path / rel).unlink(missing_ok=True)
+        self.mark = io.update_mark(self.path, lambda m: m.update(files=[f for f in m.get("files", [])
+                                                                       if f not in names]))
+
+    # ---- the lock
+    def _lock(self) -> bool:
+        """Take the lock; return whether a dead process's lock was taken over."""
         lock = self.path / LOCK
         me = {"pid": os.getpid(), "host": socket.gethostname()}
+        took_over = False
         for _ in range(3):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -66,6 +125,7 @@ class OutputFolder:
                     print(f"note: taking over the lock of {self.path} from process {pid}, which no longer runs",
                           file=sys.stderr)
                     lock.unlink(missing_ok=True)
+                    took_over = True
                     continue
                 if not holder:  # a lock being written right now, or an unreadable one
                     raise LensesError(f"{self.path} is locked ({lock} exists): another run is writing there. "
@@ -78,7 +138,7 @@ class OutputFolder:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.locked = True
-            return
+            return took_over
         raise LensesError(f"could not take the lock {lock}; delete it if no run is using {self.path}.")
 
     def _clean_temporaries(self) -> None:
@@ -98,43 +158,95 @@ class OutputFolder:
 
     def release(self) -> None:
         if self.locked:
+            if io.read_mark(self.path).get("state") == "running":
+                try:
+                    self.set_state("interrupted")
+                except OSError:
+                    pass
             (self.path / LOCK).unlink(missing_ok=True)
             self.locked = False
 
 
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+
+
 def claim(out: str | os.PathLike, kind: str, resume: bool = False, overwrite: bool = False,
-          finished: tuple[str, ...] = (), interrupted: tuple[str, ...] = ()) -> OutputFolder:
-    """Take ``out`` for a run of ``kind`` (see the module docstring). ``finished``/``interrupted``:
-    file names that mean a finished result / a resumable run of this kind is there."""
+          owned: tuple[str, ...] = (), resumable: bool = True) -> OutputFolder:
+    """Take ``out`` for a run of ``kind`` (see the module docstring). ``owned``: file-name patterns a
+    run of this kind writes from other processes (e.g. per-rank checkpoints), also ours.
+    ``resumable``: whether the kind has runs to finish (training) or is re-run view by view (analysis)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise LensesError(f"--out {path} is a file, not a folder; choose a folder path.")
-    content = sorted(p.name for p in path.iterdir() if p.name not in IGNORED) if path.is_dir() else []
+    content = _content(path)
     mark = _read_json(path / MARK)
-    legacy = any((path / name).exists() for name in interrupted)  # runs of earlier versions had no mark
-    if content and mark.get("kind") != kind and not (legacy and not mark):
-        what = f"a {mark['kind']} run's output" if mark.get("kind") else ", ".join(content[:5]) + (
-            ", ..." if len(content) > 5 else "")
-        raise LensesError(f"--out {path} is not empty and was not made by a {kind} run of lenses (it holds {what}); "
+    if content and mark and "files" not in mark:  # a folder of an earlier lenses version: it was all ours
+        mark["files"] = content
+        mark.setdefault("state", "finished" if "translators.safetensors" in content else
+                        "interrupted" if any(f.endswith("checkpoint.pt") for f in content) else None)
+    if content and not mark:
+        raise LensesError(f"--out {path} is not empty and was not made by lenses (it holds {_listing(content)}); "
                           "nothing was changed. Choose a new or empty folder for --out.")
-    has_run = [n for n in interrupted if (path / n).exists()]
-    has_result = [n for n in finished if (path / n).exists()]
-    if not resume and not overwrite and (has_run or has_result):
-        if has_result:
-            raise LensesError(f"--out {path} already holds a finished result ({', '.join(has_result)}); pass "
-                              "--overwrite to replace it, --resume to re-use it, or choose another --out.")
-        raise LensesError(f"--out {path} holds an interrupted run ({', '.join(has_run)}): pass --resume to "
-                          "continue it, --overwrite to start afresh, or choose another --out.")
+    if content and mark.get("kind") != kind:
+        raise LensesError(f"--out {path} holds a {mark.get('kind', 'unknown')} run's output, not a {kind} run's; "
+                          "nothing was changed. Choose another --out.")
+    folder = OutputFolder(path, kind, mark, owned)
+    foreign = [f for f in content if not folder.ours(f)]
+    if foreign:
+        raise LensesError(f"--out {path} holds files lenses did not write ({_listing(foreign)}); nothing was "
+                          "changed, and --overwrite would not touch them either. Move them away or choose another "
+                          "--out.")
+    state = mark.get("state")
+    if resumable and content:
+        if state == "finished" and resume:
+            raise LensesError(f"--out {path} holds a finished result (of a {kind} run): there is nothing to resume. "
+                              "Pass --overwrite to replace it, or choose another --out.")
+        if state == "finished" and not overwrite:
+            raise LensesError(f"--out {path} already holds a finished result (of a {kind} run); pass --overwrite "
+                              "to replace it, or choose another --out.")
+        if state in ("running", "interrupted") and not (resume or overwrite):
+            raise LensesError(f"--out {path} holds an interrupted {kind} run: pass --resume to continue it, "
+                              "--overwrite to start afresh, or choose another --out.")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        folder = OutputFolder(path, kind)
-        folder._lock()
-        if not mark:
-            (path / MARK).write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
+        took_over = folder._lock()
     except OSError as e:
         raise LensesError(f"cannot write to {path}: {e.strerror}. Choose a writable output folder (--out).") from e
-    folder._clean_temporaries()
-    if overwrite and not resume:
-        for name in interrupted:
-            (path / name).unlink(missing_ok=True)
+    try:
+        if took_over and state == "running":
+            state = "interrupted"
+        folder._clean_temporaries()
+        folder._save_mark()
+        if resumable and overwrite and not resume:
+            folder.forget([f for f in content if folder.ours(f)])
+        folder.set_state("running")
+    except BaseException:
+        folder.release()
+        raise
     return folder
+
+
+def written_by_lenses(file: str | os.PathLike) -> bool:
+    """Whether ``file`` was written by lenses: listed in its folder's manifest, or carrying our signature."""
+    file = Path(file)
+    mark = read_mark(file.parent)
+    if file.name in mark.get("files", []):
+        return True
+    try:
+        with open(file, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return SIGNATURE.encode() in head
+
+
+def check_target(file: str | os.PathLike, overwrite: bool = False, option: str = "the target") -> Path:
+    """Refuse to replace an existing ``file`` that lenses did not write, unless ``overwrite``."""
+    file = Path(file)
+    if file.is_dir():
+        raise LensesError(f"{option} {file} is a folder; give a file name.")
+    if file.exists() and not overwrite and not written_by_lenses(file):
+        raise LensesError(f"{option} {file} exists and was not written by lenses; nothing was changed. Pass "
+                          "--overwrite (overwrite=True in Python) to replace it, or choose another file name.")
+    return file

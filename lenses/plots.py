@@ -29,9 +29,12 @@ def _integer_layers(*axes) -> None:
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
+    from .outdir import SIGNATURE
+
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=130,
-                                               bbox_inches="tight"))
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    meta = {"png": {"Software": SIGNATURE}, "pdf": {"Creator": SIGNATURE}, "svg": {"Creator": SIGNATURE}}.get(fmt)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=130, bbox_inches="tight", metadata=meta))
     _pyplot().close(fig)
     return path
 
@@ -105,6 +108,12 @@ def plot_agreement(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 def plot_convergence(log: pd.DataFrame, path: str | os.PathLike) -> Path:
     """A Jacobian-lens fit's convergence: the running mean's relative change per prompt (it falls like
     1/n once the estimate settles) and its mean distance from the identity."""
+    import numpy as np
+
+    rel = log.rel_change.to_numpy(dtype=float)
+    if not (np.isfinite(rel) & (rel > 0)).any():  # one prompt: no change measured yet
+        return plot_message(f"{len(log)} prompt(s) fitted: the running mean's change needs two or more; fit more "
+                            "prompts (--num-prompts) to see convergence.", path)
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(log.n_done, log.rel_change, marker=".")

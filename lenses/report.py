@@ -21,6 +21,8 @@ class ViewEntry:
     files: list[Path]
     seconds: float
     earlier: str = ""  # set for a view kept from an earlier run into the same folder: when it was written
+    settings: dict = field(default_factory=dict)  # what its result depends on (lenses.analysis.view_settings)
+    data: list = field(default_factory=list)  # how much data it used (Usage.record() of each)
 
 
 @dataclass
@@ -28,6 +30,9 @@ class Report:
     title: str
     settings: dict[str, object]
     views: list[ViewEntry] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  # views asked for that have not finished (yet)
+    dropped: set = field(default_factory=set)  # earlier views replaced by --overwrite: not kept
+    interrupted: bool = False  # the run stopped (Ctrl-C, SIGTERM) before every view finished
 
     def html(self, folder: Path) -> str:
         e = html.escape
@@ -36,6 +41,13 @@ class Report:
         if self.views:
             parts.append("<p>Views: " + " · ".join(f"<a href='#{e(v.name)}'>{e(v.name)}</a>" for v in self.views)
                          + "</p>")
+        missing = [p for p in self.pending if p not in {v.name for v in self.views}]
+        if missing and self.interrupted:
+            parts.append(f"<p class='missing'><b>Missing:</b> {e(', '.join(missing))}: the run was interrupted "
+                         "before they finished; run the same command again to add them.</p>")
+        elif missing:
+            parts.append(f"<p class='missing'><b>Not finished yet:</b> {e(', '.join(missing))} (the run is still "
+                         "going, or was killed; reload the page later, or run the same command again).</p>")
         for v in self.views:
             rel = [os.path.relpath(f, folder) for f in v.files]
             figures = [r for r in rel if r.endswith(".png")]
@@ -50,25 +62,39 @@ class Report:
     def write(self, folder: str | os.PathLike) -> Path:
         """Write ``index.html`` and ``report.json`` (its record). Views of earlier runs into the same
         folder that this run did not redo stay on the page, marked as such."""
-        import json
-
         from .io import write_json
 
         folder = Path(folder)
         try:
-            earlier = json.loads((folder / "report.json").read_text(encoding="utf-8"))["views"]
-        except (OSError, ValueError, KeyError, TypeError):
+            earlier = earlier_views(folder)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             earlier = []
         now = str(self.settings.get("written", ""))
         mine = {v.name for v in self.views}
-        kept = [ViewEntry(e["name"], e["summary"], [folder / f for f in e["files"]], e["seconds"], e["written"])
-                for e in earlier if isinstance(e, dict) and e.get("name") not in mine]
-        views = [ViewEntry(v.name, v.summary, v.files, v.seconds, v.earlier or now) for v in self.views] + kept
-        write_json(folder / "report.json", {"views": [
-            {"name": v.name, "summary": v.summary, "files": [os.path.relpath(f, folder) for f in v.files],
-             "seconds": v.seconds, "written": v.earlier} for v in views]})
-        page = Report(self.title, self.settings, self.views + kept)
+        kept = [ViewEntry(e["name"], e["summary"], [folder / f for f in e["files"]], e.get("seconds", 0.0),
+                          e.get("written", ""), e.get("settings", {}), e.get("data", []))
+                for e in earlier if e.get("name") not in mine | self.dropped]
+        views = [ViewEntry(v.name, v.summary, v.files, v.seconds, v.earlier or now, v.settings, v.data)
+                 for v in self.views] + kept
+        write_json(folder / "report.json", {
+            "views": [{"name": v.name, "summary": v.summary, "files": [os.path.relpath(f, folder) for f in v.files],
+                       "seconds": v.seconds, "written": v.earlier, "settings": v.settings, "data": v.data}
+                      for v in views],
+            "missing": [p for p in self.pending if p not in {v.name for v in views}]})
+        page = Report(self.title, self.settings, self.views + kept, self.pending, interrupted=self.interrupted)
         return write_text(folder / "index.html", page.html(folder))
+
+
+def earlier_views(folder: str | os.PathLike) -> list[dict]:
+    """The views recorded in ``folder``'s ``report.json`` (empty when there is none)."""
+    import json
+
+    file = Path(folder) / "report.json"
+    if not file.exists():
+        return []
+    views = json.loads(file.read_text(encoding="utf-8")).get("views", [])
+    return [v for v in views if isinstance(v, dict) and isinstance(v.get("name"), str)
+            and isinstance(v.get("files"), list) and isinstance(v.get("summary"), list)]
 
 
 def analysis_settings(cfg, lenses: dict, views: list[str]) -> dict[str, object]:
@@ -92,7 +118,7 @@ def analysis_settings(cfg, lenses: dict, views: list[str]) -> dict[str, object]:
 
 
 _PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="lenses-toolkit"><title>__TITLE__</title>
 <style>
 body{font:14px/1.45 system-ui,sans-serif;margin:16px auto;max-width:1100px;color:#222;padding:0 12px}
 table.settings{border-collapse:collapse;margin-bottom:12px}
@@ -101,6 +127,7 @@ section{border-top:1px solid #ddd;margin-top:18px}
 pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}
 img{max-width:100%;border:1px solid #eee}
 h2 small{color:#888;font-weight:normal}
+.missing{background:#fff3cd;padding:6px 8px}
 </style></head><body>
 __BODY__
 </body></html>

@@ -238,7 +238,8 @@ def _differences(saved: dict, now: dict, where: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{where}{key}.")
         elif a != b:
-            out.append(f"{where}{key} was {a!r}, now {b!r}")
+            short = len(repr(a)) + len(repr(b)) < 160
+            out.append(f"{where}{key} was {a!r}, now {b!r}" if short else f"{where}{key} differs")
     return out
 
 
@@ -263,6 +264,7 @@ class Run:
     total: int
     seconds: float = 0.0
     tokens: int = 0
+    data: dict = field(default_factory=dict)  # how much text the run asked for, had and used (data_accounting)
 
     @property
     def checkpoint(self) -> Path:
@@ -297,8 +299,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
                           f"use a multiple of {dp.world}.")
     folder = None
     if dp.main:
-        folder = claim(cfg.out, "train", resume=cfg.resume, overwrite=cfg.overwrite,
-                       finished=LENS_FILES[1:], interrupted=(CHECKPOINT_NAME,))
+        folder = claim(cfg.out, "train", resume=cfg.resume, overwrite=cfg.overwrite)
     try:
         torch.manual_seed(cfg.seed)
         if model is None:
@@ -323,7 +324,10 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
                     "frequencies": _hash(freqs.counts), "compute_dtype_used": str(dtype).replace("torch.", ""),
                     "fingerprint": adapter.fingerprint()}  # the model itself, wherever its file lies
         state = TrainState.fresh(cfg, adapter, total)
-        run = Run(cfg, adapter, tokenizer, dp, dtype, train_blocks, eval_blocks, freqs, state, identity, folder, total)
+        run = Run(cfg, adapter, tokenizer, dp, dtype, train_blocks, eval_blocks, freqs, state, identity, folder, total,
+                  data=data_accounting(cfg, total, train_blocks, eval_blocks, len(texts)))
+        if dp.main:
+            print("\n".join(run.data["lines"]))
         if cfg.resume and run.checkpoint.exists():
             state.load(run.checkpoint, identity)
         elif cfg.resume and dp.main:
@@ -333,6 +337,29 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         if folder:
             folder.release()
         raise
+
+
+def data_accounting(cfg: TrainConfig, total: int, train_blocks: torch.Tensor, eval_blocks: torch.Tensor,
+                    n_docs: int) -> dict[str, Any]:
+    """Training and held-out tokens asked for, available and used, and how often the training text
+    repeats; ``lines`` says it in words (printed, and kept in the lens's config)."""
+    source = cfg.corpus or "wikipedia"
+    train_avail, used = int(train_blocks.numel()), total * cfg.tokens_per_step
+    asked_eval = max(1, cfg.max_eval_tokens // cfg.seq_len) * cfg.seq_len
+    passes = used / max(1, train_avail)
+    lines = [f"data: training on {used:,} tokens ({total:,} steps of {cfg.batch_size} x {cfg.seq_len}) from "
+             f"{train_avail:,} training tokens of {source} ({n_docs:,} documents, about {1 - cfg.eval_fraction:.0%} of "
+             f"them; the rest is held out)",
+             f"data: held-out evaluation on {eval_blocks.numel():,} tokens (asked for up to {cfg.max_eval_tokens:,})"]
+    if passes > 1:
+        lines.append(f"note: the training text repeats: {used:,} tokens read from {train_avail:,} is {passes:.1f} "
+                     "passes over it; add text (--corpus) or lower --max-tokens / --steps for one pass")
+    if eval_blocks.numel() < min(cfg.max_eval_tokens, asked_eval):
+        lines.append(f"note: only {eval_blocks.numel():,} held-out tokens, fewer than the {asked_eval:,} asked for; "
+                     "add text or raise --eval-fraction")
+    return {"source": source, "documents": n_docs, "train_tokens_available": train_avail, "train_tokens_used": used,
+            "passes": round(passes, 3), "eval_tokens_requested": cfg.max_eval_tokens,
+            "eval_tokens_used": int(eval_blocks.numel()), "lines": lines}
 
 
 def _check_seq_len(cfg: TrainConfig, adapter: ModelAdapter) -> None:
@@ -449,6 +476,7 @@ def finish(run: Run) -> TrainResult:
             "eval_tokens": int(run.eval_blocks.numel()),
             "tokens_per_second": run.tokens / run.seconds if run.tokens and run.seconds else None,
             "compute_dtype_used": run.identity["compute_dtype_used"],
+            "data": {k: v for k, v in run.data.items() if k != "lines"},
         },
         variant={"name": cfg.label(), **asdict(cfg.variant)},
         heldout_kl_nats=table[table.lens == "tuned"].kl_nats.round(5).tolist(),
@@ -458,6 +486,8 @@ def finish(run: Run) -> TrainResult:
     write_csv(out / "eval.csv", table)
     write_csv(out / "eval_top1_buckets.csv", buckets)
     run.freqs.save(out)
+    if run.folder:
+        run.folder.finish()
     run.dp.barrier()
     return TrainResult(lens, log, table, buckets, run.freqs, out)
 

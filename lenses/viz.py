@@ -83,6 +83,8 @@ def _decoder(tokenizer):
     cache: dict[int, str] = {}
 
     def decode(i: int) -> str:
+        if i < 0:  # a layer the lens does not read (e.g. layer 0 of a Jacobian lens): no token
+            return ""
         if i not in cache:
             cache[i] = tokenizer.decode([int(i)])
         return cache[i]
@@ -203,6 +205,7 @@ def plot_grid(table: pd.DataFrame, path: str | os.PathLike, stat: str = "top1_pr
         rows = table[(table.lens == name) & table.position.isin(shown)]
         grid = rows.pivot(index="layer", columns="position", values=column).reindex(index=layers, columns=shown)
         tokens = rows.pivot(index="layer", columns="position", values="token_1").reindex(index=layers, columns=shown)
+        read = rows.pivot(index="layer", columns="position", values="prob_1").reindex(index=layers, columns=shown)
         image = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap=cmap, norm=norm, origin="lower",
                           interpolation="nearest")
         size = 6.5 if len(shown) <= 24 else 5
@@ -210,7 +213,9 @@ def plot_grid(table: pd.DataFrame, path: str | os.PathLike, stat: str = "top1_pr
             for j, pos in enumerate(shown):
                 v = grid.iat[i, j]
                 dark = not math.isnan(v) and norm(v) > 0.55
-                ax.text(j, i, visible(str(tokens.iat[i, j]))[:8], ha="center", va="center", fontsize=size,
+                unread = math.isnan(float(read.iat[i, j]))  # a layer this lens does not read
+                shown_token = "·" if unread else visible(str(tokens.iat[i, j]))[:8]
+                ax.text(j, i, shown_token, ha="center", va="center", fontsize=size,
                         color="white" if dark else "black")
         inputs = rows.drop_duplicates("position").set_index("position").input_token.reindex(shown)
         ax.set_xticks(range(len(shown)), [visible(str(t))[:10] for t in inputs], rotation=60, ha="right",
@@ -224,7 +229,7 @@ def plot_grid(table: pd.DataFrame, path: str | os.PathLike, stat: str = "top1_pr
 
 
 _PAGE = r"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="lenses-toolkit"><title>__TITLE__</title>
 <style>
 body{font:13px/1.4 system-ui,sans-serif;margin:12px;color:#222}
 h1{font-size:16px;margin:0 0 8px}
@@ -318,7 +323,8 @@ function paint(){
   document.getElementById("bar").style.background = "linear-gradient(to right," + colour(0) + "," + colour(1) + ")";
   D.layers.forEach((l, i) => { const c = D.lenses[lens][l];
     D.positions.forEach((p, j) => { const td = cells[i][j]; const t = intensity(c[stat][j], r);
-      td.textContent = vis(S[c.tok[j][0]]);
+      td.textContent = c.p[j][0] === null ? "\u00b7" : vis(S[c.tok[j][0]]);
+      td.title = c.p[j][0] === null ? "this lens does not read this layer" : "";
       td.className = t === null ? "cell none" : "cell";
       td.style.background = t === null ? "" : colour(t);
       td.style.color = t !== null && t > 0.55 ? "#fff" : "#111";

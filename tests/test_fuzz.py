@@ -12,6 +12,7 @@ import os
 import string
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,7 +40,24 @@ def world(tmp_path_factory):
     (inputs / "mcq.csv").write_text("\n".join(f"Q{i}?,a,b,c,d,{'ABCD'[i % 4]}" for i in range(8)) + "\n")
     (root / "files").mkdir()
     (root / "outs").mkdir()
+    _lenses_of_every_kind(inputs / "model", root / "lenses")
     return root
+
+
+def _lenses_of_every_kind(model_dir, folder):
+    """A tuned lens and a Jacobian lens without layer 0 (as fitted lenses are) for the tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    from lenses import JacobianLens
+    from lenses.models import ModelAdapter
+    from tiny_models import random_lens
+
+    adapter = ModelAdapter.from_model(AutoModelForCausalLM.from_pretrained(model_dir))
+    random_lens(adapter).save_pretrained(folder / "tuned")
+    g = torch.Generator().manual_seed(0)
+    d = adapter.d_model
+    mats = {k: torch.eye(d) + 0.05 * torch.randn(d, d, generator=g) for k in range(1, adapter.num_layers)}
+    JacobianLens.from_matrices(mats, adapter.num_layers, model=adapter).save_pretrained(folder / "jlens")
 
 
 numbers = st.one_of(st.integers(-3, 6), st.integers(-10**12, 10**12), st.sampled_from(["nan", "inf", "-0", "1e3",
@@ -86,7 +104,7 @@ TRAIN_OPTIONS = {
     "--steps": "small",
 }
 ANALYZE_OPTIONS = {
-    "--view": "view", "--lens": "file", "--prompt": "text", "--top-k": "num", "--num-positions": "num",
+    "--view": "view", "--lens": "lens", "--prompt": "text", "--top-k": "num", "--num-positions": "num",
     "--num-texts": "num", "--num-facts": "num", "--num-questions": "num", "--num-prompts": "num",
     "--prompt-tokens": "num", "--alpha": "num", "--hist-layer": "num", "--corpus": "file", "--facts": "file",
     "--mcq": "file", "--frequencies": "file", "--model": "file", "--device-map": "text", "--seed": "num",
@@ -102,6 +120,12 @@ def command(draw, world, options, base):
         kind = options[option]
         if kind == "small":
             value = str(draw(st.integers(-2, 3)))
+        elif kind == "lens":  # every lens kind the model has, alone and together, or a random file
+            lenses = world / "lenses"
+            tuned, jlens = lenses / "tuned", lenses / "jlens"
+            value = draw(st.sampled_from(["logit", "auto", "tuned", "jacobian", "both", f"{tuned}", f"jacobian:{jlens}",
+                                          f"logit,{tuned},{jlens}", f"a:{jlens},b:{jlens}", "FILE"]))
+            value = value_for(draw, world, "file") if value == "FILE" else value
         elif kind == "view":
             value = draw(st.sampled_from(["frequency", "pos", "facts", "mcq", "representation", "all", "bogus",
                                           "early-exit", "patching", "layer-skip"]))
@@ -138,9 +162,17 @@ def analyze_base(inputs, out):
 
 
 @pytest.mark.usefixtures("eager_kl")
+def analyze_base_all_lenses(inputs, out):
+    lenses = inputs.parent / "lenses"
+    base = analyze_base(inputs, out)
+    base[base.index("--lens") + 1] = f"logit,{lenses / 'tuned'},{lenses / 'jlens'}"
+    return base
+
+
 @pytest.mark.parametrize("main,options,base", [(train_probes.main, TRAIN_OPTIONS, train_base),
-                                               (analyze.main, ANALYZE_OPTIONS, analyze_base)],
-                         ids=["train_probes", "analyze"])
+                                               (analyze.main, ANALYZE_OPTIONS, analyze_base),
+                                               (analyze.main, ANALYZE_OPTIONS, analyze_base_all_lenses)],
+                         ids=["train_probes", "analyze", "analyze-every-lens-kind"])
 def test_fuzz_cli(world, capsys, main, options, base):
     @FUZZ
     @given(data=st.data())

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lenses import JacobianLens, load_lens
-from tiny_models import save_tiny_model
+from tiny_models import as_interrupted, save_tiny_model
 
 ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "LENSES_COMPILE": "0", "TOKENIZERS_PARALLELISM": "false"}
@@ -61,6 +61,11 @@ def test_kill_then_resume_equals_uninterrupted(setup, tmp_path):
     proc.wait()
     done = torch.load(ckpt, weights_only=True)["n_done"]
     assert 2 <= done < 8
+    # a changed recipe is refused on resume, naming the setting
+    bad = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(model),
+                          "--corpus", str(corpus), "--out", str(tmp_path / "cut"), "--num-prompts", "8", "--seq-len",
+                          "40", "--resume", "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "seq_len" in bad.stderr, bad.stderr
     _cli(model, corpus, tmp_path / "cut", "--resume", "--dim-batch", "1")  # dim_batch changes no number
     cut = load_lens(tmp_path / "cut")
     assert cut.n_prompts == 8
@@ -71,11 +76,16 @@ def test_kill_then_resume_equals_uninterrupted(setup, tmp_path):
     # the published file is what TransformerLens and the reference read
     raw = torch.load(tmp_path / "full" / "jacobian_lens.pt", weights_only=True)
     assert raw["n_prompts"] == 8 and sorted(raw["J"]) == [0, 1]
-    # a changed recipe is refused on resume, naming the setting
-    bad = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(model),
-                          "--corpus", str(corpus), "--out", str(tmp_path / "cut"), "--num-prompts", "8", "--seq-len",
-                          "40", "--resume", "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "seq_len" in bad.stderr
+    # --resume over the finished fit is refused (nothing to resume), and so is the tuned-lens trainer there
+    again = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model",
+                            str(model), "--corpus", str(corpus), "--out", str(tmp_path / "cut"), "--num-prompts", "8",
+                            "--seq-len", "48", "--resume", "--no-progress"], env=ENV, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 2 and "nothing to resume" in again.stderr, again.stderr
+    tuned = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--model", str(model), "--corpus",
+                            str(corpus), "--out", str(tmp_path / "cut"), "--resume", "--no-progress"], env=ENV,
+                           capture_output=True, text=True, timeout=600)
+    assert tuned.returncode == 2 and "jacobian run" in tuned.stderr, tuned.stderr
 
 
 def test_a_checkpoint_finishes_elsewhere(setup, tmp_path):
@@ -86,13 +96,12 @@ def test_a_checkpoint_finishes_elsewhere(setup, tmp_path):
     model, corpus = setup
     _cli(model, corpus, tmp_path / "run", "--num-prompts", "3")
     fitted = load_lens(tmp_path / "run")
-    for f in (tmp_path / "run").iterdir():
-        if f.name != "jacobian_checkpoint.pt" and not f.name.startswith("."):
-            f.unlink()
+    as_interrupted(tmp_path / "run")  # the folder carried elsewhere holds the checkpoint (and its mark)
     moved = shutil.copytree(model, tmp_path / "elsewhere")
     _cli(moved, corpus, tmp_path / "run", "--num-prompts", "3", "--resume", "--device", "cpu")
     torch.testing.assert_close(load_lens(tmp_path / "run").matrices, fitted.matrices, atol=0, rtol=0)
     other = save_tiny_model(tmp_path / "other", "llama", seed=5)  # same shapes, other weights: refused
+    as_interrupted(tmp_path / "run")
     bad = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(other),
                           "--corpus", str(corpus), "--out", str(tmp_path / "run"), "--num-prompts", "3", "--seq-len",
                           "48", "--resume", "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600)

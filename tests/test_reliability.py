@@ -20,7 +20,7 @@ import torch
 import analyze
 import train_probes
 from lenses.cli import run_cli
-from tiny_models import save_tiny_model
+from tiny_models import as_interrupted, save_tiny_model
 
 TEXT = ("The quick brown fox jumps over the lazy dog, and the cat sat on the mat. " * 30 + "\n\n") * 8
 
@@ -124,7 +124,7 @@ def test_resume_refuses_every_result_changing_setting(files, tmp_path, capsys, e
     out = tmp_path / "run"
     argv = train_args(files, out, "--steps", "4")
     assert cli(train_probes.main, argv, capsys)[0] == 0
-    (out / "translators.safetensors").unlink()  # as if interrupted: the checkpoint is what matters
+    as_interrupted(out)  # the checkpoint is what matters
     if change == ["--corpus", "CHANGED"]:
         other = tmp_path / "other.txt"
         other.write_text(TEXT.replace("fox", "owl"), encoding="utf-8")

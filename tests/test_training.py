@@ -12,7 +12,7 @@ from lenses import LensesError, LogitLens, ModelAdapter, TunedLens
 from lenses import train as train_module
 from lenses.evaluate import evaluate
 from lenses.train import TrainConfig, lens_kl_backward, train
-from tiny_models import random_lens, tiny_model
+from tiny_models import as_interrupted, random_lens, tiny_model
 
 
 def _reference(family, lens, ids, weights):
@@ -151,7 +151,12 @@ def test_training_lowers_heldout_kl_and_writes_outputs(tmp_path, char_tokenizer,
 def test_existing_run_needs_resume(tmp_path, char_tokenizer, eager_kl):
     model = tiny_model("llama")
     train(_cfg(tmp_path, steps=2), model=model, tokenizer=char_tokenizer)
-    with pytest.raises(LensesError, match="--resume"):
+    with pytest.raises(LensesError, match="finished result.*--overwrite"):
+        train(_cfg(tmp_path, steps=2), model=model, tokenizer=char_tokenizer)
+    with pytest.raises(LensesError, match="nothing to resume"):  # --resume over a finished lens trains nothing
+        train(_cfg(tmp_path, steps=2, resume=True), model=model, tokenizer=char_tokenizer)
+    as_interrupted(tmp_path / "run")
+    with pytest.raises(LensesError, match="interrupted.*--resume"):
         train(_cfg(tmp_path, steps=2), model=model, tokenizer=char_tokenizer)
 
 
@@ -188,6 +193,7 @@ def test_resume_is_bit_identical(tmp_path, char_tokenizer, monkeypatch, how, eag
 def test_resume_refuses_changed_settings(tmp_path, char_tokenizer, eager_kl):
     model = tiny_model("llama")
     train(_cfg(tmp_path, steps=2), model=model, tokenizer=char_tokenizer)
+    as_interrupted(tmp_path / "run")
     with pytest.raises(LensesError, match="seq_len"):
         train(_cfg(tmp_path, steps=2, seq_len=8, resume=True), model=model, tokenizer=char_tokenizer)
 

@@ -60,8 +60,9 @@ def random_lens(adapter, seed: int = 1, scale: float = 0.05):
     return lens
 
 
-def byte_tokenizer():
-    """A real (fast, Rust) Hugging Face tokenizer over the 256 bytes plus EOS (id 256), made offline."""
+def byte_tokenizer(letters: bool = False):
+    """A real (fast, Rust) Hugging Face tokenizer over the 256 bytes plus EOS (id 256), made offline;
+    ``letters``: also the merged tokens " A" .. " D" (ids 257-260), as the multiple-choice view needs."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -69,20 +70,23 @@ def byte_tokenizer():
     extra = iter(range(256, 512))
     byte_char = {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
     vocab = {byte_char[b]: b for b in range(256)} | {"<|endoftext|>": 256}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    merges = [(byte_char[32], c) for c in "ABCD"] if letters else []
+    vocab |= {a + b: 257 + i for i, (a, b) in enumerate(merges)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
-def save_tiny_model(path, family: str = "llama", seed: int = 0):
+def save_tiny_model(path, family: str = "llama", seed: int = 0, letters: bool = False):
     """A tiny random model of ``family`` with `byte_tokenizer`, saved as a Hugging Face folder."""
     torch.manual_seed(seed)
     ids = dict(pad_token_id=256, bos_token_id=256, eos_token_id=256)
-    config = AutoConfig.for_model(family, vocab_size=257, **ids, **{**FAMILIES[family], "max_position_embeddings": 512})
+    config = AutoConfig.for_model(family, vocab_size=261 if letters else 257, **ids,
+                                  **{**FAMILIES[family], "max_position_embeddings": 512})
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    byte_tokenizer(letters).save_pretrained(path)
     return path
 
 
@@ -93,3 +97,17 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def as_interrupted(folder, keep=("checkpoint.pt", "jacobian_checkpoint.pt")):
+    """Make a finished run's folder look interrupted before its end: every file but the checkpoint is
+    removed and the mark says ``interrupted`` (what a run killed after its last checkpoint leaves)."""
+    from lenses.io import update_mark
+
+    folder = Path(folder)
+    gone = [f for f in folder.iterdir() if f.is_file() and f.name not in keep and not f.name.startswith(".")]
+    for f in gone:
+        f.unlink()
+    update_mark(folder, lambda m: m.update(state="interrupted",
+                                           files=[f for f in m.get("files", []) if f in keep]))
+    return folder

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import torch
+
 from ..cli import option
 from ..models import ModelAdapter, ModelOptions
 from .common import ViewResult
@@ -36,6 +38,8 @@ class AnalysisConfig(ModelOptions):
                        "name or hub id, optionally labelled (jlens:runs/jlens); comma-separate several", group="lens")
     strict: bool = option(True, "refuse a lens whose model weights differ slightly from this model's", group="lens")
     out: str = option("out", "output folder")
+    overwrite: bool = option(False, "replace views in --out made with other settings (another model, lens, "
+                             "corpus, ...), and --html/--png files lenses did not write")
     seed: int = option(0, "seed of every sample the views draw", min=0)
     progress: bool = option(True, "progress bars")
     prompt: str = option("The capital of France is", "text to decode layer by layer (without --view)",
@@ -101,9 +105,90 @@ class Context:
 
     @cached_property
     def texts(self) -> list[str]:
+        """Every document of ``--corpus``."""
         from ..data import read_texts
 
         return read_texts(self.cfg.corpus)
+
+    @property
+    def corpus_name(self) -> str:
+        return self.cfg.corpus or "wikipedia"
+
+    def trained_on(self) -> list[str]:
+        """Names of the lenses here that were trained or fitted on ``--corpus``."""
+        mine = _corpus_key(self.corpus_name)
+        return [name for name, lens in self.lenses.items()
+                if _corpus_key(_lens_corpus(lens)) == mine and _lens_corpus(lens) is not None]
+
+    @cached_property
+    def view_texts(self) -> tuple[list[str], str]:
+        """``(documents, source)``: what the corpus views read. The held-out documents (the split
+        ``train_probes.py`` uses) when a lens here was trained on ``--corpus``, so no view scores a lens
+        on its own training text; otherwise all of it (your own text is read whole)."""
+        from ..data import split_documents
+
+        texts, trained = self.texts, self.trained_on()
+        if trained:
+            docs, streams, cut = split_documents(texts, self.tokenizer)
+            self.__dict__["corpus_tokens"] = torch.cat(streams)  # all of it, for counting token frequencies
+            if cut < len(docs):
+                held = docs[cut:]
+                return held, (f"the {len(held):,} held-out of {len(texts):,} documents of {self.corpus_name} "
+                              f"({', '.join(trained)} lens trained on the others)")
+            return texts, (f"all of {self.corpus_name} ({len(texts):,} document(s); too few to hold some out from "
+                           f"the {', '.join(trained)} lens's training text, which it is)")
+        return texts, f"all {len(texts):,} document(s) of {self.corpus_name} (no lens here was trained on it)"
+
+
+    @cached_property
+    def corpus_tokens(self) -> torch.Tensor:
+        """Every token of ``--corpus`` (for token frequencies counted on it)."""
+        from ..data import tokenize
+
+        return tokenize(self.texts, self.tokenizer)
+
+
+def _lens_corpus(lens) -> str | None:
+    """The corpus a lens was trained or fitted on, as its config records it (None: not recorded)."""
+    config = getattr(lens, "config", {}) or {}
+    training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    if "corpus" in training:
+        return training["corpus"] or "wikipedia"
+    corpus = config.get("corpus")
+    return corpus if isinstance(corpus, str) else None
+
+
+def _corpus_key(name: str | None) -> str | None:
+    """Named corpora by name, files by their resolved path."""
+    from pathlib import Path
+
+    from ..corpora import NAMES
+
+    if name is None or name in NAMES:
+        return name
+    return str(Path(name).resolve())
+
+
+# The settings each view's result depends on (besides the model and the lenses): a view in --out made with
+# other values is replaced only with --overwrite, so a page never mixes runs.
+VIEW_SETTINGS = {
+    "grid": ("prompt", "top_k"),
+    "frequency": ("corpus", "num_positions", "freq_prompts", "frequencies"),
+    "pos": ("corpus", "num_texts"),
+    "facts": ("facts", "num_facts"),
+    "mcq": ("mcq", "num_questions"),
+    "representation": ("corpus", "num_prompts", "prompt_tokens", "alpha", "drop_first_token", "hist_layer"),
+    "early-exit": ("corpus", "num_positions"),
+    "patching": ("tasks", "num_pairs", "positions", "first_token"),
+    "layer-skip": ("corpus", "skip_positions", "skip_mode"),
+    "agreement": ("corpus", "num_positions"),
+}
+MODEL_SETTINGS = ("model", "model_dtype", "layers", "final_norm", "unembed", "lens", "strict", "seed")
+
+
+def view_settings(cfg: AnalysisConfig, name: str) -> dict:
+    """The settings view ``name``'s result depends on, as recorded in ``report.json``."""
+    return {k: getattr(cfg, k) for k in MODEL_SETTINGS + VIEW_SETTINGS[name]}
 
 
 def _views() -> dict:
@@ -133,5 +218,5 @@ def run_view(name: str, ctx: Context) -> ViewResult:
     return get_view(name).run(ctx)
 
 
-__all__ = ["AnalysisConfig", "Context", "ViewResult", "VIEW_NAMES", "DEPTH_VIEWS", "CAUSAL_VIEWS", "get_view",
-           "run_view"]
+__all__ = ["AnalysisConfig", "Context", "ViewResult", "VIEW_NAMES", "view_settings", "DEPTH_VIEWS", "CAUSAL_VIEWS",
+           "get_view", "run_view"]

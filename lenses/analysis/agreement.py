@@ -15,15 +15,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .common import ViewResult, held_out_blocks, require, table_plot
+from .common import Usage, ViewResult, require, table_plot, text_blocks
 
 
 def agreement_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 1000, seq_len: int = 128,
-                   chunk: int = 256, seed: int = 0, progress: bool = False) -> ViewResult:
+                   chunk: int = 256, seed: int = 0, progress: bool = False,
+                   source: str = "the texts given") -> ViewResult:
     from tqdm.auto import tqdm
 
     require(len(lenses) >= 2, "the agreement view compares lenses: give at least two (e.g. --lens logit,tuned).")
-    chosen, held = held_out_blocks(texts, tokenizer, seq_len, num_positions, seed, "agreement")
+    chosen, held, available = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "agreement")
     L, names = adapter.num_layers, list(lenses)
     pairs = list(combinations(names, 2))
     sums = {(a, b): np.zeros((L + 1, 2)) for a, b in pairs}  # [layer, (agree, sym_kl)]
@@ -51,7 +52,8 @@ def agreement_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posit
     rows = [{"lens_a": a, "lens_b": b, "layer": layer, "top1_agreement": v[layer, 0] / count,
              "sym_kl": v[layer, 1] / count, "n": count} for (a, b), v in sums.items() for layer in range(L + 1)]
     table = pd.DataFrame(rows)
-    return ViewResult("agreement", {"layers": table}, _summary(table, L))
+    return ViewResult("agreement", {"layers": table}, _summary(table, L),
+                      usage=[Usage("positions", num_positions, available, count, source)])
 
 
 def _summary(table: pd.DataFrame, L: int) -> list[str]:
@@ -66,7 +68,8 @@ def _summary(table: pd.DataFrame, L: int) -> list[str]:
 
 
 def run(ctx) -> ViewResult:
-    return agreement_view(*ctx.parts, ctx.texts, ctx.cfg.num_positions, **ctx.sampling)
+    texts, source = ctx.view_texts
+    return agreement_view(*ctx.parts, texts, ctx.cfg.num_positions, **ctx.sampling, source=source)
 
 
 plot = table_plot("plot_agreement", "layers")

@@ -13,14 +13,43 @@ from ..errors import DataError
 
 
 @dataclass
+class Usage:
+    """How much data a view used: ``used`` of ``available`` ``unit`` (``requested`` asked for) from
+    ``source``. Every view returns one or more, printed, written to ``report.json`` and shown on the page."""
+
+    unit: str
+    requested: int | None
+    available: int
+    used: int
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        asked = "all" if self.requested is None else f"{self.requested:,}"
+        text = f"data: {self.used:,} of {self.available:,} {self.unit} available (requested {asked}) from {self.source}"
+        if self.requested is not None and self.used < self.requested:
+            text += f"; fewer than requested: the text gives only {self.available:,}"
+        return "; ".join([text, *self.notes])
+
+    def record(self) -> dict:
+        return {"unit": self.unit, "requested": self.requested, "available": self.available, "used": self.used,
+                "source": self.source, "notes": list(self.notes)}
+
+
+@dataclass
 class ViewResult:
     """Tidy tables of one view (name -> DataFrame, each written as ``<view>_<name>.csv``), a few
-    lines of summary for the terminal, and the settings its figure needs."""
+    lines of summary for the terminal, the settings its figure needs, and the data it used."""
 
     view: str
     tables: dict[str, pd.DataFrame]
     summary: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    usage: list[Usage] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """The summary with the data-accounting lines first."""
+        return [u.line() for u in self.usage] + list(self.summary)
 
     def write(self, out: str | os.PathLike) -> list[Path]:
         """Write every table as CSV and the view's figure as ``<view>.png`` into ``out``."""
@@ -86,14 +115,17 @@ def mean_or_nan(values) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
 
-def held_out_blocks(texts: list[str], tokenizer, seq_len: int, num_positions: int, seed: int, view: str):
-    """``(chosen, blocks)``: the held-out blocks of ``texts`` and the indices, in a seeded random order,
-    of as many of them as ``num_positions`` scored positions need at ``seq_len - 1`` per block."""
+def text_blocks(texts: list[str], tokenizer, seq_len: int, num_positions: int, seed: int, view: str):
+    """``(chosen, blocks, available)``: all of ``texts`` packed into blocks of ``seq_len`` tokens, the
+    indices (in a seeded random order) of as many blocks as ``num_positions`` scored positions need at
+    ``seq_len - 1`` per block, and how many positions the blocks offer. (Which texts a view reads, all
+    of a user's file or the held-out part of a lens's training corpus, is decided by `Context.view_texts`.)"""
     import random
 
-    from ..data import make_blocks
+    from ..data import pack, tokenize
 
-    _, held = make_blocks(texts, tokenizer, seq_len)
-    n_blocks = min(len(held), -(-num_positions // (seq_len - 1)))
-    require(n_blocks > 0, f"no held-out text for the {view} view; pass more text with --corpus.")
-    return random.Random(seed).sample(range(len(held)), n_blocks), held
+    blocks = pack(tokenize(texts, tokenizer), seq_len)
+    require(len(blocks) > 0, f"the text gives no block of {seq_len} tokens for the {view} view; pass more text "
+                             "with --corpus.")
+    n_blocks = min(len(blocks), -(-num_positions // (seq_len - 1)))
+    return random.Random(seed).sample(range(len(blocks)), n_blocks), blocks, len(blocks) * (seq_len - 1)

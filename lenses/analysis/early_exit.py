@@ -20,14 +20,15 @@ import numpy as np
 import pandas as pd
 
 from ..trace import TraceItem, trace, trajectories
-from .common import ViewResult, held_out_blocks, table_plot
+from .common import Usage, ViewResult, table_plot, text_blocks
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 def early_exit_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 1000,
-                    seq_len: int = 128, thresholds=THRESHOLDS, seed: int = 0, progress: bool = False) -> ViewResult:
-    chosen, held = held_out_blocks(texts, tokenizer, seq_len, num_positions, seed, "early-exit")
+                    seq_len: int = 128, thresholds=THRESHOLDS, seed: int = 0, progress: bool = False,
+                    source: str = "the texts given") -> ViewResult:
+    chosen, held, available = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "early-exit")
     per_block = seq_len - 1
     items, left = [], num_positions
     for b in chosen:
@@ -37,7 +38,9 @@ def early_exit_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
         items.append(TraceItem(ids, list(range(k)), {"next": ids[1: k + 1]}))
     df = trace(adapter, lenses, items, progress=progress)
     layers, adaptive = _layer_table(df), _adaptive_table(df, thresholds)
-    return ViewResult("early-exit", {"layers": layers, "adaptive": adaptive}, _summary(layers, adaptive))
+    usage = Usage("positions", num_positions, available, num_positions - left, source)
+    return ViewResult("early-exit", {"layers": layers, "adaptive": adaptive}, _summary(layers, adaptive),
+                      usage=[usage])
 
 
 def _final_top1(df: pd.DataFrame) -> pd.Series:
@@ -99,7 +102,8 @@ def _summary(layers: pd.DataFrame, adaptive: pd.DataFrame) -> list[str]:
 
 
 def run(ctx) -> ViewResult:
-    return early_exit_view(*ctx.parts, ctx.texts, ctx.cfg.num_positions, **ctx.sampling)
+    texts, source = ctx.view_texts
+    return early_exit_view(*ctx.parts, texts, ctx.cfg.num_positions, **ctx.sampling, source=source)
 
 
 plot = table_plot("plot_early_exit", "layers", "adaptive")

@@ -26,7 +26,7 @@ import pandas as pd
 from ..errors import DataError
 from ..models import ModelAdapter
 from ..trace import TraceItem, depth_summary, onset_curve, trace
-from .common import ViewResult, encode, keep_where_final, mean_or_nan, nothing_to_score, require, table_plot
+from .common import Usage, ViewResult, encode, keep_where_final, mean_or_nan, nothing_to_score, require, table_plot
 
 
 def default_facts_path() -> Path:
@@ -163,7 +163,11 @@ def _summary(by_index: pd.DataFrame) -> list[str]:
 
 
 def run(ctx) -> ViewResult:
-    return facts_view(*ctx.parts, read_facts(ctx.cfg.facts), ctx.cfg.num_facts, **ctx.sampling)
+    facts = read_facts(ctx.cfg.facts)
+    result = facts_view(*ctx.parts, facts, ctx.cfg.num_facts, **ctx.sampling)
+    used = len(facts) if ctx.cfg.num_facts is None else min(ctx.cfg.num_facts, len(facts))
+    result.usage.append(Usage("facts", ctx.cfg.num_facts, len(facts), used, ctx.cfg.facts or "the shipped facts"))
+    return result
 
 
 plot = table_plot("plot_facts", "by_index", "onset")

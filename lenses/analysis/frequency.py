@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import make_blocks, split_documents
+from ..data import pack, tokenize
 from ..frequency import BUCKET_NAMES, TokenFrequencies
 from ..models import ModelAdapter
 from ..trace import TraceItem, flipped, trace, trajectories
-from .common import ViewResult, early_layers, require, table_plot
+from .common import Usage, ViewResult, early_layers, require, table_plot
 
 
 def word_starts(tokenizer, vocab_size: int) -> torch.Tensor:
@@ -58,6 +58,11 @@ def frequency_items(blocks: torch.Tensor, starts: torch.Tensor, num_positions: i
     return items
 
 
+def paragraphs_of(documents: list[str], min_chars: int = 200) -> list[str]:
+    """The paragraphs (blank-line separated) of more than ``min_chars`` characters."""
+    return [p.strip() for d in documents for p in d.split("\n\n") if len(p.strip()) > min_chars]
+
+
 def paragraph_items(tokenizer, documents: list[str], starts: torch.Tensor, num_prompts: int, min_chars: int = 200,
                     seed: int = 0) -> list[TraceItem]:
     """One prompt per paragraph of more than ``min_chars`` characters (up to ``num_prompts``, drawn with
@@ -65,7 +70,7 @@ def paragraph_items(tokenizer, documents: list[str], starts: torch.Tensor, num_p
     from .common import encode
 
     rng = random.Random(seed)
-    paragraphs = [p.strip() for d in documents for p in d.split("\n\n") if len(p.strip()) > min_chars]
+    paragraphs = paragraphs_of(documents, min_chars)
     rng.shuffle(paragraphs)
     items = []
     for text in paragraphs:
@@ -90,27 +95,26 @@ def frequency_view(
     seed: int = 0,
     progress: bool = False,
     prompts: str = "paragraphs",
+    source: str = "the texts given",
 ) -> ViewResult:
-    """Run the frequency view on the held-out part of ``texts`` (the split train_probes.py uses):
-    ``num_positions`` paragraph prompts, or positions of held-out blocks (see the module docstring).
-
-    ``freqs`` defaults to counts over the whole corpus (paragraphs) or its training blocks (blocks).
-    """
+    """Run the frequency view on ``texts`` (the analysis CLI passes the held-out part of a lens's training
+    corpus, or all of your own text): ``num_positions`` paragraph prompts, or positions of blocks (see the
+    module docstring). ``freqs`` defaults to counts over ``texts``."""
     require(prompts in ("paragraphs", "blocks"), f"unknown prompt protocol {prompts!r}: use paragraphs or blocks.")
     starts = word_starts(tokenizer, adapter.vocab_size)
+    if freqs is None:
+        freqs = TokenFrequencies.from_tokens(tokenize(texts, tokenizer), adapter.vocab_size)
     if prompts == "paragraphs":
-        docs, streams, cut = split_documents(texts, tokenizer)
-        if freqs is None:
-            freqs = TokenFrequencies.from_tokens(torch.cat(streams), adapter.vocab_size)
-        items = paragraph_items(tokenizer, docs[cut:] if cut < len(docs) else docs, starts, num_positions, seed=seed)
-        require(bool(items), "no held-out paragraph of more than 200 characters; pass more text with --corpus, or "
+        items = paragraph_items(tokenizer, texts, starts, num_positions, seed=seed)
+        available, unit = len(paragraphs_of(texts)), "paragraph prompts (one position each)"
+        require(bool(items), "no paragraph of more than 200 characters; pass more text with --corpus, or "
                              "use --freq-prompts blocks for text without blank-line paragraphs.")
     else:
-        train_blocks, held_out = make_blocks(texts, tokenizer, seq_len)
-        if freqs is None:
-            freqs = TokenFrequencies.from_tokens(train_blocks, adapter.vocab_size)
-        items = frequency_items(held_out, starts, num_positions, eos=tokenizer.eos_token_id, seed=seed)
-        require(bool(items), "no word-boundary positions found in the held-out text; pass more text with --corpus.")
+        blocks = pack(tokenize(texts, tokenizer), seq_len)
+        items = frequency_items(blocks, starts, num_positions, eos=tokenizer.eos_token_id, seed=seed)
+        available, unit = len(blocks) * (seq_len - 1), "positions (word boundaries of blocks)"
+        require(bool(items), "no word-boundary positions found in the text; pass more text with --corpus.")
+    usage = Usage(unit, num_positions, available, sum(len(it.positions) for it in items), source)
     require(len(freqs.counts) >= adapter.vocab_size,
             f"the frequency counts cover {len(freqs.counts)} tokens but the model has {adapter.vocab_size}: "
             "they were counted with another tokenizer. Count them on your corpus (omit --frequencies).")
@@ -124,7 +128,8 @@ def frequency_view(
     df["final_top1_id"] = np.repeat(top1[:, -1], top1.shape[1])
     df["flipped"] = np.where(top1 < 0, np.nan, flipped(top1)).reshape(-1)
     layers = _layer_table(df)
-    return ViewResult("frequency", {"positions": df, "layers": layers}, _summary(layers, adapter.num_layers))
+    return ViewResult("frequency", {"positions": df, "layers": layers}, _summary(layers, adapter.num_layers),
+                      usage=[usage])
 
 
 def _layer_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -163,9 +168,13 @@ def _summary(layers: pd.DataFrame, num_layers: int) -> list[str]:
 
 
 def run(ctx) -> ViewResult:
-    freqs = TokenFrequencies.load(ctx.cfg.frequencies) if ctx.cfg.frequencies else None
-    return frequency_view(*ctx.parts, ctx.texts, freqs, ctx.cfg.num_positions, **ctx.sampling,
-                          prompts=ctx.cfg.freq_prompts)
+    freqs = (TokenFrequencies.load(ctx.cfg.frequencies) if ctx.cfg.frequencies
+             else TokenFrequencies.from_tokens(ctx.corpus_tokens, ctx.adapter.vocab_size))  # the whole corpus
+    texts, source = ctx.view_texts
+    result = frequency_view(*ctx.parts, texts, freqs, ctx.cfg.num_positions, **ctx.sampling,
+                            prompts=ctx.cfg.freq_prompts, source=source)
+    result.usage[0].notes.append(f"token frequencies from {ctx.cfg.frequencies or 'all of ' + ctx.corpus_name}")
+    return result
 
 
 plot = table_plot("plot_frequency", "layers")

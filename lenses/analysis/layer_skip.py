@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from ..intervene import skip_block
-from .common import ViewResult, held_out_blocks, require, table_plot
+from .common import Usage, ViewResult, require, table_plot, text_blocks
 
 
 def _log_probs(lens, h: torch.Tensor, layer: int) -> torch.Tensor:
@@ -22,11 +22,12 @@ def _log_probs(lens, h: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 def layer_skip_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 128,
-                    seq_len: int = 64, mode: str = "zero", seed: int = 0, progress: bool = False) -> ViewResult:
+                    seq_len: int = 64, mode: str = "zero", seed: int = 0, progress: bool = False,
+                    source: str = "the texts given") -> ViewResult:
     from tqdm.auto import tqdm
 
     require(mode in ("zero", "mean"), f"unknown skip mode {mode!r}: use zero or mean.")
-    chosen, held = held_out_blocks(texts, tokenizer, seq_len, num_positions, seed, "layer-skip")
+    chosen, held, available = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "layer-skip")
     ids = held[sorted(chosen)]
     targets = ids[:, 1:].reshape(-1)[:num_positions].to(adapter.device)
     L = adapter.num_layers
@@ -58,7 +59,9 @@ def layer_skip_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
     out = pd.DataFrame(outputs)
     out["accuracy_unskipped"] = float((base_top == targets).float().mean())
     effects = pd.DataFrame(effects)
-    return ViewResult("layer-skip", {"effects": effects, "output": out}, _summary(out, mode), {"mode": mode})
+    usage = Usage("positions", num_positions, available, len(targets), source)
+    return ViewResult("layer-skip", {"effects": effects, "output": out}, _summary(out, mode), {"mode": mode},
+                      usage=[usage])
 
 
 def _summary(out: pd.DataFrame, mode: str) -> list[str]:
@@ -75,7 +78,9 @@ def _summary(out: pd.DataFrame, mode: str) -> list[str]:
 
 
 def run(ctx) -> ViewResult:
-    return layer_skip_view(*ctx.parts, ctx.texts, ctx.cfg.skip_positions, mode=ctx.cfg.skip_mode, **ctx.sampling)
+    texts, source = ctx.view_texts
+    return layer_skip_view(*ctx.parts, texts, ctx.cfg.skip_positions, mode=ctx.cfg.skip_mode, **ctx.sampling,
+                           source=source)
 
 
 plot = table_plot("plot_layer_skip", "effects", "output")

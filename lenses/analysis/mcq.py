@@ -29,7 +29,7 @@ import pandas as pd
 from ..errors import DataError
 from ..models import ModelAdapter
 from ..trace import TraceItem, onset_layer, settled_layer, trace, trajectories
-from .common import ViewResult, encode, mean_or_nan, require, table_plot
+from .common import Usage, ViewResult, encode, mean_or_nan, require, table_plot
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers).\n\n"
@@ -163,7 +163,12 @@ def _summary(per_q: pd.DataFrame, layers: pd.DataFrame) -> list[str]:
 
 
 def run(ctx) -> ViewResult:
-    return mcq_view(*ctx.parts, read_mcq(ctx.cfg.mcq), ctx.cfg.num_questions, **ctx.sampling)
+    questions = read_mcq(ctx.cfg.mcq)
+    result = mcq_view(*ctx.parts, questions, ctx.cfg.num_questions, **ctx.sampling)
+    pool = max(0, len(questions) - 4)  # the first 4 are the solved examples of the prompt
+    result.usage.append(Usage("questions", ctx.cfg.num_questions, pool, min(ctx.cfg.num_questions, pool),
+                              ctx.cfg.mcq or "the shipped questions", ["4 more are the prompt's solved examples"]))
+    return result
 
 
 plot = table_plot("plot_mcq", "layers", "questions")

@@ -35,7 +35,7 @@ import torch
 from ..errors import DataError
 from ..intervene import last_stream
 from ..lens import LogitLens
-from .common import ViewResult, encode, require, table_plot
+from .common import Usage, ViewResult, encode, require, table_plot
 
 SHIPPED = ("sentiment", "yesno", "continent", "mcq")
 
@@ -246,7 +246,13 @@ def _summary(pairs: pd.DataFrame, lens_names: list[str], L: int, seed: int) -> l
 def run(ctx) -> ViewResult:
     cfg = ctx.cfg
     tasks = read_tasks(cfg.tasks, ctx.tokenizer, cfg.first_token)
-    return patching_view(*ctx.parts, tasks, cfg.num_pairs, cfg.positions, **ctx.sampling)
+    result = patching_view(*ctx.parts, tasks, cfg.num_pairs, cfg.positions, **ctx.sampling)
+    n = len(tasks) * (len(tasks) - 1)
+    result.usage.append(Usage("prompt pairs", cfg.num_pairs * n, sum(len(s.prompts) * len(t.prompts) for s in tasks
+                                                                     for t in tasks if s is not t),
+                              cfg.num_pairs * n, f"tasks {cfg.tasks} ({', '.join(str(len(t.prompts)) for t in tasks)} "
+                              "prompts)", [f"{cfg.num_pairs} pairs drawn with replacement per ordered pair of tasks"]))
+    return result
 
 
 plot = table_plot("plot_patching", "layers", "lens", "pairs")

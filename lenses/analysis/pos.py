@@ -22,7 +22,7 @@ import pandas as pd
 from ..errors import DataError
 from ..models import ModelAdapter
 from ..trace import ONSET_KS, TraceItem, depth_summary, onset_curve, trace
-from .common import ViewResult, keep_where_final, mean_or_nan, nothing_to_score, require, table_plot
+from .common import Usage, ViewResult, keep_where_final, mean_or_nan, nothing_to_score, require, table_plot
 
 FUNCTION_TAGS = ("DET", "ADP", "PUNCT", "PART", "CCONJ", "SCONJ", "PRON", "AUX")
 CONTENT_TAGS = ("NOUN", "VERB", "ADJ", "ADV")
@@ -79,6 +79,11 @@ def pos_items(tokenizer, texts: list[str], tagger, max_tokens: int = 256,
     return items, pd.DataFrame(rows, columns=["item", "position", "word", "tag", "group"])
 
 
+def pos_paragraphs(texts: list[str]) -> list[str]:
+    """The paragraphs (blank-line separated) of 12 words or more."""
+    return [p.strip() for t in texts for p in t.split("\n\n") if len(p.split()) >= 12]
+
+
 def pos_view(
     adapter: ModelAdapter,
     tokenizer,
@@ -90,7 +95,7 @@ def pos_view(
     progress: bool = False,
 ) -> ViewResult:
     """Run the POS view on up to ``num_texts`` paragraphs of ``texts`` (shuffled with ``seed``)."""
-    paragraphs = [p.strip() for t in texts for p in t.split("\n\n") if len(p.split()) >= 12]
+    paragraphs = pos_paragraphs(texts)
     require(bool(paragraphs), "the POS view needs paragraphs of 12+ words; pass more text with --corpus.")
     random.Random(seed).shuffle(paragraphs)
     items, words = pos_items(tokenizer, paragraphs[:num_texts], tagger or load_tagger())
@@ -141,7 +146,12 @@ def _summary(tags: pd.DataFrame) -> list[str]:
 
 
 def run(ctx) -> ViewResult:
-    return pos_view(*ctx.parts, ctx.texts, ctx.cfg.num_texts, **ctx.sampling)
+    texts, source = ctx.view_texts
+    result = pos_view(*ctx.parts, texts, ctx.cfg.num_texts, **ctx.sampling)
+    available = len(pos_paragraphs(texts))
+    result.usage.append(Usage("paragraphs", ctx.cfg.num_texts, available, min(ctx.cfg.num_texts, available), source,
+                              ["paragraphs of 12+ words; one word per part of speech each"]))
+    return result
 
 
 plot = table_plot("plot_pos", "tags", "onset")

@@ -30,6 +30,7 @@ Definitions (``Z``: the ``T x D`` token matrix of one prompt at one layer):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import random
 
 import numpy as np
@@ -38,7 +39,7 @@ import torch
 
 from ..errors import DataError
 from ..models import ModelAdapter
-from .common import ViewResult
+from .common import Usage, ViewResult
 
 # --------------------------------------------------------------------------- spectra
 
@@ -260,7 +261,11 @@ def read_prompts(source: str | None, texts_of) -> list[str]:
 
 def run(ctx) -> ViewResult:
     cfg = ctx.cfg
-    prompts = read_prompts(cfg.corpus, lambda: ctx.texts)
+    texts, source = ctx.view_texts
+    prompts = read_prompts(cfg.corpus, lambda: texts)
+    if cfg.corpus and str(cfg.corpus).endswith(".txt") and Path(cfg.corpus).is_file():
+        source = f"the lines of {cfg.corpus}"
+    available = len(prompts)
     if len(prompts) < 2:
         raise DataError("the representation view needs at least 2 prompts of 30+ words (or 2 lines of a .txt "
                         "file); pass more text with --corpus.")
@@ -273,7 +278,9 @@ def run(ctx) -> ViewResult:
     wide = summary.pivot(index="layer", columns="metric", values="mean")
     lines = [f"per-layer means over {len(prompts)} prompts:", wide.to_string(float_format=lambda v: f"{v:.3f}")]
     return ViewResult("representation", {"layers": summary, "prompts": per_prompt}, lines,
-                      {"hist_layer": cfg.hist_layer})
+                      {"hist_layer": cfg.hist_layer},
+                      usage=[Usage("prompts", cfg.num_prompts, available, len(prompts), source,
+                                   [f"first {cfg.prompt_tokens} tokens of each"])])
 
 
 def plot(result: ViewResult, path):
