@@ -21,14 +21,12 @@ being a cache and the last not run); attention's own products are not counted (s
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from lenses import ModelAdapter, load_model  # noqa: E402
 from lenses.corpora import named_documents  # noqa: E402
@@ -116,7 +114,6 @@ def main(argv=None) -> int:
 
 def bf16_row(a, ids, ours32, seconds32: float) -> None:
     """Our fit with the model in bfloat16: speed against our float32 fit, and how far its J moves."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from run import bf16_is_native
 
     if not bf16_is_native():

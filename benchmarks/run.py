@@ -40,7 +40,6 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from lenses import LogitLens, ModelAdapter, TunedLens, load_model  # noqa: E402
 from lenses.data import make_blocks, read_texts  # noqa: E402

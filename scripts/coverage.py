@@ -28,7 +28,6 @@ os.environ.setdefault("LENSES_COMPILE", "0")  # each forked check would compile 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SHRINK = {  # config field -> tiny value, set when the config has the field
     "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2,

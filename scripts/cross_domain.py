@@ -10,11 +10,8 @@ writes the tidy CSV.
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lenses.evaluate import cross_domain  # noqa: E402
 from lenses.io import write_csv  # noqa: E402

@@ -6,13 +6,11 @@ logit and shipped tuned lens on a sentence, opened in headless Chromium, one cel
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 from lenses.models import ModelOptions  # noqa: E402
 from lenses.registry import select_lenses  # noqa: E402
@@ -26,7 +24,7 @@ def main() -> None:
     p.add_argument("--lens", default="tuned", help="lens shown in the screenshot")
     a = p.parse_args()
     from selenium.webdriver.common.action_chains import ActionChains
-    from test_viz_browser import _chromium
+    from headless import chromium as _chromium  # scripts/headless.py, beside this script
 
     model, tok, adapter = ModelOptions().load()
     start = time.perf_counter()

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from lenses import JacobianLens, LogitLens, ModelAdapter, load_lens, load_model  # noqa: E402
 from lenses.data import make_blocks, read_texts  # noqa: E402

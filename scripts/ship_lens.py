@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lenses import LogitLens, ModelAdapter, TunedLens, load_model  # noqa: E402
 from lenses.data import make_blocks, read_texts  # noqa: E402

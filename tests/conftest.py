@@ -1,12 +1,8 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))  # the top-level CLIs
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

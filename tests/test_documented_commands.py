@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-import analyze
-import train_probes
+from lenses.commands import analyze
+from lenses.commands import train as train_probes
 from lenses.cli import run_cli
 from test_reliability import TEXT
 from tiny_models import save_tiny_model
@@ -32,7 +32,9 @@ from tiny_models import save_tiny_model
 ROOT = Path(__file__).parent.parent
 SCRIPTS = {"analyze.py": analyze, "train_probes.py": train_probes}
 COMMAND = re.compile(r"(?:(?:\.venv/bin/)?python\s+|(?:torchrun|accelerate launch)(?:\s+(?!train_probes)\S+)*?\s+)"
-                     r"(analyze\.py|train_probes\.py)\b[^\n`]*")
+                     r"(analyze\.py|train_probes\.py)\b[^\n`]*"
+                     r"|(?:(?:\.venv/bin/)?python -m |\.venv/bin/|(?<![\w/.-]))lenses (?:train|fit|analyze)\b[^\n`]*")
+JOBS = {"train": "train_probes.py", "analyze": "analyze.py", "fit": "train_probes.py"}  # `lenses <job>` runs these
 # Documented commands that cannot run on one machine, with the reason (everything else must run).
 NOT_HERE = {"--num_machines": "needs several machines (HOST, machine rank R)"}
 
@@ -68,7 +70,8 @@ def documented_commands() -> list[tuple[str, str]]:
     for where, text in _sources().items():
         for cmd in _commands_in(text):
             cmd = cmd.split(" #")[0].replace("[", "").replace("]", "").replace(" ...", "").strip()
-            cmd = re.sub(r"^\.venv/bin/python", "python", cmd).replace("--nproc_per_node N ", "--nproc_per_node 2 ")
+            cmd = re.sub(r"^\.venv/bin/(python )?", lambda m: "python " if m.group(1) else "", cmd)
+            cmd = cmd.replace("--nproc_per_node N ", "--nproc_per_node 2 ")
             if cmd not in seen:
                 seen.add(cmd)
                 out.append((where, cmd))
@@ -134,6 +137,9 @@ def adapt(cmd: str, world: Path) -> list[str]:
     (only where the command does not set them), every lens kind where it reads the default lenses."""
     inputs = world / "inputs"
     words = shlex.split(cmd)
+    if "lenses" in words and words[words.index("lenses") + 1] in JOBS:  # `lenses <job>`, `python -m lenses <job>`
+        job = words[words.index("lenses") + 1]
+        words = [JOBS[job], *(["--method", "jacobian"] if job == "fit" else []), *words[words.index("lenses") + 2:]]
     script = next(w for w in words if w in SCRIPTS)
     argv = words[words.index(script) + 1:]
     swap = {"path/to/model": str(inputs / "model"), "path/or/file.gguf": str(inputs / "model"),

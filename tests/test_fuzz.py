@@ -16,8 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import analyze
-import train_probes
+from lenses.commands import analyze
+from lenses.commands import train as train_probes
 from lenses.cli import run_cli
 from test_reliability import TEXT, snapshot
 from tiny_models import save_tiny_model

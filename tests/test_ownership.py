@@ -20,8 +20,8 @@ import pandas as pd
 import pytest
 import torch
 
-import analyze
-import train_probes
+from lenses.commands import analyze
+from lenses.commands import train as train_probes
 from lenses import LensesError, TunedLens, load_lens
 from lenses.cli import INTERNAL_ERROR, run_cli
 from lenses.errors import CorruptFileError, LensMismatchError

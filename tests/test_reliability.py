@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import analyze
-import train_probes
+from lenses.commands import analyze
+from lenses.commands import train as train_probes
 from lenses.cli import run_cli
 from tiny_models import as_interrupted, save_tiny_model
 

@@ -5,14 +5,12 @@ and root are there; otherwise these tests skip and say why). The screenshots are
 tests/artifacts/ (not committed): look at them.
 """
 
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import byte_tokenizer, random_lens, tiny_model
+from tiny_models import byte_tokenizer, load_script, random_lens, tiny_model
 
 from lenses import LogitLens
 from lenses.models import ModelAdapter
@@ -24,21 +22,11 @@ PROMPT = "Tokens <script>alert(1)</script> & a\nnew line"
 
 
 def _chromium():
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        done = subprocess.run(["bash", str(ROOT / "scripts" / "browser.sh")], capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"no headless Chromium: {done.stderr.strip() or done.stdout.strip()}")
+    headless = load_script("headless")
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed: pip install -e '.[test]'")
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"):
-        options.add_argument(arg)
-    options.binary_location = shutil.which("chromium")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+        return headless.chromium()
+    except headless.NoBrowser as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
 os.environ.setdefault("LENSES_COMPILE", "0")
 
 from conftest import CharTokenizer  # noqa: E402

@@ -1,0 +1,54 @@
+"""``lenses``: the installed command (also ``python -m lenses``).
+
+    lenses train ...      train a tuned lens (``train_probes.py``); ``--method jacobian`` fits a J-lens
+    lenses fit ...        fit a Jacobian lens (the same as ``lenses train --method jacobian ...``)
+    lenses analyze ...    the depth views, causal checks and the layer-by-position grid (``analyze.py``)
+
+``lenses <job> --help`` lists a job's options. Errors are one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+JOBS = {
+    "train": "train a tuned lens (or --method jacobian: fit a Jacobian lens)",
+    "fit": "fit a Jacobian lens (= train --method jacobian)",
+    "analyze": "depth views, causal checks and the layer-by-position grid of a prompt",
+}
+
+
+def usage() -> str:
+    rows = "\n".join(f"  {name:<9} {what}" for name, what in JOBS.items())
+    return f"usage: lenses <job> [options]   (lenses <job> --help for a job's options)\n\njobs:\n{rows}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    job, rest = argv[0], argv[1:]
+    if job in ("--version", "version"):
+        from .version import __version__
+
+        print(f"lenses {__version__}")
+        return 0
+    if job not in JOBS:
+        print(f"error: unknown job {job!r}; choose one of {', '.join(JOBS)} (see lenses --help)", file=sys.stderr)
+        return 2
+    if job == "analyze":
+        from .commands import analyze
+
+        return run_cli(lambda a: analyze.main(a, prog="lenses analyze"), rest)
+    from .commands import train
+
+    if job == "fit":
+        rest = ["--method", "jacobian", *rest]
+    return run_cli(lambda a: train.main(a, prog=f"lenses {job}"), rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

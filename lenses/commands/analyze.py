@@ -1,0 +1,172 @@
+"""Look inside a model layer by layer.
+
+    python analyze.py --view all --out out/
+        the four depth-analysis views of Gupta et al. 2025 ("Guess-then-Refine") with the logit
+        lens and the tuned lens: frequency, pos, facts, mcq. Each writes <view>_*.csv tables and
+        <view>.png into --out, prints a short summary, and writes --out/index.html, the page to open
+        first (settings, summaries, figures, links to the tables). One view: --view facts (etc.).
+
+    python analyze.py --prompt "The capital of France is" --out out/ [--html out/lens.html] [--png out/lens.png]
+        decodes every layer and position of the prompt with each lens, prints the top-1 token per
+        layer at the last position and writes out/lens_grid.csv (one row per lens, layer and
+        position: top-k tokens and probabilities, entropy, KL to the final layer, rank of the true
+        next token); --html writes the interactive grid page, --png the grid as a figure.
+
+    python analyze.py --view representation --out out/ [--corpus prompts.txt] [--num-prompts 200]
+        per-layer representation quality (Skean et al. 2024): representation_layers.csv,
+        representation_prompts.csv and representation.png.
+
+    python analyze.py --view causal --out out/
+        causal checks of what the lenses show: early-exit (stop at layer l, emit the lens's
+        prediction), patching (cross-task activation patching: the switch layer vs the lens's
+        reading; --tasks, --num-pairs, --positions) and layer-skip (skip block l, measure every
+        later readout and the output; --skip-mode zero|mean). One: --view patching (etc.).
+
+    python analyze.py --view agreement --lens logit,tuned,jacobian:runs/jlens --out out/
+        how alike the lenses are, layer by layer: top-1 agreement and symmetric KL of every pair.
+
+--lens: 'auto' (default: the logit lens plus every lens shipped for this model: tuned, Jacobian),
+'logit', 'both' (logit + shipped tuned lens), 'tuned' or 'jacobian' (the shipped lens of that
+kind; an error if none is shipped), or lens folders, J-lens .pt files, shipped names or hub ids
+(neuronpedia/jacobian-lens:gpt2-small), each optionally labelled (mine:runs/lens), comma-separated
+(each shown next to the logit lens). --out must be new, empty, or the output folder of an earlier
+analyze.py run.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pathlib import Path
+
+from ..analysis import (CAUSAL_VIEWS, DEPTH_VIEWS, VIEW_NAMES, VIEW_SETTINGS, AnalysisConfig, Context, run_view,
+                             view_settings)
+from ..cli import Parser, add_options, from_args
+from ..io import write_csv
+from ..models import DEFAULT_MODEL
+from ..errors import LensesError
+from ..outdir import check_target, claim
+from ..registry import select_lenses
+from ..report import Report, ViewEntry, analysis_settings, earlier_views
+
+GROUPS = {"model": "model", "lens": "lenses", "runtime": "running", "prompt": "prompt decoding (without --view)",
+          "views": "views", "causal": "causal checks (early-exit, patching, layer-skip)"}
+
+
+def parse_args(argv=None, prog: str = "analyze.py") -> tuple[AnalysisConfig, str | None]:
+    p = Parser(description=__doc__, prog=prog)
+    p.add_argument("--view", choices=(*VIEW_NAMES, "all", "causal"), default=None,
+                   help="which view to run; all = the four depth views, causal = early-exit, patching and "
+                        "layer-skip (default: none, decode --prompt)")
+    add_options(p, AnalysisConfig, GROUPS)
+    a = p.parse_args(argv)
+    cfg = from_args(AnalysisConfig, a)
+    if a.view and (cfg.html or cfg.png):
+        p.error("--html and --png draw the grid of --prompt; run them without --view (views write "
+                "<out>/index.html and their own figures)")
+    return cfg, a.view
+
+
+def main(argv=None, prog: str = "analyze.py") -> int:
+    """``analyze.py`` / ``lenses analyze``: parse ``argv`` and run the views or the grid."""
+    cfg, view = parse_args(argv, prog)
+    names = ["grid"] if view is None else list({"all": DEPTH_VIEWS, "causal": CAUSAL_VIEWS}.get(view, (view,)))
+    with claim(cfg.out, "analysis", resumable=False) as folder:
+        for option, path in (("--html", cfg.html), ("--png", cfg.png)):
+            if path:
+                check_target(path, cfg.overwrite, option)
+        dropped = replaced_views(folder, cfg, names)  # before any model loads
+        model, tok, adapter = cfg.load()
+        ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict), cfg)
+        report = Report(f"lenses analysis: {cfg.model or DEFAULT_MODEL}", analysis_settings(cfg, ctx.lenses, names),
+                        pending=names, dropped=dropped)
+        if view is None:
+            decode_prompt(ctx, report)
+            folder.finish()
+            return 0
+        try:
+            run_views(ctx, names, report)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the page says which views are missing, then one line
+            report.interrupted = True
+            report.write(cfg.out)
+            raise
+        folder.finish()
+    return 0
+
+
+def run_views(ctx: Context, names: list[str], report: Report) -> None:
+    """Run each view, write its tables and figure, and rewrite the page after each one."""
+    cfg = ctx.cfg
+    for name in names:
+        start = time.time()
+        result = run_view(name, ctx)
+        written = result.write(cfg.out)
+        report.views.append(ViewEntry(name, result.lines(), written, time.time() - start,
+                                      settings=view_settings(cfg, name), data=[u.record() for u in result.usage]))
+        index = report.write(cfg.out)  # after every view: an interrupted run still has its page
+        print(f"\n== {name} ({time.time() - start:.0f} s)")
+        print("\n".join(result.lines()))
+        print("wrote " + ", ".join(map(str, written)))
+    print(f"\nopen {index} first: the settings, every view's summary, figure and tables")
+
+
+def replaced_views(folder, cfg, names: list[str]) -> set[str]:
+    """Views in ``--out`` made with other settings than this run's: refused unless ``--overwrite``, which
+    deletes their files (so the page never mixes runs). Returns the names of the views dropped."""
+    earlier = earlier_views(folder.path)
+    differ = {}
+    for v in earlier:
+        name = v["name"]
+        if name not in VIEW_SETTINGS or not v.get("settings"):
+            differ[name] = "made by an earlier version of lenses (settings not recorded)"
+            continue
+        mine = view_settings(cfg, name)
+        changed = [f"{k}: {v['settings'].get(k)!r} there, {mine[k]!r} now" for k in mine
+                   if v["settings"].get(k) != mine[k]]
+        if changed:
+            differ[name] = "; ".join(changed[:3])
+    if differ and not cfg.overwrite:
+        what = " | ".join(f"{n} ({why})" for n, why in differ.items())
+        raise LensesError(f"--out {folder.path} holds views made with other settings: {what}. Pass --overwrite to "
+                          "replace them, or choose another --out (a page never mixes two runs).")
+    for v in earlier:
+        if v["name"] in differ:
+            folder.forget(v["files"])
+    return set(differ)
+
+
+def decode_prompt(ctx: Context, report: Report) -> int:
+    from lenses.viz import lens_grid, plot_grid, visible, write_grid_html
+
+    cfg = ctx.cfg
+    start = time.time()
+    table = lens_grid(ctx.adapter, ctx.tokenizer, cfg.prompt, ctx.lenses, top_k=cfg.top_k)
+    last = table[table.position == table.position.max()]
+    last = last.assign(token_1=last.token_1.where(last.prob_1.notna(), None))  # None: the lens skips that layer
+    wide = last.pivot(index="layer", columns="lens", values="token_1")
+    lines = [f"top-1 prediction after {cfg.prompt!r}, by layer ('-': a layer the lens does not read):",
+             wide.map(lambda t: "-" if t is None or t != t else repr(t)).to_string()]
+    print("\n".join(lines))
+    if cfg.all_positions:
+        for name, rows in table.groupby("lens", sort=False):
+            grid = rows.pivot(index="layer", columns="position", values="token_1").map(visible)
+            grid.columns = [visible(t) for t in rows.drop_duplicates("position").input_token]
+            print(f"\n{name} lens, every position (columns: input tokens):\n{grid.to_string()}")
+    written = [write_csv(f"{cfg.out}/lens_grid.csv", table)]
+    print(f"wrote {written[0]}")
+    title = f"{cfg.model or DEFAULT_MODEL}: {cfg.prompt[:80]}"
+    if cfg.html:
+        written.append(write_grid_html(table, cfg.html, title))
+        print(f"wrote {written[-1]} (open it in a browser)")
+    if cfg.png:
+        written.append(plot_grid(table, cfg.png, stat=cfg.color))
+        print(f"wrote {written[-1]}")
+    n = table.position.nunique()
+    lines.insert(0, f"data: {n} positions of the prompt (all of it), {table.lens.nunique()} lenses")
+    inside = [f for f in written if Path(f).resolve().is_relative_to(Path(cfg.out).resolve())]
+    report.views.append(ViewEntry("grid", lines, inside, time.time() - start, settings=view_settings(cfg, "grid"),
+                                  data=[{"unit": "positions", "requested": None, "available": n, "used": n,
+                                         "source": "--prompt", "notes": []}]))
+    report.write(cfg.out)
+    return 0
+

@@ -1,0 +1,105 @@
+"""Train a tuned lens (per-layer affine translators) or fit a Jacobian lens for a causal LM.
+
+    python train_probes.py --out runs/demo                       # default model + corpus
+    python train_probes.py --model path/or/file.gguf --corpus texts/ --max-tokens 500000 --out runs/x
+    python train_probes.py --out runs/demo --resume              # continue an interrupted run
+    python train_probes.py --freq-topk 1 --freq-keep-prob 1e-3 --out runs/control   # a reweighted variant
+    python train_probes.py --experiment probe-bias --out runs/bias  # baseline vs variants, same tokens
+    python train_probes.py --method jacobian --num-prompts 100 --out runs/jlens   # a Jacobian lens
+    python train_probes.py --method jacobian --help                # its options
+
+Writes into --out: the lens (config.json + translators.safetensors), training_log.csv (step, layer,
+kl), eval.csv (held-out per-layer KL of the logit lens vs the tuned lens), eval_top1_buckets.csv
+(top-1 predictions by token-frequency bucket), token_frequencies.safetensors, eval_kl.png and
+checkpoint.pt. --out must be new, empty, or a folder of an earlier run (--resume / --overwrite).
+Ctrl-C or SIGTERM saves a checkpoint at the next step; add --resume to continue.
+
+--method jacobian writes the lens (config.json + translators.safetensors, and jacobian_lens.pt in the
+published format that TransformerLens and the reference code read), convergence.csv and .png (the
+running mean's relative change per prompt), eval.csv (held-out KL, logit vs Jacobian lens) and
+jacobian_checkpoint.pt (after every prompt; --resume continues exactly). Data-parallel over prompts
+with `torchrun --nproc_per_node N train_probes.py --method jacobian ...`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..cli import Parser, add_options, from_args
+from ..experiment import probe_bias_experiment
+from ..frequency import FrequencyVariant
+from ..jacobian_fit import FitConfig, fit
+from ..plots import plot_convergence, plot_heldout_kl, plot_probe_bias
+from ..train import TrainConfig, train
+
+GROUPS = {"model": "model", "recipe": "training recipe (must match on --resume)", "runtime": "running"}
+
+
+METHODS = ("tuned", "jacobian")
+
+
+def _method(argv) -> str:
+    first = Parser(prog="train", add_help=False)
+    first.add_argument("--method", choices=METHODS, default="tuned")
+    return first.parse_known_args(argv)[0].method
+
+
+def parse_args(argv=None, prog: str = "train_probes.py") -> tuple[TrainConfig | FitConfig, str | None]:
+    p = Parser(description=__doc__, prog=prog)
+    p.add_argument("--method", choices=METHODS, default="tuned",
+                   help="tuned: per-layer affine translators trained on KL; jacobian: the corpus-averaged Jacobian "
+                        "of the last block's output (default: tuned; see --method jacobian --help)")
+    if _method(argv) == "jacobian":
+        add_options(p, FitConfig, {"model": "model", "recipe": "fit recipe (must match on --resume)",
+                                   "runtime": "running"})
+        return from_args(FitConfig, p.parse_args(argv)), None
+    add_options(p, TrainConfig, GROUPS)
+    add_options(p, FrequencyVariant, {"*": "frequency-reweighted variants (all neutral by default = baseline)"},
+                prefix="freq_")
+    p.add_argument("--experiment", choices=["probe-bias"], default=None,
+                   help="train baseline + frequency variants on the same tokens and compare them (default: none)")
+    a = p.parse_args(argv)
+    return from_args(TrainConfig, a, variant=from_args(FrequencyVariant, a, prefix="freq_")), a.experiment
+
+
+def main_process() -> bool:
+    """Whether this is the process that reports and writes (rank 0, or the only one)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def main(argv=None, prog: str = "train_probes.py") -> int:
+    """``train_probes.py`` / ``lenses train``: parse ``argv``, train (or fit) and report."""
+    cfg, experiment = parse_args(argv, prog)
+    if isinstance(cfg, FitConfig):
+        result = fit(cfg)
+        if not main_process():  # the other processes of a data-parallel fit hold the same lens
+            return 0
+        plot_convergence(result.convergence, f"{cfg.out}/convergence.png")
+        if len(result.eval):
+            plot_heldout_kl(result.eval, f"{cfg.out}/eval_kl.png",
+                            title=f"held-out KL, Jacobian lens of {result.lens.n_prompts} prompts")
+            print("\nheld-out KL(final || lens), nats per token:")
+            print(result.eval.pivot(index="layer", columns="lens",
+                                    values="kl_nats").to_string(float_format=lambda v: f"{v:.3f}"))
+        print(f"\nJacobian lens of {result.lens.n_prompts} prompts written to {cfg.out} (load with "
+              f"lenses.load_lens({cfg.out!r}, model); {cfg.out}/jacobian_lens.pt for TransformerLens)")
+        return 0
+    if experiment == "probe-bias":
+        shares, kl = probe_bias_experiment(cfg)
+        plot_probe_bias(shares, kl, f"{cfg.out}/probe_bias.png")
+        top = shares[(shares.bucket == "1-10") & (shares.lens == "tuned")]
+        print("\nshare of top-1 predictions in frequency ranks 1-10 (tuned lens), by layer:")
+        print(top.pivot(index="layer", columns="variant", values="share").to_string(float_format=lambda v: f"{v:.2f}"))
+        print(f"\nwrote {cfg.out}/bucket_shares.csv, heldout_kl.csv, probe_bias.png")
+        return 0
+    result = train(cfg)
+    if not main_process():
+        return 0
+    tokens = result.lens.config["training"]["train_tokens"]
+    plot_heldout_kl(result.eval, f"{cfg.out}/eval_kl.png", title=f"held-out KL, {tokens:,} training tokens")
+    print("\nheld-out KL(final || lens), nats per token:")
+    print(result.eval.pivot(index="layer", columns="lens",
+                            values="kl_nats").to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"\nlens written to {cfg.out} (load with lenses.load_lens({cfg.out!r}, model))")
+    return 0
+
