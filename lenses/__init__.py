@@ -10,7 +10,7 @@ Quick start::
 from .errors import CorruptFileError, DataError, LensesError, LensMismatchError, ModelStructureError
 from .jacobian import JacobianLens
 from .lens import Lens, LogitLens, TunedLens
-from .lens_io import load_lens, save_lens
+from .lens_io import load_lens, register_kind, save_lens
 from .models import DEFAULT_MODEL, ModelAdapter, load_model
 from .version import __version__
 
@@ -19,6 +19,7 @@ __all__ = [
     "load_model",
     "load_lens",
     "save_lens",
+    "register_kind",
     "ModelAdapter",
     "Lens",
     "LogitLens",

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import LensesError
-
+from .io import cache_dir
 
 # --------------------------------------------------------------------------- declaring options
 
@@ -244,7 +244,7 @@ def _crash_log(argv: list[str]) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     text = f"lenses crash {stamp}\ncommand: {' '.join(argv)}\n\n{traceback.format_exc()}"
     folders = [Path(out)] if out and Path(out).is_dir() else []
-    folders.append(Path(os.environ.get("LENSES_CACHE", Path.home() / ".cache" / "lenses")) / "crashes")
+    folders.append(cache_dir() / "crashes")
     folders.append(Path(tempfile.gettempdir()))
     for folder in folders:
         try:

@@ -20,15 +20,18 @@ file is found through the import system's search path, or read from a wheel with
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import random
 import re
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
+from .io import cache_dir, write_json
 
 WIKI_DOC_CHARS = 2000
 BOOK_DOC_CHARS = 20000
@@ -176,8 +179,6 @@ def is_name(source) -> bool:
 def named_documents(name: str | None) -> list[str]:
     """Documents of a named corpus. ``None``/``"default"`` is ``wikipedia``, or ``pydocs`` with a one-line
     notice when its package is missing; a corpus asked for by name and missing is an error."""
-    from .data import pydocs_corpus
-
     if name in (None, "default"):
         try:
             return wikipedia_documents()
@@ -192,3 +193,59 @@ def named_documents(name: str | None) -> list[str]:
     if name == "pydocs":
         return pydocs_corpus()
     raise DataError(f"unknown corpus {name!r}: use one of {', '.join(NAMES)} or a path.")
+
+
+# --------------------------------------------------------------------------- pydocs: prose of the Python docs
+
+
+def _prose_paragraphs(text: str, min_words: int = 8) -> str:
+    """Keep paragraphs that read as prose (mostly letters, enough words), re-flowed onto one line."""
+    kept = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [ln.strip() for ln in para.strip().splitlines()]
+        if not lines or any(ln.startswith((">>>", "...", "$ ", "|", "+--", "***", "===", "---")) for ln in lines):
+            continue
+        flat = " ".join(lines)
+        letters = sum(c.isalpha() or c in " ,.;:'\"()-" for c in flat)
+        if len(flat.split()) >= min_words and letters >= 0.9 * len(flat):
+            kept.append(flat)
+    return "\n\n".join(kept)
+
+
+def pydocs_corpus() -> list[str]:
+    """Python documentation prose: reference topics plus standard-library docstrings (PSF licence).
+
+    Built once (~10 s of parsing) and cached as JSON in the lenses cache folder.
+    """
+    import sys
+
+
+    cache = cache_dir() / f"default_corpus-py{sys.version_info[0]}.{sys.version_info[1]}.json"
+    try:
+        return json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    docs = _build_pydocs_corpus()
+    try:
+        write_json(cache, docs)
+    except Exception:
+        pass  # an unwritable cache only costs a rebuild next time
+    return docs
+
+
+def _build_pydocs_corpus() -> list[str]:
+    from pydoc_data.topics import topics
+
+    docs = [_prose_paragraphs(text) for _, text in sorted(topics.items())]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for file in sorted(stdlib.rglob("*.py")):
+        if any(part in {"test", "tests", "idle_test", "site-packages", "lib2to3"} for part in file.parts):
+            continue
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        strings = [ast.get_docstring(n, clean=True) for n in ast.walk(tree)
+                   if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        docs.append(_prose_paragraphs("\n\n".join(s for s in strings if s)))
+    return [d for d in docs if d]

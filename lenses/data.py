@@ -1,25 +1,20 @@
 """Text in, token blocks out: reading corpora, packing, the held-out split.
 
 The named corpora (Wikipedia lead sections, the default; Gutenberg books; Python-docs prose) are
-described in `lenses.corpora`. The ``pydocs`` corpus is built here: English prose that ships with
-every CPython install, the Python documentation's reference topics (``pydoc_data.topics``) and the
-docstrings of the standard library, filtered to prose paragraphs. Licence: PSF License v2
-(https://docs.python.org/3/license.html).
+described and built in `lenses.corpora`.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import random
-import re
-import sysconfig
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from . import corpora
 from .errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
@@ -81,8 +76,6 @@ def read_texts(source: str | os.PathLike | None = None, field: str = "text") -> 
     ``None`` gives the default corpus, ``wikipedia`` (Python-docs prose with a notice if it is not installed).
     A name wins over a file of that name in the working folder: write ``./books`` for the folder.
     """
-    from . import corpora
-
     if corpora.is_name(source):
         return corpora.named_documents(None if source is None else str(source))
     path = Path(source)
@@ -107,64 +100,6 @@ def read_texts(source: str | os.PathLike | None = None, field: str = "text") -> 
     if not texts:
         raise DataError(f"corpus {path} contains no text. Pass a file or folder with .txt/.md/.jsonl documents.")
     return texts
-
-
-# --------------------------------------------------------------------------- default corpus
-
-
-def _prose_paragraphs(text: str, min_words: int = 8) -> str:
-    """Keep paragraphs that read as prose (mostly letters, enough words), re-flowed onto one line."""
-    kept = []
-    for para in re.split(r"\n\s*\n", text):
-        lines = [ln.strip() for ln in para.strip().splitlines()]
-        if not lines or any(ln.startswith((">>>", "...", "$ ", "|", "+--", "***", "===", "---")) for ln in lines):
-            continue
-        flat = " ".join(lines)
-        letters = sum(c.isalpha() or c in " ,.;:'\"()-" for c in flat)
-        if len(flat.split()) >= min_words and letters >= 0.9 * len(flat):
-            kept.append(flat)
-    return "\n\n".join(kept)
-
-
-def pydocs_corpus() -> list[str]:
-    """Python documentation prose: reference topics plus standard-library docstrings (PSF licence).
-
-    Built once (~10 s of parsing) and cached as JSON in the lenses cache folder.
-    """
-    import sys
-
-    from .io import write_json
-    from .models import cache_dir
-
-    cache = cache_dir() / f"default_corpus-py{sys.version_info[0]}.{sys.version_info[1]}.json"
-    try:
-        return json.loads(cache.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
-    docs = _build_pydocs_corpus()
-    try:
-        write_json(cache, docs)
-    except Exception:
-        pass  # an unwritable cache only costs a rebuild next time
-    return docs
-
-
-def _build_pydocs_corpus() -> list[str]:
-    from pydoc_data.topics import topics
-
-    docs = [_prose_paragraphs(text) for _, text in sorted(topics.items())]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for file in sorted(stdlib.rglob("*.py")):
-        if any(part in {"test", "tests", "idle_test", "site-packages", "lib2to3"} for part in file.parts):
-            continue
-        try:
-            tree = ast.parse(file.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        strings = [ast.get_docstring(n, clean=True) for n in ast.walk(tree)
-                   if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-        docs.append(_prose_paragraphs("\n\n".join(s for s in strings if s)))
-    return [d for d in docs if d]
 
 
 # --------------------------------------------------------------------------- tokens

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from . import vocab
+from .data import make_blocks, read_texts
 from .models import ModelAdapter
 
 
@@ -70,8 +71,6 @@ def cross_domain(adapter: ModelAdapter, tokenizer, lenses: dict, corpora: list[s
     """Held-out per-layer KL of every lens on the held-out split of every corpus (names or paths; the
     split `train_probes.py` uses, first ``max_tokens`` tokens). Tidy: corpus, layer, lens, kl_nats,
     kl_bits_per_byte."""
-    from .data import make_blocks, read_texts
-
     frames = []
     for corpus in corpora:
         _, held = make_blocks(read_texts(corpus), tokenizer, seq_len, max_eval_blocks=max(1, max_tokens // seq_len))

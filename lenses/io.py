@@ -10,6 +10,15 @@ from typing import Any, Callable
 
 from .errors import LensesError
 
+SIGNATURE = "lenses-toolkit"  # in every page (<meta name="generator">) and figure (its metadata) lenses writes
+
+
+def cache_dir() -> Path:
+    """Where lenses keeps what it can rebuild (dequantised GGUF copies, the pydocs corpus, crash logs
+    without an output folder): ``$LENSES_CACHE``, else ``~/.cache/lenses``."""
+    return Path(os.environ.get("LENSES_CACHE", Path.home() / ".cache" / "lenses"))
+
+
 # The mark of an output folder (`lenses.outdir`): which kind of run made it, its state, and the manifest
 # of every file lenses wrote there. `atomic_write` adds each file it writes to the manifest of the marked
 # folder that holds it (its own folder or the one above), so only files lenses wrote are ever replaced.

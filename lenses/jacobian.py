@@ -28,7 +28,9 @@ import torch
 
 from .errors import CorruptFileError, LensesError, LensMismatchError
 from .io import atomic_write
-from .lens import Lens
+from .lens import Lens, as_adapter
+from .lens_files import check_finite, note_unchecked
+from .sources import resolve_lens_path
 
 REFERENCE_OFFSET = 1  # the reference's layer i (output of block i) is our hidden[i + 1]
 
@@ -84,6 +86,18 @@ class JacobianLens(Lens):
         if model is not None:
             lens.attach(model)
         return lens
+
+    @classmethod
+    def from_pretrained(cls, path, model=None, strict: bool = True, device=None) -> "JacobianLens":
+        """A lens folder, or a published / TransformerLens lens file or a reference fit checkpoint."""
+        path = resolve_lens_path(path)
+        if not path.is_file():
+            return super().from_pretrained(path, model, strict, device)
+        lens = load_published(path, model, strict)
+        check_finite(lens.state_dict(), path)
+        if model is not None:
+            note_unchecked(path, "a published Jacobian-lens file")
+        return lens.to(device) if device is not None else lens
 
     @property
     def layers(self) -> list[int]:
@@ -185,8 +199,6 @@ def read_published(file: str | os.PathLike, num_layers: int | None = None) -> Ja
 
 def load_published(file: str | os.PathLike, model=None, strict: bool = True) -> JacobianLens:
     """`read_published`, then attached to ``model`` (which must match the file's width and layer count)."""
-    from .lens import as_adapter
-
     if model is None:
         return read_published(file)
     adapter = as_adapter(model)

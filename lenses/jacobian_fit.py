@@ -26,9 +26,9 @@ added at the end).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,17 @@ import pandas as pd
 import torch
 
 from .cli import option
+from .data import make_blocks, read_texts, split_documents
+from .distributed import DataParallel
 from .errors import DataError, LensesError
+from .evaluate import evaluate
 from .intervene import edit_residual
 from .io import atomic_write, write_csv
 from .jacobian import REFERENCE_OFFSET, JacobianLens
+from .lens import LogitLens
 from .models import DEFAULT_MODEL, ModelAdapter, ModelOptions
+from .outdir import claim
+from .runs import read_checkpoint, stop_on_signal
 
 CHECKPOINT_NAME = "jacobian_checkpoint.pt"
 PUBLISHED_NAME = "jacobian_lens.pt"
@@ -196,7 +202,6 @@ def corpus_prompts(texts: list[str], tokenizer, n: int, seq_len: int = 128, min_
     """Up to ``n`` prompts from the training side of the corpus's document split (the held-out side is
     never fitted on): documents of at least ``min_chars`` characters, BOS first when the tokenizer has
     one, cut to ``seq_len`` tokens. The reference used WikiText records of >= 600 characters, 128 tokens."""
-    from .data import split_documents
 
     docs, streams, cut = split_documents(texts, tokenizer)
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -248,8 +253,6 @@ class FitState:
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
     def load(self, path: Path, identity: dict) -> None:
-        from .train import read_checkpoint
-
         payload = read_checkpoint(path, identity)
         if "lenses_sum_float64" in payload:
             self.sums.copy_(payload["lenses_sum_float64"])
@@ -279,12 +282,6 @@ def fit(cfg: FitConfig, model=None, tokenizer=None) -> FitResult:
     log and its held-out KL into ``cfg.out``; return them."""
     from tqdm.auto import tqdm
 
-    from .data import make_blocks, read_texts
-    from .distributed import DataParallel
-    from .evaluate import evaluate
-    from .lens import LogitLens
-    from .outdir import claim
-    from .train import stop_on_signal
 
     dp = DataParallel.from_env(cfg.device)
     ckpt = Path(cfg.out) / (CHECKPOINT_NAME if dp.world == 1 else f"jacobian_checkpoint.rank{dp.rank}.pt")

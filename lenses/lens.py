@@ -3,7 +3,7 @@
 A lens is a map ``transform(h, layer) -> h'`` of a layer's residual-stream state, followed by the
 vocabulary engine's decode (`lenses.vocab.decode`: final norm, unembedding, soft-cap). That is all
 a new lens class writes: `forward`, tracing, held-out evaluation, training (if it has parameters)
-and saving/loading (`lenses.lens_io`) come from the base class. Layer ``L`` (the last) is always
+and saving/loading (`save_pretrained`, `from_pretrained`) come from the base class. Layer ``L`` (the last) is always
 decoded without a transform: it is the model's output.
 
     class MyLens(Lens):
@@ -15,14 +15,16 @@ decoded without a transform: it is the model's output.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from . import vocab
-from .errors import LensesError, LensMismatchError
+from . import lens_files, vocab
+from .errors import CorruptFileError, LensesError, LensMismatchError
 from .models import ModelAdapter
+from .sources import resolve_lens_path
 
 
 def as_adapter(model) -> ModelAdapter | None:
@@ -34,17 +36,11 @@ def as_adapter(model) -> ModelAdapter | None:
 class Lens(nn.Module):
     """Base class: ``transform`` per layer (0..L-1) plus the shared decode.
 
-    Subclasses are registered by their ``kind`` so that `lenses.lens_io.load_lens` can rebuild them
-    from a folder; their tensors (parameters and buffers) are what gets saved.
+    A subclass's ``kind`` is the name written into its files; its tensors (parameters and buffers) are
+    what gets saved. `lenses.lens_io.register_kind` lets `lenses.load_lens` rebuild a kind of your own.
     """
 
     kind: ClassVar[str] = ""
-    kinds: ClassVar[dict[str, type["Lens"]]] = {}
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.kind:
-            Lens.kinds[cls.kind] = cls
 
     def __init__(self, num_layers: int, d_model: int, config: dict[str, Any] | None = None):
         super().__init__()
@@ -102,24 +98,59 @@ class Lens(nn.Module):
         self.adapter = adapter
         return self.to(adapter.device)  # a lens lives where the model decodes (a fit accumulates on the CPU)
 
-    # ---- files (see lenses.lens_io)
-    def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False):
-        """Write the lens folder (see `lenses.lens_io.save_lens`; a folder lenses did not write is refused
-        unless ``overwrite``)."""
-        from .lens_io import save_lens
-
-        return save_lens(self, path, overwrite=overwrite)
+    # ---- files (the folder format: lenses.lens_files)
+    def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the lens folder: its tensors (in `save_dtypes`) and its config. A folder lenses did not
+        write is refused unless ``overwrite`` (see `lenses.lens_files.write_folder`)."""
+        cast = getattr(self, "save_dtypes", {})
+        tensors = {k: v.detach().cpu().to(cast.get(k, v.dtype)).contiguous() for k, v in self.state_dict().items()}
+        config = {**self.config, "lens": self.kind, "num_layers": self.num_layers, "d_model": self.d_model}
+        return lens_files.write_folder(path, tensors, config, overwrite)
 
     @classmethod
     def from_pretrained(cls, path, model=None, strict: bool = True, device=None) -> "Lens":
-        """Load a lens folder (or a shipped lens's name) of this class; see `lenses.lens_io.load_lens`."""
-        from .lens_io import load_lens
-
-        lens = load_lens(path, model=model, strict=strict, device=device)
-        if not isinstance(lens, cls):
-            raise LensesError(f"{path} holds a {lens.kind} lens, not a {cls.kind} lens; load it with "
+        """Load a lens folder of this class (a path, a shipped lens's name or a hub id); with ``model``,
+        attach it and check it was made for that model. `lenses.load_lens` loads a lens of any kind."""
+        path = resolve_lens_path(path)
+        if path.is_file():
+            raise LensesError(f"{path} is a file; a {cls.kind or cls.__name__} lens is a folder (config.json + "
+                              f"{lens_files.WEIGHTS_NAME}). Jacobian-lens files load with lenses.load_lens(path).")
+        kind, config, tensors = lens_files.read_folder(path)
+        if kind != cls.kind:
+            raise LensesError(f"{path} holds a {kind} lens, not a {cls.kind} lens; load it with "
                               "lenses.load_lens(path, model).")
+        lens = cls.from_tensors(path, config, tensors)
+        return lens.attach_loaded(path, model, strict, device)
+
+    @classmethod
+    def from_tensors(cls, path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "Lens":
+        """A lens of this class from a folder's config and tensors (shapes checked, values finite)."""
+        first = next(iter(tensors.values()), None)
+        shape = (first.shape[0], first.shape[-1]) if first is not None and first.dim() >= 2 else (0, 0)
+        try:
+            num_layers, d_model = int(config.get("num_layers", shape[0])), int(config.get("d_model", shape[1]))
+            lens = cls(num_layers, d_model, config=config)
+            own = lens.state_dict()
+            for name, t in tensors.items():
+                if name in own and own[name].shape != t.shape:
+                    raise ValueError(f"tensor {name!r} is {tuple(t.shape)}, expected {tuple(own[name].shape)}")
+            lens.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in tensors.items()})
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise CorruptFileError(f"{path}: the lens files do not fit together ({str(e).splitlines()[0][:300]}); "
+                                   "the folder is inconsistent. Re-train or re-copy it.") from e
+        lens_files.check_finite(lens.state_dict(), path)
         return lens
+
+    def attach_loaded(self, path: Path, model=None, strict: bool = True, device=None) -> "Lens":
+        """Attach a lens just read from ``path`` to ``model`` (if given; a one-line note when the file
+        carries no fingerprint to check) and move it to ``device``."""
+        if model is not None:
+            if not isinstance(self.config.get("fingerprint"), dict):
+                what = "a tuned-lens package lens" if "imported_from" in self.config else "a lens file"
+                lens_files.note_unchecked(path, what)
+            self.attach(model, strict=strict)
+            device = device or self.adapter.device
+        return self.to(device) if device is not None else self
 
 
 class LogitLens(Lens):

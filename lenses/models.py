@@ -32,6 +32,8 @@ from torch import nn
 
 from .cli import Options, check_device, option
 from .errors import LensesError, LensMismatchError, ModelStructureError, UnsupportedModelError
+from .io import cache_dir
+from .vocab import decode
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,11 +54,6 @@ def _block_probe(block: torch.nn.Module) -> list[float]:
         idx = torch.tensor([i * (flat.numel() - 1) // 3 for i in range(4)], device=flat.device)
         out += [round(float(v), 6) for v in flat[idx].float().cpu()]
     return out
-
-
-def cache_dir() -> Path:
-    """Where dequantised GGUF copies live (``$LENSES_CACHE``, else ``~/.cache/lenses``)."""
-    return Path(os.environ.get("LENSES_CACHE", Path.home() / ".cache" / "lenses"))
 
 
 def default_gguf_path() -> Path:
@@ -691,8 +688,6 @@ class ModelAdapter:
     def verify(self) -> None:
         """Check on a 4-token input that decoding the last hidden state reproduces the model's logits, that
         the model is causal, and that the final norm reads the last block's output."""
-        from .vocab import decode
-
         vocab = min(self.vocab_size, int(getattr(_text_config(self.model.config), "vocab_size", self.vocab_size)))
         ids = torch.arange(4, device=self.device).unsqueeze(0) % vocab + 1
         changed = ids.clone()

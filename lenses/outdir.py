@@ -40,7 +40,7 @@ MARK = io.MARK
 LOCK = ".lenses-lock"
 IGNORED = {MARK, LOCK, ".write-test"}
 ALWAYS_OURS = ("crash-*.log", ".*.tmp")  # crash logs (lenses.cli) and temporary files of atomic writes
-SIGNATURE = "lenses-toolkit"  # in every page (<meta name="generator">) and figure (its metadata) lenses writes
+SIGNATURE = io.SIGNATURE
 
 
 def _alive(pid: int) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import atomic_write
+from .io import SIGNATURE, atomic_write
 
 
 def _pyplot():
@@ -29,8 +29,6 @@ def _integer_layers(*axes) -> None:
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    from .outdir import SIGNATURE
-
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
     meta = {"png": {"Software": SIGNATURE}, "pdf": {"Creator": SIGNATURE}, "svg": {"Creator": SIGNATURE}}.get(fmt)

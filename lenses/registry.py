@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from .errors import LensesError
-
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
-
-
-def available() -> list[str]:
-    """Names of the lenses shipped with this install."""
-    if not PRETRAINED_DIR.exists():
-        return []
-    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "config.json").exists())
-
-
-def resolve_lens_path(name: str | os.PathLike) -> Path:
-    """A lens folder or file path, the folder of a shipped lens with that short name, or the local copy
-    of a hub lens id (``neuronpedia/jacobian-lens:gpt2-small``; see `lenses.hub`)."""
-    from . import hub
-
-    path = Path(name)
-    if path.exists():
-        return path
-    if str(name) in available():
-        return PRETRAINED_DIR / str(name)
-    if hub.is_hub_id(str(name)):
-        return hub.resolve(str(name))
-    raise LensesError(
-        f"no lens at {name!r}: not a folder or file, not a shipped lens name (shipped: {available() or 'none'}), "
-        f"and not a hub id ({hub.JLENS_REPO}:<model>, {hub.TUNED_LENS_REPO}:<model>). Train one with "
-        "`python train_probes.py --out DIR` and pass DIR."
-    )
+from .errors import LensesError, LensMismatchError
+from .lens import LogitLens
+from .lens_io import load_lens
+from .sources import PRETRAINED_DIR, available, resolve_lens_path  # noqa: F401  (where lenses are found)
 
 
 def shipped_for(adapter) -> dict[str, str]:
     """kind -> name of the shipped lenses made for ``adapter``'s model (same fingerprint)."""
     import json
-
-    from .errors import LensMismatchError
 
     found: dict[str, str] = {}
     for name in available():
@@ -66,9 +38,6 @@ def select_lenses(spec: str | list[str], adapter, strict: bool = True) -> dict:
     ``jacobian`` (the shipped lens of that kind), or lens folders / files / shipped names / hub ids, each
     optionally prefixed by a label (``jacobian:runs/jlens``, ``mine:runs/lens``). A list or a
     comma-separated string combines them; the logit lens always comes first."""
-    from .lens import LogitLens
-    from .lens_io import load_lens
-
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
     if not parts:
         raise LensesError("--lens is empty: use auto, logit, both, tuned, jacobian, or a lens folder or file.")

@@ -9,7 +9,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import write_text
+from .io import write_json, write_text
+from .models import DEFAULT_MODEL
+from .version import __version__
 
 
 @dataclass
@@ -62,8 +64,6 @@ class Report:
     def write(self, folder: str | os.PathLike) -> Path:
         """Write ``index.html`` and ``report.json`` (its record). Views of earlier runs into the same
         folder that this run did not redo stay on the page, marked as such."""
-        from .io import write_json
-
         folder = Path(folder)
         try:
             earlier = earlier_views(folder)
@@ -99,9 +99,6 @@ def earlier_views(folder: str | os.PathLike) -> list[dict]:
 
 def analysis_settings(cfg, lenses: dict, views: list[str]) -> dict[str, object]:
     """The settings block of an analysis report, from `AnalysisConfig` and the lenses used."""
-    from .models import DEFAULT_MODEL
-    from .version import __version__
-
     return {
         "model": cfg.model or DEFAULT_MODEL,
         "lenses": ", ".join(lenses),

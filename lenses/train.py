@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,13 +33,14 @@ from . import vocab
 from .cli import option
 from .data import make_blocks, read_texts
 from .distributed import DataParallel
-from .errors import CorruptFileError, DataError, LensesError
+from .errors import DataError, LensesError
 from .evaluate import evaluate
 from .frequency import FrequencyVariant, TokenFrequencies, bucket_shares
 from .io import atomic_write, write_csv
 from .lens import LogitLens, TunedLens
 from .models import DEFAULT_MODEL, ModelAdapter, ModelOptions
 from .outdir import OutputFolder, claim
+from .runs import read_checkpoint, stop_on_signal
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LENS_FILES = ("config.json", "translators.safetensors")
@@ -212,37 +211,6 @@ class TrainState:
         self.step, self.log = state["step"], state["log"]
 
 
-def read_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's contents, after checking that it is whole and that the run that wrote it had the same
-    ``identity`` (the settings that change the result); both failures say how to go on."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = state.get("identity") or {"recipe": state["config"]}  # checkpoints before identities
-    except Exception as e:
-        raise CorruptFileError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, "
-                               "or pass --overwrite to start afresh.") from e
-    changed = _differences(saved, identity)
-    if changed:
-        raise LensesError(f"cannot resume {path.parent}: these settings differ from the checkpoint's, and they "
-                          f"change the result: {'; '.join(changed)}. Use the checkpoint's settings, or another "
-                          "--out (or --overwrite) to start afresh.")
-    return state
-
-
-def _differences(saved: dict, now: dict, where: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        if key not in saved or key not in now:  # recorded by one version only: nothing to compare
-            continue
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{where}{key}.")
-        elif a != b:
-            short = len(repr(a)) + len(repr(b)) < 160
-            out.append(f"{where}{key} was {a!r}, now {b!r}" if short else f"{where}{key} differs")
-    return out
-
-
 # --------------------------------------------------------------------------- setup, loop, finish
 
 
@@ -370,30 +338,6 @@ def _check_seq_len(cfg: TrainConfig, adapter: ModelAdapter) -> None:
     if limit and cfg.seq_len > limit:
         raise LensesError(f"--seq-len {cfg.seq_len} is longer than the model's {limit} positions; use --seq-len "
                           f"{limit} or less.")
-
-
-class stop_on_signal:
-    """Turn the first Ctrl-C or SIGTERM into a request to stop at the next step boundary
-    (checkpointed); a second one interrupts at once (the last periodic checkpoint still holds)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self):
-        self.requested = False
-        self.old = {}
-        if threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return lambda: self.requested
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for s, old in self.old.items():
-            signal.signal(s, old)
-        return False
 
 
 def train_step(run: Run, step: int) -> list[float]:

@@ -24,6 +24,8 @@ import torch
 
 from .errors import LensesError
 from .io import write_text
+from .plots import _pyplot, _save
+from .trace import TraceItem, trace
 
 # colour statistics: name -> (column of the table, label)
 STATS = {
@@ -52,8 +54,6 @@ def lens_grid(adapter, tokenizer, text: str, lenses: dict, top_k: int = 5, chunk
     token; -1 and "" at the last position), token_r, id_r, prob_r for r = 1..``top_k``, entropy,
     kl (to the final layer's distribution, nats), rank_next and prob_next (NaN at the last position).
     """
-    from .trace import TraceItem, trace
-
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if len(ids) == 0:
         raise LensesError(f"the prompt {text!r} has no tokens; give some text (--prompt).")
@@ -180,7 +180,6 @@ def plot_grid(table: pd.DataFrame, path: str | os.PathLike, stat: str = "top1_pr
     than ``max_positions`` show their last ``max_positions`` positions (the title says so)."""
     from matplotlib.colors import LogNorm, Normalize
 
-    from .plots import _pyplot, _save
 
     _check_table(table)
     if stat not in STATS:

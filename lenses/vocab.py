@@ -35,6 +35,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .errors import LensesError
+from .io import cache_dir
+
 if TYPE_CHECKING:
     from .models import ModelAdapter
 
@@ -274,9 +277,6 @@ def compute_dtype(requested: str | torch.dtype = "auto", device: str | torch.dev
     times slower (AVX2: emulated). ``auto`` times both once per machine and caches the answer in
     the lenses cache; on CUDA it is bfloat16 where supported.
     """
-    from .errors import LensesError
-    from .models import cache_dir
-
     if isinstance(requested, torch.dtype):
         return requested
     if requested != "auto":

@@ -129,7 +129,7 @@ def test_bucket_shares_against_hand_count():
 
 
 def test_cli_flags_build_the_variant():
-    import train_probes
+    from lenses.commands import train as train_probes
 
     cfg, experiment = train_probes.parse_args(
         ["--freq-topk", "1", "--freq-keep-prob", "1e-3", "--freq-token", "next", "--out", "x"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lenses import Lens, LogitLens, ModelAdapter, load_lens
+from lenses import Lens, LensesError, LogitLens, ModelAdapter, load_lens, register_kind
 from lenses.analysis.frequency import frequency_view
 from lenses.evaluate import evaluate
 from lenses.trace import TraceItem, trace
@@ -79,8 +79,13 @@ def test_third_lens_traces_evaluates_and_round_trips(tiny, tmp_path, eager_kl, c
         logq = torch.log_softmax(_rotated_logits(adapter, rot, h[layer], layer), -1)
         ref = (logp.exp() * (logp - logq)).sum(-1).mean()
         torch.testing.assert_close(kl[layer].double(), ref, rtol=1e-4, atol=1e-6)
-    # save / load by kind, checked against the model
+    # save / load by kind, checked against the model: by its own class, and by kind once registered
     rot.save_pretrained(tmp_path / "rot")
+    back = RotatedLens.from_pretrained(tmp_path / "rot", model=adapter)
+    assert type(back) is RotatedLens and torch.equal(back.rotation, rot.rotation)
+    with pytest.raises(LensesError, match="register"):  # kinds are registered explicitly, not by import
+        load_lens(tmp_path / "rot", model=adapter)
+    register_kind(RotatedLens)
     back = load_lens(tmp_path / "rot", model=adapter)
     assert type(back) is RotatedLens and torch.equal(back.rotation, rot.rotation)
 

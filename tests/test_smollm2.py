@@ -47,7 +47,7 @@ def test_shape_and_last_layer(smollm2):
 
 
 def test_short_training_lowers_heldout_kl_at_every_layer(tmp_path, smollm2):
-    import train_probes
+    from lenses.commands import train as train_probes
 
     out = tmp_path / "lens"
     rc = train_probes.main(
@@ -74,7 +74,7 @@ def test_cli_reports_bad_model_path_cleanly(tmp_path):
 
 
 def test_analyze_representation_view(tmp_path):
-    import analyze
+    from lenses.commands import analyze
 
     out = tmp_path / "rep"
     assert analyze.main(["--view", "representation", "--num-prompts", "4", "--prompt-tokens", "16", "--out",
@@ -88,7 +88,7 @@ def test_analyze_representation_view(tmp_path):
 
 
 def test_analyze_prompt_with_both_lenses(tmp_path, smollm2):
-    import analyze
+    from lenses.commands import analyze
 
     model, _ = smollm2
     lens = TunedLens.for_model(model)
@@ -108,7 +108,7 @@ def test_analyze_prompt_with_both_lenses(tmp_path, smollm2):
 
 def test_analyze_all_depth_views(tmp_path, smollm2):
     """Every depth view end to end through the CLI, with a few items each; invariants of each table."""
-    import analyze
+    from lenses.commands import analyze
 
     model, _ = smollm2
     lens = TunedLens.for_model(model)

@@ -128,7 +128,7 @@ def test_report_page_links_escapes_and_survives_moves(tmp_path):
 
 
 def test_cli_grid_page_figure_and_bad_options(tmp_path, capsys):
-    import analyze
+    from lenses.commands import analyze
     from tiny_models import save_tiny_model
 
     from lenses.cli import run_cli

@@ -15,6 +15,9 @@ from typing import Any
 import torch
 
 from ..cli import option
+from ..corpora import NAMES
+from ..data import read_texts, split_documents, tokenize
+from ..errors import LensesError
 from ..models import ModelAdapter, ModelOptions
 from .common import ViewResult
 
@@ -106,8 +109,6 @@ class Context:
     @cached_property
     def texts(self) -> list[str]:
         """Every document of ``--corpus``."""
-        from ..data import read_texts
-
         return read_texts(self.cfg.corpus)
 
     @property
@@ -125,8 +126,6 @@ class Context:
         """``(documents, source)``: what the corpus views read. The held-out documents (the split
         ``train_probes.py`` uses) when a lens here was trained on ``--corpus``, so no view scores a lens
         on its own training text; otherwise all of it (your own text is read whole)."""
-        from ..data import split_documents
-
         texts, trained = self.texts, self.trained_on()
         if trained:
             docs, streams, cut = split_documents(texts, self.tokenizer)
@@ -143,8 +142,6 @@ class Context:
     @cached_property
     def corpus_tokens(self) -> torch.Tensor:
         """Every token of ``--corpus`` (for token frequencies counted on it)."""
-        from ..data import tokenize
-
         return tokenize(self.texts, self.tokenizer)
 
 
@@ -162,7 +159,6 @@ def _corpus_key(name: str | None) -> str | None:
     """Named corpora by name, files by their resolved path."""
     from pathlib import Path
 
-    from ..corpora import NAMES
 
     if name is None or name in NAMES:
         return name
@@ -206,8 +202,6 @@ CAUSAL_VIEWS = VIEW_NAMES[5:8]  # "causal": interventions that check what the le
 
 def get_view(name: str):
     """The module of view ``name`` (with ``run`` and ``plot``)."""
-    from ..errors import LensesError
-
     views = _views()
     if name not in views:
         raise LensesError(f"unknown view {name!r}; choose one of {', '.join(views)} or all.")

@@ -9,7 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import plots
+from ..data import pack, tokenize
 from ..errors import DataError
+from ..io import write_csv
+from ..plots import plot_message
 
 
 @dataclass
@@ -53,14 +57,11 @@ class ViewResult:
 
     def write(self, out: str | os.PathLike) -> list[Path]:
         """Write every table as CSV and the view's figure as ``<view>.png`` into ``out``."""
-        from ..io import write_csv
         from . import get_view
 
         out = Path(out)
         written = [write_csv(out / f"{self.view}_{name}.csv", table) for name, table in self.tables.items()]
         if self.settings.get("empty"):
-            from ..plots import plot_message
-
             written.append(plot_message(self.settings["empty"], out / f"{self.view}.png"))
         else:
             written.append(get_view(self.view).plot(self, out / f"{self.view}.png"))
@@ -76,8 +77,6 @@ def table_plot(figure: str, *tables: str):
     """A view's ``plot(result, path)``: `lenses.plots` function ``figure`` drawn from the named tables."""
 
     def plot(result: ViewResult, path):
-        from .. import plots
-
         return getattr(plots, figure)(*(result.tables[t] for t in tables), path)
 
     return plot
@@ -122,7 +121,6 @@ def text_blocks(texts: list[str], tokenizer, seq_len: int, num_positions: int, s
     of a user's file or the held-out part of a lens's training corpus, is decided by `Context.view_texts`.)"""
     import random
 
-    from ..data import pack, tokenize
 
     blocks = pack(tokenize(texts, tokenizer), seq_len)
     require(len(blocks) > 0, f"the text gives no block of {seq_len} tokens for the {view} view; pass more text "

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..data import jsonl_records, read_utf8
 from ..errors import DataError
 from ..models import ModelAdapter
 from ..trace import TraceItem, depth_summary, onset_curve, trace
@@ -67,8 +68,6 @@ def _records(obj, where: str) -> list[dict]:
 
 def read_facts(path: str | Path | None = None) -> list[dict]:
     """Facts as ``{prompt, answer, relation?, subject?}`` dicts from a JSONL file (or a JSON list)."""
-    from ..data import jsonl_records, read_utf8
-
     path = Path(path) if path else default_facts_path()
     if not path.is_file():
         raise DataError(f"fact file {path} does not exist; pass a JSONL file of {{prompt, answer}} with --facts.")

@@ -28,7 +28,7 @@ from ..data import pack, tokenize
 from ..frequency import BUCKET_NAMES, TokenFrequencies
 from ..models import ModelAdapter
 from ..trace import TraceItem, flipped, trace, trajectories
-from .common import Usage, ViewResult, early_layers, require, table_plot
+from .common import Usage, ViewResult, early_layers, encode, require, table_plot
 
 
 def word_starts(tokenizer, vocab_size: int) -> torch.Tensor:
@@ -67,8 +67,6 @@ def paragraph_items(tokenizer, documents: list[str], starts: torch.Tensor, num_p
                     seed: int = 0) -> list[TraceItem]:
     """One prompt per paragraph of more than ``min_chars`` characters (up to ``num_prompts``, drawn with
     ``seed``), cut at a random word: the marked position is the last token before a word start."""
-    from .common import encode
-
     rng = random.Random(seed)
     paragraphs = paragraphs_of(documents, min_chars)
     rng.shuffle(paragraphs)

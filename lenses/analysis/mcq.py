@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..data import read_utf8
 from ..errors import DataError
 from ..models import ModelAdapter
 from ..trace import TraceItem, onset_layer, settled_layer, trace, trajectories
@@ -42,8 +43,6 @@ def default_mcq_path() -> Path:
 def read_mcq(path: str | Path | None = None) -> list[dict]:
     """Rows of an MMLU-layout CSV as ``{question, options: [4], answer: 'A'..'D'}`` (a header row
     ``question,A,B,C,D,answer`` is skipped if present)."""
-    from ..data import read_utf8
-
     path = Path(path) if path else default_mcq_path()
     if not path.is_file():
         raise DataError(f"MCQ file {path} does not exist; pass an MMLU-layout CSV with --mcq.")

@@ -32,10 +32,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data import jsonl_records
 from ..errors import DataError
 from ..intervene import last_stream
 from ..lens import LogitLens
+from ..trace import onset_layer, settled_layer
 from .common import Usage, ViewResult, encode, require, table_plot
+from .mcq import HEADER, format_question, read_mcq
 
 SHIPPED = ("sentiment", "yesno", "continent", "mcq")
 
@@ -53,8 +56,6 @@ def tasks_dir() -> Path:
 
 
 def _mcq_rows(n: int = 60) -> list[dict]:
-    from .mcq import HEADER, format_question, read_mcq
-
     qs = read_mcq()
     prefix = HEADER + "".join(format_question(q, solved=True) for q in qs[:2])
     return [{"prompt": prefix + format_question(q, solved=False), "labels": [" A", " B", " C", " D"],
@@ -62,8 +63,6 @@ def _mcq_rows(n: int = 60) -> list[dict]:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    from ..data import jsonl_records
-
     if not path.is_file():
         raise DataError(f"task file {path} does not exist; give a shipped task ({', '.join(SHIPPED)}) or a JSONL "
                         "file of {prompt, labels, answer} lines.")
@@ -199,8 +198,6 @@ def _writer(patch: torch.Tensor, positions: str, row: int):
 def _wins(g: pd.DataFrame) -> tuple[float, float]:
     """(first layer where the source's labels outweigh the target's, first layer from which they do at
     every later layer); NaN when never."""
-    from ..trace import onset_layer, settled_layer
-
     win = (g.sort_values("layer").mass_source > g.sort_values("layer").mass_target).to_numpy()[None]
     return float(onset_layer(np.where(win, 1, 2), 1)[0]), float(settled_layer(win)[0])
 

@@ -30,15 +30,17 @@ Definitions (``Z``: the ``T x D`` token matrix of one prompt at one layer):
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..data import read_utf8
 from ..errors import DataError
 from ..models import ModelAdapter
+from ..plots import plot_representation
 from .common import Usage, ViewResult
 
 # --------------------------------------------------------------------------- spectra
@@ -253,8 +255,6 @@ def read_prompts(source: str | None, texts_of) -> list[str]:
     from pathlib import Path
 
     if source and str(source).endswith(".txt") and Path(source).is_file():
-        from ..data import read_utf8
-
         return [ln.strip() for ln in read_utf8(Path(source)).splitlines() if ln.strip()]
     return [p for t in texts_of() for p in t.split("\n\n") if len(p.split()) >= 30]
 
@@ -284,7 +284,5 @@ def run(ctx) -> ViewResult:
 
 
 def plot(result: ViewResult, path):
-    from ..plots import plot_representation
-
     t = result.tables
     return plot_representation(t["layers"], t["prompts"], path, result.settings.get("hist_layer"))

@@ -36,15 +36,22 @@ analyze.py run.
 from __future__ import annotations
 
 import time
-
 from pathlib import Path
 
-from ..analysis import (CAUSAL_VIEWS, DEPTH_VIEWS, VIEW_NAMES, VIEW_SETTINGS, AnalysisConfig, Context, run_view,
-                             view_settings)
+from ..analysis import (
+    CAUSAL_VIEWS,
+    DEPTH_VIEWS,
+    VIEW_NAMES,
+    VIEW_SETTINGS,
+    AnalysisConfig,
+    Context,
+    run_view,
+    view_settings,
+)
 from ..cli import Parser, add_options, from_args
+from ..errors import LensesError
 from ..io import write_csv
 from ..models import DEFAULT_MODEL
-from ..errors import LensesError
 from ..outdir import check_target, claim
 from ..registry import select_lenses
 from ..report import Report, ViewEntry, analysis_settings, earlier_views

@@ -1,0 +1,69 @@
+"""What every long job shares: stopping cleanly on a signal, and refusing to resume a checkpoint that
+another recipe (or another model, or other data) wrote. Used by the tuned-lens training
+(`lenses.train`) and the Jacobian-lens fit (`lenses.jacobian_fit`)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CorruptFileError, LensesError
+
+
+class stop_on_signal:
+    """Turn the first Ctrl-C or SIGTERM into a request to stop at the next step boundary
+    (checkpointed); a second one interrupts at once (the last periodic checkpoint still holds)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.requested = False
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return lambda: self.requested
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, old in self.old.items():
+            signal.signal(s, old)
+        return False
+
+
+def read_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's contents, after checking that it is whole and that the run that wrote it had the same
+    ``identity`` (the settings that change the result); both failures say how to go on."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state.get("identity") or {"recipe": state["config"]}  # checkpoints before identities
+    except Exception as e:
+        raise CorruptFileError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, "
+                               "or pass --overwrite to start afresh.") from e
+    changed = _differences(saved, identity)
+    if changed:
+        raise LensesError(f"cannot resume {path.parent}: these settings differ from the checkpoint's, and they "
+                          f"change the result: {'; '.join(changed)}. Use the checkpoint's settings, or another "
+                          "--out (or --overwrite) to start afresh.")
+    return state
+
+
+def _differences(saved: dict, now: dict, where: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if key not in saved or key not in now:  # recorded by one version only: nothing to compare
+            continue
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{where}{key}.")
+        elif a != b:
+            short = len(repr(a)) + len(repr(b)) < 160
+            out.append(f"{where}{key} was {a!r}, now {b!r}" if short else f"{where}{key} differs")
+    return out
