@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from . import corpora
+from . import corpora, schema
 from .errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
@@ -49,10 +49,7 @@ def jsonl_records(path: Path) -> list[tuple[str, object]]:
 def _read_jsonl(path: Path, field: str = "text") -> list[str]:
     texts = []
     for where, record in jsonl_records(path):
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise DataError(f"{where} has no string field {field!r}; each JSONL line must look like "
-                            f"{{\"{field}\": \"...\"}}.")
-        texts.append(record[field])
+        texts.append(schema.check(record, schema.corpus_line(field), where, f'{{"{field}": "..."}}')[field])
     return texts
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import schema
 from .errors import CorruptFileError, LensesError
 from .io import atomic_write, write_json
 from .version import __version__
@@ -93,7 +94,7 @@ def read_config(path: Path) -> dict[str, Any]:
                                "it.") from e
     if not isinstance(config, dict):
         raise CorruptFileError(f"{file} holds a JSON {type(config).__name__}, not an object; it is not a lens config.")
-    return config
+    return schema.check(config, schema.LENS_CONFIG, str(file), schema.LENS_CONFIG_EXAMPLE, error=CorruptFileError)
 
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -327,3 +327,29 @@ def test_sigterm_in_analysis_is_one_line_releases_the_lock_and_marks_missing_vie
     assert json.loads((out / ".lenses-out").read_text())["state"] == "interrupted"
     page = (out / "index.html").read_text()
     assert "Missing" in page and "interrupted" in page
+
+
+def test_every_reader_checks_its_declared_fields(tmp_path):
+    """Facts, tasks, JSONL corpora and lens configs are checked through their schema (lenses.schema)."""
+    from lenses.analysis.facts import read_facts
+    from lenses.analysis.patching import _read_rows
+    from lenses.data import read_texts
+    from lenses.errors import DataError
+    from lenses.lens_files import read_config
+
+    cases = [
+        (read_facts, "f.jsonl", '{"prompt": "x"}\n', DataError, "has no non-empty string field 'answer'"),
+        (read_facts, "g.jsonl", '{"prompt": "x", "answer": "y", "relation": 3}\n', DataError, "field 'relation'"),
+        (_read_rows, "t.jsonl", '{"prompt": "x", "labels": [" a"]}\n', DataError, "'labels' has 1 item"),
+        (_read_rows, "u.jsonl", '{"prompt": "x", "labels": [" a", 2]}\n', DataError, "every item of 'labels'"),
+        (read_texts, "c.jsonl", '{"text": ["a"]}\n', DataError, "has no string field 'text'"),
+    ]
+    for reader, name, text, error, words in cases:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(error, match=words) as e:
+            reader(tmp_path / name)
+        assert f"{name}:1" in str(e.value)
+    (tmp_path / "lens").mkdir()
+    (tmp_path / "lens" / "config.json").write_text('{"lens": "tuned", "num_layers": "30"}')
+    with pytest.raises(CorruptFileError, match="whole-number field 'num_layers'"):
+        read_config(tmp_path / "lens")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import schema
 from ..data import jsonl_records, read_utf8
 from ..errors import DataError
 from ..models import ModelAdapter
@@ -41,9 +42,8 @@ def _records(obj, where: str) -> list[dict]:
                         "{prompt, answer}, "
                         "CounterFact's requested_rewrite or MQuAKE's single_hops.")
     try:
-        if "prompt" in obj and "answer" in obj:
-            facts = [{"prompt": obj["prompt"], "answer": obj["answer"],
-                      **{k: v for k, v in obj.items() if k in ("relation", "subject")}}]
+        if "prompt" in obj or "answer" in obj:  # the plain layout: its fields are checked below
+            facts = [{k: obj[k] for k in ("prompt", "answer", "relation", "subject") if k in obj}]
         elif "requested_rewrite" in obj:  # CounterFact
             rw = obj["requested_rewrite"]
             rw = rw[0] if isinstance(rw, list) else rw
@@ -58,12 +58,8 @@ def _records(obj, where: str) -> list[dict]:
         raise DataError(f"{where}: the record does not have the expected fields ({type(e).__name__}: {e}); expected "
                         "{prompt, answer}, CounterFact's requested_rewrite.prompt/subject/target_true.str or "
                         "MQuAKE's single_hops[].cloze/answer.") from e
-    for f in facts:
-        for key in ("prompt", "answer"):
-            if not isinstance(f[key], str) or not f[key].strip():
-                raise DataError(f"{where}: empty prompt or answer: the {key} must be a non-empty string, not "
-                                f"{f[key]!r}.")
-    return facts
+    return [schema.check(f, schema.FACT, where, "a fact with no empty prompt or answer, " + schema.FACT_EXAMPLE)
+            for f in facts]
 
 
 def read_facts(path: str | Path | None = None) -> list[dict]:

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import schema
 from ..data import jsonl_records
 from ..errors import DataError
 from ..intervene import last_stream
@@ -68,13 +69,7 @@ def _read_rows(path: Path) -> list[dict]:
                         "file of {prompt, labels, answer} lines.")
     rows = []
     for where, row in jsonl_records(path):
-        ok = (isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip()
-              and isinstance(row.get("labels"), list) and len(row["labels"]) >= 2
-              and all(isinstance(x, str) and x for x in row["labels"]))
-        if not ok:
-            raise DataError(f"{where} must look like {{\"prompt\": \"...\", \"labels\": [\" yes\", \" no\"], "
-                            "\"answer\": \" yes\"}} with a non-empty prompt and at least two labels.")
-        rows.append(row)
+        rows.append(schema.check(row, schema.TASK_ROW, where, schema.TASK_EXAMPLE))
     require(bool(rows), f"{path} holds no prompts.")
     return rows
 
