@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from lenses import ModelAdapter, load_model  # noqa: E402
 from lenses.corpora import named_documents  # noqa: E402
 from lenses.jacobian_fit import corpus_prompts, fit_prompts  # noqa: E402
-from lenses.models import resolve_model_path  # noqa: E402
+from lenses.loading import resolve_model_path  # noqa: E402
 
 
 def matmul_limit(shapes, repeats: int = 5) -> float:

@@ -11,7 +11,8 @@ from .errors import CorruptFileError, DataError, LensesError, LensMismatchError,
 from .jacobian import JacobianLens
 from .lens import Lens, LogitLens, TunedLens
 from .lens_io import load_lens, register_kind, save_lens
-from .models import DEFAULT_MODEL, ModelAdapter, load_model
+from .loading import DEFAULT_MODEL, load_model
+from .models import ModelAdapter
 from .version import __version__
 
 __all__ = [

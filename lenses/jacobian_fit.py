@@ -45,7 +45,8 @@ from .intervene import edit_residual
 from .io import atomic_write, write_csv
 from .jacobian import REFERENCE_OFFSET, JacobianLens
 from .lens import LogitLens
-from .models import DEFAULT_MODEL, ModelAdapter, ModelOptions
+from .loading import DEFAULT_MODEL, ModelOptions
+from .models import ModelAdapter
 from .outdir import claim
 from .runs import read_checkpoint, stop_on_signal
 

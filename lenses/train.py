@@ -38,7 +38,8 @@ from .evaluate import evaluate
 from .frequency import FrequencyVariant, TokenFrequencies, bucket_shares
 from .io import atomic_write, write_csv
 from .lens import LogitLens, TunedLens
-from .models import DEFAULT_MODEL, ModelAdapter, ModelOptions
+from .loading import DEFAULT_MODEL, ModelOptions
+from .models import ModelAdapter
 from .outdir import OutputFolder, claim
 from .runs import read_checkpoint, stop_on_signal
 

@@ -15,7 +15,7 @@ import time
 
 from lenses.evaluate import cross_domain  # noqa: E402
 from lenses.io import write_csv  # noqa: E402
-from lenses.models import ModelOptions  # noqa: E402
+from lenses.loading import ModelOptions  # noqa: E402
 from lenses.registry import select_lenses  # noqa: E402
 
 

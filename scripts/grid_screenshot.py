@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from lenses.models import ModelOptions  # noqa: E402
+from lenses.loading import ModelOptions  # noqa: E402
 from lenses.registry import select_lenses  # noqa: E402
 from lenses.viz import lens_grid, write_grid_html  # noqa: E402
 

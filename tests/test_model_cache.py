@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from lenses.models import _dequantise_gguf_to_cache
+from lenses.loading import _dequantise_gguf_to_cache
 
 
 class _Tok:

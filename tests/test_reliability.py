@@ -196,7 +196,7 @@ BAD_OPTIONS = [  # (which CLI, options, what the one line must say)
 @pytest.mark.parametrize("which,bad,message", BAD_OPTIONS, ids=lambda x: str(x)[:40])
 def test_options_are_checked_before_any_work(which, bad, message, capsys, monkeypatch, tmp_path):
     main = {"train": train_probes.main, "analyze": analyze.main}[which]
-    monkeypatch.setattr("lenses.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("lenses.loading.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     rc, err = cli(main, ["--out", str(tmp_path / "o"), *bad], capsys)
     assert rc == 2 and message in err, err
     assert not (tmp_path / "o").exists()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lenses import LogitLens, ModelAdapter, TunedLens
-from lenses.models import default_gguf_path, resolve_model_path
+from lenses.loading import default_gguf_path, resolve_model_path
 from lenses.viz import read_grid
 
 pytestmark = pytest.mark.slow

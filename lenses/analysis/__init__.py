@@ -18,7 +18,8 @@ from ..cli import option
 from ..corpora import NAMES
 from ..data import read_texts, split_documents, tokenize
 from ..errors import LensesError
-from ..models import ModelAdapter, ModelOptions
+from ..loading import ModelOptions
+from ..models import ModelAdapter
 from .common import ViewResult
 
 

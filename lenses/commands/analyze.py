@@ -51,7 +51,7 @@ from ..analysis import (
 from ..cli import Parser, add_options, from_args
 from ..errors import LensesError
 from ..io import write_csv
-from ..models import DEFAULT_MODEL
+from ..loading import DEFAULT_MODEL
 from ..outdir import check_target, claim
 from ..registry import select_lenses
 from ..report import Report, ViewEntry, analysis_settings, earlier_views

