@@ -38,7 +38,6 @@ import torch
 
 from .cli import option
 from .data import make_blocks, read_texts, split_documents
-from .distributed import DataParallel
 from .errors import DataError, LensesError
 from .evaluate import evaluate
 from .intervene import edit_residual
@@ -47,8 +46,7 @@ from .jacobian import REFERENCE_OFFSET, JacobianLens
 from .lens import LogitLens
 from .loading import DEFAULT_MODEL, ModelOptions
 from .models import ModelAdapter
-from .outdir import claim
-from .runs import read_checkpoint, stop_on_signal
+from .runs import Job, open_job, read_checkpoint
 
 CHECKPOINT_NAME = "jacobian_checkpoint.pt"
 PUBLISHED_NAME = "jacobian_lens.pt"
@@ -278,95 +276,123 @@ def _digest(prompts: list[torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass
+class FitRun:
+    """Everything the fit's loop and finish need, made by `fit_setup`."""
+
+    cfg: FitConfig
+    job: Job
+    layers: list[int]
+    texts: list[str]
+    mine: list[torch.Tensor]  # this process's share of the prompts
+    identity: dict
+    state: FitState
+    checkpoint: Path
+    before: float = 0.0  # seconds spent by earlier sessions of this fit
+    seconds: float = 0.0  # this session's
+
+
 def fit(cfg: FitConfig, model=None, tokenizer=None) -> FitResult:
     """Fit a Jacobian lens on ``cfg.corpus``; write it (our folder + the published file), its convergence
-    log and its held-out KL into ``cfg.out``; return them."""
+    log and its held-out KL into ``cfg.out``; return them. The job is `lenses.runs.open_job`, then
+    `fit_setup`, `fit_loop` and `fit_finish`."""
+    with open_job(cfg, "jacobian", model, tokenizer, owned=("jacobian_checkpoint.rank*.pt",)) as job:
+        job.dp.barrier()  # the folder is claimed before any process writes its checkpoint there
+        run = fit_setup(job, cfg)
+        fit_loop(run)
+        return fit_finish(run)
+
+
+def fit_setup(job: Job, cfg: FitConfig) -> FitRun:
+    """The prompts (this process's share), the identity of the fit, and its state (resumed if asked)."""
+    dp, adapter = job.dp, job.adapter
+    layers = check_layers(adapter, None if cfg.source_layers is None else
+                          [int(p) for p in cfg.source_layers.split(",") if p.strip()])
+    texts = read_texts(cfg.corpus)
+    prompts = corpus_prompts(texts, job.tokenizer, cfg.num_prompts, cfg.seq_len, cfg.min_chars)
+    prompts = [p for p in prompts if len(p) > cfg.skip_first + 1]
+    if not prompts:
+        raise DataError(f"the corpus gives no document of {cfg.min_chars}+ characters and more than "
+                        f"{cfg.skip_first + 1} tokens; lower --min-chars or --skip-first, or add text.")
+    if dp.main:
+        print(f"data: fitting on {len(prompts):,} prompts (asked for {cfg.num_prompts:,}) of up to {cfg.seq_len} "
+              f"tokens from the training side of {cfg.corpus or 'wikipedia'} ({len(texts):,} documents)")
+        if len(prompts) < cfg.num_prompts:
+            print(f"note: the corpus gives {len(prompts)} prompts, fewer than --num-prompts {cfg.num_prompts}")
+    identity = {"recipe": cfg.recipe(), "prompts": _digest(prompts), "world": dp.world,
+                "layers": layers, "fingerprint": adapter.fingerprint()}
+    acc = torch.promote_types(next(adapter.model.parameters()).dtype, torch.float32)
+    state = FitState(layers, torch.zeros(len(layers), adapter.d_model, adapter.d_model, dtype=acc))
+    ckpt = Path(cfg.out) / (CHECKPOINT_NAME if dp.world == 1 else f"jacobian_checkpoint.rank{dp.rank}.pt")
+    if cfg.resume and ckpt.exists():
+        state.load(ckpt, identity)
+    before = state.log[-1][2] if state.log else 0.0
+    return FitRun(cfg, job, layers, texts, prompts[dp.rank :: dp.world], identity, state, ckpt, before)
+
+
+def fit_loop(run: FitRun) -> None:
+    """Fit prompt after prompt, checkpointing after each; stop early once converged (``--tol``), or at a
+    prompt boundary when asked to (Ctrl-C, SIGTERM), saying how to resume."""
     from tqdm.auto import tqdm
 
-
-    dp = DataParallel.from_env(cfg.device)
-    ckpt = Path(cfg.out) / (CHECKPOINT_NAME if dp.world == 1 else f"jacobian_checkpoint.rank{dp.rank}.pt")
-    folder = claim(cfg.out, "jacobian", resume=cfg.resume, overwrite=cfg.overwrite,
-                   owned=("jacobian_checkpoint.rank*.pt",)) if dp.main else None
-    try:
-        with stop_on_signal() as stop_requested:
-            dp.barrier()
-            if model is None:
-                model, tokenizer, adapter = cfg.load(device=dp.device)
-            else:
-                adapter = cfg.adapter(model)
-            layers = check_layers(adapter, None if cfg.source_layers is None else
-                                  [int(p) for p in cfg.source_layers.split(",") if p.strip()])
-            texts = read_texts(cfg.corpus)
-            prompts = corpus_prompts(texts, tokenizer, cfg.num_prompts, cfg.seq_len, cfg.min_chars)
-            prompts = [p for p in prompts if len(p) > cfg.skip_first + 1]
-            if not prompts:
-                raise DataError(f"the corpus gives no document of {cfg.min_chars}+ characters and more than "
-                                f"{cfg.skip_first + 1} tokens; lower --min-chars or --skip-first, or add text.")
-            if len(prompts) < cfg.num_prompts and dp.main:
-                print(f"note: the corpus gives {len(prompts)} prompts, fewer than --num-prompts {cfg.num_prompts}")
-            mine = prompts[dp.rank :: dp.world]
-            identity = {"recipe": cfg.recipe(), "prompts": _digest(prompts), "world": dp.world,
-                        "layers": layers, "fingerprint": adapter.fingerprint()}
-            acc = torch.promote_types(next(adapter.model.parameters()).dtype, torch.float32)
-            state = FitState(layers, torch.zeros(len(layers), adapter.d_model, adapter.d_model, dtype=acc))
-            if cfg.resume and ckpt.exists():
-                state.load(ckpt, identity)
-            bar = tqdm(total=len(mine), initial=state.next_idx, unit="prompt", desc="fitting J-lens",
-                       disable=not (cfg.progress and dp.main))
-            t0, done_here, rel = time.perf_counter(), 0, math.inf
-            before = state.log[-1][2] if state.log else 0.0  # seconds spent by earlier sessions of this fit
-            # every process runs the same number of rounds (its collectives pair up with the others'), fitting
-            # its next prompt while it has one; after a resume the processes may be a prompt apart
-            while dp.any(state.next_idx < len(mine)):
-                if state.next_idx < len(mine):
-                    J = prompt_jacobian(adapter, mine[state.next_idx], layers, cfg.skip_first, cfg.dim_batch)
-                    rel, dist = state.add(J)
-                    state.next_idx += 1
-                    done_here += 1
-                    elapsed = time.perf_counter() - t0
-                    state.log.append([dp.rank + dp.world * (state.next_idx - 1), state.n_done, before + elapsed,
-                                      rel, dist])
-                    state.save(ckpt, identity, adapter.num_layers - 1, cfg.skip_first)
-                    bar.set_postfix(prompt_s=f"{done_here / elapsed:.3g}", change=f"{rel:.2e}", dist_I=f"{dist:.3f}")
-                    bar.update(1)
-                converged = cfg.tol > 0 and state.n_done >= cfg.min_prompts and rel < cfg.tol
-                if not dp.any(not converged):
-                    if dp.main:
-                        print(f"converged: the running mean changed by {rel:.2e} < --tol {cfg.tol} after "
-                              f"{state.n_done} prompts")
-                    break
-                if dp.any(stop_requested()):
-                    bar.close()
-                    raise LensesError(f"interrupted after {state.n_done} prompts; progress saved in {ckpt}. "
-                                      "Continue with the same command plus --resume.")
-            bar.close()
-            sums, n = state.sums.clone(), torch.tensor([float(state.n_done)], dtype=torch.float64)
-            dp.sum_(sums, n)
-            lens = JacobianLens.from_matrices(
-                {k: sums[j] / n.item() for j, k in enumerate(layers)}, adapter.num_layers,
-                {"model": cfg.model or DEFAULT_MODEL, "n_prompts": int(n.item()), "corpus": cfg.corpus or "wikipedia",
-                 "skip_first": cfg.skip_first, "seq_len": cfg.seq_len, "fit_seconds": before + time.perf_counter() - t0,
-                 "final_rel_change": state.log[-1][3] if state.log else None},
-                model=adapter)
-            convergence = pd.DataFrame(state.log, columns=["prompt", "n_done", "seconds", "rel_change",
-                                                           "dist_identity"])
-            table = pd.DataFrame()
+    cfg, dp, adapter, state, mine = run.cfg, run.job.dp, run.job.adapter, run.state, run.mine
+    bar = tqdm(total=len(mine), initial=state.next_idx, unit="prompt", desc="fitting J-lens",
+               disable=not (cfg.progress and dp.main))
+    t0, done_here, rel = time.perf_counter(), 0, math.inf
+    # every process runs the same number of rounds (its collectives pair up with the others'), fitting
+    # its next prompt while it has one; after a resume the processes may be a prompt apart
+    while dp.any(state.next_idx < len(mine)):
+        if state.next_idx < len(mine):
+            J = prompt_jacobian(adapter, mine[state.next_idx], run.layers, cfg.skip_first, cfg.dim_batch)
+            rel, dist = state.add(J)
+            state.next_idx += 1
+            done_here += 1
+            elapsed = time.perf_counter() - t0
+            state.log.append([dp.rank + dp.world * (state.next_idx - 1), state.n_done, run.before + elapsed,
+                              rel, dist])
+            state.save(run.checkpoint, run.identity, adapter.num_layers - 1, cfg.skip_first)
+            bar.set_postfix(prompt_s=f"{done_here / elapsed:.3g}", change=f"{rel:.2e}", dist_I=f"{dist:.3f}")
+            bar.update(1)
+        converged = cfg.tol > 0 and state.n_done >= cfg.min_prompts and rel < cfg.tol
+        if not dp.any(not converged):
             if dp.main:
-                out = Path(cfg.out)
-                if cfg.eval_tokens:
-                    _, held = make_blocks(texts, tokenizer, 256, max_eval_blocks=max(1, cfg.eval_tokens // 256))
-                    table = evaluate(adapter, {"logit": LogitLens(adapter), "jacobian": lens}, held, tokenizer).table()
-                    lens.config["heldout_kl_nats"] = [None if math.isnan(v) else round(v, 5)
-                                                      for v in table[table.lens == "jacobian"].kl_nats]
-                    write_csv(out / "eval.csv", table)
-                lens.save_pretrained(out)
-                if not lens.present[0]:
-                    lens.save_published(out / PUBLISHED_NAME)
-                write_csv(out / "convergence.csv", convergence)
-                folder.finish()
-            dp.barrier()
-            return FitResult(lens, convergence, table, Path(cfg.out))
-    finally:
-        if folder:
-            folder.release()
+                print(f"converged: the running mean changed by {rel:.2e} < --tol {cfg.tol} after "
+                      f"{state.n_done} prompts")
+            break
+        if dp.any(run.job.stop_requested()):
+            bar.close()
+            raise LensesError(f"interrupted after {state.n_done} prompts; progress saved in {run.checkpoint}. "
+                              "Continue with the same command plus --resume.")
+    bar.close()
+    run.seconds = time.perf_counter() - t0
+
+
+def fit_finish(run: FitRun) -> FitResult:
+    """The mean over every process's prompts; the main process evaluates it and writes every file."""
+    cfg, dp, adapter, state = run.cfg, run.job.dp, run.job.adapter, run.state
+    sums, n = state.sums.clone(), torch.tensor([float(state.n_done)], dtype=torch.float64)
+    dp.sum_(sums, n)
+    lens = JacobianLens.from_matrices(
+        {k: sums[j] / n.item() for j, k in enumerate(run.layers)}, adapter.num_layers,
+        {"model": cfg.model or DEFAULT_MODEL, "n_prompts": int(n.item()), "corpus": cfg.corpus or "wikipedia",
+         "skip_first": cfg.skip_first, "seq_len": cfg.seq_len, "fit_seconds": run.before + run.seconds,
+         "final_rel_change": state.log[-1][3] if state.log else None},
+        model=adapter)
+    convergence = pd.DataFrame(state.log, columns=["prompt", "n_done", "seconds", "rel_change", "dist_identity"])
+    table = pd.DataFrame()
+    if dp.main:
+        out = Path(cfg.out)
+        if cfg.eval_tokens:
+            _, held = make_blocks(run.texts, run.job.tokenizer, 256, max_eval_blocks=max(1, cfg.eval_tokens // 256))
+            print(f"data: held-out evaluation on {held.numel():,} tokens (asked for up to {cfg.eval_tokens:,})")
+            table = evaluate(adapter, {"logit": LogitLens(adapter), "jacobian": lens}, held, run.job.tokenizer).table()
+            lens.config["heldout_kl_nats"] = [None if math.isnan(v) else round(v, 5)
+                                              for v in table[table.lens == "jacobian"].kl_nats]
+            write_csv(out / "eval.csv", table)
+        lens.save_pretrained(out)
+        if not lens.present[0]:
+            lens.save_published(out / PUBLISHED_NAME)
+        write_csv(out / "convergence.csv", convergence)
+        run.job.folder.finish()
+    dp.barrier()
+    return FitResult(lens, convergence, table, Path(cfg.out))

@@ -73,6 +73,11 @@ class Lens(nn.Module):
             raise LensesError(f"layer {layer} is out of range: this lens reads layers 0..{self.num_layers}.")
         return vocab.decode(self.adapter, h if layer == self.num_layers else self.transform(h, layer), dtype)
 
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters training optimises (`lenses.train`): every parameter that requires a gradient.
+        A lens without any (logit, Jacobian) is built or fitted, not trained."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     # ---- the model it reads
     @classmethod
     def for_model(cls, model, **config) -> "Lens":

@@ -1,17 +1,65 @@
-"""What every long job shares: stopping cleanly on a signal, and refusing to resume a checkpoint that
-another recipe (or another model, or other data) wrote. Used by the tuned-lens training
-(`lenses.train`) and the Jacobian-lens fit (`lenses.jacobian_fit`)."""
+"""The skeleton every long job stands on: the tuned-lens training (`lenses.train`) and the
+Jacobian-lens fit (`lenses.jacobian_fit`) are each setup / step / finish over it.
+
+- `open_job`: the process group (one process, or data parallel under ``torchrun``), the output folder
+  claimed and locked (main process), Ctrl-C and SIGTERM turned into a request to stop at the next step
+  boundary, and the model loaded (or a given one adapted); the folder is released however the job ends;
+- `read_checkpoint`: a checkpoint is resumed only by the run that wrote it (same recipe, data, model
+  fingerprint), else the differences are listed.
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .distributed import DataParallel
 from .errors import CorruptFileError, LensesError
+from .models import ModelAdapter
+from .outdir import OutputFolder, claim
+
+
+@dataclass
+class Job:
+    """What a long job starts from (`open_job`)."""
+
+    dp: DataParallel
+    folder: OutputFolder | None  # claimed by the main process only
+    model: Any
+    tokenizer: Any
+    adapter: ModelAdapter
+    stop_requested: Callable[[], bool]  # true once Ctrl-C or SIGTERM asked the job to stop at a step boundary
+
+
+@contextmanager
+def open_job(cfg, kind: str, model=None, tokenizer=None, owned: tuple[str, ...] = (),
+             check: Callable[[DataParallel], None] | None = None, seed: int | None = None) -> Iterator[Job]:
+    """Start a job of ``kind`` from its config ``cfg`` (``out``, ``resume``, ``overwrite``, ``device`` and
+    the `lenses.loading.ModelOptions`): ``check(dp)`` runs before anything is claimed; ``seed`` seeds
+    torch before the model loads; ``owned``: file-name patterns other processes write into ``out``."""
+    dp = DataParallel.from_env(cfg.device)
+    if check is not None:
+        check(dp)
+    folder = claim(cfg.out, kind, resume=cfg.resume, overwrite=cfg.overwrite, owned=owned) if dp.main else None
+    try:
+        with stop_on_signal() as stop_requested:
+            if seed is not None:
+                torch.manual_seed(seed)
+            if model is None:
+                model, tokenizer, adapter = cfg.load(device=dp.device)
+            else:
+                adapter = cfg.adapter(model)
+            yield Job(dp, folder, model, tokenizer, adapter, stop_requested)
+    finally:
+        if folder:
+            folder.release()
 
 
 class stop_on_signal:

@@ -10,11 +10,11 @@ gradient-norm clip 1.0. Each step:
    chunk (`lenses.vocab.kl_and_grad`), so no ``[layers x tokens x vocab]`` tensor ever exists;
 4. one backward through norm + translators, clip, optimiser step.
 
-`train` is `setup` (model, data, output folder, state), `loop` and `finish` (held-out evaluation,
-files) around one `TrainState`, which saves and loads itself. Everything that decides a step
-(data order, weights) is a function of (seed, step), and the checkpoint holds the optimiser
-state and the identity of the run (recipe, data hash, dtypes), so ``--resume`` continues
-bit-identically or refuses, listing what changed.
+`train` is `lenses.runs.open_job` (output folder, signals, model), `setup` (data, state), `loop` and
+`finish` (held-out evaluation, files) around one `TrainState`, which saves and loads itself.
+Everything that decides a step (data order, weights) is a function of (seed, step), and the
+checkpoint holds the optimiser state and the identity of the run (recipe, data hash, dtypes), so
+``--resume`` continues bit-identically or refuses, listing what changed.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from .errors import DataError, LensesError
 from .evaluate import evaluate
 from .frequency import FrequencyVariant, TokenFrequencies, bucket_shares
 from .io import atomic_write, write_csv
-from .lens import LogitLens, TunedLens
+from .lens import Lens, LogitLens, TunedLens
 from .loading import DEFAULT_MODEL, ModelOptions
 from .models import ModelAdapter
-from .outdir import OutputFolder, claim
-from .runs import read_checkpoint, stop_on_signal
+from .outdir import OutputFolder
+from .runs import Job, open_job, read_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LENS_FILES = ("config.json", "translators.safetensors")
@@ -163,19 +163,27 @@ def position_tokens(source: str, adapter: ModelAdapter, ids: torch.Tensor, hidde
 
 @dataclass
 class TrainState:
-    """What a run has learned so far; saves itself as ``checkpoint.pt`` and loads itself back."""
+    """What a run has learned so far; saves itself as ``checkpoint.pt`` and loads itself back.
 
-    lens: TunedLens
+    Generic over the lens: its trainable parameters (whatever a `Lens` subclass registers) are
+    optimised on the KL loss through its ``transform_stack``, saved and restored by name. A new
+    trainable lens is one class (``train(cfg, lens_class=MyLens)``)."""
+
+    lens: Lens
     optimizer: torch.optim.Optimizer
     scheduler: Any
     step: int = 0
     log: list = field(default_factory=list)  # [step, layer, kl] rows
 
     @classmethod
-    def fresh(cls, cfg: TrainConfig, adapter: ModelAdapter, total: int) -> "TrainState":
-        lens = TunedLens.for_model(adapter)
+    def fresh(cls, cfg: TrainConfig, adapter: ModelAdapter, total: int,
+              lens_class: type[Lens] = TunedLens) -> "TrainState":
+        lens = lens_class.for_model(adapter)
         lens.config["model"] = cfg.model or DEFAULT_MODEL
-        params = [lens.weight, lens.bias]
+        params = lens.trainable()
+        if not params:
+            raise LensesError(f"a {lens_class.__name__} has no trainable parameters; nothing to train "
+                              "(a transform-only lens needs no training: load or build it directly).")
         if cfg.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=cfg.effective_lr(), momentum=cfg.momentum, nesterov=True,
                                   weight_decay=cfg.weight_decay)
@@ -187,8 +195,7 @@ class TrainState:
     def save(self, path: Path, identity: dict[str, Any]) -> None:
         state = {
             "step": self.step,
-            "weight": self.lens.weight.detach().cpu(),
-            "bias": self.lens.bias.detach().cpu(),
+            "lens": {k: v.detach().cpu() for k, v in self.lens.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
@@ -202,9 +209,9 @@ class TrainState:
         """Restore from ``path`` after checking it was made by the same run (``identity``)."""
         state = read_checkpoint(path, identity)
         self.lens.adapter.check_fingerprint(state["fingerprint"] or {}, what="checkpoint")
-        with torch.no_grad():
-            self.lens.weight.copy_(state["weight"])
-            self.lens.bias.copy_(state["bias"])
+        with torch.no_grad():  # checkpoints before generic states held the tuned lens's weight and bias
+            tensors = state["lens"] if "lens" in state else {"weight": state["weight"], "bias": state["bias"]}
+            self.lens.load_state_dict(tensors)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if "rng" in state:
@@ -244,7 +251,7 @@ class Run:
 class TrainResult:
     """What `train` returns (and writes into ``cfg.out``)."""
 
-    lens: TunedLens
+    lens: Lens
     log: pd.DataFrame  # step, layer, kl
     eval: pd.DataFrame  # layer, lens, kl_nats, kl_bits_per_byte
     buckets: pd.DataFrame  # lens, layer, bucket, share (top-1 predictions by frequency bucket)
@@ -260,52 +267,45 @@ def _hash(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
-    """Claim the output folder, load model and data, and build (or resume) the `TrainState`."""
-    dp = DataParallel.from_env(cfg.device)
-    if cfg.batch_size % dp.world:
-        raise LensesError(f"--batch-size {cfg.batch_size} does not split evenly over {dp.world} processes; "
-                          f"use a multiple of {dp.world}.")
-    folder = None
+def setup(job: Job, cfg: TrainConfig, lens_class: type[Lens] = TunedLens) -> Run:
+    """Read the data and build (or resume) the `TrainState` of a job `open_job` started."""
+    dp, adapter, tokenizer = job.dp, job.adapter, job.tokenizer
+    dtype = vocab.compute_dtype(cfg.compute_dtype, adapter.device)
+    texts = read_texts(cfg.corpus)
+    max_eval_blocks = max(1, cfg.max_eval_tokens // cfg.seq_len)
+    _check_seq_len(cfg, adapter)
+    train_blocks, eval_blocks = make_blocks(texts, tokenizer, cfg.seq_len, cfg.eval_fraction, max_eval_blocks)
+    if cfg.batch_size > len(train_blocks):
+        raise DataError(f"--batch-size {cfg.batch_size} is more than the {len(train_blocks)} training blocks of "
+                        f"{cfg.seq_len} tokens the corpus gives; lower --batch-size or --seq-len, or add text.")
+    total = cfg.total_steps()
+    freqs = (TokenFrequencies.load(cfg.frequencies) if cfg.frequencies
+             else TokenFrequencies.from_tokens(train_blocks, adapter.vocab_size))
+    if len(freqs.counts) < adapter.vocab_size:
+        raise DataError(f"--frequencies covers {len(freqs.counts)} tokens but the model has {adapter.vocab_size}: "
+                        "it was counted with another tokenizer. Omit --frequencies to count on the corpus.")
+    identity = {"recipe": cfg.recipe(), "total_steps": total, "data": _hash(train_blocks, eval_blocks),
+                "frequencies": _hash(freqs.counts), "compute_dtype_used": str(dtype).replace("torch.", ""),
+                "fingerprint": adapter.fingerprint(),  # the model itself, wherever its file lies
+                "lens_kind": lens_class.kind}
+    state = TrainState.fresh(cfg, adapter, total, lens_class)
+    run = Run(cfg, adapter, tokenizer, dp, dtype, train_blocks, eval_blocks, freqs, state, identity, job.folder,
+              total, data=data_accounting(cfg, total, train_blocks, eval_blocks, len(texts)))
     if dp.main:
-        folder = claim(cfg.out, "train", resume=cfg.resume, overwrite=cfg.overwrite)
-    try:
-        torch.manual_seed(cfg.seed)
-        if model is None:
-            model, tokenizer, adapter = cfg.load(device=dp.device)
-        else:
-            adapter = cfg.adapter(model)
-        dtype = vocab.compute_dtype(cfg.compute_dtype, adapter.device)
-        texts = read_texts(cfg.corpus)
-        max_eval_blocks = max(1, cfg.max_eval_tokens // cfg.seq_len)
-        _check_seq_len(cfg, adapter)
-        train_blocks, eval_blocks = make_blocks(texts, tokenizer, cfg.seq_len, cfg.eval_fraction, max_eval_blocks)
-        if cfg.batch_size > len(train_blocks):
-            raise DataError(f"--batch-size {cfg.batch_size} is more than the {len(train_blocks)} training blocks of "
-                            f"{cfg.seq_len} tokens the corpus gives; lower --batch-size or --seq-len, or add text.")
-        total = cfg.total_steps()
-        freqs = (TokenFrequencies.load(cfg.frequencies) if cfg.frequencies
-                 else TokenFrequencies.from_tokens(train_blocks, adapter.vocab_size))
-        if len(freqs.counts) < adapter.vocab_size:
-            raise DataError(f"--frequencies covers {len(freqs.counts)} tokens but the model has {adapter.vocab_size}: "
-                            "it was counted with another tokenizer. Omit --frequencies to count on the corpus.")
-        identity = {"recipe": cfg.recipe(), "total_steps": total, "data": _hash(train_blocks, eval_blocks),
-                    "frequencies": _hash(freqs.counts), "compute_dtype_used": str(dtype).replace("torch.", ""),
-                    "fingerprint": adapter.fingerprint()}  # the model itself, wherever its file lies
-        state = TrainState.fresh(cfg, adapter, total)
-        run = Run(cfg, adapter, tokenizer, dp, dtype, train_blocks, eval_blocks, freqs, state, identity, folder, total,
-                  data=data_accounting(cfg, total, train_blocks, eval_blocks, len(texts)))
-        if dp.main:
-            print("\n".join(run.data["lines"]))
-        if cfg.resume and run.checkpoint.exists():
-            state.load(run.checkpoint, identity)
-        elif cfg.resume and dp.main:
-            print(f"note: {cfg.out} holds no checkpoint yet; starting from step 0")
-        return run
-    except BaseException:
-        if folder:
-            folder.release()
-        raise
+        print("\n".join(run.data["lines"]))
+    if cfg.resume and run.checkpoint.exists():
+        state.load(run.checkpoint, identity)
+    elif cfg.resume and dp.main:
+        print(f"note: {cfg.out} holds no checkpoint yet; starting from step 0")
+    return run
+
+
+def _check_batch(cfg: TrainConfig):
+    def check(dp: DataParallel) -> None:
+        if cfg.batch_size % dp.world:
+            raise LensesError(f"--batch-size {cfg.batch_size} does not split evenly over {dp.world} processes; "
+                              f"use a multiple of {dp.world}.")
+    return check
 
 
 def data_accounting(cfg: TrainConfig, total: int, train_blocks: torch.Tensor, eval_blocks: torch.Tensor,
@@ -357,13 +357,14 @@ def train_step(run: Run, step: int) -> list[float]:
     lens = state.lens
     state.optimizer.zero_grad(set_to_none=True)
     layer_kl = lens_kl_backward(lens, hidden, weights, run.dtype, cfg.chunk_rows).mean(1)
-    dp.mean_(lens.weight.grad, lens.bias.grad, layer_kl)
-    if not (torch.isfinite(lens.weight.grad).all() and torch.isfinite(lens.bias.grad).all()):
+    params = lens.trainable()
+    dp.mean_(*[p.grad for p in params], layer_kl)
+    if not all(torch.isfinite(p.grad).all() for p in params):
         raise LensesError(
             f"non-finite gradient at step {step} (NaN/inf in hidden states or loss, e.g. fp16 overflow). "
             "Load the model in float32 or bfloat16 (--model-dtype) or lower --lr, then resume (--resume)."
         )
-    torch.nn.utils.clip_grad_norm_([lens.weight, lens.bias], cfg.clip)
+    torch.nn.utils.clip_grad_norm_(params, cfg.clip)
     state.optimizer.step()
     state.scheduler.step()
     run.tokens += hidden.shape[1] * dp.world
@@ -407,7 +408,7 @@ def finish(run: Run) -> TrainResult:
         run.dp.barrier()
         return TrainResult(lens, log, pd.DataFrame(), pd.DataFrame(), run.freqs, out)
     state.save(run.checkpoint, run.identity)
-    lenses = {"logit": LogitLens(run.adapter), "tuned": lens}
+    lenses = {"logit": LogitLens(run.adapter), lens.kind: lens}
     held = evaluate(run.adapter, lenses, run.eval_blocks, run.tokenizer, batch_size=cfg.batch_size,
                     chunk_rows=cfg.chunk_rows, dtype=run.dtype)
     table = held.table()
@@ -424,7 +425,7 @@ def finish(run: Run) -> TrainResult:
             "data": {k: v for k, v in run.data.items() if k != "lines"},
         },
         variant={"name": cfg.label(), **asdict(cfg.variant)},
-        heldout_kl_nats=table[table.lens == "tuned"].kl_nats.round(5).tolist(),
+        heldout_kl_nats=table[table.lens == lens.kind].kl_nats.round(5).tolist(),
     )
     lens.save_pretrained(out)
     write_csv(out / "training_log.csv", log)
@@ -437,19 +438,16 @@ def finish(run: Run) -> TrainResult:
     return TrainResult(lens, log, table, buckets, run.freqs, out)
 
 
-def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
-    """Train a tuned lens; write it and its tables into ``cfg.out``; return them.
+def train(cfg: TrainConfig, model=None, tokenizer=None, lens_class: type[Lens] = TunedLens) -> TrainResult:
+    """Train a tuned lens (or any `Lens` class with trainable parameters, ``lens_class``) on the KL
+    loss; write it and its tables into ``cfg.out``; return them.
 
     Outputs: ``config.json`` + ``translators.safetensors`` (the lens), ``training_log.csv``
     (step, layer, kl), ``eval.csv`` (layer, lens, kl_nats, kl_bits_per_byte),
     ``eval_top1_buckets.csv`` (lens, layer, bucket, share), ``token_frequencies.safetensors``
     and ``checkpoint.pt``. (The CLI adds the plot ``eval_kl.png``.)
     """
-    with stop_on_signal() as stop_requested:  # Ctrl-C or SIGTERM from here on stops at a step boundary
-        run = setup(cfg, model, tokenizer)
-        try:
-            loop(run, stop_requested)
-            return finish(run)
-        finally:
-            if run.folder:
-                run.folder.release()
+    with open_job(cfg, "train", model, tokenizer, check=_check_batch(cfg), seed=cfg.seed) as job:
+        run = setup(job, cfg, lens_class)
+        loop(run, job.stop_requested)
+        return finish(run)

@@ -6,6 +6,7 @@
   made by that commit's code on the same tiny model): training, held-out KL and a trace.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -121,3 +122,54 @@ def test_trace_reproduces_the_commit_before_the_redesign(char_tokenizer, eager_k
         np.testing.assert_allclose(df[col], pinned[col], rtol=1e-6, err_msg=col)
     # the KL terms are now summed in the training kernel's order: float32 rounding of O(1) terms, ~2e-7
     np.testing.assert_allclose(df.kl, pinned["kl"], rtol=0, atol=1e-6)
+
+
+class ScaleLens(Lens):  # a toy *trainable* lens written outside the library: a learned gain per layer and unit
+    kind = "test-scale"
+
+    def __init__(self, num_layers, d_model, config=None):
+        super().__init__(num_layers, d_model, config)
+        self.gain = torch.nn.Parameter(torch.zeros(num_layers, d_model))  # zero: starts as the logit lens
+
+    def transform(self, h, layer):
+        return h * (1 + self.gain[layer])
+
+    def transform_stack(self, h):
+        return h * (1 + self.gain[: h.shape[0]].view(h.shape[0], *([1] * (h.dim() - 2)), -1))
+
+
+def test_a_new_trainable_lens_is_one_class(tmp_path, char_tokenizer, eager_kl, monkeypatch):
+    """The training state is generic over a lens's parameters: the same loop, checkpoint and resume train,
+    save and reload a lens class the library has never seen."""
+    text = ("The quick brown fox jumps over the lazy dog. " * 40 + "\n\n") * 6
+    (tmp_path / "c.txt").write_text(text)
+    model = tiny_model("llama")
+    cfg = TrainConfig(corpus=str(tmp_path / "c.txt"), out=str(tmp_path / "run"), seq_len=16, batch_size=4, steps=8,
+                      optimizer="adam", lr=5e-2, checkpoint_every=2, compute_dtype="float32", progress=False,
+                      max_eval_tokens=64)
+    result = train(cfg, model=model, tokenizer=char_tokenizer, lens_class=ScaleLens)
+    assert isinstance(result.lens, ScaleLens) and result.lens.gain.abs().sum() > 0
+    kl = result.eval.pivot(index="layer", columns="lens", values="kl_nats")
+    assert (kl["test-scale"] < kl["logit"]).sum() >= len(kl) - 1  # it learned something at (almost) every layer
+    back = ScaleLens.from_pretrained(tmp_path / "run", model=model)
+    torch.testing.assert_close(back.gain, result.lens.gain.cpu())
+    # killed at step 5 (its last checkpoint is step 4) and resumed: the same lens, bit for bit
+    import lenses.train as train_module
+
+    real = train_module.batch_indices
+
+    def killed_at_5(step, *a):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    cut = dataclasses.replace(cfg, out=str(tmp_path / "cut"))
+    monkeypatch.setattr(train_module, "batch_indices", killed_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, model=model, tokenizer=char_tokenizer, lens_class=ScaleLens)
+    monkeypatch.setattr(train_module, "batch_indices", real)
+    again = train(dataclasses.replace(cut, resume=True), model=model, tokenizer=char_tokenizer, lens_class=ScaleLens)
+    assert torch.equal(again.lens.gain, result.lens.gain)
+    with pytest.raises(LensesError, match="no trainable parameters"):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "rot")), model=model, tokenizer=char_tokenizer,
+              lens_class=RotatedLens)
