@@ -67,6 +67,72 @@ def _stats(z: torch.Tensor, p_final: torch.Tensor, neg_h_final: torch.Tensor, ta
     return out
 
 
+def _absent(z_rows: int, target_names, top_k: int, n_groups: int, device) -> dict:
+    """The statistics of a layer a lens does not read: token id -1, NaN everywhere else."""
+    nan = torch.full((z_rows,), float("nan"), dtype=torch.float64, device=device)
+    none = torch.full((z_rows,), -1, dtype=torch.long, device=device)
+    out = {"top1_id": none, "top1_prob": nan, "entropy": nan, "kl": nan}
+    for r in range(2, top_k + 1):
+        out[f"top{r}_id"], out[f"top{r}_prob"] = none, nan
+    for name in target_names:
+        out[f"rank_{name}"], out[f"prob_{name}"] = nan, nan
+    if n_groups:
+        out["mass"] = torch.full((z_rows, n_groups), float("nan"), dtype=torch.float64, device=device)
+    return out
+
+
+def _rows(stats: dict, meta: np.ndarray, lens_name: str, layer: int, targets: dict, group_names) -> pd.DataFrame:
+    """One layer of one lens for a chunk of positions, as tidy rows."""
+    cols = {"lens": lens_name, "item": meta[:, 0], "position": meta[:, 1], "layer": layer}
+    for name, t in targets.items():
+        cols[f"target_{name}"] = t.cpu().numpy()
+    for key, v in stats.items():
+        if key == "mass":
+            for g, gname in enumerate(group_names):
+                cols[f"mass_{gname}"] = v[:, g].cpu().numpy()
+        else:
+            cols[key] = v.cpu().numpy()
+    return pd.DataFrame(cols)
+
+
+def _decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targets: dict, groups, group_names,
+                  dtype, top_k: int) -> list[pd.DataFrame]:
+    """Every lens at every layer for one chunk of positions ``h`` [L+1, C, d]: tidy rows."""
+    L = adapter.num_layers
+    frames = []
+    with torch.no_grad():
+        teacher = vocab.Teacher(adapter, h[L], dtype)
+        for lens_name, lens in lenses.items():
+            for layer in range(L + 1):
+                if lens.has_layer(layer):
+                    st = _stats(lens(h[layer], layer, dtype), teacher.p, teacher.neg_entropy, targets, groups,
+                                len(group_names), top_k)
+                else:
+                    st = _absent(h.shape[1], list(targets), top_k, len(group_names), h.device)
+                frames.append(_rows(st, meta, lens_name, layer, targets, group_names))
+    return frames
+
+
+def _hidden_of(adapter, item: TraceItem, i: int, target_names) -> tuple[torch.Tensor, list[int]] | None:
+    """``(hidden [L+1, P, d] at the item's positions, positions)``, checked; None for an item without positions."""
+    ids = torch.as_tensor(list(item.ids), dtype=torch.long)[None]
+    pos = [p % ids.shape[1] for p in item.positions]
+    if not pos:
+        return None
+    if len(set(pos)) != len(pos):
+        raise ValueError(f"item {i} lists a position twice: {list(item.positions)}")
+    if set(item.targets) != set(target_names):
+        raise ValueError(f"item {i} has targets {sorted(item.targets)}, others have {target_names}")
+    h = adapter.hidden_states(ids)[:, 0, pos]  # [L+1, P, d]
+    bad = (~torch.isfinite(h)).flatten(1).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise LensesError(
+            f"hidden states of item {i} contain NaN/inf from layer {bad[0]} on (layers {bad[:5]}...): the "
+            "model overflows in this dtype (e.g. float16). Load it in float32 or bfloat16 (--model-dtype)."
+        )
+    return h, pos
+
+
 def trace(
     adapter: ModelAdapter,
     lenses: dict,
@@ -81,91 +147,45 @@ def trace(
     """Trace ``items`` through every layer (0..L) of every lens in ``lenses`` (name -> lens).
 
     A layer a lens does not read (`Lens.has_layer`, e.g. the embeddings for a Jacobian lens) gets NaN
-    statistics and token id -1. Columns: lens, item, position, layer, top1_id, top1_prob (and top<r>_id, top<r>_prob for
-    r = 2..``top_k``), entropy, kl (to the final layer's
-    distribution, nats), for each target ``t``: target_t, rank_t, prob_t; for each token group
-    ``g`` (``groups``: group index per vocab id, -1 for none): mass_g, the probability mass the
-    lens puts on that group. ``dtype`` is the unembedding matmul dtype (float32 keeps ranks exact).
+    statistics and token id -1. Columns: lens, item, position, layer, top1_id, top1_prob (and top<r>_id,
+    top<r>_prob for r = 2..``top_k``), entropy, kl (to the final layer's distribution, nats), for each
+    target ``t``: target_t, rank_t, prob_t; for each token group ``g`` (``groups``: group index per vocab
+    id, -1 for none): mass_g, the probability mass the lens puts on that group. ``dtype`` is the
+    unembedding matmul dtype (float32 keeps ranks exact). Hidden states of about ``chunk`` positions are
+    buffered, then decoded chunk by chunk: never a [layers x tokens x vocab] tensor.
     """
     from tqdm.auto import tqdm
 
     items = list(items)
-    L = adapter.num_layers
     if groups is not None:
         groups = groups.to(adapter.device).long()
-        n_groups = len(group_names)
-        groups = torch.where(groups < 0, torch.full_like(groups, n_groups), groups)
-    else:
-        n_groups = 0
+        groups = torch.where(groups < 0, torch.full_like(groups, len(group_names)), groups)
     target_names = sorted({n for it in items for n in it.targets})
     frames: list[pd.DataFrame] = []
-    buf_h: list[torch.Tensor] = []
-    buf_meta: list[np.ndarray] = []
-    buf_t: dict[str, list[torch.Tensor]] = {n: [] for n in target_names}
+    buf_h, buf_meta, buf_t = [], [], {n: [] for n in target_names}
 
     def flush():
         if not buf_h:
             return
-        h_all = torch.cat(buf_h, dim=1)  # [L+1, N, d]
-        meta = np.concatenate(buf_meta)  # [N, 2] item, position
+        h_all, meta = torch.cat(buf_h, dim=1), np.concatenate(buf_meta)
         tg_all = {n: torch.cat(v) for n, v in buf_t.items()}
-        buf_h.clear(), buf_meta.clear()
-        for v in buf_t.values():
-            v.clear()
+        buf_h.clear(), buf_meta.clear(), [v.clear() for v in buf_t.values()]
         for s in range(0, h_all.shape[1], chunk):
-            h = h_all[:, s : s + chunk]
             tg = {n: v[s : s + chunk].to(adapter.device) for n, v in tg_all.items()}
-            with torch.no_grad():
-                teacher = vocab.Teacher(adapter, h[L], dtype)
-                for lens_name, lens in lenses.items():
-                    for layer in range(L + 1):
-                        z = lens(h[layer], layer, dtype) if lens.has_layer(layer) else None
-                        st = _stats(torch.zeros_like(teacher.p) if z is None else z, teacher.p, teacher.neg_entropy,
-                                    tg, groups, n_groups, top_k)
-                        if z is None:  # a layer this lens does not read: NaN statistics, id -1
-                            st = {k: (torch.full_like(v, -1) if k.endswith("_id") else torch.full_like(v.double(),
-                                      float("nan"))) for k, v in st.items()}
-                        cols = {
-                            "lens": lens_name,
-                            "item": meta[s : s + chunk, 0],
-                            "position": meta[s : s + chunk, 1],
-                            "layer": layer,
-                        }
-                        for n in target_names:
-                            cols[f"target_{n}"] = tg[n].cpu().numpy()
-                        for key, v in st.items():
-                            if key == "mass":
-                                for g, gname in enumerate(group_names):
-                                    cols[f"mass_{gname}"] = v[:, g].cpu().numpy()
-                            else:
-                                cols[key] = v.cpu().numpy()
-                        frames.append(pd.DataFrame(cols))
+            frames.extend(_decode_chunk(adapter, lenses, h_all[:, s : s + chunk], meta[s : s + chunk], tg, groups,
+                                        group_names, dtype, top_k))
 
-    buffered = 0
     for i, it in enumerate(tqdm(items, desc="tracing", unit="text", disable=not progress)):
-        ids = torch.as_tensor(list(it.ids), dtype=torch.long)[None]
-        pos = [p % ids.shape[1] for p in it.positions]
-        if not pos:
+        got = _hidden_of(adapter, it, i, target_names)
+        if got is None:
             continue
-        if len(set(pos)) != len(pos):
-            raise ValueError(f"item {i} lists a position twice: {list(it.positions)}")
-        if set(it.targets) != set(target_names):
-            raise ValueError(f"item {i} has targets {sorted(it.targets)}, others have {target_names}")
-        h = adapter.hidden_states(ids)[:, 0, pos]  # [L+1, P, d]
-        bad = (~torch.isfinite(h)).flatten(1).any(1).nonzero().flatten().tolist()
-        if bad:
-            raise LensesError(
-                f"hidden states of item {i} contain NaN/inf from layer {bad[0]} on (layers {bad[:5]}...): the "
-                "model overflows in this dtype (e.g. float16). Load it in float32 or bfloat16 (--model-dtype)."
-            )
+        h, pos = got
         buf_h.append(h)
         buf_meta.append(np.stack([np.full(len(pos), i), np.asarray(pos)], axis=1))
         for n in target_names:
             buf_t[n].append(torch.as_tensor(list(it.targets[n]), dtype=torch.long))
-        buffered += len(pos)
-        if buffered >= chunk:
+        if sum(x.shape[1] for x in buf_h) >= chunk:
             flush()
-            buffered = 0
     flush()
     if not frames:
         return pd.DataFrame(columns=["lens", "item", "position", "layer", "top1_id", "top1_prob", "entropy", "kl"])
