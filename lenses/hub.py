@@ -4,7 +4,13 @@
   (``gpt2-small``) or by the model's hub id (``openai-community/gpt2``); see `JACOBIAN_LENSES`.
 - ``AlignmentResearch/tuned-lens:<model>``: the tuned lenses of Belrose et al. (2023), laid out as
   ``lens/<model>/config.json`` + ``params.pt`` in that Hugging Face *space* (e.g. ``gpt2``,
-  ``EleutherAI/pythia-160m-deduped``).
+  ``EleutherAI/pythia-160m-deduped``);
+- any other model repository, ``owner/repo[@revision]:subfolder`` (``:`` alone for the top folder): a
+  lens folder of ours (``config.json`` + ``translators.safetensors``) or of the tuned-lens package
+  (``config.json`` + ``params.pt``) kept in that subfolder, e.g. community lenses one per subfolder.
+
+Every id takes a revision after the repository (``neuronpedia/jacobian-lens@<commit>:gpt2-small``): a
+branch, tag or commit of the repository; without one, ``main``.
 
 With a network the files download once into the Hugging Face cache; with ``HF_HUB_OFFLINE=1`` (or no
 network) the cache is all that is read. Nothing downloaded is ever executed: lens files are read
@@ -13,6 +19,7 @@ with ``weights_only=True``.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from .errors import LensesError
@@ -64,8 +71,15 @@ JACOBIAN_LENSES: dict[str, tuple[str, str]] = {
 
 
 def is_hub_id(name: str) -> bool:
-    repo = str(name).split(":", 1)[0]
+    repo = str(name).split(":", 1)[0].split("@", 1)[0]
     return ":" in str(name) and repo.count("/") == 1 and not Path(repo).exists()
+
+
+def parse(spec: str) -> tuple[str, str | None, str]:
+    """``owner/repo[@revision]:name`` -> ``(repo, revision or None, name)``."""
+    head, _, name = str(spec).partition(":")
+    repo, _, revision = head.partition("@")
+    return repo, revision or None, name.strip("/")
 
 
 def jacobian_file(name: str) -> str:
@@ -80,22 +94,32 @@ def jacobian_file(name: str) -> str:
 def resolve(spec: str, cache_dir: str | None = None) -> Path:
     """The local path (file or folder) of a hub lens id, downloading it into the HF cache if needed."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    repo, name = str(spec).split(":", 1)
+    repo, revision, name = parse(spec)
+    get = partial(hf_hub_download, revision=revision, cache_dir=cache_dir)
     try:
         if repo == JLENS_REPO:
-            return Path(hf_hub_download(JLENS_REPO, jacobian_file(name), cache_dir=cache_dir))
+            return Path(get(JLENS_REPO, jacobian_file(name)))
         if repo == TUNED_LENS_REPO:
-            files = [hf_hub_download(TUNED_LENS_REPO, f"lens/{name}/{f}", repo_type="space", cache_dir=cache_dir)
-                     for f in ("config.json", "params.pt")]
+            files = [get(TUNED_LENS_REPO, f"lens/{name}/{f}", repo_type="space") for f in ("config.json", "params.pt")]
             return Path(files[0]).parent
+        prefix = f"{name}/" if name else ""
+        config = Path(get(repo, f"{prefix}config.json"))
+        for weights in ("translators.safetensors", "params.pt"):  # our lens folder, or the tuned-lens package's
+            try:
+                get(repo, f"{prefix}{weights}")
+                return config.parent
+            except EntryNotFoundError:
+                continue
+        raise LensesError(f"{spec}: the folder {name or '(top)'} of {repo} holds a config.json but no lens weights "
+                          "(translators.safetensors or params.pt); give the subfolder of a lens.")
     except LocalEntryNotFoundError as e:
         raise LensesError(f"{spec} is not in the local Hugging Face cache and cannot be downloaded here (offline, or "
                           "HF_HUB_OFFLINE=1). Download it once on a machine with a network (it lands in the cache), "
                           "or pass the lens file or folder's path.") from e
-    except Exception as e:  # repository or file not found, access refused, ...
+    except LensesError:
+        raise
+    except Exception as e:  # repository, revision or file not found, access refused, ...
         raise LensesError(f"{spec}: the hub refused it ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                          "Check the name.") from e
-    raise LensesError(f"{spec}: unknown lens repository {repo!r}; use {JLENS_REPO}:<model> or "
-                      f"{TUNED_LENS_REPO}:<model>, or a lens file or folder's path.")
+                          "Check the repository, revision (@...) and subfolder (:...).") from e

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,20 +103,14 @@ def _graph(adapter: ModelAdapter, x: torch.Tensor, layers: list[int], prefix: in
         return fn
 
     edits = {k: capture(k) for k in sorted(set(layers) | {L})}
-    if prefix > 0:
+    cache = adapter.prefix_cache(x[:, :prefix]) if prefix > 0 else None
+    if cache is not None:
         try:
-            out = adapter.run_stream(x[:, :prefix], use_cache=True)
-            if not isinstance(out, Mapping):
-                raise TypeError("the model returns no cache")
-            key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.24 names it `cache`
-            cache = out.get(key)
-            if cache is None:
-                raise TypeError("no cache returned")
             with edit_residual(adapter, edits):
-                adapter.run_stream(x[:, prefix:], grad=True, use_cache=True, **{key: cache})
+                adapter.run_stream(x[:, prefix:], grad=True, **cache)
             return captured[L], [captured[k] for k in layers], prefix
         except (AttributeError, TypeError, ValueError, NotImplementedError, KeyError):
-            captured.clear()  # this model's cache cannot be reused that way: run in full (same numbers)
+            captured.clear()  # this model's cache cannot be continued that way: run in full (same numbers)
     with edit_residual(adapter, edits):
         adapter.run_stream(x, grad=True)
     return captured[L], [captured[k] for k in layers], 0

@@ -12,6 +12,7 @@ Hooking block *outputs* is off by one against this.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -229,6 +230,25 @@ class ModelAdapter:
         with torch.set_grad_enabled(grad):
             return runner(input_ids=input_ids.to(self._input_device()), attention_mask=attention_mask,
                           **{"use_cache": False, **kwargs})
+
+    def prefix_cache(self, prefix_ids: torch.Tensor, repeat: int = 1) -> dict | None:
+        """Run ``prefix_ids`` once; return the keyword arguments of `run_stream` that continue from its KV
+        cache (``{"cache" or "past_key_values": cache, "use_cache": True}``), the cache repeated ``repeat``
+        times along the batch. None where the model returns no cache that can be reused that way: run the
+        whole sequence instead (the same numbers, slower). The J-lens fit and patching share this."""
+        try:
+            out = self.run_stream(prefix_ids, use_cache=True)
+            if not isinstance(out, Mapping):
+                return None
+            key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.24 names it `cache`
+            cache = out.get(key)
+            if cache is None:
+                return None
+            if repeat > 1:
+                cache.batch_repeat_interleave(repeat)
+            return {key: cache, "use_cache": True}
+        except (AttributeError, TypeError, ValueError, NotImplementedError, KeyError):
+            return None
 
     def check_ids(self, input_ids: torch.Tensor) -> None:
         """Refuse token ids outside the embedding and sequences longer than the model's positions before

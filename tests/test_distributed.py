@@ -31,6 +31,7 @@ def _kw(tmp_path, name, variant):
                 variant=variant)
 
 
+@pytest.mark.slow  # two processes: the full suite runs it
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 @pytest.mark.parametrize("variant", [{}, {"topk": 3, "keep_prob": 0.5, "token": "next"}], ids=["baseline",
                                                                                                "subsampled"])

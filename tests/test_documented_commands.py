@@ -182,7 +182,13 @@ def _cwd_for(script: str, world: Path, tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("where,cmd", COMMANDS, ids=[f"{w}: {c}"[:90] for w, c in COMMANDS])
+def _tier(where: str, cmd: str):
+    """Commands that start several processes run in the full suite only (the slow tier)."""
+    marks = [pytest.mark.slow] if cmd.startswith(("torchrun", "accelerate")) else []
+    return pytest.param(where, cmd, marks=marks, id=f"{where}: {cmd}"[:90])
+
+
+@pytest.mark.parametrize("where,cmd", [_tier(w, c) for w, c in COMMANDS])
 def test_documented_command_runs_on_a_tiny_model(where, cmd, world, tmp_path, monkeypatch, capsys, eager_kl):
     reason = next((why for flag, why in NOT_HERE.items() if flag in cmd), None)
     if reason:

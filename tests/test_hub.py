@@ -63,3 +63,42 @@ def test_known_published_lenses():
     assert len(JACOBIAN_LENSES) == 37
     path = "llama3.1-8b/jlens/Salesforce-wikitext/Llama-3.1-8B_jacobian_lens.pt"
     assert jacobian_file("meta-llama/Llama-3.1-8B") == jacobian_file("llama3.1-8b") == path
+
+
+def test_any_repository_revision_and_subfolder(tmp_path):
+    """``owner/repo[@revision]:subfolder``: community lenses kept one per subfolder, at a branch or commit."""
+    adapter = ModelAdapter.from_model(tiny_model("gpt2"))
+    main = random_lens(adapter, seed=1)
+    main.save_pretrained(_snapshot(tmp_path, "model", "someone/community-lenses") / "gpt2" / "tiny")
+    other_sha = "fedcba9876543210fedcba9876543210fedcba98"
+    root = tmp_path / "models--someone--community-lenses"
+    (root / "refs" / "v2").write_text(other_sha)
+    v2 = random_lens(adapter, seed=2)
+    v2.save_pretrained(root / "snapshots" / other_sha / "gpt2" / "tiny")
+    file = _snapshot(tmp_path, "model", "neuronpedia/jacobian-lens") / jacobian_file("gpt2-small")
+    file.parent.mkdir(parents=True)
+    fit_prompts(adapter, [torch.randint(1, 90, (20,), generator=torch.Generator().manual_seed(0))]).save_published(file)
+    script = (
+        "import sys, torch\n"
+        "from lenses import load_lens\n"
+        "from lenses.errors import LensesError\n"
+        "a = load_lens('someone/community-lenses:gpt2/tiny')\n"
+        "b = load_lens('someone/community-lenses@v2:gpt2/tiny')\n"
+        f"c = load_lens('someone/community-lenses@{other_sha}:gpt2/tiny')\n"
+        f"j = load_lens('neuronpedia/jacobian-lens@{SHA}:gpt2-small')\n"
+        "torch.save({'a': a.weight, 'b': b.weight, 'c': c.weight, 'j': j.layers}, sys.argv[1])\n"
+        "for bad in ('someone/community-lenses:gpt2/none', 'someone/community-lenses@v9:gpt2/tiny'):\n"
+        "    try:\n"
+        "        load_lens(bad)\n"
+        "    except LensesError as e:\n"
+        "        print('ERROR', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "HF_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.pt")], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    torch.testing.assert_close(got["a"], main.weight.detach())
+    torch.testing.assert_close(got["b"], v2.weight.detach())
+    torch.testing.assert_close(got["c"], v2.weight.detach())
+    assert got["j"] == [1, 2] and proc.stdout.count("ERROR") == 2

@@ -43,6 +43,7 @@ def _cli(model, corpus, out, *extra, background=False):
     return proc
 
 
+@pytest.mark.slow  # several processes or a kill and resume: the full suite runs it
 def test_kill_then_resume_equals_uninterrupted(setup, tmp_path):
     model, corpus = setup
     _cli(model, corpus, tmp_path / "full")
@@ -88,6 +89,7 @@ def test_kill_then_resume_equals_uninterrupted(setup, tmp_path):
     assert tuned.returncode == 2 and "jacobian run" in tuned.stderr, tuned.stderr
 
 
+@pytest.mark.slow  # several processes or a kill and resume: the full suite runs it
 def test_a_checkpoint_finishes_elsewhere(setup, tmp_path):
     """A fit's checkpoint carried to another machine (the model file at another path, another device) is
     finished there with --resume: the model is identified by its fingerprint, not by where its file lies."""
@@ -108,6 +110,7 @@ def test_a_checkpoint_finishes_elsewhere(setup, tmp_path):
     assert bad.returncode == 2 and "fingerprint" in bad.stderr
 
 
+@pytest.mark.slow  # several processes or a kill and resume: the full suite runs it
 def test_two_processes_match_one(setup, tmp_path):
     model, corpus = setup
     _cli(model, corpus, tmp_path / "one")
@@ -139,6 +142,7 @@ def test_early_stop(setup, tmp_path):
     assert load_lens(tmp_path / "tol").n_prompts == 3
 
 
+@pytest.mark.slow  # several processes or a kill and resume: the full suite runs it
 def test_three_lenses_through_the_views(setup, tmp_path):
     """logit, tuned and Jacobian lenses side by side in the depth views, early exit and the agreement view;
     the Jacobian lens's layer 0 (no matrix) is NaN, never the logit lens's numbers."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 
 
+@pytest.mark.slow  # several processes or a kill and resume: the full suite runs it
 def test_the_wheel_installs_the_command_the_lenses_and_the_data(tmp_path):
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                             str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=600)

@@ -103,6 +103,7 @@ def test_a_second_run_into_the_same_folder_is_refused(files, tmp_path, capsys, e
     assert not (out / ".lenses-lock").exists() and not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow  # several processes or a kill and resume: the full suite runs it
 def test_two_concurrent_processes_one_wins(files, tmp_path):
     """Two real processes start into the same --out: exactly one trains, the other is refused."""
     out = tmp_path / "run"
@@ -137,6 +138,7 @@ def test_resume_refuses_every_result_changing_setting(files, tmp_path, capsys, e
     assert cli(train_probes.main, argv + ["--resume", "--checkpoint-every", "3", "--chunk-rows", "5"], capsys)[0] == 0
 
 
+@pytest.mark.slow  # several processes or a kill and resume: the full suite runs it
 def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(files, tmp_path):
     from safetensors.torch import load_file
 

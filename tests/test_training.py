@@ -210,6 +210,7 @@ def test_non_finite_values_stop_training_with_advice(tmp_path, char_tokenizer, e
         train(_cfg(tmp_path / "b", steps=2), model=model, tokenizer=char_tokenizer)
 
 
+@pytest.mark.slow  # several processes or a kill and resume: the full suite runs it
 def test_sigkilled_process_resumes_bit_identically(tmp_path, char_tokenizer, eager_kl):
     """A real training process is killed with SIGKILL after a checkpoint; --resume finishes the run."""
     import json

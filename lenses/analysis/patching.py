@@ -159,11 +159,10 @@ def _patched_outputs(adapter, t_ids: torch.Tensor, hidden: torch.Tensor, positio
     if positions == "last" and t_ids.shape[1] > 1:
         edits = {layer: _writer(hidden[layer, -1], positions, layer) for layer in range(L + 1)}
         try:
-            out = adapter.run_stream(t_ids[:, :-1], use_cache=True)
-            cache = out.get("cache") or out.past_key_values  # transformers >= 5.24 names it `cache`
-            cache.batch_repeat_interleave(L + 1)
-            key = "cache" if "cache" in out else "past_key_values"
-            return last_stream(adapter, t_ids[:, -1:].repeat(L + 1, 1), edits, **{key: cache}, use_cache=True)
+            cache = adapter.prefix_cache(t_ids[:, :-1], repeat=L + 1)
+            if cache is None:
+                raise TypeError("the model returns no reusable cache")
+            return last_stream(adapter, t_ids[:, -1:].repeat(L + 1, 1), edits, **cache)
         except (AttributeError, TypeError, ValueError, NotImplementedError) as e:
             if not _NOTED:
                 _NOTED.append(e)
