@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import FAMILIES, byte_tokenizer, random_lens, tiny_model
+from tiny_models import FAMILIES, byte_tokenizer, random_lens, tiny_adapter, tiny_model
 
 from lenses import DataError, LensesError, LogitLens
 from lenses.analysis.early_exit import early_exit_view
@@ -105,7 +105,7 @@ def test_patching_equals_the_same_patch_in_nnsight():
 
 
 def test_out_of_range_layers_are_refused():
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     with pytest.raises(LensesError, match="layer 4 is out of range.*0..3"):
         with edit_residual(adapter, {4: lambda h: h}):
             pass
@@ -214,7 +214,7 @@ def test_cached_prefix_patching_equals_the_full_pass(family):
     from lenses.analysis.patching import _patched_outputs, _writer
     from lenses.intervene import last_stream
 
-    adapter = ModelAdapter.from_model(tiny_model(family))
+    adapter = tiny_adapter(family)
     L = adapter.num_layers
     hidden = adapter.hidden_states(torch.tensor([[3, 1, 4, 1, 5]]))[:, 0]
     target = torch.tensor([[2, 7, 1, 8, 2, 8, 1, 8]])

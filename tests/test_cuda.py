@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import random_lens, save_tiny_model, tiny_model
+from tiny_models import random_lens, save_tiny_model, tiny_adapter, tiny_model
 
 from lenses import JacobianLens, LogitLens, ModelAdapter, load_lens
 from lenses.evaluate import evaluate
@@ -30,7 +30,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "gpt_neox", "qwen3"])
 def test_adapter_and_lenses_agree_with_the_cpu(family):
-    cpu = ModelAdapter.from_model(tiny_model(family))
+    cpu = tiny_adapter(family)
     gpu = ModelAdapter.from_model(tiny_model(family).cuda())  # verify() runs on the GPU here
     ids = torch.randint(1, 90, (2, 24))
     hc, hg = cpu.hidden_states(ids), gpu.hidden_states(ids.cuda())

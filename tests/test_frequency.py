@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lenses import ModelAdapter, TunedLens
+from lenses import TunedLens
 from lenses.experiment import probe_bias_experiment
 from lenses.frequency import BUCKET_NAMES, FrequencyVariant, TokenFrequencies, bucket_shares
 from lenses.train import lens_kl_backward, train
-from tiny_models import tiny_model
+from tiny_models import tiny_adapter, tiny_model
 
 
 def test_counts_ranks_and_buckets_match_an_independent_count(char_tokenizer):
@@ -75,7 +75,7 @@ def test_type_cap():
 
 
 def test_unit_weights_equal_no_weights_bit_for_bit(eager_kl):
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     hidden = adapter.hidden_states(torch.randint(1, 96, (2, 8))).flatten(1, 2)
     grads = []
     for weights in (None, torch.ones(16)):
@@ -143,7 +143,7 @@ def test_cli_flags_build_the_variant():
 def test_position_tokens_sources():
     from lenses.train import position_tokens
 
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
     hidden = adapter.hidden_states(ids).flatten(1, 2)
     with torch.no_grad():

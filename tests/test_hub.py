@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import torch
-from tiny_models import random_lens, tiny_model
+from tiny_models import random_lens, tiny_adapter
 
-from lenses import ModelAdapter
 from lenses.hub import JACOBIAN_LENSES, jacobian_file
 from lenses.jacobian_fit import fit_prompts
 from lenses.lens_io import export_tuned_lens
@@ -27,7 +26,7 @@ def _snapshot(cache: Path, kind: str, repo: str) -> Path:
 
 
 def test_hub_ids_resolve_through_the_offline_cache(tmp_path):
-    adapter = ModelAdapter.from_model(tiny_model("gpt2"))
+    adapter = tiny_adapter("gpt2")
     jlens = fit_prompts(adapter, [torch.randint(1, 90, (20,), generator=torch.Generator().manual_seed(0))])
     file = _snapshot(tmp_path, "model", "neuronpedia/jacobian-lens") / jacobian_file("gpt2-small")
     file.parent.mkdir(parents=True)
@@ -67,7 +66,7 @@ def test_known_published_lenses():
 
 def test_any_repository_revision_and_subfolder(tmp_path):
     """``owner/repo[@revision]:subfolder``: community lenses kept one per subfolder, at a branch or commit."""
-    adapter = ModelAdapter.from_model(tiny_model("gpt2"))
+    adapter = tiny_adapter("gpt2")
     main = random_lens(adapter, seed=1)
     main.save_pretrained(_snapshot(tmp_path, "model", "someone/community-lenses") / "gpt2" / "tiny")
     other_sha = "fedcba9876543210fedcba9876543210fedcba98"

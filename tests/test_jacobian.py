@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import tiny_adapter, tiny_model
 
 from lenses import JacobianLens, LogitLens, ModelAdapter, load_lens
 from lenses.errors import CorruptFileError, LensesError, LensMismatchError
@@ -114,7 +114,7 @@ def test_readout_identities():
 
 
 def test_absent_layers_are_nan_not_logit_lens():
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     lens = JacobianLens.from_matrices({2: torch.eye(adapter.d_model)}, adapter.num_layers, model=adapter)
     h = adapter.hidden_states(torch.randint(1, 90, (1, 6)))
     assert not lens.has_layer(0) and not lens.has_layer(1) and lens.has_layer(2) and lens.has_layer(3)
@@ -129,7 +129,7 @@ def _fitted(adapter, n=2):
 
 
 def test_file_formats_round_trip(tmp_path):
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     lens = _fitted(adapter)
     # the published format: reference layer i = our hidden[i + 1], float16
     lens.save_published(tmp_path / "j.pt")
@@ -160,7 +160,7 @@ def test_file_formats_round_trip(tmp_path):
 
 
 def test_bad_files(tmp_path):
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     d, L = adapter.d_model, adapter.num_layers
     torch.save({"J": {0: torch.eye(d + 1)}, "n_prompts": 1, "source_layers": [0], "d_model": d + 1}, tmp_path / "w.pt")
     with pytest.raises(LensMismatchError, match="width"):
@@ -238,7 +238,7 @@ def test_fit_and_readout_equal_transformer_lens(tl_pair, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt", "gpt_neox"])
 def test_cached_prefix_equals_full_run(family):
     """The prefix served from a key/value cache changes no number (float32, rounding only)."""
-    adapter = ModelAdapter.from_model(tiny_model(family))
+    adapter = tiny_adapter(family)
     ids = torch.randint(1, 90, (30,), generator=torch.Generator().manual_seed(2))
     a = prompt_jacobian(adapter, ids, [1, 2], skip_first=16, dim_batch=8, prefix_cache=True)
     b = prompt_jacobian(adapter, ids, [1, 2], skip_first=16, dim_batch=8, prefix_cache=False)

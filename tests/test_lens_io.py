@@ -10,12 +10,12 @@ from lenses import vocab
 from torch import nn
 
 from lenses import CorruptFileError, LensesError, LensMismatchError, ModelAdapter, TunedLens
-from tiny_models import tiny_model
+from tiny_models import tiny_adapter, tiny_model
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return ModelAdapter.from_model(tiny_model("llama"))
+    return tiny_adapter("llama")
 
 
 def _trained_like(adapter, seed=0):
@@ -49,7 +49,7 @@ def test_load_without_model_then_attach(tmp_path, llama):
 
 def test_lens_for_other_weights_is_refused(tmp_path, llama):
     _trained_like(llama).save_pretrained(tmp_path)
-    other = ModelAdapter.from_model(tiny_model("llama", seed=7))  # same shapes, other weights
+    other = tiny_adapter("llama", seed=7)  # same shapes, other weights
     with pytest.raises(LensMismatchError, match="another model with the same shapes"):
         TunedLens.from_pretrained(tmp_path, model=other)
     TunedLens.from_pretrained(tmp_path, model=other, strict=False)  # explicit override works
@@ -57,7 +57,7 @@ def test_lens_for_other_weights_is_refused(tmp_path, llama):
 
 def test_lens_for_other_shapes_is_refused(tmp_path, llama):
     _trained_like(llama).save_pretrained(tmp_path)
-    deeper = ModelAdapter.from_model(tiny_model("llama", num_hidden_layers=4))
+    deeper = tiny_adapter("llama", num_hidden_layers=4)
     with pytest.raises(LensMismatchError, match="3 layers of width 32, but the model has 4 layers"):
         TunedLens.from_pretrained(tmp_path, model=deeper)
 

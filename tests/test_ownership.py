@@ -28,7 +28,7 @@ from lenses.errors import CorruptFileError, LensMismatchError
 from lenses.models import ModelAdapter
 from lenses.train import TrainConfig
 from test_reliability import TEXT
-from tiny_models import random_lens, save_tiny_model, tiny_model
+from tiny_models import random_lens, save_tiny_model, tiny_adapter, tiny_model
 
 ROOT = Path(__file__).parent.parent
 
@@ -144,7 +144,7 @@ def test_html_and_png_targets_lenses_did_not_write_need_overwrite(files, tmp_pat
 
 
 def test_save_pretrained_refuses_a_model_folder(files, tmp_path):
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     model_dir = tmp_path / "m"
     save_tiny_model(model_dir)
     before = (model_dir / "config.json").read_bytes()
@@ -176,7 +176,7 @@ def test_a_lens_is_refused_on_a_model_that_shares_only_its_unembedding(tmp_path)
 def test_a_lens_without_fingerprint_loads_with_one_note(tmp_path, capsys):
     from lenses.lens_io import export_tuned_lens
 
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     export_tuned_lens(random_lens(adapter), tmp_path / "tl")
     capsys.readouterr()
     load_lens(tmp_path / "tl", adapter)
@@ -187,7 +187,7 @@ def test_a_lens_without_fingerprint_loads_with_one_note(tmp_path, capsys):
 def test_non_finite_lens_tensors_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     random_lens(adapter).save_pretrained(tmp_path / "lens")
     tensors = load_file(tmp_path / "lens" / "translators.safetensors")
     tensors["weight"][1, 2, 3] = float("nan")
@@ -244,12 +244,12 @@ def test_python_configs_validate_on_construction():
 
 
 def test_token_ids_are_checked_before_any_kernel():
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     with pytest.raises(LensesError, match="outside the model's embedding"):
         adapter.hidden_states(torch.tensor([[1, 2, 500]]))
     with pytest.raises(LensesError, match="outside the model's embedding"):
         adapter.hidden_states(torch.tensor([[-1, 2]]))
-    gpt2 = ModelAdapter.from_model(tiny_model("gpt2"))  # learned positions: 64 of them
+    gpt2 = tiny_adapter("gpt2")  # learned positions: 64 of them
     with pytest.raises(LensesError, match="longer than the model's 64 positions"):
         gpt2.hidden_states(torch.ones(1, 65, dtype=torch.long))
 

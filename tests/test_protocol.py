@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from lenses import Lens, LensesError, LogitLens, ModelAdapter, load_lens, register_kind
+from lenses import Lens, LensesError, LogitLens, load_lens, register_kind
 from lenses.analysis.frequency import frequency_view
 from lenses.evaluate import evaluate
 from lenses.trace import TraceItem, trace
 from lenses.train import TrainConfig, train
-from tiny_models import random_lens, tiny_model
+from tiny_models import random_lens, tiny_adapter, tiny_model
 
 PINNED = json.loads((Path(__file__).parent / "fixtures" / "pinned_before_redesign.json").read_text())
 
@@ -38,7 +38,7 @@ class RotatedLens(Lens):  # the toy third lens: a fixed random rotation in front
 
 @pytest.fixture
 def tiny():
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     return adapter, {"logit": LogitLens(adapter), "rotated": RotatedLens.for_model(adapter)}
 
 
@@ -111,7 +111,7 @@ def test_training_reproduces_the_commit_before_the_redesign(tmp_path, char_token
 
 
 def test_trace_reproduces_the_commit_before_the_redesign(char_tokenizer, eager_kl):
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     ids = char_tokenizer("The capital of France is Paris, and the quick fox.").input_ids
     items = [TraceItem(ids, [5, 10, 20, len(ids) - 2], {"next": [ids[6], ids[11], ids[21], ids[-1]]})]
     df = trace(adapter, {"logit": LogitLens(adapter), "tuned": random_lens(adapter)}, items)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from lenses import ModelAdapter
 from lenses.analysis.representation import (
     augment,
     curvature,
@@ -17,7 +16,7 @@ from lenses.analysis.representation import (
     normalised_entropy,
     representation_view,
 )
-from tiny_models import tiny_model
+from tiny_models import tiny_adapter
 
 
 def _orthonormal_rows(t, d, seed=0):
@@ -111,7 +110,7 @@ def test_augmentations_are_seeded_and_differ():
 
 
 def test_view_end_to_end_on_tiny_model(char_tokenizer):
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     prompts = [f"prompt number {i} says something about topic {i * 7}" for i in range(6)]
     summary, per_prompt = representation_view(adapter, char_tokenizer, prompts, progress=False)
     assert set(summary.metric) == {"prompt_entropy", "curvature", "effective_rank", "dataset_entropy",

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from lenses import LogitLens, ModelAdapter
 from lenses.trace import TraceItem, depth_summary, flipped, onset_curve, onset_layer, settled_layer, trace
-from tiny_models import VOCAB, random_lens, tiny_model
+from tiny_models import VOCAB, random_lens, tiny_adapter, tiny_model
 
 
 def _brute_force(family, lens, ids, positions, target, groups):
@@ -90,7 +90,7 @@ def test_trace_matches_float64_brute_force(family, chunk):
 
 
 def test_trace_bf16_unembedding_stays_close():
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     items = [TraceItem(list(range(1, 13)), list(range(12)), {"next": list(range(2, 14))})]
     a = trace(adapter, {"logit": LogitLens(adapter)}, items)
     b = trace(adapter, {"logit": LogitLens(adapter)}, items, dtype=torch.bfloat16)
@@ -155,7 +155,7 @@ def test_depth_summary_and_onset_curve_from_a_trace_table():
 def test_non_finite_hidden_states_are_named(monkeypatch):
     from lenses import LensesError
 
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     real = adapter.hidden_states
 
     def overflowing(ids, *a, **k):

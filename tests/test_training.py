@@ -12,7 +12,7 @@ from lenses import LensesError, LogitLens, ModelAdapter, TunedLens
 from lenses import train as train_module
 from lenses.evaluate import evaluate
 from lenses.train import TrainConfig, lens_kl_backward, train
-from tiny_models import as_interrupted, random_lens, tiny_model
+from tiny_models import as_interrupted, random_lens, tiny_adapter, tiny_model
 
 
 def _reference(family, lens, ids, weights):
@@ -36,7 +36,7 @@ def _reference(family, lens, ids, weights):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "gemma2"])
 def test_kl_and_gradients_match_float64_reference(family, eager_kl):
-    adapter = ModelAdapter.from_model(tiny_model(family))
+    adapter = tiny_adapter(family)
     lens = random_lens(adapter)
     ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(2))
     weights = torch.rand(14, generator=torch.Generator().manual_seed(3)) + 0.5
@@ -55,7 +55,7 @@ def test_softcapped_gradients_match_reference(eager_kl, monkeypatch):
 
     family = "gemma2"
     monkeypatch.setitem(tiny_models.FAMILIES, family, {**tiny_models.FAMILIES[family], "final_logit_softcapping": 0.1})
-    adapter = ModelAdapter.from_model(tiny_model(family))
+    adapter = tiny_adapter(family)
     lens = random_lens(adapter)
     ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(2))
     weights = torch.ones(10)
@@ -68,7 +68,7 @@ def test_softcapped_gradients_match_reference(eager_kl, monkeypatch):
 
 def test_compiled_kernel_matches_eager(monkeypatch):
     """The torch.compile'd element-wise pass gives the eager result (or we fell back to eager)."""
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     lens = random_lens(adapter)
     hidden = adapter.hidden_states(torch.randint(1, 96, (2, 6))).flatten(1, 2)
     monkeypatch.setattr(vocab.KERNELS["kl"], "compiled", vocab._kl_and_dz)
@@ -85,7 +85,7 @@ def test_compiled_kernel_matches_eager(monkeypatch):
 def test_bfloat16_matmuls_stay_within_the_stated_tolerance_of_float32():
     """The README's promise for `--compute-dtype bfloat16`: per-layer KL within 1% and weight
     gradients within cosine 0.999 of the float32 computation (compiled kernel, as users run it)."""
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     lens = random_lens(adapter)
     hidden = adapter.hidden_states(torch.randint(1, 96, (4, 16),
                                                  generator=torch.Generator().manual_seed(5))).flatten(1, 2)
@@ -99,7 +99,7 @@ def test_bfloat16_matmuls_stay_within_the_stated_tolerance_of_float32():
 
 
 def test_per_layer_kl_matches_reference(eager_kl):
-    adapter = ModelAdapter.from_model(tiny_model("qwen2"))
+    adapter = tiny_adapter("qwen2")
     lens = random_lens(adapter)
     blocks = torch.randint(1, 96, (5, 6), generator=torch.Generator().manual_seed(4))
     got = evaluate(adapter, {"logit": LogitLens(adapter), "tuned": lens}, blocks, batch_size=2, chunk_rows=7,

@@ -10,17 +10,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lenses import DataError, LogitLens, ModelAdapter, TunedLens
+from lenses import DataError, LogitLens, TunedLens
 from lenses.analysis.facts import fact_items, facts_view, read_facts
 from lenses.analysis.frequency import frequency_items, frequency_view, paragraph_items, word_starts
 from lenses.analysis.mcq import option_ids, read_mcq
 from lenses.frequency import BUCKET_NAMES, TokenFrequencies
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, tiny_adapter
 
 
 @pytest.fixture
 def tiny(char_tokenizer):
-    adapter = ModelAdapter.from_model(tiny_model("llama"))
+    adapter = tiny_adapter("llama")
     lens = TunedLens.for_model(adapter)
     with torch.no_grad():
         lens.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))

@@ -111,3 +111,10 @@ def as_interrupted(folder, keep=("checkpoint.pt", "jacobian_checkpoint.pt")):
     update_mark(folder, lambda m: m.update(state="interrupted",
                                            files=[f for f in m.get("files", []) if f in keep]))
     return folder
+
+
+def tiny_adapter(family: str = "llama", seed: int = 0, **overrides):
+    """`tiny_model` wrapped in its checked `ModelAdapter` (the setup most tests start from)."""
+    from lenses.models import ModelAdapter
+
+    return ModelAdapter.from_model(tiny_model(family, seed, **overrides))
