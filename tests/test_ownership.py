@@ -291,7 +291,7 @@ def test_views_hold_out_the_corpus_a_lens_was_trained_on(files, tmp_path, capsys
     rc, stdout, _ = cli(analyze.main, argv, capsys)
     assert rc == 0
     line = next(ln for ln in stdout.splitlines() if ln.startswith("data:"))
-    assert "held-out" in line and "tuned lens trained on the others" in line
+    assert "held-out" in line and "tuned lens was trained on the others" in line
 
 
 def test_training_says_when_text_repeats_and_records_it(files, tmp_path, capsys, eager_kl):

@@ -133,10 +133,12 @@ class Context:
             self.__dict__["corpus_tokens"] = torch.cat(streams)  # all of it, for counting token frequencies
             if cut < len(docs):
                 held = docs[cut:]
+                lenses = f"{' and '.join(trained)} {'lens was' if len(trained) == 1 else 'lenses were'}"
                 return held, (f"the {len(held):,} held-out of {len(texts):,} documents of {self.corpus_name} "
-                              f"({', '.join(trained)} lens trained on the others)")
-            return texts, (f"all of {self.corpus_name} ({len(texts):,} document(s); too few to hold some out from "
-                           f"the {', '.join(trained)} lens's training text, which it is)")
+                              f"(the {lenses} trained on the others)")
+            lenses = f"{' and '.join(trained)} {'lens was' if len(trained) == 1 else 'lenses were'}"
+            return texts, (f"all of {self.corpus_name} ({len(texts):,} document(s), too few to hold some out; the "
+                           f"{lenses} trained on it)")
         return texts, f"all {len(texts):,} document(s) of {self.corpus_name} (no lens here was trained on it)"
 
 
