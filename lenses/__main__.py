@@ -15,6 +15,7 @@ JOBS = {
     "train": "train a tuned lens (or --method jacobian: fit a Jacobian lens)",
     "fit": "fit a Jacobian lens (= train --method jacobian)",
     "analyze": "depth views, causal checks and the layer-by-position grid of a prompt",
+    "coverage": "check every causal-LM type of transformers as a tiny random model (docs/coverage.md)",
 }
 
 
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     if job not in JOBS:
         print(f"error: unknown job {job!r}; choose one of {', '.join(JOBS)} (see lenses --help)", file=sys.stderr)
         return 2
+    if job == "coverage":
+        from . import coverage
+
+        return coverage.main(rest)
     if job == "analyze":
         from .commands import analyze
 

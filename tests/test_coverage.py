@@ -1,4 +1,4 @@
-"""A representative subset of the coverage sweep (scripts/coverage.py): one or more MoE, hybrid,
+"""A representative subset of the coverage sweep (lenses coverage): one or more MoE, hybrid,
 state-space, stacked-stream and wrapped multimodal families, and every architecture-specific adapter
 fix or refusal, each on a tiny random model built from the family's own config class."""
 
@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import load_script
 
 
 
 @pytest.fixture(scope="module")
 def coverage():
-    return load_script("coverage")
+    return __import__("lenses.coverage", fromlist=["main"])
 
 
 EXPECTED = {

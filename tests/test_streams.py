@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import load_script
 
 from lenses import LogitLens, ModelAdapter
 from lenses.intervene import edit_residual, final_logits
@@ -15,7 +14,7 @@ from lenses.jacobian_fit import prompt_jacobian
 from lenses.vocab import decode
 
 def tiny(model_type: str):
-    sweep = load_script("coverage")
+    sweep = __import__("lenses.coverage", fromlist=["main"])
     torch.manual_seed(0)
     return sweep.build(model_type, sweep.tiny_config(model_type)).eval()
 
