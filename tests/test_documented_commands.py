@@ -26,8 +26,7 @@ import pytest
 from lenses.commands import analyze
 from lenses.commands import train as train_probes
 from lenses.cli import run_cli
-from test_reliability import TEXT
-from tiny_models import save_tiny_model
+from tiny_models import TEXT, tiny_inputs
 
 ROOT = Path(__file__).parent.parent
 SCRIPTS = {"analyze.py": analyze, "train_probes.py": train_probes}
@@ -104,13 +103,10 @@ ALL_LENSES = "logit,tuned:runs/demo,jacobian:runs/jlens"  # every kind the tiny 
 def world(tmp_path_factory):
     """Inputs standing for the docs' placeholders, and a tuned lens and a J-lens of the tiny model."""
     root = tmp_path_factory.mktemp("documented")
-    inputs = root / "inputs"
-    inputs.mkdir()
-    save_tiny_model(inputs / "model", letters=True)  # " A" .. " D" are single tokens, as the MCQ view needs
+    inputs = tiny_inputs(root / "inputs", letters=True)  # " A" .. " D" are single tokens, as the MCQ view needs
     (inputs / "my_texts").mkdir()
     for i in range(4):
         (inputs / "my_texts" / f"doc{i}.txt").write_text(TEXT, encoding="utf-8")
-    (inputs / "corpus.txt").write_text(TEXT, encoding="utf-8")
     (inputs / "prompts.txt").write_text("\n".join(f"The quick brown fox number {i} jumps over the dog." for i in
                                                   range(4)) + "\n", encoding="utf-8")
     for name, labels in (("task_ab", [" A", " B"]), ("task_cd", [" C", " D"])):  # single tokens of this tokenizer

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from lenses.commands import analyze
 from lenses.commands import train as train_probes
 from lenses.cli import run_cli
-from test_reliability import TEXT, snapshot
-from tiny_models import save_tiny_model
+from test_reliability import snapshot
+from tiny_models import tiny_inputs
 
 EXAMPLES = int(os.environ.get("LENSES_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -32,12 +32,7 @@ OUTCOMES: dict[str, int] = {}  # first words of each outcome, printed at the end
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    inputs = root / "inputs"
-    inputs.mkdir()
-    save_tiny_model(inputs / "model")
-    (inputs / "corpus.txt").write_text(TEXT, encoding="utf-8")
-    (inputs / "facts.jsonl").write_text('{"prompt": "The quick brown fox", "answer": "jumps"}\n', encoding="utf-8")
-    (inputs / "mcq.csv").write_text("\n".join(f"Q{i}?,a,b,c,d,{'ABCD'[i % 4]}" for i in range(8)) + "\n")
+    inputs = tiny_inputs(root / "inputs")
     (root / "files").mkdir()
     (root / "outs").mkdir()
     _lenses_of_every_kind(inputs / "model", root / "lenses")

@@ -27,18 +27,14 @@ from lenses.cli import INTERNAL_ERROR, run_cli
 from lenses.errors import CorruptFileError, LensMismatchError
 from lenses.models import ModelAdapter
 from lenses.train import TrainConfig
-from test_reliability import TEXT
-from tiny_models import random_lens, save_tiny_model, tiny_adapter, tiny_model
+from tiny_models import TEXT, random_lens, save_tiny_model, tiny_adapter, tiny_inputs, tiny_model
 
 ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("own")
-    save_tiny_model(root / "model")
-    (root / "my.txt").write_text(TEXT, encoding="utf-8")
-    return root
+    return tiny_inputs(tmp_path_factory.mktemp("own"))
 
 
 def cli(main, argv, capsys):

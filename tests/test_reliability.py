@@ -20,21 +20,12 @@ import torch
 from lenses.commands import analyze
 from lenses.commands import train as train_probes
 from lenses.cli import run_cli
-from tiny_models import as_interrupted, save_tiny_model
-
-TEXT = ("The quick brown fox jumps over the lazy dog, and the cat sat on the mat. " * 30 + "\n\n") * 8
-
+from tiny_models import TEXT, as_interrupted, tiny_inputs
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny model folder with a real tokenizer, a corpus, facts and MCQ files."""
-    root = tmp_path_factory.mktemp("inputs")
-    save_tiny_model(root / "model")
-    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
-    (root / "facts.jsonl").write_text('{"prompt": "The quick brown fox", "answer": "jumps"}\n', encoding="utf-8")
-    rows = [f"Question {i}?,alpha,beta,gamma,delta,{'ABCD'[i % 4]}" for i in range(8)]
-    (root / "mcq.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return root
+    """A tiny model folder with a real tokenizer, a corpus, facts and MCQ files (`tiny_models.tiny_inputs`)."""
+    return tiny_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def train_args(files, out, *extra):

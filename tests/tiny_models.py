@@ -118,3 +118,20 @@ def tiny_adapter(family: str = "llama", seed: int = 0, **overrides):
     from lenses.models import ModelAdapter
 
     return ModelAdapter.from_model(tiny_model(family, seed, **overrides))
+
+
+TEXT = ("The quick brown fox jumps over the lazy dog, and the cat sat on the mat. " * 30 + "\n\n") * 8
+
+
+def tiny_inputs(root, letters: bool = False):
+    """What the CLI tests read, in ``root``: a tiny model folder with a real tokenizer (``model``), a corpus
+    (``corpus.txt``, also ``my.txt``), a facts file (``facts.jsonl``) and an MMLU-layout file (``mcq.csv``)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    save_tiny_model(root / "model", letters=letters)
+    for name in ("corpus.txt", "my.txt"):
+        (root / name).write_text(TEXT, encoding="utf-8")
+    (root / "facts.jsonl").write_text('{"prompt": "The quick brown fox", "answer": "jumps"}\n', encoding="utf-8")
+    rows = [f"Question {i}?,alpha,beta,gamma,delta,{'ABCD'[i % 4]}" for i in range(8)]
+    (root / "mcq.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return root
