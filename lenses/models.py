@@ -260,7 +260,7 @@ class ModelAdapter:
         emb = self.model.get_input_embeddings()
         rows = getattr(emb, "num_embeddings", None) or getattr(getattr(emb, "weight", None), "shape", [None])[0]
         if input_ids.numel() and rows:
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))
             if lo < 0 or hi >= rows:
                 bad = lo if lo < 0 else hi
                 raise LensesError(f"token id {bad} is outside the model's embedding (ids 0..{rows - 1}): "

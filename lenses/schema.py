@@ -72,8 +72,6 @@ TASK_ROW = (Field("prompt", str, nonempty=True), Field("labels", list, min_len=2
             Field("answer", str, required=False))
 TASK_EXAMPLE = '{"prompt": "...", "labels": [" yes", " no"], "answer": " yes"}'
 
-CORPUS_LINE = (Field("text", str),)  # the field name can be changed by the caller (see corpus_line)
-
 LENS_CONFIG = (Field("lens", str, required=False), Field("num_layers", int, required=False),
                Field("d_model", int, required=False), Field("fingerprint", dict, required=False),
                Field("training", dict, required=False), Field("num_hidden_layers", int, required=False))

@@ -25,6 +25,16 @@ def _snapshot(cache: Path, kind: str, repo: str) -> Path:
     return root / "snapshots" / SHA
 
 
+def _run_offline(script: str, cache: Path):
+    """Run ``script`` (which saves its findings to ``sys.argv[1]``) in a fresh process reading only the hub
+    cache ``cache`` (HF_HUB_OFFLINE=1); return the process and what it saved."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache / "home")}
+    proc = subprocess.run([sys.executable, "-c", script, str(cache / "out.pt")], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, torch.load(cache / "out.pt", weights_only=True)
+
+
 def test_hub_ids_resolve_through_the_offline_cache(tmp_path):
     adapter = tiny_adapter("gpt2")
     jlens = fit_prompts(adapter, [torch.randint(1, 90, (20,), generator=torch.Generator().manual_seed(0))])
@@ -46,11 +56,7 @@ def test_hub_ids_resolve_through_the_offline_cache(tmp_path):
         "except LensesError as e:\n"
         "    print('ERROR', e)\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "HF_HOME": str(tmp_path / "home")}
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.pt")], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).parent.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    proc, got = _run_offline(script, tmp_path)
     assert got["layers"] == jlens.layers == [1, 2]
     torch.testing.assert_close(got["a"], jlens.matrices.half().float())
     torch.testing.assert_close(got["b"], got["a"])
@@ -92,11 +98,7 @@ def test_any_repository_revision_and_subfolder(tmp_path):
         "    except LensesError as e:\n"
         "        print('ERROR', e)\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "HF_HOME": str(tmp_path / "home")}
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.pt")], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).parent.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    proc, got = _run_offline(script, tmp_path)
     torch.testing.assert_close(got["a"], main.weight.detach())
     torch.testing.assert_close(got["b"], v2.weight.detach())
     torch.testing.assert_close(got["c"], v2.weight.detach())

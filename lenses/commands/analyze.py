@@ -38,6 +38,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..analysis.common import Usage
 from ..analysis import (
     CAUSAL_VIEWS,
     DEPTH_VIEWS,
@@ -172,8 +173,7 @@ def decode_prompt(ctx: Context, report: Report) -> int:
     lines.insert(0, f"data: {n} positions of the prompt (all of it), {table.lens.nunique()} lenses")
     inside = [f for f in written if Path(f).resolve().is_relative_to(Path(cfg.out).resolve())]
     report.views.append(ViewEntry("grid", lines, inside, time.time() - start, settings=view_settings(cfg, "grid"),
-                                  data=[{"unit": "positions", "requested": None, "available": n, "used": n,
-                                         "source": "--prompt", "notes": []}]))
+                                  data=[Usage("positions", None, n, n, "--prompt").record()]))
     report.write(cfg.out)
     return 0
 
