@@ -3,6 +3,7 @@
     lenses train ...      train a tuned lens (``train_probes.py``); ``--method jacobian`` fits a J-lens
     lenses fit ...        fit a Jacobian lens (the same as ``lenses train --method jacobian ...``)
     lenses analyze ...    the depth views, causal checks and the layer-by-position grid (``analyze.py``)
+    lenses plan ...       each device's peak memory for a job, before any weight loads
 
 ``lenses <job> --help`` lists a job's options. Errors are one line on stderr and exit status 2.
 """
@@ -15,6 +16,7 @@ JOBS = {
     "train": "train a tuned lens (or --method jacobian: fit a Jacobian lens)",
     "fit": "fit a Jacobian lens (= train --method jacobian)",
     "analyze": "depth views, causal checks and the layer-by-position grid of a prompt",
+    "plan": "each device's peak memory for a job, by component, before any weight loads",
     "coverage": "check every causal-LM type of transformers as a tiny random model (docs/coverage.md)",
 }
 
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import coverage
 
         return coverage.main(rest)
+    if job == "plan":
+        from .commands import plan
+
+        return run_cli(lambda a: plan.main(a, prog="lenses plan"), rest)
     if job == "analyze":
         from .commands import analyze
 

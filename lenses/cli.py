@@ -212,6 +212,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except LensesError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output went away (`lenses plan --json | head`): not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second complaint at exit
+        return 141
     except KeyboardInterrupt:
         print("interrupted: nothing finished was lost; run the same command again (training: add --resume)",
               file=sys.stderr)

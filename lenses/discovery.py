@@ -119,8 +119,9 @@ class Parts:
 
 
 def find_parts(model: nn.Module, layers: str | None = None, final_norm: str | None = None,
-               unembed: str | None = None) -> Parts:
-    """Apply the rules of this module in order; dotted paths override the search for any part."""
+               unembed: str | None = None, placed: bool = True) -> Parts:
+    """Apply the rules of this module in order; dotted paths override the search for any part.
+    ``placed=False`` skips the placement check (a model built on the meta device, for a memory plan)."""
     layers_path = layers or find_layers(model)
     layer_list = _get(model, layers_path)
     if not isinstance(layer_list, nn.ModuleList) or len(layer_list) == 0:
@@ -150,7 +151,8 @@ def find_parts(model: nn.Module, layers: str | None = None, final_norm: str | No
             f"{type(head).__name__}). Pass it explicitly: ModelAdapter.from_model(model, unembed='lm_head'), "
             "or --unembed on the CLI."
         )
-    check_placement(norm, head)
+    if placed:
+        check_placement(norm, head)
     softcap, scale = logit_transform(model.config)
     return Parts(layer_list, norm, norm_path, head, stream_shape, softcap, scale)
 

@@ -41,6 +41,7 @@ from .lens import Lens, LogitLens, TunedLens
 from .loading import DEFAULT_MODEL, ModelOptions
 from .models import ModelAdapter
 from .outdir import OutputFolder
+from .plan import PlanOptions, check_fits
 from .runs import Job, open_job, read_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -89,6 +90,8 @@ class TrainConfig(ModelOptions):
     progress: bool = option(True, "progress bar", group="runtime")
     resume: bool = option(False, "continue the run in --out from its checkpoint", group="runtime")
     overwrite: bool = option(False, "replace a finished lens or interrupted run in --out", group="runtime")
+    plan_check: bool = option(True, "refuse before loading when the memory plan (lenses plan) says the run does "
+                                    "not fit the device", group="runtime")
 
     @property
     def tokens_per_step(self) -> int:
@@ -300,11 +303,19 @@ def setup(job: Job, cfg: TrainConfig, lens_class: type[Lens] = TunedLens) -> Run
     return run
 
 
-def _check_batch(cfg: TrainConfig):
+def _check_job(cfg: TrainConfig, preloaded: bool):
+    """What is checked before the output folder is claimed or a weight is read: the batch splits over the
+    processes, and (for a model loaded here on one device) the memory plan fits."""
     def check(dp: DataParallel) -> None:
         if cfg.batch_size % dp.world:
             raise LensesError(f"--batch-size {cfg.batch_size} does not split evenly over {dp.world} processes; "
                               f"use a multiple of {dp.world}.")
+        if cfg.plan_check and not preloaded and cfg.device_map is None:
+            device = dp.device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            matmul = "float32" if cfg.compute_dtype in ("auto", "float32") else cfg.compute_dtype
+            check_fits(cfg.model, PlanOptions(job="train", model_dtype=cfg.model_dtype, compute_dtype=matmul,
+                                              batch_size=cfg.batch_size, seq_len=cfg.seq_len, optimizer=cfg.optimizer),
+                       world=dp.world, device=device)
     return check
 
 
@@ -447,7 +458,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, lens_class: type[Lens] =
     ``eval_top1_buckets.csv`` (lens, layer, bucket, share), ``token_frequencies.safetensors``
     and ``checkpoint.pt``. (The CLI adds the plot ``eval_kl.png``.)
     """
-    with open_job(cfg, "train", model, tokenizer, check=_check_batch(cfg), seed=cfg.seed) as job:
+    check = _check_job(cfg, preloaded=model is not None)
+    with open_job(cfg, "train", model, tokenizer, check=check, seed=cfg.seed) as job:
         run = setup(job, cfg, lens_class)
         loop(run, job.stop_requested)
         return finish(run)

@@ -40,3 +40,27 @@ def test_every_page_is_in_the_site_and_the_strict_build_passes(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
     assert "TrainConfig" in api and "load_lens" in api  # the reference is generated from the docstrings
+
+
+def _doc_tables():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("doc_tables", ROOT / "scripts" / "doc_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measured_tables_are_the_files_the_measurements_wrote():
+    tables = _doc_tables()
+    assert tables.main(["--check"]) == 0, "a generated table was edited by hand or its data changed"
+    pages = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "docs").glob("*.md"))
+    used = set(tables.MARK.findall(pages) and [m["name"] for m in tables.MARK.finditer(pages)])
+    assert used == set(tables.TABLES), "every table the generator knows appears in a page"
+
+
+def test_a_hand_edit_of_a_generated_table_is_caught():
+    tables = _doc_tables()
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    row = next(ln for ln in page.splitlines() if ln.startswith("| SmolLM2-135M | ours (bfloat16)"))
+    edited = page.replace(row, row.replace("|", "| 999 |", 2).replace("| 999 |", "|", 1))
+    assert edited != page and tables.render(edited, "performance.md") == page
