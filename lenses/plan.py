@@ -406,3 +406,17 @@ def this_machine_cpu() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return 16 * GiB
+
+
+def trace_batch_size(adapter, seq_len: int = 256, cap: int = 16) -> int:
+    """Texts per forward pass for the views: as many as keep one batch's hidden states and MLP intermediates
+    (the trace plan's per-text terms at ``seq_len`` tokens) within a tenth of the device's memory, at
+    most ``cap`` (beyond that a CPU gains nothing and a GPU little)."""
+    L, d = adapter.num_layers, adapter.d_model
+    s = torch.finfo(adapter.unembed.weight.dtype).bits // 8
+    inter = getattr(getattr(adapter.model, "config", None), "intermediate_size", None) or 4 * d
+    per_text = (L + 1) * seq_len * d * s + 3 * seq_len * inter * s
+    device = adapter.device
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else this_machine_cpu())
+    return max(1, min(cap, int(total // 10 // per_text)))

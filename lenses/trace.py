@@ -16,6 +16,7 @@ those rows, defined in DESIGN.md after Gupta et al. 2025 (arXiv 2510.18871):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -113,24 +114,77 @@ def _decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targ
     return frames
 
 
-def _hidden_of(adapter, item: TraceItem, i: int, target_names) -> tuple[torch.Tensor, list[int]] | None:
-    """``(hidden [L+1, P, d] at the item's positions, positions)``, checked; None for an item without positions."""
-    ids = torch.as_tensor(list(item.ids), dtype=torch.long)[None]
-    pos = [p % ids.shape[1] for p in item.positions]
-    if not pos:
-        return None
+def _checked_positions(item: TraceItem, i: int, target_names) -> list[int]:
+    """The item's positions (negative ones from the end), checked against its length and its targets."""
+    n = len(item.ids)
+    pos = [p % n for p in item.positions]
     if len(set(pos)) != len(pos):
         raise ValueError(f"item {i} lists a position twice: {list(item.positions)}")
     if set(item.targets) != set(target_names):
         raise ValueError(f"item {i} has targets {sorted(item.targets)}, others have {target_names}")
-    h = adapter.hidden_states(ids)[:, 0, pos]  # [L+1, P, d]
+    return pos
+
+
+def _finite(h: torch.Tensor, i: int) -> torch.Tensor:
     bad = (~torch.isfinite(h)).flatten(1).any(1).nonzero().flatten().tolist()
     if bad:
         raise LensesError(
             f"hidden states of item {i} contain NaN/inf from layer {bad[0]} on (layers {bad[:5]}...): the "
             "model overflows in this dtype (e.g. float16). Load it in float32 or bfloat16 (--model-dtype)."
         )
-    return h, pos
+    return h
+
+
+def _padded(items: list[TraceItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] padded on the right (token 0) and the attention mask (1 = a real token). Causal
+    models never let a position see later ones, so right padding leaves every real position's states as
+    they are alone; the mask keeps the pads out of anything that looks at the whole row."""
+    lengths = [len(it.ids) for it in items]
+    ids = torch.zeros(len(items), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, it in enumerate(items):
+        ids[b, : lengths[b]] = torch.as_tensor(list(it.ids), dtype=torch.long)
+        mask[b, : lengths[b]] = 1
+    return ids, mask
+
+
+def _hidden_of_batch(adapter, batch: list[tuple[int, TraceItem]], target_names) -> list[tuple[int, torch.Tensor, list]]:
+    """``(item index, hidden [L+1, P, d] at its positions, positions)`` for each item with positions, with
+    one forward pass for the whole batch."""
+    batch = [(i, it, _checked_positions(it, i, target_names)) for i, it in batch]
+    batch = [(i, it, pos) for i, it, pos in batch if pos]
+    if not batch:
+        return []
+    if len(batch) == 1:
+        i, it, pos = batch[0]
+        h = adapter.hidden_states(torch.as_tensor(list(it.ids), dtype=torch.long)[None])[:, 0, pos]
+        return [(i, _finite(h, i), pos)]
+    ids, mask = _padded([it for _, it, _ in batch])
+    h_all = adapter.hidden_states(ids, attention_mask=mask.to(adapter.device))
+    return [(i, _finite(h_all[:, b, pos], i), pos) for b, (i, _, pos) in enumerate(batch)]
+
+
+def padding_check(adapter, items: list[TraceItem]) -> str | None:
+    """Why texts of different lengths cannot share a forward pass for this model, or None if they can:
+    the shortest text alone must give the states it gives padded in a batch with the longest one."""
+    cached = getattr(adapter, "_padding_reason", False)
+    if cached is not False:
+        return cached
+    short, long_ = min(items, key=lambda it: len(it.ids)), max(items, key=lambda it: len(it.ids))
+    reason = None
+    if len(short.ids) < len(long_.ids):
+        try:
+            ids, mask = _padded([long_, short])
+            both = adapter.hidden_states(ids, attention_mask=mask.to(adapter.device))[:, 1, : len(short.ids)]
+            alone = adapter.hidden_states(torch.as_tensor(list(short.ids), dtype=torch.long)[None])[:, 0]
+            scale = alone.abs().amax().clamp_min(1e-6)
+            err = float(((both - alone).abs().amax() / scale).float())
+            if not err <= 1e-3:  # float rounding differs by ~1e-6; a padding effect by far more
+                reason = f"padding changes the states of real positions (relative difference {err:.1e})"
+        except (TypeError, ValueError, RuntimeError) as e:  # a model that refuses a mask or a padded batch
+            reason = f"the model refuses a padded batch ({type(e).__name__}: {str(e)[:120]})"
+        adapter._padding_reason = reason
+    return reason
 
 
 def trace(
@@ -143,6 +197,7 @@ def trace(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     top_k: int = 1,
+    batch_size: int = 1,
 ) -> pd.DataFrame:
     """Trace ``items`` through every layer (0..L) of every lens in ``lenses`` (name -> lens).
 
@@ -152,7 +207,10 @@ def trace(
     target ``t``: target_t, rank_t, prob_t; for each token group ``g`` (``groups``: group index per vocab
     id, -1 for none): mass_g, the probability mass the lens puts on that group. ``dtype`` is the
     unembedding matmul dtype (float32 keeps ranks exact). Hidden states of about ``chunk`` positions are
-    buffered, then decoded chunk by chunk: never a [layers x tokens x vocab] tensor.
+    buffered, then decoded chunk by chunk: never a [layers x tokens x vocab] tensor. ``batch_size`` texts
+    of similar length share a forward pass (padded on the right, with an attention mask); the table is
+    the same as one text at a time. A model whose states padding would change (`padding_check`) runs
+    one text at a time, with a warning saying why.
     """
     from tqdm.auto import tqdm
 
@@ -175,17 +233,27 @@ def trace(
             frames.extend(_decode_chunk(adapter, lenses, h_all[:, s : s + chunk], meta[s : s + chunk], tg, groups,
                                         group_names, dtype, top_k))
 
-    for i, it in enumerate(tqdm(items, desc="tracing", unit="text", disable=not progress)):
-        got = _hidden_of(adapter, it, i, target_names)
-        if got is None:
-            continue
-        h, pos = got
-        buf_h.append(h)
-        buf_meta.append(np.stack([np.full(len(pos), i), np.asarray(pos)], axis=1))
-        for n in target_names:
-            buf_t[n].append(torch.as_tensor(list(it.targets[n]), dtype=torch.long))
-        if sum(x.shape[1] for x in buf_h) >= chunk:
-            flush()
+    if batch_size < 1:
+        raise LensesError(f"batch_size must be at least 1 (got {batch_size}).")
+    if batch_size > 1 and len(items) > 1:
+        reason = padding_check(adapter, items)
+        if reason:
+            warnings.warn(f"tracing one text at a time: {reason}.", stacklevel=2)
+            batch_size = 1
+    # longest first, so that a batch holds texts of similar length (little padding); rows are sorted at the end
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].ids)) if batch_size > 1 else range(len(items))
+    batches = [[(i, items[i]) for i in list(order)[s : s + batch_size]] for s in range(0, len(items), batch_size)]
+    bar = tqdm(total=len(items), desc="tracing", unit="text", disable=not progress)
+    for batch in batches:
+        for i, h, pos in _hidden_of_batch(adapter, batch, target_names):
+            buf_h.append(h)
+            buf_meta.append(np.stack([np.full(len(pos), i), np.asarray(pos)], axis=1))
+            for n in target_names:
+                buf_t[n].append(torch.as_tensor(list(items[i].targets[n]), dtype=torch.long))
+            if sum(x.shape[1] for x in buf_h) >= chunk:
+                flush()
+        bar.update(len(batch))
+    bar.close()
     flush()
     if not frames:
         return pd.DataFrame(columns=["lens", "item", "position", "layer", "top1_id", "top1_prob", "entropy", "kl"])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -166,3 +169,65 @@ def test_non_finite_hidden_states_are_named(monkeypatch):
     monkeypatch.setattr(adapter, "hidden_states", overflowing)
     with pytest.raises(LensesError, match="from layer 2 on.*float32 or bfloat16"):
         trace(adapter, {"logit": LogitLens(adapter)}, [TraceItem([1, 2, 3, 4], [1, 3])])
+
+
+# ---- batched tracing: texts of different lengths share a forward pass, the table is unchanged ----
+
+BATCH_FAMILIES = {  # model_type -> what it adds to the check
+    "llama": "rotary positions", "gpt2": "absolute learned positions", "opt": "learned positions with an offset",
+    "bloom": "ALiBi", "falcon": "ALiBi or rotary (default)", "mistral": "sliding-window attention (window 4)",
+    "gemma2": "sliding window + soft-capping", "qwen2": "grouped-query attention", "gpt_neox": "parallel blocks",
+    "phi3": "fused projections", "mamba": "state space (no attention)", "jamba": "attention + Mamba hybrid",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(BATCH_FAMILIES))
+def test_batched_trace_equals_one_text_at_a_time(model_type):
+    from lenses.coverage import build, tiny_config
+
+    config = tiny_config(model_type)
+    if model_type in ("mistral", "gemma2"):
+        config.sliding_window = 4  # shorter than the texts: the window matters
+    torch.manual_seed(0)
+    model = build(model_type, config).eval().requires_grad_(False)
+    adapter = ModelAdapter.from_model(model)
+    lens = random_lens(adapter)
+    g = torch.Generator().manual_seed(1)
+    V = min(adapter.vocab_size, 90)
+    items = []
+    for n in (5, 17, 9, 12, 6, 20, 11):
+        ids = torch.randint(1, V, (n,), generator=g).tolist()
+        pos = sorted({0, n // 2, n - 1})
+        items.append(TraceItem(ids, pos, {"next": torch.randint(1, V, (len(pos),), generator=g).tolist()}))
+    lenses_ = {"logit": LogitLens(adapter), "tuned": lens}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a refusal would warn: every family here must batch
+        one = trace(adapter, lenses_, items)
+        many = trace(adapter, lenses_, items, batch_size=4)
+    assert len(one) == len(many) == 2 * sum(len(it.positions) for it in items) * (adapter.num_layers + 1)
+    assert (one.top1_id.to_numpy() == many.top1_id.to_numpy()).all()
+    assert (one.rank_next.to_numpy() == many.rank_next.to_numpy()).all()
+    for col in ("top1_prob", "kl", "entropy", "prob_next"):
+        np.testing.assert_allclose(many[col].to_numpy(), one[col].to_numpy(), atol=1e-5, rtol=0, err_msg=col)
+
+
+def test_a_model_that_padding_changes_is_traced_one_text_at_a_time():
+    """A model that reads the whole row (here: a block that adds the mean over all positions, pads
+    included) fails the padding check: trace warns with the reason and gives the one-at-a-time table."""
+    adapter = tiny_adapter("llama")
+    block = adapter.layers[0]
+
+    def peek_ahead(module, args, kwargs, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h = h + h.mean(1, keepdim=True)  # not causal: every position sees every other
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = block.register_forward_hook(peek_ahead, with_kwargs=True)
+    try:
+        items = [TraceItem([1, 2, 3, 4, 5, 6, 7], [6]), TraceItem([3, 4, 5], [2])]
+        one = trace(adapter, {"logit": LogitLens(adapter)}, items)
+        with pytest.warns(UserWarning, match="one text at a time: padding changes"):
+            many = trace(adapter, {"logit": LogitLens(adapter)}, items, batch_size=2)
+    finally:
+        handle.remove()
+    pd.testing.assert_frame_equal(one, many)

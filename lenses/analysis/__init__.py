@@ -20,6 +20,7 @@ from ..data import read_texts, split_documents, tokenize
 from ..errors import LensesError
 from ..loading import ModelOptions
 from ..models import ModelAdapter
+from ..plan import trace_batch_size
 from .common import ViewResult
 
 
@@ -45,6 +46,8 @@ class AnalysisConfig(ModelOptions):
     overwrite: bool = option(False, "replace views in --out made with other settings (another model, lens, "
                              "corpus, ...), and --html/--png files lenses did not write")
     seed: int = option(0, "seed of every sample the views draw", min=0)
+    batch_size: int | None = option(None, "texts per forward pass in the views (none: from the memory plan, at "
+                                          "most 16; 1: one at a time)", min=1)
     progress: bool = option(True, "progress bars")
     prompt: str = option("The capital of France is", "text to decode layer by layer (without --view)",
                          group="prompt", check=lambda v: "is empty; give some text" if not v.strip() else None)
@@ -105,7 +108,14 @@ class Context:
     @property
     def sampling(self) -> dict:
         """The keyword arguments every view function takes from the settings."""
-        return {"seed": self.cfg.seed, "progress": self.cfg.progress}
+        return {"seed": self.cfg.seed, "progress": self.cfg.progress, "batch_size": self.batch_size}
+
+    @cached_property
+    def batch_size(self) -> int:
+        """Texts per forward pass: ``--batch-size``, else the memory rule of `lenses.plan.trace_batch_size`."""
+        if self.cfg.batch_size is not None:
+            return self.cfg.batch_size
+        return trace_batch_size(self.adapter)
 
     @cached_property
     def texts(self) -> list[str]:

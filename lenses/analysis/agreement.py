@@ -19,7 +19,7 @@ from .common import Usage, ViewResult, require, table_plot, text_blocks
 
 
 def agreement_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 1000, seq_len: int = 128,
-                   chunk: int = 256, seed: int = 0, progress: bool = False,
+                   chunk: int = 256, seed: int = 0, progress: bool = False, batch_size: int = 1,
                    source: str = "the texts given") -> ViewResult:
     from tqdm.auto import tqdm
 

@@ -110,14 +110,14 @@ def facts_view(
     facts: list[dict] | None = None,
     num_facts: int | None = None,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool = False, batch_size: int = 1,
 ) -> ViewResult:
     """Run the fact-recall view (all shipped facts by default; ``num_facts`` samples with ``seed``)."""
     facts = list(facts if facts is not None else read_facts())
     if num_facts is not None and num_facts < len(facts):
         facts = random.Random(seed).sample(facts, num_facts)
     items, tokens = fact_items(tokenizer, facts)
-    df = trace(adapter, lenses, items, progress=progress)
+    df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size)
     df["correct"] = df.rank_answer == 1
     kept = keep_where_final(df, "correct")
     if kept.empty:

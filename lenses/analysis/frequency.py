@@ -91,7 +91,7 @@ def frequency_view(
     num_positions: int = 1000,
     seq_len: int = 256,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool = False, batch_size: int = 1,
     prompts: str = "paragraphs",
     source: str = "the texts given",
 ) -> ViewResult:
@@ -117,7 +117,8 @@ def frequency_view(
             f"the frequency counts cover {len(freqs.counts)} tokens but the model has {adapter.vocab_size}: "
             "they were counted with another tokenizer. Count them on your corpus (omit --frequencies).")
     buckets = freqs.bucket(torch.arange(adapter.vocab_size))
-    df = trace(adapter, lenses, items, groups=buckets, group_names=BUCKET_NAMES, progress=progress)
+    df = trace(adapter, lenses, items, groups=buckets, group_names=BUCKET_NAMES, progress=progress,
+               batch_size=batch_size)
     ids = df.top1_id.to_numpy()
     names = np.asarray(BUCKET_NAMES, dtype=object)[buckets.numpy()[np.clip(ids, 0, None)]]
     names[ids < 0] = None  # a layer the lens does not read

@@ -22,7 +22,7 @@ def _log_probs(lens, h: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 def layer_skip_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 128,
-                    seq_len: int = 64, mode: str = "zero", seed: int = 0, progress: bool = False,
+                    seq_len: int = 64, mode: str = "zero", seed: int = 0, progress: bool = False, batch_size: int = 1,
                     source: str = "the texts given") -> ViewResult:
     from tqdm.auto import tqdm
 

@@ -91,7 +91,7 @@ def mcq_view(
     num_questions: int | None = 100,
     shots: int = 4,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool = False, batch_size: int = 1,
 ) -> ViewResult:
     """Run the MCQ view: the first ``shots`` questions form the prefix, then up to ``num_questions``
     of the rest (sampled with ``seed``) are scored."""
@@ -106,7 +106,7 @@ def mcq_view(
     for q in pool:
         ids = encode(tokenizer, prefix + format_question(q, solved=False))
         items.append(TraceItem(ids, [len(ids) - 1], {l: [t] for l, t in zip(LETTERS, opts)}))
-    df = trace(adapter, lenses, items, progress=progress)
+    df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size)
     df["letter_mass"] = df[[f"prob_{l}" for l in LETTERS]].sum(axis=1)
     gold = np.array([LETTERS.index(q["answer"]) for q in pool])
     df["gold"] = np.asarray(LETTERS)[gold[df.item.to_numpy()]]

@@ -110,7 +110,7 @@ def read_tasks(spec: str, tokenizer, first_token: bool = False) -> list[Task]:
 
 
 def patching_view(adapter, tokenizer, lenses: dict, tasks: list[Task], num_pairs: int = 10,
-                  positions: str = "last", seed: int = 0, progress: bool = False) -> ViewResult:
+                  positions: str = "last", seed: int = 0, progress: bool = False, batch_size: int = 1) -> ViewResult:
     """``num_pairs`` random (source, target) prompt pairs for every ordered pair of tasks."""
     from tqdm.auto import tqdm
 

@@ -92,7 +92,7 @@ def pos_view(
     num_texts: int = 200,
     tagger=None,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool = False, batch_size: int = 1,
 ) -> ViewResult:
     """Run the POS view on up to ``num_texts`` paragraphs of ``texts`` (shuffled with ``seed``)."""
     paragraphs = pos_paragraphs(texts)
@@ -100,7 +100,7 @@ def pos_view(
     random.Random(seed).shuffle(paragraphs)
     items, words = pos_items(tokenizer, paragraphs[:num_texts], tagger or load_tagger())
     require(bool(items), "no taggable words found in the text; pass English prose with --corpus.")
-    df = trace(adapter, lenses, items, progress=progress)
+    df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size)
     df["correct"] = df.rank_word == 1
     kept = keep_where_final(df, "correct").merge(words, on=["item", "position"])
     if kept.empty:
