@@ -29,6 +29,7 @@ DATA = ROOT / "tests" / "data" / "configs"
 # (config file, job options) per size; the batch is what a run at that size would use here
 SIZES = {
     "tiny": ("tiny-llama.json", dict(batch_size=8, seq_len=128)),
+    "smollm2": (None, dict(batch_size=8, seq_len=256)),  # the default model itself, as `lenses train` runs it
     "gpt2-small": ("gpt2.json", dict(batch_size=4, seq_len=256)),
     "llama-1b": ("llama-3.2-1b.json", dict(batch_size=2, seq_len=256, model_dtype="bfloat16")),
 }
@@ -62,6 +63,10 @@ def model_folder(size: str) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     file, opts = SIZES[size]
+    if file is None:
+        from lenses.loading import resolve_model_path
+
+        return Path(resolve_model_path(None))
     folder = Path(tempfile.gettempdir()) / "lenses-plan-models" / size
     if not (folder / "config.json").exists():
         dtype = getattr(torch, opts.get("model_dtype", "float32"))
@@ -86,7 +91,8 @@ def probe(size: str, job: str) -> dict:
     dtype = opts.get("model_dtype", "float32")
     folder = model_folder(size)
     tok = AutoTokenizer.from_pretrained(resolve_model_path(None))  # SmolLM2's: its vocabulary fits every config
-    tok.save_pretrained(folder)
+    if file is not None:
+        tok.save_pretrained(folder)
     text = Path(tempfile.mkdtemp()) / "corpus.txt"
     text.write_text(" ".join(["the quick brown fox jumps over the lazy dog and keeps running"] * 2000))
     batch = opts["batch_size"] if job == "train" else 1
@@ -105,7 +111,7 @@ def probe(size: str, job: str) -> dict:
 
     # compile the vocabulary kernels (static, then dynamic shapes) on throw-away two-block models
     for n_tokens in (160, 96):  # > 128 positions: the teacher block and the chunk differ in size, as in a real run
-        small = AutoConfig.from_pretrained(DATA / file)
+        small = AutoConfig.from_pretrained(DATA / file if file else folder)
         for k in ("num_hidden_layers", "n_layer"):
             if hasattr(small, k):
                 setattr(small, k, 2)  # two: a size of 1 would be specialised by the compiler
@@ -128,6 +134,17 @@ def probe(size: str, job: str) -> dict:
             "params": shapes.params, "planned_mib": planned / 2**20, "measured_mib": measured / 2**20,
             "ratio": measured / planned, "seconds": time.perf_counter() - t0,
             **{f"plan {k} (MiB)": v / 2**20 for k, v in comp.items()}}
+
+
+def machine() -> str:
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        flags = next(ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        cpu, flags = "unknown CPU", []
+    isa = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags][:2]
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu} ({', '.join(isa) or 'no AVX2'}), {os.cpu_count()} cores, {memory:.0f} GiB"
 
 
 def main() -> None:
@@ -155,6 +172,8 @@ def main() -> None:
                   f"MiB, measured/planned {row['ratio']:.3f}", flush=True)
             rows.append(row)
     table = pd.DataFrame(rows)
+    table["machine"] = machine()
+    table["date"] = time.strftime("%Y-%m-%d")
     table.to_csv(a.out, index=False)
     print(f"wrote {a.out}")
 

@@ -3,6 +3,7 @@
 
     python benchmarks/run.py                      # SmolLM2 + a random GPT-2-small-sized model
     python benchmarks/run.py --models smollm2 --tokens 512 --train-steps 1   # quicker
+    python benchmarks/run.py --models llama-1b --skip memory,load            # Llama-3.2-1B's shapes, bfloat16
 
 Measures, on the same machine, model, tokens, batch and thread count:
   (a) training tokens/s (model forward + lens step) of ours (dtype picked by `auto`, and float32)
@@ -69,7 +70,16 @@ def get_model(name: str):
         g = torch.Generator().manual_seed(0)
         blocks = torch.randint(0, model.config.vocab_size, (64, SEQ), generator=g)
         return model, blocks[:48], blocks[48:56]
-    raise SystemExit(f"unknown model {name!r}: smollm2 or gpt2-small")
+    if name == "llama-1b":  # Llama-3.2-1B's shapes (16 x 2048, vocab 128,256), random weights, bfloat16
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(ROOT / "tests" / "data" / "configs" / "llama-3.2-1b.json")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval().requires_grad_(False)
+        g = torch.Generator().manual_seed(0)
+        blocks = torch.randint(0, config.vocab_size, (64, SEQ), generator=g)
+        return model, blocks[:48], blocks[48:56]
+    raise SystemExit(f"unknown model {name!r}: smollm2, gpt2-small or llama-1b")
 
 
 def matmul_samples(dtype: torch.dtype, d: int, V: int, repeats: int = 5) -> list[float]:

@@ -19,6 +19,8 @@ the model dtype, ``c`` = of the vocabulary-matmul dtype):
 - ``lens activations``: what the lens step keeps for its backward (translated states, the final norm's
   input and output, their gradients): 6 float32 copies of L n d while training (4 in a trace, 0
   for the logit lens).
+- ``unembedding copy``: the unembedding in the vocabulary-matmul dtype, where it differs from the model's
+  (a float32 trace of a bfloat16 model holds V d x 4 more).
 - ``vocabulary``: the teacher's block (logits, log-probabilities and probabilities of up to 256
   positions, float32) and one chunk of rows x V logits and their gradient (`vocab.default_chunk_rows`).
 - ``activations``: the largest transient of one block's forward (the MLP's three intermediate
@@ -236,8 +238,7 @@ def components(shapes: Shapes, o: PlanOptions, world: int) -> dict[str, int]:
         held = 4 * unit  # translated states, the final norm's float32 input and output, their gradient buffer
         rows = _chunk_rows(V, matmul_dtype(o), o.device_type or "cpu")
         P = min(TEACHER_POSITIONS, n)
-        copy = V * d * c if c != s else 0  # the unembedding in the matmul dtype, cached once
-        vocabulary = max(3 * P * V * 4, P * V * 4 + rows * V * (2 * c + 4)) + copy
+        vocabulary = max(3 * P * V * 4, P * V * 4 + rows * V * (2 * c + 4))
         backward = 3 * unit  # the final norm's and the translators' backward
     else:  # a trace buffers up to 256 positions (the chunk) of every layer, then decodes them
         C = min(256, n)
@@ -245,6 +246,7 @@ def components(shapes: Shapes, o: PlanOptions, world: int) -> dict[str, int]:
         held = 2 * C * d * 4 if any(k != "logit" for k in kinds) else 0
         vocabulary = 3 * C * V * 4  # the teacher's probabilities, one layer's logits, one kernel buffer
         backward = 0
+    out["unembedding copy"] = V * d * c if c != s else 0  # in the matmul dtype, cached for the whole job
     phase = max(("activations", forward), ("vocabulary", vocabulary), ("lens backward", backward), key=lambda x: x[1])
     out["lens activations"] = held
     for name in ("activations", "vocabulary", "lens backward"):
@@ -357,10 +359,11 @@ def _advice(shapes: Shapes, o: PlanOptions, caps: list[int]) -> list[str]:
     if o.job in ("train", "fit") and len(caps) > 1 and not o.fsdp and fits(fsdp=True):
         tips.append("--fsdp (shard the model and the lens over the processes)")
     if o.job != "fit":
-        b = o.batch_size - 1
-        while b >= 1 and not fits(batch_size=b):
-            b = b // 2 if b > 8 else b - 1
-        if b >= 1:
+        step = len(caps) if o.job == "train" else 1  # a training batch splits evenly over the processes
+        b = (o.batch_size - 1) // step * step
+        while b >= step and not fits(batch_size=b):
+            b = max(step, b // 2 // step * step) if b > 8 * step else b - step
+        if b >= step:
             tips.append(f"--batch-size {b}")
     elif o.dim_batch > 1 and fits(dim_batch=1):
         tips.append("--dim-batch 1")

@@ -12,8 +12,8 @@ A generated table sits between two markers in a page:
 
 and NAME is one entry of TABLES below: a function from its source files to markdown. The sources are
 what the measurements wrote (`benchmarks/results.csv` by `benchmarks/run.py`, a shipped lens's
-`eval.csv` by `scripts/ship_jlens.py`, `docs/data/*.csv` copied from an analysis folder by
-`scripts/doc_data.py`), so a figure in the docs is never typed by hand.
+`eval.csv` by `scripts/ship_jlens.py`, `docs/data/NAME/` kept from an analysis folder with
+`--from-run OUT NAME`), so a figure in the docs is never typed by hand.
 """
 
 from __future__ import annotations
@@ -141,6 +141,98 @@ def view_table(name: str, columns: dict[str, tuple[str, str]], index: str = "lay
     return src, markdown(out)
 
 
+def plan_published() -> tuple[str, str]:
+    """`lenses plan` for Llama-3.1-8B and Llama-3.3-70B (their config.json in tests/data/configs): per device."""
+    from lenses.plan import GiB, PlanOptions, model_shapes, plan
+
+    src = "tests/data/configs/llama-3.1-8b.json and llama-3.3-70b.json"
+    cases = [  # (model, job, devices, fsdp, optimizer, batch, seq)
+        ("llama-3.1-8b", "train", "1x80GiB", False, "sgd", 8, 1024),
+        ("llama-3.1-8b", "train", "1x80GiB", False, "adam", 8, 1024),
+        ("llama-3.1-8b", "train", "8x80GiB", True, "adam", 64, 1024),
+        ("llama-3.1-8b", "trace", "1x24GiB", False, "sgd", 16, 512),
+        ("llama-3.3-70b", "train", "8x80GiB", False, "sgd", 8, 1024),
+        ("llama-3.3-70b", "train", "8x80GiB", True, "sgd", 8, 1024),
+        ("llama-3.3-70b", "train", "8x80GiB", True, "adam", 8, 1024),
+        ("llama-3.3-70b", "train", "8x80GiB", True, "adam", 64, 1024),
+        ("llama-3.3-70b", "trace", "2x80GiB", False, "sgd", 16, 512),
+        ("llama-3.3-70b", "trace", "4x80GiB", False, "sgd", 16, 512),
+    ]
+    rows = []
+    for name, job, devices, fsdp, opt, batch, seq in cases:
+        o = PlanOptions(job=job, model_dtype="bfloat16", devices=devices, fsdp=fsdp, optimizer=opt, batch_size=batch,
+                        seq_len=seq, device_type="cuda", lens="tuned" if job == "train" else "logit,tuned")
+        pl = plan(model_shapes(ROOT / "tests" / "data" / "configs" / f"{name}.json"), o)
+        c = pl.per_device[0]
+        state = c.get("lens", 0) + c.get("gradients", 0) + c.get("optimizer", 0)
+        rows.append({"model": name, "job": job + (" (FSDP)" if fsdp else "") + (f", {opt}" if job == "train" else ""),
+                     "devices": devices, "batch x tokens": f"{batch} x {seq}",
+                     "weights": f"{c['weights'] / GiB:.1f}", "lens + grads + optimizer": f"{state / GiB:.1f}",
+                     "the rest": f"{(pl.peak_bytes[0] - c['weights'] - state) / GiB:.1f}",
+                     "peak (GiB)": f"{pl.peak_bytes[0] / GiB:.1f}", "fits": "yes" if pl.fits else "no",
+                     "to fit": "; ".join(pl.advice)})
+    return src, markdown(pd.DataFrame(rows), "llllrrrrll")
+
+
+def plan_check() -> tuple[str, str]:
+    """The plan against the measured peak of real runs on this CPU (benchmarks/plan_check.py)."""
+    src = "benchmarks/plan_check.csv"
+    r = pd.read_csv(ROOT / src)
+    out = pd.DataFrame({"size": r["size"], "job": r.job, "model dtype": r.model_dtype,
+                        "batch x tokens": [f"{b} x {t}" for b, t in zip(r.batch, r.seq_len)],
+                        "parameters": [f"{p / 1e6:,.0f}M" for p in r.params],
+                        "planned (MiB)": [fmt(v, ",.0f") for v in r.planned_mib],
+                        "measured (MiB)": [fmt(v, ",.0f") for v in r.measured_mib],
+                        "measured / planned": [fmt(v, ".3f") for v in r.ratio]})
+    where = f"\nMeasured on {r.machine.iloc[0]}, {r.date.iloc[0]}.\n" if "machine" in r else ""
+    return src, markdown(out, "lllrrrrr") + where
+
+
+def view_summaries(run: str) -> tuple[str, str]:
+    """What each view of an analysis run reported (its own summary lines, first the data it used), from the
+    run's report.json kept in docs/data/<run>/ (`--from-run`)."""
+    src = f"docs/data/{run}/report.json"
+    report = json.loads((ROOT / src).read_text(encoding="utf-8"))
+    rows = []
+    for view in report["views"]:
+        for line in view["summary"]:
+            line = " ".join(line.split())
+            who, sep, said = line.partition(": ")
+            rows.append({"view": view["name"], "lens / data": who if sep else "", "reported": said if sep else line})
+    return src, markdown(pd.DataFrame(rows), "lll")
+
+
+def pos_first_correct(run: str) -> tuple[str, str]:
+    """POS view: mean first-correct layer per universal tag and lens (pos_tags.csv of the run)."""
+    src = f"docs/data/{run}/pos_tags.csv"
+    t = pd.read_csv(ROOT / src)
+    wide = t.pivot(index=["group", "tag"], columns="lens", values="mean_first_correct").reset_index()
+    n = t.pivot(index=["group", "tag"], columns="lens", values="n_correct").reset_index()
+    lenses = [c for c in wide.columns if c not in ("group", "tag")]
+    out = pd.DataFrame({"group": wide.group, "tag": wide.tag})
+    for lens in lenses:
+        out[f"{lens}: first correct (n)"] = [f"{fmt(v, '.1f')} ({int(k)})" if not pd.isna(k) else "—"
+                                            for v, k in zip(wide[lens], n[lens])]
+    out = out.sort_values(["group", "tag"], ascending=[False, True])
+    return src, markdown(out, "ll" + "r" * len(lenses))
+
+
+KEEP = ("report.json", "frequency_layers.csv", "pos_tags.csv", "facts_by_index.csv", "facts_onset.csv",
+        "mcq_layers.csv", "mcq_questions.csv", "representation_layers.csv", "early-exit_layers.csv")
+
+
+def keep_run(out: Path, name: str) -> None:
+    """Copy the small summary files of an analysis folder into docs/data/<name>/ (what the tables read)."""
+    import shutil
+
+    dest = DATA / name
+    dest.mkdir(parents=True, exist_ok=True)
+    kept = [f for f in KEEP if (out / f).exists()]
+    for f in kept:
+        shutil.copyfile(out / f, dest / f)
+    print(f"kept {', '.join(kept)} of {out} in {dest.relative_to(ROOT)}")
+
+
 TABLES = {
     "lens-layers": lens_layers,
     "benchmark": benchmark_rows,
@@ -148,6 +240,10 @@ TABLES = {
     "benchmark-memory": benchmark_memory,
     "benchmark-machine": benchmark_machine,
     "benchmark-load": benchmark_load,
+    "plan-published": plan_published,
+    "plan-check": plan_check,
+    "smollm2-views": lambda: view_summaries("smollm2-all"),
+    "smollm2-pos": lambda: pos_first_correct("smollm2-all"),
 }
 
 
@@ -168,7 +264,11 @@ def render(text: str, page: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="report tables that differ from their data; write nothing")
+    p.add_argument("--from-run", nargs=2, metavar=("OUT", "NAME"),
+                   help="first keep the summary files of analysis folder OUT as docs/data/NAME/")
     a = p.parse_args(argv)
+    if a.from_run:
+        keep_run(Path(a.from_run[0]), a.from_run[1])
     stale = []
     for page in sorted((ROOT / "docs").glob("*.md")):
         text = page.read_text(encoding="utf-8")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lenses.errors import LensesError
 from lenses.plan import (PlanOptions, components, model_shapes, parse_devices, parse_max_memory, parse_size, plan)
@@ -127,3 +128,24 @@ def test_training_refuses_a_plan_that_does_not_fit_before_loading(tmp_path):
     assert run.returncode == 2, run.stderr
     assert "memory plan" in run.stderr and "--batch-size" in run.stderr and "GiB" in run.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was claimed or loaded
+
+
+def test_trace_batch_size_follows_the_memory_rule():
+    from types import SimpleNamespace
+
+    from lenses.plan import this_machine_cpu, trace_batch_size
+    from tiny_models import tiny_adapter
+
+    assert trace_batch_size(tiny_adapter("llama")) == 16  # a tiny model: the cap
+    budget = this_machine_cpu() // 10
+
+    def fake(d, layers):
+        weight = torch.empty(0, dtype=torch.float32)
+        config = SimpleNamespace(intermediate_size=4 * d)
+        return SimpleNamespace(num_layers=layers, d_model=d, unembed=SimpleNamespace(weight=weight),
+                               model=SimpleNamespace(config=config), device=torch.device("cpu"))
+
+    for d, layers in ((4096, 32), (8192, 80), (2048, 16)):
+        per_text = (layers + 1) * 256 * d * 4 + 3 * 256 * 4 * d * 4  # closed form, float32, 256 tokens
+        assert trace_batch_size(fake(d, layers)) == max(1, min(16, budget // per_text))
+    assert trace_batch_size(fake(65536, 400)) == 1  # never 0
