@@ -39,14 +39,16 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _gguf_cache_folder(gguf: Path) -> Path:
+def _gguf_cache_folder(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    suffix = "" if dtype == torch.float32 else f"-{str(dtype).replace('torch.', '')}"
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}{suffix}"
 
 
-def _dequantise_gguf_to_cache(gguf: Path, dest: Path) -> None:
-    """Load a GGUF once (slow: ~30 s) and write config, weights and tokenizer as a plain HF folder.
+def _dequantise_gguf_to_cache(gguf: Path, dest: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Load a GGUF once (slow: ~30 s) and write config, weights and tokenizer as a plain HF folder, the
+    weights in ``dtype`` (dequantised tensor by tensor: a half-precision cache never holds a float32 model).
 
     transformers refuses ``save_pretrained`` on GGUF-loaded models, so we write the pieces
     ourselves; the folder appears atomically (built in a temporary folder, then renamed).
@@ -55,7 +57,7 @@ def _dequantise_gguf_to_cache(gguf: Path, dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:  # the gguf reader raises many types for truncated or foreign files
         raise LensesError(
@@ -86,8 +88,10 @@ def _dequantise_gguf_to_cache(gguf: Path, dest: Path) -> None:
         raise
 
 
-def resolve_model_path(name: str | os.PathLike | None) -> str:
-    """Turn ``None``/the default name/a .gguf file into a loadable HF folder (caching GGUFs)."""
+def resolve_model_path(name: str | os.PathLike | None, dtype: torch.dtype = torch.float32) -> str:
+    """Turn ``None``/the default name/a .gguf file into a loadable HF folder (caching GGUFs). A GGUF asked
+    for in half precision is read from the float32 cache when there is one (cast tensor by tensor while
+    loading), else dequantised into a cache of its own in that dtype."""
     if name is None or str(name) == DEFAULT_MODEL:
         name = default_gguf_path()
     path = Path(name)
@@ -95,7 +99,11 @@ def resolve_model_path(name: str | os.PathLike | None) -> str:
         if not path.exists():
             raise LensesError(f"GGUF file {path} does not exist: check the path passed as --model.")
         folder = _gguf_cache_folder(path)
-        if not (folder / "model.safetensors").exists():
+        if dtype in (torch.bfloat16, torch.float16) and not (folder / "model.safetensors").exists():
+            folder = _gguf_cache_folder(path, dtype)
+            if not (folder / "model.safetensors").exists():
+                _dequantise_gguf_to_cache(path, folder, dtype)
+        elif not (folder / "model.safetensors").exists():
             _dequantise_gguf_to_cache(path, folder)
         return str(folder)
     return str(name)
@@ -122,7 +130,7 @@ def load_model(
         dtype = torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    path = resolve_model_path(name)
+    path = resolve_model_path(name, dtype)
     local = Path(path).exists()
     looks_like_path = str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
     if not local and looks_like_path:

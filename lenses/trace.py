@@ -135,48 +135,52 @@ def _finite(h: torch.Tensor, i: int) -> torch.Tensor:
     return h
 
 
-def _padded(items: list[TraceItem]) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [B, T] padded on the right (token 0) and the attention mask (1 = a real token). Causal
     models never let a position see later ones, so right padding leaves every real position's states as
     they are alone; the mask keeps the pads out of anything that looks at the whole row."""
-    lengths = [len(it.ids) for it in items]
-    ids = torch.zeros(len(items), max(lengths), dtype=torch.long)
+    ids = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for b, it in enumerate(items):
-        ids[b, : lengths[b]] = torch.as_tensor(list(it.ids), dtype=torch.long)
-        mask[b, : lengths[b]] = 1
+    for b, r in enumerate(rows):
+        ids[b, : len(r)], mask[b, : len(r)] = r, 1
     return ids, mask
 
 
-def _hidden_of_batch(adapter, batch: list[tuple[int, TraceItem]], target_names) -> list[tuple[int, torch.Tensor, list]]:
-    """``(item index, hidden [L+1, P, d] at its positions, positions)`` for each item with positions, with
-    one forward pass for the whole batch."""
-    batch = [(i, it, _checked_positions(it, i, target_names)) for i, it in batch]
-    batch = [(i, it, pos) for i, it, pos in batch if pos]
-    if not batch:
-        return []
+def _prepared(items: list[TraceItem], target_names) -> list[tuple[int, torch.Tensor, list[int]]]:
+    """``(index, token ids, positions)`` of each item with positions, checked; the ids end at the last
+    position asked for (a causal model's states there do not depend on later tokens)."""
+    out = []
+    for i, it in enumerate(items):
+        pos = _checked_positions(it, i, target_names)
+        if pos:
+            out.append((i, torch.as_tensor(list(it.ids), dtype=torch.long)[: max(pos) + 1], pos))
+    return out
+
+
+def _hidden_of_batch(adapter, batch: list[tuple[int, torch.Tensor, list]]) -> list[tuple[int, torch.Tensor, list]]:
+    """``(item index, hidden [L+1, P, d] at its positions, positions)`` of each prepared item, with one
+    forward pass for the whole batch."""
     if len(batch) == 1:
-        i, it, pos = batch[0]
-        h = adapter.hidden_states(torch.as_tensor(list(it.ids), dtype=torch.long)[None])[:, 0, pos]
-        return [(i, _finite(h, i), pos)]
-    ids, mask = _padded([it for _, it, _ in batch])
+        i, ids, pos = batch[0]
+        return [(i, _finite(adapter.hidden_states(ids[None])[:, 0, pos], i), pos)]
+    ids, mask = _padded([row for _, row, _ in batch])
     h_all = adapter.hidden_states(ids, attention_mask=mask.to(adapter.device))
     return [(i, _finite(h_all[:, b, pos], i), pos) for b, (i, _, pos) in enumerate(batch)]
 
 
-def padding_check(adapter, items: list[TraceItem]) -> str | None:
-    """Why texts of different lengths cannot share a forward pass for this model, or None if they can:
-    the shortest text alone must give the states it gives padded in a batch with the longest one."""
+def padding_check(adapter, rows: list[torch.Tensor]) -> str | None:
+    """Why texts of different lengths (token-id rows) cannot share a forward pass for this model, or None if
+    they can: the shortest text alone must give the states it gives padded in a batch with the longest."""
     cached = getattr(adapter, "_padding_reason", False)
     if cached is not False:
         return cached
-    short, long_ = min(items, key=lambda it: len(it.ids)), max(items, key=lambda it: len(it.ids))
+    short, long_ = min(rows, key=len), max(rows, key=len)
     reason = None
-    if len(short.ids) < len(long_.ids):
+    if len(short) < len(long_):
         try:
             ids, mask = _padded([long_, short])
-            both = adapter.hidden_states(ids, attention_mask=mask.to(adapter.device))[:, 1, : len(short.ids)]
-            alone = adapter.hidden_states(torch.as_tensor(list(short.ids), dtype=torch.long)[None])[:, 0]
+            both = adapter.hidden_states(ids, attention_mask=mask.to(adapter.device))[:, 1, : len(short)]
+            alone = adapter.hidden_states(short[None])[:, 0]
             scale = alone.abs().amax().clamp_min(1e-6)
             err = float(((both - alone).abs().amax() / scale).float())
             if not err <= 1e-3:  # float rounding differs by ~1e-6; a padding effect by far more
@@ -235,17 +239,18 @@ def trace(
 
     if batch_size < 1:
         raise LensesError(f"batch_size must be at least 1 (got {batch_size}).")
-    if batch_size > 1 and len(items) > 1:
-        reason = padding_check(adapter, items)
+    todo = _prepared(items, target_names)
+    if batch_size > 1 and len(todo) > 1:
+        reason = padding_check(adapter, [ids for _, ids, _ in todo])
         if reason:
             warnings.warn(f"tracing one text at a time: {reason}.", stacklevel=2)
             batch_size = 1
-    # longest first, so that a batch holds texts of similar length (little padding); rows are sorted at the end
-    order = sorted(range(len(items)), key=lambda i: -len(items[i].ids)) if batch_size > 1 else range(len(items))
-    batches = [[(i, items[i]) for i in list(order)[s : s + batch_size]] for s in range(0, len(items), batch_size)]
-    bar = tqdm(total=len(items), desc="tracing", unit="text", disable=not progress)
-    for batch in batches:
-        for i, h, pos in _hidden_of_batch(adapter, batch, target_names):
+    if batch_size > 1:  # longest first: a batch holds texts of similar length (little padding); rows are sorted
+        todo.sort(key=lambda t: -len(t[1]))  # by item at the end
+    bar = tqdm(total=len(todo), desc="tracing", unit="text", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        for i, h, pos in _hidden_of_batch(adapter, batch):
             buf_h.append(h)
             buf_meta.append(np.stack([np.full(len(pos), i), np.asarray(pos)], axis=1))
             for n in target_names:

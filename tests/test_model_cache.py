@@ -49,3 +49,31 @@ def test_a_real_failure_still_raises(tmp_path, gguf):
     else:
         raise AssertionError("expected the rename onto a foreign folder to fail")
     assert not [p for p in dest.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_half_precision_request_never_builds_a_float32_model(tmp_path, monkeypatch):
+    """`--model-dtype bfloat16` on a GGUF: dequantised straight into a bfloat16 cache of its own (the
+    model is built in bfloat16, tensor by tensor); a float32 cache already there is reused instead."""
+    from safetensors import safe_open
+
+    from lenses.loading import resolve_model_path
+
+    monkeypatch.setenv("LENSES_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
+    built = []
+
+    def fake_from_pretrained(*a, dtype=None, **k):
+        built.append(dtype)
+        return _tiny().to(dtype)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: _Tok())
+    half = resolve_model_path(path, torch.bfloat16)
+    assert built == [torch.bfloat16] and half.endswith("-bfloat16")
+    with safe_open(f"{half}/model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    full = resolve_model_path(path)  # float32 asked: its own cache
+    assert built == [torch.bfloat16, torch.float32] and full != half
+    assert resolve_model_path(path, torch.bfloat16) == full  # now reused (cast while loading), nothing rebuilt
+    assert len(built) == 2
