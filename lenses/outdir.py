@@ -44,13 +44,19 @@ SIGNATURE = io.SIGNATURE
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs. A killed process that nobody has reaped yet (a zombie: in
+    containers whose first process does not reap, it stays one) holds no lock."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _read_json(file: Path) -> dict:

@@ -11,7 +11,8 @@ What each component counts (bytes; ``n`` = tokens per process per step, ``s`` = 
 the model dtype, ``c`` = of the vocabulary-matmul dtype):
 
 - ``weights``: every parameter and buffer once (tied weights once). With FSDP each process holds
-  1/N of the blocks plus two gathered blocks (the one running and the one prefetched).
+  1/N of the blocks plus two gathered blocks (the one running and the one prefetched), and the
+  embeddings, final norm and unembedding whole (`lenses.sharding`).
 - ``lens``: float32 translators and biases of every layer (tuned: L(d^2 + d) x 4; Jacobian: L d^2 x 4).
   ``gradients`` the same again while training; ``optimizer``: SGD's momentum (1x) or Adam's two
   moments (2x). With FSDP each is 1/N per process.
@@ -216,8 +217,9 @@ def components(shapes: Shapes, o: PlanOptions, world: int) -> dict[str, int]:
     kinds = [k.strip() for k in o.lens.split(",") if k.strip()]
     shard = world if o.fsdp else 1
     weights = shapes.weight_bytes(o.model_dtype)
-    if o.fsdp and world > 1:
-        weights = weights // world + 2 * shapes.block_params * s
+    if o.fsdp and world > 1:  # the blocks are sharded; embeddings, final norm and unembedding stay whole
+        blocks = shapes.num_layers * shapes.block_params * s
+        weights = (weights - blocks) + blocks // world + 2 * shapes.block_params * s
     lens = _lens_bytes(shapes, kinds if o.job == "trace" else [("jacobian" if o.job == "fit" else "tuned")])
     out = {"weights": weights, "lens": lens // shard}
     if o.job == "fit":

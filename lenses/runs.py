@@ -95,12 +95,17 @@ def read_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:
         raise CorruptFileError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); delete it, "
                                "or pass --overwrite to start afresh.") from e
+    check_identity(saved, identity, path)
+    return state
+
+
+def check_identity(saved: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
+    """Refuse to resume from a checkpoint whose run had other result-changing settings, naming them."""
     changed = _differences(saved, identity)
     if changed:
         raise LensesError(f"cannot resume {path.parent}: these settings differ from the checkpoint's, and they "
                           f"change the result: {'; '.join(changed)}. Use the checkpoint's settings, or another "
                           "--out (or --overwrite) to start afresh.")
-    return state
 
 
 def _differences(saved: dict, now: dict, where: str = "") -> list[str]:

@@ -42,7 +42,8 @@ from .loading import DEFAULT_MODEL, ModelOptions
 from .models import ModelAdapter
 from .outdir import OutputFolder
 from .plan import PlanOptions, check_fits
-from .runs import Job, open_job, read_checkpoint
+from . import sharding
+from .runs import Job, check_identity, open_job, read_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LENS_FILES = ("config.json", "translators.safetensors")
@@ -90,6 +91,8 @@ class TrainConfig(ModelOptions):
     progress: bool = option(True, "progress bar", group="runtime")
     resume: bool = option(False, "continue the run in --out from its checkpoint", group="runtime")
     overwrite: bool = option(False, "replace a finished lens or interrupted run in --out", group="runtime")
+    fsdp: bool = option(False, "shard the model's blocks and the lens over the processes (PyTorch FSDP2; under "
+                               "torchrun, any number of processes)", group="runtime")
     plan_check: bool = option(True, "refuse before loading when the memory plan (lenses plan) says the run does "
                                     "not fit the device", group="runtime")
 
@@ -126,15 +129,16 @@ def _plain(value):
 
 def lens_kl_backward(lens, hidden: torch.Tensor, pos_weight: torch.Tensor | None = None,
                      dtype: torch.dtype = torch.float32, chunk_rows: int | None = None,
-                     teacher_positions: int = 256) -> torch.Tensor:
+                     teacher_positions: int = 256, translate=None) -> torch.Tensor:
     """Accumulate into ``lens``'s grads the gradient of sum_l mean_pos(w * KL_l); return KL [L, N].
 
-    ``hidden``: ``[L+1, N, d]`` residual stream (positions flattened); ``pos_weight``: [N] or None.
+    ``hidden``: ``[L+1, N, d]`` residual stream (positions flattened); ``pos_weight``: [N] or None;
+    ``translate``: what runs the lens's ``transform_stack`` (the FSDP module when sharded).
     Chunking and the teacher: `lenses.vocab.kl_backward`.
     """
     L = lens.num_layers
-    return vocab.kl_backward(lens.adapter, lens.transform_stack(hidden[:L]), hidden[L], pos_weight, dtype, chunk_rows,
-                             teacher_positions)
+    translated = (translate or lens.transform_stack)(hidden[:L])
+    return vocab.kl_backward(lens.adapter, translated, hidden[L], pos_weight, dtype, chunk_rows, teacher_positions)
 
 
 def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> torch.Tensor:
@@ -177,25 +181,38 @@ class TrainState:
     scheduler: Any
     step: int = 0
     log: list = field(default_factory=list)  # [step, layer, kl] rows
+    translator: Any = None  # the FSDP module that runs the lens's translation (`lenses.sharding`), else None
 
     @classmethod
     def fresh(cls, cfg: TrainConfig, adapter: ModelAdapter, total: int,
-              lens_class: type[Lens] = TunedLens) -> "TrainState":
+              lens_class: type[Lens] = TunedLens, device=None) -> "TrainState":
         lens = lens_class.for_model(adapter)
         lens.config["model"] = cfg.model or DEFAULT_MODEL
-        params = lens.trainable()
-        if not params:
+        if not lens.trainable():
             raise LensesError(f"a {lens_class.__name__} has no trainable parameters; nothing to train "
                               "(a transform-only lens needs no training: load or build it directly).")
+        translator = sharding.shard(adapter, lens, device) if cfg.fsdp else None  # before the optimizer sees them
+        params = lens.trainable()
         if cfg.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=cfg.effective_lr(), momentum=cfg.momentum, nesterov=True,
                                   weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
-        return cls(lens, opt, sched)
+        return cls(lens, opt, sched, translator=translator)
 
-    def save(self, path: Path, identity: dict[str, Any]) -> None:
+    def translate(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.translator(hidden) if self.translator is not None else self.lens.transform_stack(hidden)
+
+    def save(self, path: Path, identity: dict[str, Any], main: bool = True) -> None:
+        """Write the checkpoint: ``checkpoint.pt`` by the main process, or (sharded) every process's
+        shard into ``checkpoint.dcp/`` (then all processes must call it)."""
+        if self.translator is not None:
+            meta = {"step": self.step, "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
+                    "identity": identity, "fingerprint": self.lens.config.get("fingerprint"), "log": self.log}
+            return sharding.save(path.parent, self.translator, self.optimizer, meta, main)
+        if not main:
+            return
         state = {
             "step": self.step,
             "lens": {k: v.detach().cpu() for k, v in self.lens.state_dict().items()},
@@ -210,6 +227,14 @@ class TrainState:
 
     def load(self, path: Path, identity: dict[str, Any]) -> None:
         """Restore from ``path`` after checking it was made by the same run (``identity``)."""
+        if self.translator is not None:
+            meta = sharding.read_meta(path.parent)
+            check_identity(meta["identity"], identity, path)  # the identity holds the model's fingerprint
+            sharding.load(path.parent, self.translator, self.optimizer)
+            self.scheduler.load_state_dict(meta["scheduler"])
+            torch.set_rng_state(meta["rng"])
+            self.step, self.log = meta["step"], meta["log"]
+            return
         state = read_checkpoint(path, identity)
         self.lens.adapter.check_fingerprint(state["fingerprint"] or {}, what="checkpoint")
         with torch.no_grad():  # checkpoints before generic states held the tuned lens's weight and bias
@@ -247,7 +272,7 @@ class Run:
 
     @property
     def checkpoint(self) -> Path:
-        return Path(self.cfg.out) / CHECKPOINT_NAME
+        return Path(self.cfg.out) / (sharding.CHECKPOINT if self.cfg.fsdp else CHECKPOINT_NAME)
 
 
 @dataclass
@@ -291,7 +316,8 @@ def setup(job: Job, cfg: TrainConfig, lens_class: type[Lens] = TunedLens) -> Run
                 "frequencies": _hash(freqs.counts), "compute_dtype_used": str(dtype).replace("torch.", ""),
                 "fingerprint": adapter.fingerprint(),  # the model itself, wherever its file lies
                 "lens_kind": lens_class.kind}
-    state = TrainState.fresh(cfg, adapter, total, lens_class)
+    _check_checkpoint_kind(cfg)
+    state = TrainState.fresh(cfg, adapter, total, lens_class, device=dp.device)
     run = Run(cfg, adapter, tokenizer, dp, dtype, train_blocks, eval_blocks, freqs, state, identity, job.folder,
               total, data=data_accounting(cfg, total, train_blocks, eval_blocks, len(texts)))
     if dp.main:
@@ -303,10 +329,24 @@ def setup(job: Job, cfg: TrainConfig, lens_class: type[Lens] = TunedLens) -> Run
     return run
 
 
+def _check_checkpoint_kind(cfg: TrainConfig) -> None:
+    """A sharded checkpoint resumes only with --fsdp (on any number of processes), a plain one only without."""
+    out = Path(cfg.out)
+    if not cfg.resume:
+        return
+    if cfg.fsdp and (out / CHECKPOINT_NAME).exists() and not (out / sharding.CHECKPOINT).exists():
+        raise LensesError(f"{out} holds a checkpoint of a run without --fsdp; resume it without --fsdp.")
+    if not cfg.fsdp and (out / sharding.CHECKPOINT).exists():
+        raise LensesError(f"{out} holds a sharded checkpoint (--fsdp); resume it with `torchrun --nproc_per_node N "
+                          "train_probes.py ... --fsdp --resume` (any N, 1 included).")
+
+
 def _check_job(cfg: TrainConfig, preloaded: bool):
     """What is checked before the output folder is claimed or a weight is read: the batch splits over the
     processes, and (for a model loaded here on one device) the memory plan fits."""
     def check(dp: DataParallel) -> None:
+        if cfg.fsdp:
+            sharding.check_launch()
         if cfg.batch_size % dp.world:
             raise LensesError(f"--batch-size {cfg.batch_size} does not split evenly over {dp.world} processes; "
                               f"use a multiple of {dp.world}.")
@@ -314,7 +354,8 @@ def _check_job(cfg: TrainConfig, preloaded: bool):
             device = dp.device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
             matmul = "float32" if cfg.compute_dtype in ("auto", "float32") else cfg.compute_dtype
             check_fits(cfg.model, PlanOptions(job="train", model_dtype=cfg.model_dtype, compute_dtype=matmul,
-                                              batch_size=cfg.batch_size, seq_len=cfg.seq_len, optimizer=cfg.optimizer),
+                                              batch_size=cfg.batch_size, seq_len=cfg.seq_len, optimizer=cfg.optimizer,
+                                              fsdp=cfg.fsdp),
                        world=dp.world, device=device)
     return check
 
@@ -367,10 +408,14 @@ def train_step(run: Run, step: int) -> list[float]:
         weights = dp.shard(weights.view(len(idx), -1)).reshape(-1).to(hidden.device)
     lens = state.lens
     state.optimizer.zero_grad(set_to_none=True)
-    layer_kl = lens_kl_backward(lens, hidden, weights, run.dtype, cfg.chunk_rows).mean(1)
+    layer_kl = lens_kl_backward(lens, hidden, weights, run.dtype, cfg.chunk_rows, translate=state.translate).mean(1)
     params = lens.trainable()
-    dp.mean_(*[p.grad for p in params], layer_kl)
-    if not all(torch.isfinite(p.grad).all() for p in params):
+    if state.translator is None:
+        dp.mean_(*[p.grad for p in params], layer_kl)
+    else:  # FSDP has averaged the gradients (reduce-scatter); each process checks its own shard
+        dp.mean_(layer_kl)
+    local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+    if dp.any(not all(torch.isfinite(g).all() for g in local)):
         raise LensesError(
             f"non-finite gradient at step {step} (NaN/inf in hidden states or loss, e.g. fp16 overflow). "
             "Load the model in float32 or bfloat16 (--model-dtype) or lower --lr, then resume (--resume)."
@@ -399,13 +444,12 @@ def loop(run: Run, stop_requested=lambda: False) -> None:
                         tok_s=f"{run.tokens / (time.perf_counter() - t0):.0f}")
         bar.update(1)
         if dp.any(stop_requested()):
-            if dp.main:
-                state.save(run.checkpoint, run.identity)
+            state.save(run.checkpoint, run.identity, main=dp.main)
             bar.close()
             raise LensesError(f"interrupted after step {state.step} of {run.total}; progress saved in "
                               f"{run.checkpoint}. Continue with the same command plus --resume.")
-        if state.step % cfg.checkpoint_every == 0 and dp.main:
-            state.save(run.checkpoint, run.identity)
+        if state.step % cfg.checkpoint_every == 0:
+            state.save(run.checkpoint, run.identity, main=dp.main)
     bar.close()
     run.seconds = time.perf_counter() - t0
 
@@ -414,14 +458,17 @@ def finish(run: Run) -> TrainResult:
     """Evaluate on the held-out blocks (logit lens vs the trained lens) and write every output."""
     cfg, state, out = run.cfg, run.state, Path(run.cfg.out)
     log = pd.DataFrame(state.log, columns=["step", "layer", "kl"])
-    lens = state.lens
-    if not run.dp.main:  # the other processes hold the same lens; the main one evaluates and writes
+    state.save(run.checkpoint, run.identity, main=run.dp.main)
+    lens = state.lens if state.translator is None else _gathered(run)
+    if not run.dp.main and state.translator is None:  # the others hold the same lens; the main one evaluates
         run.dp.barrier()
         return TrainResult(lens, log, pd.DataFrame(), pd.DataFrame(), run.freqs, out)
-    state.save(run.checkpoint, run.identity)
-    lenses = {"logit": LogitLens(run.adapter), lens.kind: lens}
+    lenses = {"logit": LogitLens(run.adapter), lens.kind: lens}  # sharded blocks: every process runs every pass
     held = evaluate(run.adapter, lenses, run.eval_blocks, run.tokenizer, batch_size=cfg.batch_size,
                     chunk_rows=cfg.chunk_rows, dtype=run.dtype)
+    if not run.dp.main:
+        run.dp.barrier()
+        return TrainResult(lens, log, pd.DataFrame(), pd.DataFrame(), run.freqs, out)
     table = held.table()
     buckets = pd.concat([bucket_shares(top1, run.freqs).assign(lens=name) for name, top1 in held.top1.items()])
     buckets = buckets[["lens", "layer", "bucket", "share"]]
@@ -449,6 +496,22 @@ def finish(run: Run) -> TrainResult:
     return TrainResult(lens, log, table, buckets, run.freqs, out)
 
 
+def _gathered(run: Run) -> Lens:
+    """The sharded lens, whole, as a plain lens on every process (collective); prints what each process
+    held while training."""
+    state = run.state
+    held = {"lens": sharding.local_bytes(state.lens.trainable()), "optimizer state": sharding.optimizer_bytes(
+        state.optimizer)}
+    whole = sum(p.numel() * p.element_size() for p in state.lens.trainable())
+    h = sharding.human
+    print(f"fsdp: process {run.dp.rank} of {run.dp.world} held {h(held['lens'])} of the lens's {h(whole)}, as much "
+          f"again of gradients, and {h(held['optimizer state'])} of optimizer state", flush=True)
+    lens = type(state.lens).for_model(run.adapter)
+    lens.load_state_dict(sharding.full_state(state.lens))
+    lens.config = state.lens.config
+    return lens
+
+
 def train(cfg: TrainConfig, model=None, tokenizer=None, lens_class: type[Lens] = TunedLens) -> TrainResult:
     """Train a tuned lens (or any `Lens` class with trainable parameters, ``lens_class``) on the KL
     loss; write it and its tables into ``cfg.out``; return them.
@@ -459,7 +522,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, lens_class: type[Lens] =
     and ``checkpoint.pt``. (The CLI adds the plot ``eval_kl.png``.)
     """
     check = _check_job(cfg, preloaded=model is not None)
-    with open_job(cfg, "train", model, tokenizer, check=check, seed=cfg.seed) as job:
+    with open_job(cfg, "train", model, tokenizer, owned=sharding.OWNED, check=check, seed=cfg.seed) as job:
         run = setup(job, cfg, lens_class)
         loop(run, job.stop_requested)
         return finish(run)
