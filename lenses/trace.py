@@ -135,15 +135,14 @@ def _finite(h: torch.Tensor, i: int) -> torch.Tensor:
     return h
 
 
-def _padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [B, T] padded on the right (token 0) and the attention mask (1 = a real token). Causal
-    models never let a position see later ones, so right padding leaves every real position's states as
-    they are alone; the mask keeps the pads out of anything that looks at the whole row."""
+def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Token ids [B, T], padded on the right (token 0). A causal model never lets a position see later ones,
+    so the pads change no real position's states and need no attention mask: without one the model keeps its
+    fast causal attention (`padding_check` proves this holds for the model at hand)."""
     ids = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
-    mask = torch.zeros_like(ids)
     for b, r in enumerate(rows):
-        ids[b, : len(r)], mask[b, : len(r)] = r, 1
-    return ids, mask
+        ids[b, : len(r)] = r
+    return ids
 
 
 def _prepared(items: list[TraceItem], target_names) -> list[tuple[int, torch.Tensor, list[int]]]:
@@ -163,8 +162,7 @@ def _hidden_of_batch(adapter, batch: list[tuple[int, torch.Tensor, list]]) -> li
     if len(batch) == 1:
         i, ids, pos = batch[0]
         return [(i, _finite(adapter.hidden_states(ids[None])[:, 0, pos], i), pos)]
-    ids, mask = _padded([row for _, row, _ in batch])
-    h_all = adapter.hidden_states(ids, attention_mask=mask.to(adapter.device))
+    h_all = adapter.hidden_states(_padded([row for _, row, _ in batch]))
     return [(i, _finite(h_all[:, b, pos], i), pos) for b, (i, _, pos) in enumerate(batch)]
 
 
@@ -178,8 +176,7 @@ def padding_check(adapter, rows: list[torch.Tensor]) -> str | None:
     reason = None
     if len(short) < len(long_):
         try:
-            ids, mask = _padded([long_, short])
-            both = adapter.hidden_states(ids, attention_mask=mask.to(adapter.device))[:, 1, : len(short)]
+            both = adapter.hidden_states(_padded([long_, short]))[:, 1, : len(short)]
             alone = adapter.hidden_states(short[None])[:, 0]
             scale = alone.abs().amax().clamp_min(1e-6)
             err = float(((both - alone).abs().amax() / scale).float())
@@ -212,9 +209,9 @@ def trace(
     id, -1 for none): mass_g, the probability mass the lens puts on that group. ``dtype`` is the
     unembedding matmul dtype (float32 keeps ranks exact). Hidden states of about ``chunk`` positions are
     buffered, then decoded chunk by chunk: never a [layers x tokens x vocab] tensor. ``batch_size`` texts
-    of similar length share a forward pass (padded on the right, with an attention mask); the table is
-    the same as one text at a time. A model whose states padding would change (`padding_check`) runs
-    one text at a time, with a warning saying why.
+    of similar length share a forward pass (padded on the right: a causal model's real positions never
+    see the pads); the table is the same as one text at a time. A model whose states padding would
+    change (`padding_check`) runs one text at a time, with a warning saying why.
     """
     from tqdm.auto import tqdm
 
