@@ -82,18 +82,26 @@ def get_model(name: str):
     raise SystemExit(f"unknown model {name!r}: smollm2, gpt2-small or llama-1b")
 
 
-def matmul_samples(dtype: torch.dtype, d: int, V: int, repeats: int = 5) -> list[float]:
+def sync() -> None:
+    """Wait for the GPU's queued work (a no-op on CPU), so that the clock reads finished work."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_samples(dtype: torch.dtype, d: int, V: int, repeats: int = 5, device: str = "cpu") -> list[float]:
     """FLOP/s of single GEMMs of the lens's two vocabulary shapes (logits ``[R, d] @ [d, V]`` and
     gradient ``[R, V] @ [V, d]``, R = 256 and 1024), ``repeats`` of each."""
     out = []
-    w = torch.randn(V, d).to(dtype)
+    w = torch.randn(V, d, device=device).to(dtype)
     for rows in (256, 1024):
-        a, g = torch.randn(rows, d).to(dtype), torch.randn(rows, V).to(dtype)
+        a, g = torch.randn(rows, d, device=device).to(dtype), torch.randn(rows, V, device=device).to(dtype)
         for f in (lambda: a @ w.T, lambda: g @ w):
             f()
             for _ in range(repeats):
+                sync()
                 t0 = time.perf_counter()
                 f()
+                sync()
                 out.append(2 * rows * d * V / (time.perf_counter() - t0))
     return out
 
@@ -191,6 +199,7 @@ def bench_training(model, adapter, train_blocks, held_out, tokens: int, steps: i
             with torch.no_grad():
                 p.zero_()
         opt, sched = _sgd(cfg, params, steps)
+        sync()
         t0 = time.perf_counter()
         for s in range(steps):
             step(batches[s])
@@ -198,6 +207,7 @@ def bench_training(model, adapter, train_blocks, held_out, tokens: int, steps: i
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+        sync()
         seconds = time.perf_counter() - t0
         final = lens if kind == "ours" else package_to_ours(pkg, adapter)
         kl = evaluate(adapter, {"t": final}, held_out[:8]).kl["t"].mean().item()  # 2,048 held-out tokens
@@ -223,12 +233,15 @@ def bench_tracing(model, adapter, blocks: torch.Tensor, tokens: int) -> list[dic
     items = [TraceItem(row.tolist(), list(range(SEQ))) for row in batch]
     trace(adapter, lenses, items[:1])  # warm-up
     n = batch.numel()
+    sync()
     t0 = time.perf_counter()
     with torch.no_grad():
         model(input_ids=batch)
+    sync()
     forward = n / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     trace(adapter, lenses, items)
+    sync()
     traced = n / (time.perf_counter() - t0)
     return [{"measure": "forward", "method": "model forward with logits", "tokens_per_s": forward, "dtype": "float32"},
             {"measure": "trace", "method": "trace, logit + tuned lens, all positions", "tokens_per_s": traced,
