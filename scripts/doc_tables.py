@@ -120,6 +120,16 @@ def benchmark_load() -> tuple[str, str]:
     return src, markdown(pd.DataFrame({"load": r.method.values, "seconds": [fmt(v, ".1f") for v in r.seconds]}), "lr")
 
 
+def views_benchmark() -> tuple[str, str]:
+    """The depth views' seconds, one text per forward pass vs batched (benchmarks/views.py)."""
+    src = "benchmarks/views.csv"
+    r = pd.read_csv(ROOT / src)
+    out = pd.DataFrame({"view": r.view, "batch size": r.batch_size, "seconds": [fmt(v, ".1f") for v in r.seconds],
+                        "speed-up": [fmt(v, ".2f") + "x" for v in r.speedup_vs_first]})
+    where = f"\n{r.machine.iloc[0]}, {r.date.iloc[0]}; samples: {r.scale.iloc[0]} of the main command's.\n"
+    return src, markdown(out, "llrr") + where
+
+
 def benchmark_machine() -> tuple[str, str]:
     """Where and how the benchmark table was measured (benchmarks/results.json, written beside the CSV)."""
     src = "benchmarks/results.json"
@@ -217,6 +227,40 @@ def pos_first_correct(run: str) -> tuple[str, str]:
     return src, markdown(out, "ll" + "r" * len(lenses))
 
 
+def representation_layers(run: str, kept: str) -> tuple[str, str]:
+    """Representation view: per-layer means of every metric (run without position 0), and prompt entropy and
+    effective rank with position 0 kept (the attention sink) from a second run."""
+    src = f"docs/data/{run}/representation_layers.csv"
+    a = pd.read_csv(ROOT / src).pivot(index="layer", columns="metric", values="mean")
+    b = pd.read_csv(ROOT / f"docs/data/{kept}/representation_layers.csv").pivot(index="layer", columns="metric",
+                                                                            values="mean")
+    L = int(a.index.max())
+    show = sorted({0, 1, L, L - 1, *range(3, L, 3)})
+    out = pd.DataFrame({"layer": show})
+    for metric in a.columns:
+        out[metric.replace("_", " ")] = [fmt(a.loc[layer, metric], ".3g") for layer in show]
+        if metric in b.columns and ("prompt_entropy" in metric or "rank" in metric):
+            out[f"{metric.replace('_', ' ')} (position 0 kept)"] = [fmt(b.loc[layer, metric], ".3g") for layer in show]
+    return src + f" and docs/data/{kept}/", markdown(out)
+
+
+def early_exit_layers(run: str) -> tuple[str, str]:
+    """Early exit: agreement with the model's own top-1 / accuracy on the next token, per exit layer and lens."""
+    src = f"docs/data/{run}/early-exit_layers.csv"
+    t = pd.read_csv(ROOT / src)
+    L = int(t.layer.max())
+    show = [0, 5, 10, 15, 20, 25, L - 2, L - 1, L]
+    out = pd.DataFrame({"exit layer": [f"{lens} lens" for lens in sorted(t.lens.unique())]})
+    for layer in show:
+        cells = []
+        for lens in sorted(t.lens.unique()):
+            row = t[(t.lens == lens) & (t.layer == layer)]
+            ok = len(row) and not pd.isna(row.agreement.iloc[0])
+            cells.append(f"{pct(row.agreement.iloc[0])} / {pct(row.accuracy.iloc[0])}" if ok else "—")
+        out[str(layer)] = cells
+    return src, markdown(out, "l" + "r" * len(show))
+
+
 KEEP = ("report.json", "frequency_layers.csv", "pos_tags.csv", "facts_by_index.csv", "facts_onset.csv",
         "mcq_layers.csv", "mcq_questions.csv", "representation_layers.csv", "early-exit_layers.csv")
 
@@ -240,10 +284,14 @@ TABLES = {
     "benchmark-memory": benchmark_memory,
     "benchmark-machine": benchmark_machine,
     "benchmark-load": benchmark_load,
+    "views-batched": views_benchmark,
     "plan-published": plan_published,
     "plan-check": plan_check,
     "smollm2-views": lambda: view_summaries("smollm2-all"),
     "smollm2-pos": lambda: pos_first_correct("smollm2-all"),
+    "smollm2-representation": lambda: representation_layers("smollm2-repr", "smollm2-repr0"),
+    "smollm2-early-exit": lambda: early_exit_layers("smollm2-causal"),
+    "smollm2-causal": lambda: view_summaries("smollm2-causal"),
 }
 
 
