@@ -3,8 +3,6 @@ tables of the unspread model; --max-memory passes through to accelerate and bad 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +57,13 @@ def test_max_memory_passes_through_to_accelerate(tmp_path):
 
 @pytest.mark.parametrize("value", ["0:70GiB", "gpu0=70GiB", "cpu=lots"])
 def test_bad_max_memory_is_one_line_and_status_2(tmp_path, value):
-    run = subprocess.run([sys.executable, "analyze.py", "--max-memory", value, "--device-map", "auto"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert run.returncode == 2 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
-    assert "--max-memory" in run.stderr or "memory size" in run.stderr
+    import contextlib
+    import io
+
+    from lenses.__main__ import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["analyze", "--max-memory", value, "--device-map", "auto"])
+    assert rc == 2 and err.getvalue().startswith("error: ") and err.getvalue().count("\n") == 1, err.getvalue()
+    assert "--max-memory" in err.getvalue() or "memory size" in err.getvalue()

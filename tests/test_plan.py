@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -95,9 +94,17 @@ def test_sizes_and_device_strings():
             parse_max_memory(bad)
 
 
-def _lenses(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "lenses", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
+def _lenses(*args):
+    """``lenses ARGS`` in this process (the console script's own entry): (status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from lenses.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 def test_cli_json_has_the_fields_and_exits_zero_either_way():
@@ -124,9 +131,8 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path):
 
 def test_training_refuses_a_plan_that_does_not_fit_before_loading(tmp_path):
     model = save_tiny_model(tmp_path / "m")
-    run = subprocess.run([sys.executable, "train_probes.py", "--model", str(model), "--out", str(tmp_path / "run"),
-                          "--batch-size", "4000000", "--seq-len", "64", "--steps", "1"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    run = _lenses("train", "--model", str(model), "--out", str(tmp_path / "run"), "--batch-size", "4000000",
+                  "--seq-len", "64", "--steps", "1")
     assert run.returncode == 2, run.stderr
     assert "memory plan" in run.stderr and "--batch-size" in run.stderr and "GiB" in run.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was claimed or loaded
