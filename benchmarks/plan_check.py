@@ -137,14 +137,9 @@ def probe(size: str, job: str) -> dict:
 
 
 def machine() -> str:
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-        flags = next(ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        cpu, flags = "unknown CPU", []
-    isa = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags][:2]
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu} ({', '.join(isa) or 'no AVX2'}), {os.cpu_count()} cores, {memory:.0f} GiB"
+    from machine import describe  # benchmarks/machine.py, beside this script
+
+    return describe()
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from machine import describe  # noqa: E402
 from lenses import LogitLens, ModelAdapter, TunedLens, load_model  # noqa: E402
 from lenses.data import make_blocks, read_texts  # noqa: E402
 from lenses.evaluate import evaluate  # noqa: E402
@@ -363,13 +363,9 @@ def main() -> None:
     NATIVE_BF16 = bf16_is_native()
     if not NATIVE_BF16:
         print("note: bfloat16 matmuls are emulated on this CPU (no AVX512-BF16/AMX); bf16 rows are skipped")
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    meta = {"machine": f"{cpu}, {os.cpu_count()} cores", "bfloat16 matmuls": "native" if NATIVE_BF16 else "emulated",
+    cpu = describe()
+    print(f"machine: {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    meta = {"machine": cpu, "bfloat16 matmuls": "native" if NATIVE_BF16 else "emulated",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
             "command": "python benchmarks/run.py " + " ".join(sys.argv[1:])}
     rows = []

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -49,12 +47,10 @@ def main() -> None:
     a = p.parse_args()
     import pandas as pd
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"machine: {cpu}, {os.cpu_count()} cores; scale {a.scale} of the main command's samples")
+    from machine import describe
+
+    cpu = describe()
+    print(f"machine: {cpu}; scale {a.scale} of the main command's samples")
     sizes = [None if b == "default" else int(b) for b in a.batch_sizes.split(",")]
     rows = []
     for r in range(a.rounds):
