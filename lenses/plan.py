@@ -339,16 +339,21 @@ def _advice(shapes: Shapes, o: PlanOptions, caps: list[int]) -> list[str]:
     return tips or ["more or larger devices (no option here makes it fit)"]
 
 
-def check_fits(model: str | None, o: PlanOptions, world: int = 1, device: torch.device | str | None = None) -> Plan:
+def check_fits(model: str | None, o: PlanOptions, world: int = 1,
+               device: torch.device | str | None = None) -> Plan | None:
     """Refuse, before a weight is loaded, a job whose plan does not fit this process's device (a CPU's
-    memory is shared by the `world` processes of one machine); return the plan otherwise."""
+    memory is shared by the `world` processes of one machine); return the plan otherwise (None when the
+    model's config cannot be read: the load that follows names the problem)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         caps = [torch.cuda.get_device_properties(device.index or 0).total_memory]
     else:
         caps = [this_machine_cpu() // world]
     o = PlanOptions(**{**asdict(o), "device_type": device.type})
-    shapes = model_shapes(model)
+    try:
+        shapes = model_shapes(model)
+    except LensesError:  # no readable config: loading the model will say what is wrong with it
+        return None
     per = components(shapes, o, world)
     peak = sum(per.values()) + RUNTIME_BYTES[device.type]
     result = Plan(model=shapes.name, job=o.job, fits=peak <= caps[0], weight_bytes=shapes.weight_bytes(o.model_dtype),
