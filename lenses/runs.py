@@ -47,9 +47,9 @@ def open_job(cfg, kind: str, model=None, tokenizer=None, owned: tuple[str, ...] 
     dp = DataParallel.from_env(cfg.device)
     if check is not None:
         check(dp)
-    folder = claim(cfg.out, kind, resume=cfg.resume, overwrite=cfg.overwrite, owned=owned) if dp.main else None
-    try:
-        with stop_on_signal() as stop_requested:
+    with stop_on_signal() as stop_requested:  # from the claim on, a signal stops the job at a step boundary
+        folder = claim(cfg.out, kind, resume=cfg.resume, overwrite=cfg.overwrite, owned=owned) if dp.main else None
+        try:
             if seed is not None:
                 torch.manual_seed(seed)
             if model is None:
@@ -57,9 +57,9 @@ def open_job(cfg, kind: str, model=None, tokenizer=None, owned: tuple[str, ...] 
             else:
                 adapter = cfg.adapter(model)
             yield Job(dp, folder, model, tokenizer, adapter, stop_requested)
-    finally:
-        if folder:
-            folder.release()
+        finally:
+            if folder:
+                folder.release()
 
 
 class stop_on_signal:
