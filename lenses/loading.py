@@ -132,6 +132,8 @@ def load_model(
         dtype = torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if max_memory and device_map is None:
+        raise LensesError("--max-memory caps the devices of a --device-map; add --device-map auto.")
     path = resolve_model_path(name, dtype)
     local = Path(path).exists()
     looks_like_path = str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
@@ -146,8 +148,7 @@ def load_model(
             memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
             extra = {"device_map": device_map, "offload_folder": str(cache_dir() / "offload" / Path(path).name),
                      **({"max_memory": memory} if memory else {})}
-        elif max_memory:
-            raise LensesError("--max-memory caps the devices of a --device-map; add --device-map auto.")
+
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers and safetensors raise many types for broken folders
@@ -192,6 +193,11 @@ class ModelOptions(Options):
     final_norm: str | None = option(None, "dotted path of the final norm, if not found (e.g. model.norm)",
                                     group="model")
     unembed: str | None = option(None, "dotted path of the unembedding, if not found (e.g. lm_head)", group="model")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_memory and self.device_map is None:  # refused before any folder is claimed
+            raise LensesError("--max-memory caps the devices of a --device-map; add --device-map auto.")
 
     def load(self, device: str | torch.device | None = None):
         """``(model, tokenizer, adapter)``; ``device`` overrides ``self.device``."""

@@ -129,6 +129,11 @@ def model_shapes(source=None, config=None) -> Shapes:
 # ---------------------------------------------------------------------------- the job
 
 
+def _check_kinds(text: str) -> str | None:
+    bad = [k for k in (x.strip() for x in text.split(",")) if k not in ("tuned", "jacobian", "logit")]
+    return f"has unknown lens kind(s) {', '.join(map(repr, bad))}; use tuned, jacobian or logit" if bad else None
+
+
 @dataclass
 class PlanOptions(Options):
     """The options that decide a job's memory (the same names as the job's own options)."""
@@ -144,7 +149,7 @@ class PlanOptions(Options):
     seq_len: int = option(256, "tokens per sequence", group="recipe", min=1)
     optimizer: str = option("sgd", "sgd or adam", group="recipe", choices=("sgd", "adam"))
     lens: str = option("tuned", "the lens kinds held: tuned, jacobian, logit (comma list for a trace)",
-                       group="recipe")
+                       group="recipe", check=lambda v: _check_kinds(v))
     dim_batch: int = option(8, "J-lens fit: output dimensions per backward pass", group="recipe", min=1)
     devices: str | None = option(None, "the devices, e.g. 8x80GiB (none: this machine's GPUs, else its memory)",
                                  group="runtime", check=lambda v: parse_devices(v) and None)

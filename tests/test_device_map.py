@@ -53,6 +53,11 @@ def test_max_memory_passes_through_to_accelerate(tmp_path):
         ModelAdapter.from_model(load_model(folder, device_map="auto", max_memory="cpu=20KiB")[0])
     with pytest.raises(LensesError, match="add --device-map auto"):
         load_model(folder, max_memory="cpu=1GiB")
+    from lenses.train import TrainConfig
+
+    with pytest.raises(LensesError, match="add --device-map auto"):  # refused as the options are made
+        TrainConfig(model=str(folder), max_memory="cpu=1GiB", out=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("value", ["0:70GiB", "gpu0=70GiB", "cpu=lots"])

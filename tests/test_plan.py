@@ -123,7 +123,7 @@ def test_cli_json_has_the_fields_and_exits_zero_either_way():
 def test_cli_bad_input_is_one_line_and_status_2(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     for args in (["--devices", "8xbanana"], [str(tmp_path)], [str(tmp_path / "missing-folder/x")],
-                 ["--batch-size", "0"]):
+                 ["--batch-size", "0"], ["--lens", "foo"], ["--trace", "--lens", "logit,jlens"]):
         run = _lenses("plan", *args)
         assert run.returncode == 2, (args, run.stderr)
         assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ")
