@@ -354,21 +354,16 @@ def check_fits(model: str | None, o: PlanOptions, world: int = 1,
         caps = [torch.cuda.get_device_properties(device.index or 0).total_memory]
     else:
         caps = [this_machine_cpu() // world]
-    o = PlanOptions(**{**asdict(o), "device_type": device.type})
     try:
         shapes = model_shapes(model)
     except LensesError:  # no readable config: loading the model will say what is wrong with it
         return None
-    per = components(shapes, o, world)
-    peak = sum(per.values()) + RUNTIME_BYTES[device.type]
-    result = Plan(model=shapes.name, job=o.job, fits=peak <= caps[0], weight_bytes=shapes.weight_bytes(o.model_dtype),
-                  lens_bytes=per["lens"], peak_bytes=[peak], capacity_bytes=caps, advice=[], per_device=[per],
-                  runtime_bytes=int(RUNTIME_BYTES[device.type]), device_type=device.type, options=asdict(o))
+    result = plan(shapes, PlanOptions(**{**asdict(o), "device_type": device.type,
+                                         "devices": ",".join([f"{caps[0]}B"] * world)}))
     if not result.fits:
-        tips = _advice(shapes, o, caps)
-        raise LensesError(f"this {o.job} needs about {peak / GiB:.1f} GiB per process but {device} has "
-                          f"{caps[0] / GiB:.1f} GiB (memory plan: `lenses plan {model or ''} --{o.job}`). To fit: "
-                          f"{'; or '.join(tips)}. (--no-plan-check runs it anyway.)")
+        raise LensesError(f"this {o.job} needs about {result.peak_bytes[0] / GiB:.1f} GiB per process but {device} "
+                          f"has {caps[0] / GiB:.1f} GiB (memory plan: `lenses plan {model or ''} --{o.job}`). To fit: "
+                          f"{'; or '.join(result.advice)}. (--no-plan-check runs it anyway.)")
     return result
 
 

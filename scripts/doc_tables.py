@@ -141,16 +141,6 @@ def benchmark_machine() -> tuple[str, str]:
     return src + " and results.csv", markdown(rows, "ll")
 
 
-def view_table(name: str, columns: dict[str, tuple[str, str]], index: str = "layer") -> tuple[str, str]:
-    """A per-layer table of an analysis view's CSV copied into docs/data/ (scripts/doc_data.py)."""
-    src = f"docs/data/{name}"
-    df = pd.read_csv(ROOT / src)
-    out = pd.DataFrame({index: df[index]})
-    for label, (col, spec) in columns.items():
-        out[label] = [pct(v) if spec == "%" else fmt(v, spec) for v in df[col]]
-    return src, markdown(out)
-
-
 def plan_published() -> tuple[str, str]:
     """`lenses plan` for Llama-3.1-8B and Llama-3.3-70B (their config.json in tests/data/configs): per device."""
     from lenses.plan import GiB, PlanOptions, model_shapes, plan
