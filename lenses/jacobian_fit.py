@@ -20,7 +20,8 @@ copy instead of 128; the rest is matmuls near the machine's limit (benchmarks/ja
 the reference's own format after every prompt (``--resume`` continues exactly), a progress bar with
 prompts/s and the running relative change, an optional early stop, and data parallelism over
 prompts with ``torchrun``/``accelerate launch`` (each process fits every N-th prompt; the sums are
-added at the end).
+added at the end). With ``--fsdp`` (`fit_loop_sharded`) the model's blocks and the sums are sharded
+over the processes as well: no process holds the whole model, a whole ``J_p`` or the whole sum.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from . import sharding
 from .cli import option
 from .data import make_blocks, read_texts, split_documents
 from .errors import DataError, LensesError
@@ -48,6 +50,7 @@ from .models import ModelAdapter
 from .runs import Job, open_job, read_checkpoint
 
 CHECKPOINT_NAME = "jacobian_checkpoint.pt"
+SHARDS, SHARD_FILE = "jacobian_checkpoint.shards", "jacobian_shard.rank{rank}.pt"  # a sharded fit's checkpoint
 PUBLISHED_NAME = "jacobian_lens.pt"
 SKIP_FIRST = 16  # the reference's attention-sink region
 
@@ -67,6 +70,18 @@ def prompt_jacobian(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int],
     With ``prefix_cache`` the first ``skip_first`` positions (never sources nor targets) run once
     without gradients and serve the rest as a key/value cache, so the backward passes skip them (the
     numbers are the same; models whose cache cannot be reused run in full)."""
+    out = None
+    for start, rows in row_blocks(adapter, ids, layers, skip_first, dim_batch, prefix_cache):
+        if out is None:
+            out = torch.zeros(len(layers), adapter.d_model, adapter.d_model, dtype=rows.dtype)
+        out[:, start : start + rows.shape[1]] = rows.cpu()
+    return out
+
+
+def row_blocks(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int], skip_first: int = SKIP_FIRST,
+               dim_batch: int = 8, prefix_cache: bool = True):
+    """``J_p``'s rows ``dim_batch`` at a time: yields ``(start, rows)``, ``rows`` [len(layers), n, d] on the
+    model's device (one backward pass each; `prompt_jacobian` assembles them)."""
     ids = torch.as_tensor(ids).flatten()
     T, d = ids.numel(), adapter.d_model
     if T - 1 <= skip_first:
@@ -75,7 +90,6 @@ def prompt_jacobian(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int],
     target, sources, offset = _graph(adapter, x, layers, skip_first if prefix_cache else 0)
     valid = torch.arange(skip_first - offset, T - 1 - offset, device=target.device)
     acc = torch.promote_types(target.dtype, torch.float32)
-    out = torch.zeros(len(layers), d, d, dtype=acc)
     cotangent = torch.zeros_like(target)
     rows = torch.arange(dim_batch, device=target.device)
     for start in range(0, d, dim_batch):
@@ -83,9 +97,7 @@ def prompt_jacobian(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int],
         cotangent.zero_()
         cotangent[rows[:n, None], valid[None, :], start + rows[:n, None]] = 1
         grads = torch.autograd.grad(target, sources, cotangent, retain_graph=start + dim_batch < d)
-        for j, g in enumerate(grads):
-            out[j, start : start + n] = g[:n, valid].to(acc).mean(1).cpu()
-    return out
+        yield start, torch.stack([g[:n, valid].to(acc).mean(1) for g in grads])
 
 
 def _graph(adapter: ModelAdapter, x: torch.Tensor, layers: list[int], prefix: int):
@@ -180,6 +192,8 @@ class FitConfig(ModelOptions):
                              "(0: fit every prompt)", group="runtime", min=0)
     min_prompts: int = option(16, "never stop early before this many prompts", group="runtime", min=1)
     eval_tokens: int = option(4096, "held-out tokens for the lens's KL table (0: none)", group="runtime", min=0)
+    fsdp: bool = option(False, "shard the model's blocks and the running sums over the processes (PyTorch FSDP2; "
+                               "under torchrun)", group="runtime")
     progress: bool = option(True, "progress bar", group="runtime")
     resume: bool = option(False, "continue the fit in --out from its checkpoint", group="runtime")
     overwrite: bool = option(False, "replace a finished lens or interrupted fit in --out", group="runtime")
@@ -212,41 +226,59 @@ def corpus_prompts(texts: list[str], tokenizer, n: int, seq_len: int = 128, min_
 
 @dataclass
 class FitState:
-    """The running sums of one process; saved in the reference's checkpoint format (plus our fields)."""
+    """The running sums of one process; saved in the reference's checkpoint format (plus our fields).
+    Sharded (``--fsdp``), a process holds only the rows ``rows`` of the sums, over every process's prompts."""
 
     layers: list[int]
-    sums: torch.Tensor  # [n_layers, d, d] float32 (float64 for a float64 model)
+    sums: torch.Tensor  # [n_layers, rows, d] float32 (float64 for a float64 model)
     n_done: int = 0
     next_idx: int = 0  # the next prompt index (of this process's share) to fit
     log: list = field(default_factory=list)  # [prompt, n_done, seconds, rel_change (max over layers), dist_identity]
+    rows: torch.Tensor | None = None  # the output dimensions this process holds (None: all of them)
 
-    def add(self, J: torch.Tensor) -> tuple[float, float]:
-        """Add one prompt's ``J_p``; return the running mean's relative change (max over layers) and its
-        mean distance from the identity (relative Frobenius norms)."""
+    def add(self, J: torch.Tensor, count: int = 1, allsum=None) -> tuple[float, float]:
+        """Add ``J`` (the sum of ``count`` prompts' ``J_p``, at this state's rows); return the running mean's
+        relative change (max over layers) and its mean distance from the identity (relative Frobenius
+        norms). ``allsum`` adds a tensor over the processes (sharded: each holds some rows)."""
+        old = self.sums / self.n_done if self.n_done else None
         self.sums += J
-        self.n_done += 1
+        self.n_done += count
         mean = self.sums / self.n_done
-        change = ((J - mean) / max(1, self.n_done - 1)).flatten(1).norm(dim=1) if self.n_done > 1 else None
-        rel = float((change / mean.flatten(1).norm(dim=1).clamp_min(1e-30)).max()) if change is not None else math.inf
-        eye = torch.eye(mean.shape[-1], dtype=mean.dtype)
-        dist = float(((mean - eye).flatten(1).norm(dim=1) / math.sqrt(mean.shape[-1])).mean())
-        return rel, dist
+        d = mean.shape[-1]
+        eye = torch.eye(d, dtype=mean.dtype)
+        eye = eye if self.rows is None else eye[self.rows]
+        squares = torch.stack([(mean - old if old is not None else torch.zeros_like(mean)).flatten(1).pow(2).sum(1),
+                               mean.flatten(1).pow(2).sum(1), (mean - eye).flatten(1).pow(2).sum(1)])
+        if allsum is not None:
+            squares = allsum(squares)
+        change, size, off = squares.sqrt()
+        rel = float((change / size.clamp_min(1e-30)).max()) if old is not None else math.inf
+        return rel, float((off / math.sqrt(d)).mean())
 
     def save(self, path: Path, identity: dict, target_layer: int, skip_first: int) -> None:
-        payload = {
-            "jacobian_sum": {k - REFERENCE_OFFSET: self.sums[j].float().clone() for j, k in enumerate(self.layers)},
-            "n_done": self.n_done, "next_idx": self.next_idx,
-            "source_layers": [k - REFERENCE_OFFSET for k in self.layers], "target_layer": target_layer,
-            "skip_first": skip_first, "identity": identity, "log": self.log,
-            "sums_dtype": str(self.sums.dtype).removeprefix("torch."),
-        }
+        atomic_write(path, lambda tmp: torch.save(self.payload(identity, target_layer, skip_first), tmp))
+
+    def payload(self, identity: dict, target_layer: int, skip_first: int) -> dict:
+        payload = {"n_done": self.n_done, "next_idx": self.next_idx,
+                   "source_layers": [k - REFERENCE_OFFSET for k in self.layers], "target_layer": target_layer,
+                   "skip_first": skip_first, "identity": identity, "log": self.log,
+                   "sums_dtype": str(self.sums.dtype).removeprefix("torch.")}
+        if self.rows is not None:  # a shard: some rows of every layer's sum (not the reference's format)
+            return payload | {"lenses_rows": self.rows.clone(), "lenses_sum_rows": self.sums.clone()}
+        payload["jacobian_sum"] = {k - REFERENCE_OFFSET: self.sums[j].float().clone()
+                                   for j, k in enumerate(self.layers)}
         if self.sums.dtype == torch.float64:  # keep float64 fits exact across a resume
             payload["lenses_sum_float64"] = self.sums.clone()
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        return payload
 
     def load(self, path: Path, identity: dict) -> None:
         payload = read_checkpoint(path, identity)
-        if "lenses_sum_float64" in payload:
+        if self.rows is not None:
+            if not torch.equal(payload.get("lenses_rows", torch.empty(0)), self.rows):
+                raise LensesError(f"{path} holds other rows than this process's; resume with the same number of "
+                                  "processes and --dim-batch.")
+            self.sums.copy_(payload["lenses_sum_rows"])
+        elif "lenses_sum_float64" in payload:
             self.sums.copy_(payload["lenses_sum_float64"])
         else:
             for j, k in enumerate(self.layers):
@@ -283,16 +315,19 @@ class FitRun:
     checkpoint: Path
     before: float = 0.0  # seconds spent by earlier sessions of this fit
     seconds: float = 0.0  # this session's
+    stand_in: torch.Tensor | None = None  # sharded: run when this process's share is done (weight 0)
 
 
 def fit(cfg: FitConfig, model=None, tokenizer=None) -> FitResult:
     """Fit a Jacobian lens on ``cfg.corpus``; write it (our folder + the published file), its convergence
     log and its held-out KL into ``cfg.out``; return them. The job is `lenses.runs.open_job`, then
     `fit_setup`, `fit_loop` and `fit_finish`."""
-    with open_job(cfg, "jacobian", model, tokenizer, owned=("jacobian_checkpoint.rank*.pt",)) as job:
+    check = (lambda dp: sharding.check_launch()) if cfg.fsdp else None
+    owned = ("jacobian_checkpoint.rank*.pt", SHARD_FILE.format(rank="*"))
+    with open_job(cfg, "jacobian", model, tokenizer, owned=owned, check=check) as job:
         job.dp.barrier()  # the folder is claimed before any process writes its checkpoint there
         run = fit_setup(job, cfg)
-        fit_loop(run)
+        (fit_loop_sharded if cfg.fsdp else fit_loop)(run)
         return fit_finish(run)
 
 
@@ -315,12 +350,49 @@ def fit_setup(job: Job, cfg: FitConfig) -> FitRun:
     identity = {"recipe": cfg.recipe(), "prompts": _digest(prompts), "world": dp.world,
                 "layers": layers, "fingerprint": adapter.fingerprint()}
     acc = torch.promote_types(next(adapter.model.parameters()).dtype, torch.float32)
-    state = FitState(layers, torch.zeros(len(layers), adapter.d_model, adapter.d_model, dtype=acc))
-    ckpt = Path(cfg.out) / (CHECKPOINT_NAME if dp.world == 1 else f"jacobian_checkpoint.rank{dp.rank}.pt")
+    rows = None
+    if cfg.fsdp:
+        sharding.shard_blocks(adapter, dp.device)  # under torchrun with one process, this starts the group
+        world, rank = _world()
+        rows = owned_rows(adapter.d_model, cfg.dim_batch, world, rank)
+        identity.update(fsdp=True, world=world, dim_batch=cfg.dim_batch)
+        ckpt = Path(cfg.out) / SHARDS / SHARD_FILE.format(rank=rank)
+    else:
+        ckpt = Path(cfg.out) / (CHECKPOINT_NAME if dp.world == 1 else f"jacobian_checkpoint.rank{dp.rank}.pt")
+    _check_checkpoint_kind(cfg)
+    n_rows = adapter.d_model if rows is None else len(rows)
+    state = FitState(layers, torch.zeros(len(layers), n_rows, adapter.d_model, dtype=acc), rows=rows)
     if cfg.resume and ckpt.exists():
         state.load(ckpt, identity)
     before = state.log[-1][2] if state.log else 0.0
-    return FitRun(cfg, job, layers, texts, prompts[dp.rank :: dp.world], identity, state, ckpt, before)
+    return FitRun(cfg, job, layers, texts, prompts[dp.rank :: dp.world], identity, state, ckpt, before,
+                  stand_in=prompts[0])
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return dist.get_world_size(), dist.get_rank()
+
+
+def owned_rows(d: int, dim_batch: int, world: int, rank: int) -> torch.Tensor:
+    """The output dimensions whose sums process ``rank`` holds when sharded: the row blocks of one backward
+    pass (``dim_batch`` rows) are dealt out in turn, block ``b`` to process ``b % world``."""
+    blocks = range(rank * dim_batch, d, world * dim_batch)
+    return torch.tensor([r for b in blocks for r in range(b, min(d, b + dim_batch))], dtype=torch.long)
+
+
+def _check_checkpoint_kind(cfg: FitConfig) -> None:
+    """A sharded fit resumes only with --fsdp, a plain one only without."""
+    out = Path(cfg.out)
+    if not cfg.resume:
+        return
+    plain = (out / CHECKPOINT_NAME).exists() or any(out.glob("jacobian_checkpoint.rank*.pt"))
+    if cfg.fsdp and plain and not (out / SHARDS).exists():
+        raise LensesError(f"{out} holds a fit made without --fsdp; resume it without --fsdp.")
+    if not cfg.fsdp and (out / SHARDS).exists():
+        raise LensesError(f"{out} holds a sharded fit (--fsdp); resume it with `torchrun --nproc_per_node N "
+                          "train_probes.py --method jacobian ... --fsdp --resume` (the same N).")
 
 
 def fit_loop(run: FitRun) -> None:
@@ -360,11 +432,96 @@ def fit_loop(run: FitRun) -> None:
     run.seconds = time.perf_counter() - t0
 
 
+def fit_loop_sharded(run: FitRun) -> None:
+    """`fit_loop` with the model's blocks and the sums sharded (``--fsdp``): in each round every process
+    fits its next prompt (a process whose share is done runs a stand-in with weight 0, so that the
+    processes' collectives pair up), and each block of ``dim_batch`` rows is added over the processes
+    straight into the process that holds it: no process ever holds a whole ``J_p`` or the whole sum."""
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    cfg, adapter, state, mine = run.cfg, run.job.adapter, run.state, run.mine
+    world, rank = _world()
+    main = rank == 0
+    local = {int(r): i for i, r in enumerate(state.rows)}  # output dimension -> row of this shard
+
+    def allsum(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(adapter.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    bar = tqdm(total=len(mine), initial=state.next_idx, unit="round", desc="fitting J-lens",  # rank 0: the most
+               disable=not (cfg.progress and main))
+    t0, done_here, rel = time.perf_counter(), 0, math.inf
+    while _any(state.next_idx < len(mine), allsum):
+        real = state.next_idx < len(mine)
+        ids = mine[state.next_idx] if real else run.stand_in
+        delta = torch.zeros_like(state.sums)
+        for start, rows in row_blocks(adapter, ids, run.layers, cfg.skip_first, cfg.dim_batch):
+            rows = (rows if real else torch.zeros_like(rows)).contiguous()
+            owner = (start // cfg.dim_batch) % world
+            dist.reduce(rows, dst=owner)
+            if rank == owner:
+                at = local[start]
+                delta[:, at : at + rows.shape[1]] = rows.cpu()
+        count = int(allsum(torch.tensor([float(real)])).item())
+        rel, dist_id = state.add(delta, count, allsum)
+        del delta
+        state.next_idx += 1
+        done_here += count
+        elapsed = time.perf_counter() - t0
+        state.log.append([state.n_done - 1, state.n_done, run.before + elapsed, rel, dist_id])
+        sharding.save_rank_files(run.checkpoint.parent, SHARD_FILE,
+                                 lambda path: atomic_write(path, lambda tmp: torch.save(
+                                     state.payload(run.identity, adapter.num_layers - 1, cfg.skip_first), tmp)),
+                                 main)
+        bar.set_postfix(prompt_s=f"{done_here / elapsed:.3g}", change=f"{rel:.2e}", dist_I=f"{dist_id:.3f}")
+        bar.update(1)
+        converged = cfg.tol > 0 and state.n_done >= cfg.min_prompts and rel < cfg.tol
+        if converged:  # rel is the same number in every process (the norms are added over them)
+            if main:
+                print(f"converged: the running mean changed by {rel:.2e} < --tol {cfg.tol} after "
+                      f"{state.n_done} prompts")
+            break
+        if _any(run.job.stop_requested(), allsum):
+            bar.close()
+            raise LensesError(f"interrupted after {state.n_done} prompts; progress saved in {run.checkpoint.parent}. "
+                              "Continue with the same command plus --resume.")
+    bar.close()
+    run.seconds = time.perf_counter() - t0
+
+
+def _whole_sums(state: FitState, adapter: ModelAdapter) -> torch.Tensor:
+    """Every process's rows put together, on every process (collective; one layer at a time on the device),
+    after saying how much of the sums each process held."""
+    import torch.distributed as dist
+
+    world, rank = _world()
+    d = adapter.d_model
+    held, whole = state.sums.numel() * state.sums.element_size(), len(state.layers) * d * d * state.sums.element_size()
+    print(f"fsdp: process {rank} of {world} held {sharding.human(held)} of the sums' {sharding.human(whole)}",
+          flush=True)
+    out = torch.zeros(len(state.layers), d, d, dtype=state.sums.dtype)
+    for j in range(len(state.layers)):
+        layer = torch.zeros(d, d, dtype=state.sums.dtype, device=adapter.device)
+        layer[state.rows.to(adapter.device)] = state.sums[j].to(adapter.device)
+        dist.all_reduce(layer)
+        out[j] = layer.cpu()
+    return out
+
+
+def _any(flag: bool, allsum) -> bool:
+    return bool(allsum(torch.tensor([float(flag)])).item() > 0)
+
+
 def fit_finish(run: FitRun) -> FitResult:
     """The mean over every process's prompts; the main process evaluates it and writes every file."""
     cfg, dp, adapter, state = run.cfg, run.job.dp, run.job.adapter, run.state
-    sums, n = state.sums.clone(), torch.tensor([float(state.n_done)], dtype=torch.float64)
-    dp.sum_(sums, n)
+    if cfg.fsdp:
+        sums, n = _whole_sums(state, adapter), torch.tensor([float(state.n_done)], dtype=torch.float64)
+    else:
+        sums, n = state.sums.clone(), torch.tensor([float(state.n_done)], dtype=torch.float64)
+        dp.sum_(sums, n)
     lens = JacobianLens.from_matrices(
         {k: sums[j] / n.item() for j, k in enumerate(run.layers)}, adapter.num_layers,
         {"model": cfg.model or DEFAULT_MODEL, "n_prompts": int(n.item()), "corpus": cfg.corpus or "wikipedia",
@@ -373,12 +530,14 @@ def fit_finish(run: FitRun) -> FitResult:
         model=adapter)
     convergence = pd.DataFrame(state.log, columns=["prompt", "n_done", "seconds", "rel_change", "dist_identity"])
     table = pd.DataFrame()
+    if cfg.eval_tokens and (dp.main or cfg.fsdp):  # sharded blocks: every process runs every forward pass
+        _, held = make_blocks(run.texts, run.job.tokenizer, 256, max_eval_blocks=max(1, cfg.eval_tokens // 256))
+        if dp.main:
+            print(f"data: held-out evaluation on {held.numel():,} tokens (asked for up to {cfg.eval_tokens:,})")
+        table = evaluate(adapter, {"logit": LogitLens(adapter), "jacobian": lens}, held, run.job.tokenizer).table()
     if dp.main:
         out = Path(cfg.out)
         if cfg.eval_tokens:
-            _, held = make_blocks(run.texts, run.job.tokenizer, 256, max_eval_blocks=max(1, cfg.eval_tokens // 256))
-            print(f"data: held-out evaluation on {held.numel():,} tokens (asked for up to {cfg.eval_tokens:,})")
-            table = evaluate(adapter, {"logit": LogitLens(adapter), "jacobian": lens}, held, run.job.tokenizer).table()
             lens.config["heldout_kl_nats"] = [None if math.isnan(v) else round(v, 5)
                                               for v in table[table.lens == "jacobian"].kl_nats]
             write_csv(out / "eval.csv", table)

@@ -341,7 +341,10 @@ class ModelAdapter:
     def fingerprint(self) -> dict[str, Any]:
         """Shapes plus small probes of the weights: 16 values of the unembedding and 12 of every block
         (4 from each of its first, middle and last parameter). Tells apart models that share their
-        embeddings but not their blocks; survives dtype casts (compared with a tolerance)."""
+        embeddings but not their blocks; survives dtype casts (compared with a tolerance). A model whose
+        blocks are sharded (`lenses.sharding`) answers with the fingerprint taken before."""
+        if getattr(self, "_sharded_fingerprint", None) is not None:
+            return self._sharded_fingerprint
         w = self.unembed.weight.detach().reshape(-1)
         idx = torch.tensor([i * (w.numel() - 1) // 15 for i in range(16)], device=w.device)
         return {

@@ -53,19 +53,29 @@ def check_launch(prog: str = "train_probes.py") -> None:
                           f"`torchrun --nproc_per_node N {prog} ... --fsdp` (N processes; 1 works too).")
 
 
-def shard(adapter, lens: nn.Module, device: torch.device | None = None) -> Translator:
-    """Shard the model's blocks and ``lens`` over all processes (FSDP2); return the module to call."""
+def shard_blocks(adapter, device: torch.device | None = None, prog: str = "train_probes.py"):
+    """Shard every decoder block of the (frozen) model over all processes (FSDP2); return the device mesh.
+    A block's weights are gathered while it runs, forward and backward, and freed after."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     if not dist.is_initialized():  # one process under torchrun: the data-parallel layer made no group
-        check_launch()
+        check_launch(prog)
         dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
     mesh = init_device_mesh("cuda" if device is not None and device.type == "cuda" else "cpu",
                             (dist.get_world_size(),))
+    adapter._sharded_fingerprint = adapter.fingerprint()  # its probes read whole weights
     for block in adapter.layers:
         fully_shard(block, mesh=mesh)
+    return mesh
+
+
+def shard(adapter, lens: nn.Module, device: torch.device | None = None) -> Translator:
+    """Shard the model's blocks and ``lens`` over all processes (FSDP2); return the module to call."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = shard_blocks(adapter, device)
     translator = Translator(lens)
     fully_shard(translator, mesh=mesh)
     return translator
@@ -110,15 +120,38 @@ def save(folder: Path, translator: Translator, optimizer, meta: dict, main: bool
     if main:
         torch.save(meta, tmp / META)
     dist.barrier()
-    if main:  # swap in the new folder: a kill leaves either the old whole folder or the new one
-        old = folder / f".{CHECKPOINT}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        for f in final.iterdir():
-            _record(f)
+    if main:
+        _swap_in(tmp, final)
+    dist.barrier()
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace the folder ``final`` by ``tmp``: a kill at any moment leaves either the old whole folder or
+    the new one."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    for f in final.iterdir():
+        _record(f)
+
+
+def save_rank_files(final: Path, name: str, write, main: bool) -> None:
+    """Every process writes its own file (``write(path)``) into a new folder that replaces ``final`` once
+    all have written: the files of one folder always belong to the same moment of the run. Collective."""
+    import torch.distributed as dist
+
+    tmp = final.with_name(f".{final.name}.tmp")
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    write(tmp / name.format(rank=dist.get_rank()))
+    dist.barrier()
+    if main:
+        _swap_in(tmp, final)
     dist.barrier()
 
 

@@ -4,6 +4,7 @@ two processes (torchrun, gloo on CPU) against one, early stop."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -176,3 +177,94 @@ def test_three_lenses_through_the_views(setup, tmp_path):
     assert agree[(agree.layer == 0) & (agree.lens_b == "jacobian")].top1_agreement.isna().all()
     assert (out / "agreement.png").exists()
     assert "agreement" in (out / "index.html").read_text()
+
+
+def _torchrun_fit(model, corpus, out, n, *extra, port=29562, background=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port),
+           str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(model), "--corpus", str(corpus),
+           "--out", str(out), "--num-prompts", "7", "--seq-len", "48", "--eval-tokens", "256", "--no-progress",
+           "--device", "cpu", "--fsdp", *extra]
+    if background:
+        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _kill_all(marker: str) -> None:
+    """SIGKILL every process whose command line holds ``marker``."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace") and int(cmdline.parent.name) != os.getpid():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # gone meanwhile
+
+
+def _shard_sums(folder) -> tuple[int, dict]:
+    """The sums of a sharded fit put back together from its rank files (rows + their sums)."""
+    files = sorted((Path(folder) / "jacobian_checkpoint.shards").glob("jacobian_shard.rank*.pt"))
+    parts = [torch.load(f, weights_only=True) for f in files]
+    n_layers, _, d = parts[0]["lenses_sum_rows"].shape
+    whole = torch.zeros(n_layers, d, d)
+    for p in parts:
+        whole[:, p["lenses_rows"]] = p["lenses_sum_rows"]
+    assert {p["n_done"] for p in parts} == {parts[0]["n_done"]}  # every shard is of the same moment
+    return parts[0]["n_done"], whole
+
+
+@pytest.mark.slow  # several processes: the full suite runs it
+def test_two_sharded_processes_match_one(setup, tmp_path):
+    """--fsdp: the blocks and the running sums are sharded; each process holds half of the sums, and the
+    lens equals one plain process's (same prompts)."""
+    model, corpus = setup
+    _cli(model, corpus, tmp_path / "one", "--num-prompts", "7")
+    proc = _torchrun_fit(model, corpus, tmp_path / "two", 2)
+    held = re.findall(r"fsdp: process (\d) of 2 held ([\d.]+) KiB of the sums' ([\d.]+) KiB", proc.stdout)
+    assert sorted(r for r, _, _ in held) == ["0", "1"], proc.stdout[-2000:]
+    d, n_layers = 32, 2  # the tiny llama: hidden states 1..L-1 of L = 3
+    for _, mine, whole in held:
+        assert float(whole) * 1024 == n_layers * d * d * 4
+        assert float(mine) == pytest.approx(float(whole) / 2)
+    n, sums = _shard_sums(tmp_path / "two")
+    single = torch.load(tmp_path / "one" / "jacobian_checkpoint.pt", weights_only=True)
+    assert n == single["n_done"] == 7
+    for j, k in enumerate(sorted(single["jacobian_sum"])):
+        total = single["jacobian_sum"][k]
+        torch.testing.assert_close(sums[j], total, atol=1e-5 * total.abs().max().item(), rtol=1e-5)
+    one, two = load_lens(tmp_path / "one"), load_lens(tmp_path / "two")
+    assert two.n_prompts == 7
+    torch.testing.assert_close(two.matrices.float(), one.matrices.float(), atol=1e-6, rtol=2**-10)
+    # a sharded fit resumes only sharded
+    as_interrupted(tmp_path / "two", keep=())
+    plain = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model",
+                            str(model), "--corpus", str(corpus), "--out", str(tmp_path / "two"), "--num-prompts", "7",
+                            "--seq-len", "48", "--resume", "--no-progress"], env=ENV, capture_output=True, text=True,
+                           timeout=600)
+    assert plain.returncode == 2 and "--fsdp" in plain.stderr, plain.stderr
+
+
+@pytest.mark.slow  # several processes, a kill and a resume: the full suite runs it
+def test_sharded_fit_killed_then_resumed_equals_uninterrupted(setup, tmp_path):
+    model, corpus = setup
+    _torchrun_fit(model, corpus, tmp_path / "full", 2, "--dim-batch", "1", port=29563)
+    proc = _torchrun_fit(model, corpus, tmp_path / "cut", 2, "--dim-batch", "1", port=29564, background=True)
+    shards = tmp_path / "cut" / "jacobian_checkpoint.shards"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if shards.exists() and _shard_sums(tmp_path / "cut")[0] >= 2:
+                break
+        except (FileNotFoundError, RuntimeError, EOFError, AssertionError):
+            pass  # the folder is being swapped
+        time.sleep(0.05)
+    assert proc.poll() is None, "the fit finished before it could be killed"
+    _kill_all(str(tmp_path / "cut"))  # torchrun and both workers (they run in process groups of their own)
+    proc.wait()
+    assert 2 <= _shard_sums(tmp_path / "cut")[0] < 7
+    _torchrun_fit(model, corpus, tmp_path / "cut", 2, "--dim-batch", "1", "--resume", port=29565)
+    full, cut = load_lens(tmp_path / "full"), load_lens(tmp_path / "cut")
+    assert cut.n_prompts == 7
+    torch.testing.assert_close(cut.matrices, full.matrices, atol=0, rtol=0)  # the same sums in the same order
+    log = pd.read_csv(tmp_path / "cut" / "convergence.csv")
+    assert log.n_done.tolist() == [2, 4, 6, 7]  # one row per round of two prompts

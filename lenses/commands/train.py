@@ -18,7 +18,8 @@ Ctrl-C or SIGTERM saves a checkpoint at the next step; add --resume to continue.
 published format that TransformerLens and the reference code read), convergence.csv and .png (the
 running mean's relative change per prompt), eval.csv (held-out KL, logit vs Jacobian lens) and
 jacobian_checkpoint.pt (after every prompt; --resume continues exactly). Data-parallel over prompts
-with `torchrun --nproc_per_node N train_probes.py --method jacobian ...`.
+with `torchrun --nproc_per_node N train_probes.py --method jacobian ...`; add --fsdp to shard the
+model's blocks and the sums over the processes.
 """
 
 from __future__ import annotations
