@@ -71,7 +71,12 @@ class Lens(nn.Module):
             )
         if not 0 <= layer <= self.num_layers:
             raise LensesError(f"layer {layer} is out of range: this lens reads layers 0..{self.num_layers}.")
-        return vocab.decode(self.adapter, h if layer == self.num_layers else self.transform(h, layer), dtype)
+        return vocab.decode(self.adapter, self.state(h, layer), dtype)
+
+    def state(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """What the final norm and unembedding read for ``hidden[layer]`` states ``h``: ``transform(h, layer)``,
+        or ``h`` itself at the last layer (the model's own output)."""
+        return h if layer == self.num_layers else self.transform(h, layer)
 
     def trainable(self) -> list[nn.Parameter]:
         """The parameters training optimises (`lenses.train`): every parameter that requires a gradient.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -115,6 +116,7 @@ def load_model(
     dtype: torch.dtype | str | None = torch.float32,
     device_map: str | dict | None = None,
     max_memory: str | dict | None = None,
+    quantize: str | None = None,
 ):
     """Load ``(model, tokenizer)`` from a local folder, a cached hub id or a GGUF file.
 
@@ -123,6 +125,7 @@ def load_model(
     CUDA when available. ``device_map="auto"`` (accelerate) spreads a model too large for one
     device over all GPUs, then CPU memory (then disk); ``max_memory`` (``"0=70GiB,cpu=200GiB"`` or
     accelerate's dict) caps each device. Hidden states are gathered on the unembedding's device.
+    ``quantize`` (``int8``/``int4``) quantizes the weights after loading (`quantize_weights`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -168,7 +171,51 @@ def load_model(
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    if quantize:
+        quantize_weights(model, quantize)
     return model, tok
+
+
+QUANTIZE = ("int8", "int4")
+
+
+def _quiet_torchao_import(record: logging.LogRecord) -> bool:
+    """Drop what torchao's import says on every model load once it is installed (transformers imports it):
+    GPU kernels a CPU build lacks, and a deprecation in how it registers its enums. Nothing a user can act on."""
+    text = str(record.msg)
+    return not (text.startswith("Failed to load") or "is an Enum subclass" in text)
+
+
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).addFilter(_quiet_torchao_import)
+
+
+def quantize_weights(model, scheme: str):
+    """Quantize ``model``'s linear layers in place, weight-only, with torchao (CPU and CUDA): ``int8``
+    (one scale per output row) or ``int4`` (a scale per group of 128, 64 or 32 inputs, the largest that
+    divides every layer's width). Activations and the residual stream stay in the model's dtype, so every
+    lens reads the quantized model as it runs (the adapter checks the logit lens against its logits)."""
+    if scheme not in QUANTIZE:
+        raise LensesError(f"unknown --quantize {scheme!r}: use {' or '.join(QUANTIZE)}.")
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+        from torchao.quantization.granularity import PerAxis, PerGroup
+    except ImportError as e:
+        raise LensesError(f"--quantize {scheme} needs torchao: pip install torchao ({e}).") from e
+    if scheme == "int8":
+        config = Int8WeightOnlyConfig()
+    else:
+        widths = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        group = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), None)
+        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group) if group else PerAxis(0))
+    try:
+        quantize_(model, config)
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        device = next(model.parameters()).device
+        raise LensesError(f"--quantize {scheme} does not run here (torchao on {device}: {type(e).__name__}: "
+                          f"{str(e)[:160]}); load the model without --quantize, or in --model-dtype bfloat16.") from e
+    model.config.lenses_quantized = scheme  # seen by the adapter and the reports
+    return model
 
 
 @dataclass
@@ -188,6 +235,8 @@ class ModelOptions(Options):
     max_memory: str | None = option(None, "memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB",
                                     group="model", fixed=False,
                                     check=lambda v: parse_max_memory(v) and None)
+    quantize: str | None = option(None, "weight-only quantization after loading (torchao): int8, or int4 in groups",
+                                  group="model", choices=QUANTIZE)
     layers: str | None = option(None, "dotted path of the decoder layers, if not found (e.g. model.layers)",
                                 group="model")
     final_norm: str | None = option(None, "dotted path of the final norm, if not found (e.g. model.norm)",
@@ -206,7 +255,7 @@ class ModelOptions(Options):
 
             hf_logging.disable_progress_bar()
         model, tok = load_model(self.model, device=device or self.device, dtype=self.model_dtype,
-                                device_map=self.device_map, max_memory=self.max_memory)
+                                device_map=self.device_map, max_memory=self.max_memory, quantize=self.quantize)
         return model, tok, self.adapter(model)
 
     def adapter(self, model) -> "ModelAdapter":

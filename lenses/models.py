@@ -39,6 +39,17 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
     return bool(((a - b).abs().max() <= rel * (1.0 + b.abs().max())).item()) if a.numel() else True
 
 
+def plain(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as an ordinary tensor: a quantized weight (a torchao tensor subclass) dequantized."""
+    if type(w) in (torch.Tensor, torch.nn.Parameter) or not hasattr(w, "dequantize"):
+        return w
+    return w.dequantize()
+
+
+def is_quantized(w: torch.Tensor) -> bool:
+    return plain(w) is not w
+
+
 def _block_probe(block: torch.nn.Module) -> list[float]:
     """12 values of a block's weights: 4 evenly spaced ones from its first, middle and last parameter
     (empty where the weights are not materialised, e.g. offloaded to the meta device)."""
@@ -47,7 +58,7 @@ def _block_probe(block: torch.nn.Module) -> list[float]:
         return []
     out = []
     for p in dict.fromkeys([params[0], params[len(params) // 2], params[-1]]):
-        flat = p.detach().reshape(-1)
+        flat = plain(p.detach()).reshape(-1)
         idx = torch.tensor([i * (flat.numel() - 1) // 3 for i in range(4)], device=flat.device)
         out += [round(float(v), 6) for v in flat[idx].float().cpu()]
     return out
@@ -131,15 +142,22 @@ class ModelAdapter:
         return self.unembed.weight.device
 
     def unembed_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The unembedding ``[V, d]`` in ``dtype``; one cached copy per dtype (the model is frozen)."""
+        """The unembedding ``[V, d]`` in ``dtype``; a cached copy per dtype (at most two; the model is frozen).
+        A quantized unembedding (``--quantize``) is dequantized into the copy."""
         w = self.unembed.weight
-        if w.dtype == dtype:
+        if w.dtype == dtype and not is_quantized(w):
             return w
-        key = (dtype, w.device, w.data_ptr())
+        key = (dtype, w.device, id(w) if is_quantized(w) else w.data_ptr())  # a moved model: a new copy
         if key not in self._weight_cache:
-            self._weight_cache.clear()
-            self._weight_cache[key] = w.detach().to(dtype)
+            while len(self._weight_cache) >= 2:
+                self._weight_cache.pop(next(iter(self._weight_cache)))
+            self._weight_cache[key] = plain(w.detach()).to(dtype)
         return self._weight_cache[key]
+
+    def unembed_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the unembedding in float32 (no full copy unless the weight is quantized)."""
+        w = self.unembed.weight
+        return (self.unembed_weight(torch.float32) if is_quantized(w) else w.detach())[ids].float()
 
     # ---- hidden states
     def hook_stream(self, layer: int, fn) -> list:
@@ -345,7 +363,7 @@ class ModelAdapter:
         blocks are sharded (`lenses.sharding`) answers with the fingerprint taken before."""
         if getattr(self, "_sharded_fingerprint", None) is not None:
             return self._sharded_fingerprint
-        w = self.unembed.weight.detach().reshape(-1)
+        w = plain(self.unembed.weight.detach()).reshape(-1)
         idx = torch.tensor([i * (w.numel() - 1) // 15 for i in range(16)], device=w.device)
         return {
             "model_type": getattr(self.model.config, "model_type", "unknown"),

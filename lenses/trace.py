@@ -44,12 +44,18 @@ class TraceItem:
     targets: dict[str, Sequence[int]] = field(default_factory=dict)
 
 
+def _target_ids(targets: dict[str, torch.Tensor], rows: int, device) -> torch.Tensor:
+    """The target ids as one tensor [rows, number of targets] (in ``targets``' order)."""
+    if not targets:
+        return torch.zeros(rows, 0, dtype=torch.long, device=device)
+    return torch.stack(list(targets.values()), 1)
+
+
 def _stats(z: torch.Tensor, p_final: torch.Tensor, neg_h_final: torch.Tensor, targets: dict[str, torch.Tensor],
            groups, n_groups: int, top_k: int = 1) -> dict:
     """Per-row statistics of one layer's logits ``z`` [C, V] (float32) as named columns."""
     names = list(targets)
-    t_ids = torch.stack([targets[n] for n in names], 1) if names else torch.zeros(z.shape[0], 0, dtype=torch.long,
-                                                                                     device=z.device)
+    t_ids = _target_ids(targets, z.shape[0], z.device)
     top_id, top_p, entropy, kl, ranks, probs = vocab.row_stats(z, p_final, neg_h_final, t_ids)
     out = {"top1_id": top_id, "top1_prob": top_p, "entropy": entropy, "kl": kl}
     if top_k > 1:  # p_r = p_1 * exp(z_r - z_1): the softmax's normaliser is already in p_1
@@ -97,17 +103,24 @@ def _rows(stats: dict, meta: np.ndarray, lens_name: str, layer: int, targets: di
 
 
 def _decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targets: dict, groups, group_names,
-                  dtype, top_k: int) -> list[pd.DataFrame]:
-    """Every lens at every layer for one chunk of positions ``h`` [L+1, C, d]: tidy rows."""
+                  dtype, top_k: int, redone: list[int]) -> list[pd.DataFrame]:
+    """Every lens at every layer for one chunk of positions ``h`` [L+1, C, d]: tidy rows. A 16-bit ``dtype``
+    decodes through `vocab.decode_rescored` (top-1 and targets exact; ``redone`` counts rows decoded whole)."""
     L = adapter.num_layers
     frames = []
+    half = dtype in (torch.bfloat16, torch.float16)
+    t_ids = _target_ids(targets, h.shape[1], h.device)
     with torch.no_grad():
-        teacher = vocab.Teacher(adapter, h[L], dtype)
+        teacher = vocab.Teacher(adapter, h[L], torch.float32 if half else dtype)  # once per chunk: exact
         for lens_name, lens in lenses.items():
             for layer in range(L + 1):
                 if lens.has_layer(layer):
-                    st = _stats(lens(h[layer], layer, dtype), teacher.p, teacher.neg_entropy, targets, groups,
-                                len(group_names), top_k)
+                    if half:
+                        z, n = vocab.decode_rescored(adapter, lens.state(h[layer], layer), dtype, t_ids)
+                        redone[0] += n
+                    else:
+                        z = lens(h[layer], layer, dtype)
+                    st = _stats(z, teacher.p, teacher.neg_entropy, targets, groups, len(group_names), top_k)
                 else:
                     st = _absent(h.shape[1], list(targets), top_k, len(group_names), h.device)
                 frames.append(_rows(st, meta, lens_name, layer, targets, group_names))
@@ -207,11 +220,14 @@ def trace(
     top<r>_prob for r = 2..``top_k``), entropy, kl (to the final layer's distribution, nats), for each
     target ``t``: target_t, rank_t, prob_t; for each token group ``g`` (``groups``: group index per vocab
     id, -1 for none): mass_g, the probability mass the lens puts on that group. ``dtype`` is the
-    unembedding matmul dtype (float32 keeps ranks exact). Hidden states of about ``chunk`` positions are
-    buffered, then decoded chunk by chunk: never a [layers x tokens x vocab] tensor. ``batch_size`` texts
-    of similar length share a forward pass (padded on the right: a causal model's real positions never
-    see the pads); the table is the same as one text at a time. A model whose states padding would
-    change (`padding_check`) runs one text at a time, with a warning saying why.
+    unembedding matmul dtype: float32, or bfloat16/float16 re-scored (`vocab.decode_rescored`: top-1 ids,
+    target logits and the few highest tokens in float32, the rest of each row at 16-bit precision; the
+    final layer's distribution in float32); the table's ``attrs`` say how many rows were decoded whole.
+    Hidden states of about ``chunk`` positions are buffered, then decoded chunk by chunk: never a
+    [layers x tokens x vocab] tensor. ``batch_size`` texts of similar length share a forward pass (padded
+    on the right: a causal model's real positions never see the pads); the table is the same as one text
+    at a time. A model whose states padding would change (`padding_check`) runs one text at a time, with
+    a warning saying why.
     """
     from tqdm.auto import tqdm
 
@@ -222,6 +238,7 @@ def trace(
     target_names = sorted({n for it in items for n in it.targets})
     frames: list[pd.DataFrame] = []
     buf_h, buf_meta, buf_t = [], [], {n: [] for n in target_names}
+    redone = [0]  # rows a 16-bit decode redid in float32
 
     def flush():
         if not buf_h:
@@ -232,7 +249,7 @@ def trace(
         for s in range(0, h_all.shape[1], chunk):
             tg = {n: v[s : s + chunk].to(adapter.device) for n, v in tg_all.items()}
             frames.extend(_decode_chunk(adapter, lenses, h_all[:, s : s + chunk], meta[s : s + chunk], tg, groups,
-                                        group_names, dtype, top_k))
+                                        group_names, dtype, top_k, redone))
 
     if batch_size < 1:
         raise LensesError(f"batch_size must be at least 1 (got {batch_size}).")
@@ -260,7 +277,9 @@ def trace(
     if not frames:
         return pd.DataFrame(columns=["lens", "item", "position", "layer", "top1_id", "top1_prob", "entropy", "kl"])
     df = pd.concat(frames, ignore_index=True)
-    return df.sort_values(["lens", "item", "position", "layer"], kind="stable").reset_index(drop=True)
+    df = df.sort_values(["lens", "item", "position", "layer"], kind="stable").reset_index(drop=True)
+    df.attrs.update(decode_dtype=str(dtype).removeprefix("torch."), rows_decoded_whole=redone[0])
+    return df
 
 
 # ---- depth statistics over a trajectory (arrays [..., layers]) -------------------------------

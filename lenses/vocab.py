@@ -76,6 +76,45 @@ def decode(adapter: "ModelAdapter", h: torch.Tensor, dtype: torch.dtype | None =
     return finish(adapter, z.to(torch.promote_types(z.dtype, torch.float32)))
 
 
+RESCORED = 32  # candidates per row re-scored in float32 by `decode_rescored`
+
+
+def _exact(adapter: "ModelAdapter", u: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """float32 logits (scaled, soft-capped) of normalised states ``u`` [C, d] for the tokens ``ids`` [C, k]."""
+    w = adapter.unembed_rows(ids)  # [C, k, d]
+    z = torch.bmm(w, u.float()[:, :, None]).squeeze(-1)
+    if adapter.unembed.bias is not None:
+        z = z + adapter.unembed.bias[ids].float()
+    return finish(adapter, z)
+
+
+def decode_rescored(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype,
+                    targets: torch.Tensor | None = None, candidates: int = RESCORED) -> tuple[torch.Tensor, int]:
+    """Logits of states ``x`` [C, d] (before the final norm) with the vocabulary matmul in a 16-bit
+    ``dtype``, made exact where the statistics read single tokens: the ``candidates`` highest tokens of
+    each row and its ``targets`` [C, k] are re-scored in float32, and a row whose top-1 the 16-bit error
+    could change (a token outside the candidates within the error bound of the best) is decoded whole in
+    float32. So top-1 ids, and ranks among the candidates, are float32's; every other logit carries the
+    16-bit matmul's error (~2^-8 relative). Returns ``(z, rows decoded whole)``."""
+    u = adapter.final_norm(x)
+    z = finish(adapter, unembed(adapter, u, dtype).float())
+    k = min(candidates, z.shape[-1])
+    cand = z.topk(k, dim=-1).indices
+    rough = z.gather(1, cand)
+    exact = _exact(adapter, u, cand)
+    # every other token's 16-bit logit is at most rough.min(); its error is bounded by twice the largest error
+    # seen on this row's candidates plus the 16-bit output rounding (2^-8 relative)
+    bound = 2 * (exact - rough).abs().amax(1) + 2**-8 * exact.abs().amax(1)
+    redo = exact.amax(1) - bound <= rough.amin(1) if k < z.shape[-1] else torch.zeros_like(bound, dtype=torch.bool)
+    z.scatter_(1, cand, exact)
+    if targets is not None and targets.numel():
+        z.scatter_(1, targets, _exact(adapter, u, targets))
+    n = int(redo.sum())
+    if n:
+        z[redo] = decode(adapter, x[redo], torch.float32).to(z.dtype)
+    return z, n
+
+
 class Teacher:
     """The model's own output distribution for a block of positions: probabilities ``p`` [P, V]
     and ``neg_entropy`` = sum p log p [P], both float32. Rows are sliced per chunk."""

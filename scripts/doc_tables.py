@@ -68,9 +68,8 @@ def lens_layers() -> tuple[str, str]:
     return src, markdown(out)
 
 
-def benchmark_rows() -> tuple[str, str]:
+def benchmark_rows(src: str = "benchmarks/results.csv") -> tuple[str, str]:
     """Training and tracing speed per model and method (benchmarks/run.py)."""
-    src = "benchmarks/results.csv"
     r = pd.read_csv(ROOT / src)
     r = r[r.measure.isin(["train", "trace"])]
     names = {"smollm2": "SmolLM2-135M", "gpt2-small": "GPT-2-small shapes, random",
@@ -88,9 +87,8 @@ def benchmark_rows() -> tuple[str, str]:
     return src, markdown(out, "llrrrrr")
 
 
-def benchmark_profile() -> tuple[str, str]:
+def benchmark_profile(src: str = "benchmarks/results.csv") -> tuple[str, str]:
     """Where a training step's and a trace's time goes (benchmarks/run.py --skip all but profile)."""
-    src = "benchmarks/results.csv"
     r = pd.read_csv(ROOT / src)
     r = r[r.measure == "profile"]
     part = r.method.str.split(": ", n=1)
@@ -120,11 +118,28 @@ def benchmark_load() -> tuple[str, str]:
     return src, markdown(pd.DataFrame({"load": r.method.values, "seconds": [fmt(v, ".1f") for v in r.seconds]}), "lr")
 
 
+def fsdp_benchmark() -> tuple[str, str]:
+    """Sharded training on 1 and 2 processes at Llama-3.2-1B's shapes (benchmarks/fsdp.py)."""
+    src = "benchmarks/fsdp.csv"
+    r = pd.read_csv(ROOT / src)
+    out = pd.DataFrame({
+        "processes": r.processes, "process": r["rank"],
+        "lens held (MiB)": [fmt(v, ".1f") for v in r.lens_mib],
+        "of the lens (MiB)": [fmt(v, ".1f") for v in r.whole_lens_mib],
+        "optimizer state (MiB)": [fmt(v, ".1f") for v in r.optimizer_mib],
+        "plan: lens + optimizer (MiB)": [fmt(a + b, ".1f") for a, b in zip(r.plan_lens_mib, r.plan_optimizer_mib)],
+        "peak RSS (MiB)": [fmt(v, ".0f") for v in r.peak_rss_mib],
+        "tokens/s": [fmt(v, ".3g") for v in r.tokens_per_s],
+        "tokens/s vs 1": [fmt(v, ".2f") + "x" for v in r.tokens_per_s_vs_fewest]})
+    where = f"\n{r.machine.iloc[0]}, {r.date.iloc[0]}.\n"
+    return src, markdown(out) + where
+
+
 def views_benchmark() -> tuple[str, str]:
-    """The depth views' seconds, one text per forward pass vs batched (benchmarks/views.py)."""
+    """The depth views' seconds under the tracing settings (benchmarks/views.py)."""
     src = "benchmarks/views.csv"
     r = pd.read_csv(ROOT / src)
-    out = pd.DataFrame({"view": r.view, "batch size": r.batch_size, "seconds": [fmt(v, ".1f") for v in r.seconds],
+    out = pd.DataFrame({"view": r.view, "setting": r.setting, "seconds": [fmt(v, ".1f") for v in r.seconds],
                         "speed-up": [fmt(v, ".2f") + "x" for v in r.speedup_vs_first]})
     where = f"\n{r.machine.iloc[0]}, {r.date.iloc[0]}; samples: {r.scale.iloc[0]} of the main command's.\n"
     return src, markdown(out, "llrr") + where
@@ -271,6 +286,9 @@ TABLES = {
     "lens-layers": lens_layers,
     "benchmark": benchmark_rows,
     "benchmark-profile": benchmark_profile,
+    "benchmark-llama-1b": lambda: benchmark_rows("benchmarks/results-llama-1b.csv"),
+    "benchmark-profile-llama-1b": lambda: benchmark_profile("benchmarks/results-llama-1b.csv"),
+    "fsdp-llama-1b": fsdp_benchmark,
     "benchmark-memory": benchmark_memory,
     "benchmark-machine": benchmark_machine,
     "benchmark-load": benchmark_load,

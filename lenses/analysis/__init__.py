@@ -48,6 +48,10 @@ class AnalysisConfig(ModelOptions):
     seed: int = option(0, "seed of every sample the views draw", min=0)
     batch_size: int | None = option(None, "texts per forward pass in the views (none: from the memory plan, at "
                                           "most 16; 1: one at a time)", min=1)
+    decode_dtype: str = option("auto", "dtype of the views' vocabulary matmuls: bfloat16/float16 re-score each row's "
+                               "top tokens and targets in float32, so top-1 ids stay exact (auto: bfloat16 where "
+                               "this device multiplies it natively, else float32)",
+                               choices=("auto", "float32", "bfloat16", "float16"))
     progress: bool = option(True, "progress bars")
     prompt: str = option("The capital of France is", "text to decode layer by layer (without --view)",
                          group="prompt", check=lambda v: "is empty; give some text" if not v.strip() else None)
@@ -109,6 +113,13 @@ class Context:
     def sampling(self) -> dict:
         """The keyword arguments every view function takes from the settings."""
         return {"seed": self.cfg.seed, "progress": self.cfg.progress, "batch_size": self.batch_size}
+
+    @property
+    def decoding(self) -> dict:
+        """The keyword arguments of the views that trace: the vocabulary matmuls' dtype (``--decode-dtype``)."""
+        from ..vocab import compute_dtype
+
+        return {"dtype": compute_dtype(self.cfg.decode_dtype, self.adapter.device)}
 
     @cached_property
     def batch_size(self) -> int:

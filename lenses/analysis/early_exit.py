@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..trace import TraceItem, trace, trajectories
 from .common import Usage, ViewResult, table_plot, text_blocks
@@ -27,7 +28,8 @@ THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 def early_exit_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 1000,
                     seq_len: int = 128, thresholds=THRESHOLDS, seed: int = 0, progress: bool = False,
-                    batch_size: int = 1, source: str = "the texts given") -> ViewResult:
+                    batch_size: int = 1, dtype: torch.dtype = torch.float32,
+                    source: str = "the texts given") -> ViewResult:
     chosen, held, available = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "early-exit")
     per_block = seq_len - 1
     items, left = [], num_positions
@@ -36,7 +38,7 @@ def early_exit_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
         k = min(per_block, left)
         left -= k
         items.append(TraceItem(ids, list(range(k)), {"next": ids[1: k + 1]}))
-    df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size)
+    df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size, dtype=dtype)
     layers, adaptive = _layer_table(df), _adaptive_table(df, thresholds)
     usage = Usage("positions", num_positions, available, num_positions - left, source)
     return ViewResult("early-exit", {"layers": layers, "adaptive": adaptive}, _summary(layers, adaptive),
@@ -103,7 +105,7 @@ def _summary(layers: pd.DataFrame, adaptive: pd.DataFrame) -> list[str]:
 
 def run(ctx) -> ViewResult:
     texts, source = ctx.view_texts
-    return early_exit_view(*ctx.parts, texts, ctx.cfg.num_positions, **ctx.sampling, source=source)
+    return early_exit_view(*ctx.parts, texts, ctx.cfg.num_positions, **ctx.sampling, **ctx.decoding, source=source)
 
 
 plot = table_plot("plot_early_exit", "layers", "adaptive")

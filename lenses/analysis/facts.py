@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from .. import schema
 from ..data import jsonl_records, read_utf8
@@ -110,14 +111,14 @@ def facts_view(
     facts: list[dict] | None = None,
     num_facts: int | None = None,
     seed: int = 0,
-    progress: bool = False, batch_size: int = 1,
+    progress: bool = False, batch_size: int = 1, dtype: torch.dtype = torch.float32,
 ) -> ViewResult:
     """Run the fact-recall view (all shipped facts by default; ``num_facts`` samples with ``seed``)."""
     facts = list(facts if facts is not None else read_facts())
     if num_facts is not None and num_facts < len(facts):
         facts = random.Random(seed).sample(facts, num_facts)
     items, tokens = fact_items(tokenizer, facts)
-    df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size)
+    df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size, dtype=dtype)
     df["correct"] = df.rank_answer == 1
     kept = keep_where_final(df, "correct")
     if kept.empty:
@@ -159,7 +160,7 @@ def _summary(by_index: pd.DataFrame) -> list[str]:
 
 def run(ctx) -> ViewResult:
     facts = read_facts(ctx.cfg.facts)
-    result = facts_view(*ctx.parts, facts, ctx.cfg.num_facts, **ctx.sampling)
+    result = facts_view(*ctx.parts, facts, ctx.cfg.num_facts, **ctx.sampling, **ctx.decoding)
     used = len(facts) if ctx.cfg.num_facts is None else min(ctx.cfg.num_facts, len(facts))
     result.usage.append(Usage("facts", ctx.cfg.num_facts, len(facts), used, ctx.cfg.facts or "the shipped facts"))
     return result

@@ -91,7 +91,7 @@ def frequency_view(
     num_positions: int = 1000,
     seq_len: int = 256,
     seed: int = 0,
-    progress: bool = False, batch_size: int = 1,
+    progress: bool = False, batch_size: int = 1, dtype: torch.dtype = torch.float32,
     prompts: str = "paragraphs",
     source: str = "the texts given",
 ) -> ViewResult:
@@ -118,7 +118,7 @@ def frequency_view(
             "they were counted with another tokenizer. Count them on your corpus (omit --frequencies).")
     buckets = freqs.bucket(torch.arange(adapter.vocab_size))
     df = trace(adapter, lenses, items, groups=buckets, group_names=BUCKET_NAMES, progress=progress,
-               batch_size=batch_size)
+               batch_size=batch_size, dtype=dtype)
     ids = df.top1_id.to_numpy()
     names = np.asarray(BUCKET_NAMES, dtype=object)[buckets.numpy()[np.clip(ids, 0, None)]]
     names[ids < 0] = None  # a layer the lens does not read
@@ -170,7 +170,7 @@ def run(ctx) -> ViewResult:
     freqs = (TokenFrequencies.load(ctx.cfg.frequencies) if ctx.cfg.frequencies
              else TokenFrequencies.from_tokens(ctx.corpus_tokens, ctx.adapter.vocab_size))  # the whole corpus
     texts, source = ctx.view_texts
-    result = frequency_view(*ctx.parts, texts, freqs, ctx.cfg.num_positions, **ctx.sampling,
+    result = frequency_view(*ctx.parts, texts, freqs, ctx.cfg.num_positions, **ctx.sampling, **ctx.decoding,
                             prompts=ctx.cfg.freq_prompts, source=source)
     result.usage[0].notes.append(f"token frequencies from {ctx.cfg.frequencies or 'all of ' + ctx.corpus_name}")
     return result

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..data import read_utf8
 from ..errors import DataError
@@ -91,7 +92,7 @@ def mcq_view(
     num_questions: int | None = 100,
     shots: int = 4,
     seed: int = 0,
-    progress: bool = False, batch_size: int = 1,
+    progress: bool = False, batch_size: int = 1, dtype: torch.dtype = torch.float32,
 ) -> ViewResult:
     """Run the MCQ view: the first ``shots`` questions form the prefix, then up to ``num_questions``
     of the rest (sampled with ``seed``) are scored."""
@@ -106,7 +107,7 @@ def mcq_view(
     for q in pool:
         ids = encode(tokenizer, prefix + format_question(q, solved=False))
         items.append(TraceItem(ids, [len(ids) - 1], {l: [t] for l, t in zip(LETTERS, opts)}))
-    df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size)
+    df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size, dtype=dtype)
     df["letter_mass"] = df[[f"prob_{l}" for l in LETTERS]].sum(axis=1)
     gold = np.array([LETTERS.index(q["answer"]) for q in pool])
     df["gold"] = np.asarray(LETTERS)[gold[df.item.to_numpy()]]
@@ -163,7 +164,7 @@ def _summary(per_q: pd.DataFrame, layers: pd.DataFrame) -> list[str]:
 
 def run(ctx) -> ViewResult:
     questions = read_mcq(ctx.cfg.mcq)
-    result = mcq_view(*ctx.parts, questions, ctx.cfg.num_questions, **ctx.sampling)
+    result = mcq_view(*ctx.parts, questions, ctx.cfg.num_questions, **ctx.sampling, **ctx.decoding)
     pool = max(0, len(questions) - 4)  # the first 4 are the solved examples of the prompt
     result.usage.append(Usage("questions", ctx.cfg.num_questions, pool, min(ctx.cfg.num_questions, pool),
                               ctx.cfg.mcq or "the shipped questions", ["4 more are the prompt's solved examples"]))

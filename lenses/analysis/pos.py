@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 
 import pandas as pd
+import torch
 
 from ..errors import DataError
 from ..models import ModelAdapter
@@ -92,7 +93,7 @@ def pos_view(
     num_texts: int = 200,
     tagger=None,
     seed: int = 0,
-    progress: bool = False, batch_size: int = 1,
+    progress: bool = False, batch_size: int = 1, dtype: torch.dtype = torch.float32,
 ) -> ViewResult:
     """Run the POS view on up to ``num_texts`` paragraphs of ``texts`` (shuffled with ``seed``)."""
     paragraphs = pos_paragraphs(texts)
@@ -100,7 +101,7 @@ def pos_view(
     random.Random(seed).shuffle(paragraphs)
     items, words = pos_items(tokenizer, paragraphs[:num_texts], tagger or load_tagger())
     require(bool(items), "no taggable words found in the text; pass English prose with --corpus.")
-    df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size)
+    df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size, dtype=dtype)
     df["correct"] = df.rank_word == 1
     kept = keep_where_final(df, "correct").merge(words, on=["item", "position"])
     if kept.empty:
@@ -147,7 +148,7 @@ def _summary(tags: pd.DataFrame) -> list[str]:
 
 def run(ctx) -> ViewResult:
     texts, source = ctx.view_texts
-    result = pos_view(*ctx.parts, texts, ctx.cfg.num_texts, **ctx.sampling)
+    result = pos_view(*ctx.parts, texts, ctx.cfg.num_texts, **ctx.sampling, **ctx.decoding)
     available = len(pos_paragraphs(texts))
     result.usage.append(Usage("paragraphs", ctx.cfg.num_texts, available, min(ctx.cfg.num_texts, available), source,
                               ["paragraphs of 12+ words; one word per part of speech each"]))
