@@ -3,7 +3,8 @@
 
     python benchmarks/run.py                      # SmolLM2 + a random GPT-2-small-sized model
     python benchmarks/run.py --models smollm2 --tokens 512 --train-steps 1   # quicker
-    python benchmarks/run.py --models llama-1b --skip memory,load            # Llama-3.2-1B's shapes, bfloat16
+    python benchmarks/run.py --models llama-1b --skip memory,load --eval-blocks 2 \
+        --out benchmarks/results-llama-1b.csv                                 # Llama-3.2-1B's shapes, bfloat16
 
 Measures, on the same machine, model, tokens, batch and thread count:
   (a) training tokens/s (model forward + lens step) of ours (dtype picked by `auto`, and float32)
@@ -51,6 +52,7 @@ from lenses.trace import TraceItem, trace  # noqa: E402
 
 SEQ = 256
 NATIVE_BF16 = True  # set in main (see bf16_is_native)
+EVAL_BLOCKS = 8  # held-out blocks of SEQ tokens for each trained lens's KL (--eval-blocks)
 
 
 # ---------------------------------------------------------------------------- models and tokens
@@ -213,7 +215,7 @@ def bench_training(model, adapter, train_blocks, held_out, tokens: int, steps: i
         sync()
         seconds = time.perf_counter() - t0
         final = lens if kind == "ours" else package_to_ours(pkg, adapter)
-        kl = evaluate(adapter, {"t": final}, held_out[:8]).kl["t"].mean().item()  # 2,048 held-out tokens
+        kl = evaluate(adapter, {"t": final}, held_out[:EVAL_BLOCKS]).kl["t"].mean().item()  # 2,048 tokens by default
         dtype = arg if kind == "ours" else (torch.bfloat16 if arg else torch.float32)
         rows.append({"measure": "train", "method": name, "tokens_per_s": steps * batch * SEQ / seconds,
                      "dtype": str(dtype)[6:], "heldout_kl": kl})
@@ -356,14 +358,16 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=2)
     p.add_argument("--seq-lens", default="512,1024,2048,4096", help="memory sweep (default model only)")
     p.add_argument("--skip", default="", help="comma list of: train,trace,profile,memory,load")
+    p.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks of 256 tokens for each lens's KL")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.csv"))
     p.add_argument("--memory-probe", nargs=3, metavar=("MODEL", "WHAT", "SEQ"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.memory_probe:
         return memory_probe(a.memory_probe[0], a.memory_probe[1], int(a.memory_probe[2]))
     skip = set(filter(None, a.skip.split(",")))
-    global NATIVE_BF16
+    global NATIVE_BF16, EVAL_BLOCKS
     NATIVE_BF16 = bf16_is_native()
+    EVAL_BLOCKS = a.eval_blocks
     if not NATIVE_BF16:
         print("note: bfloat16 matmuls are emulated on this CPU (no AVX512-BF16/AMX); bf16 rows are skipped")
     cpu = describe()

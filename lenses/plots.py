@@ -225,8 +225,12 @@ def plot_pos(tags: pd.DataFrame, curves: pd.DataFrame, path: str | os.PathLike) 
     for ax, lens in zip(axes, lenses):
         rows = tags[(tags.lens == lens) & (tags.n_correct > 0)].sort_values("mean_first_correct")
         y = range(len(rows))
-        ax.barh(y, rows.mean_first_correct, color=[group_color[g] for g in rows.group], alpha=0.85,
-                label="first correct")
+        err = None
+        if "ci_low" in rows:  # the 95% interval (bootstrap by text); none where a tag has one text
+            err = [(rows.mean_first_correct - rows.ci_low).fillna(0).clip(lower=0),
+                   (rows.ci_high - rows.mean_first_correct).fillna(0).clip(lower=0)]
+        ax.barh(y, rows.mean_first_correct, xerr=err, color=[group_color[g] for g in rows.group], alpha=0.85,
+                label="first correct (95% interval)", error_kw={"elinewidth": 0.8, "capsize": 2})
         ax.scatter(rows.mean_settled, y, color="k", marker="|", s=120, label="settled")
         ax.set_yticks(list(y), [f"{t} ({n})" for t, n in zip(rows.tag, rows.n_correct)], fontsize=8)
         ax.set(xlabel="mean layer", title=f"{lens} lens: depth by part of speech")

@@ -115,9 +115,11 @@ def _decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targ
         for lens_name, lens in lenses.items():
             for layer in range(L + 1):
                 if lens.has_layer(layer):
-                    if half:
+                    if half and layer < L:  # layer L is the model's own output: float32, as the teacher
                         z, n = vocab.decode_rescored(adapter, lens.state(h[layer], layer), dtype, t_ids)
                         redone[0] += n
+                    elif half:
+                        z = lens(h[layer], layer, torch.float32)
                     else:
                         z = lens(h[layer], layer, dtype)
                     st = _stats(z, teacher.p, teacher.neg_entropy, targets, groups, len(group_names), top_k)

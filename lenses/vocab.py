@@ -94,8 +94,8 @@ def decode_rescored(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype
     ``dtype``, made exact where the statistics read single tokens: the ``candidates`` highest tokens of
     each row and its ``targets`` [C, k] are re-scored in float32, and a row whose top-1 the 16-bit error
     could change (a token outside the candidates within the error bound of the best) is decoded whole in
-    float32. So top-1 ids, and ranks among the candidates, are float32's; every other logit carries the
-    16-bit matmul's error (~2^-8 relative). Returns ``(z, rows decoded whole)``."""
+    float32. So top-1 ids and target logits are float32's; every other logit carries the 16-bit matmul's
+    error (~2^-8 relative). Returns ``(z, rows decoded whole)``."""
     u = adapter.final_norm(x)
     z = finish(adapter, unembed(adapter, u, dtype).float())
     k = min(candidates, z.shape[-1])

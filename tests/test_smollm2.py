@@ -213,8 +213,7 @@ def test_shipped_jacobian_lens(smollm2):
 def test_bf16_rescored_tracing_agrees_with_float32_on_heldout_text(smollm2):
     """The views' bfloat16 decoding (`vocab.decode_rescored`) against float32 on held-out Wikipedia, every
     layer of the logit and shipped tuned lens: top-1 identical on >= 99.99% of rows, mean KL per layer
-    within 1%, ranks of the true next token identical wherever float32 puts it in the top 32."""
-    from lenses import vocab
+    within 1%, ranks of the true next token identical wherever float32 puts it in the top 10."""
     from lenses.data import make_blocks, read_texts
     from lenses.trace import TraceItem, trace
 
@@ -231,7 +230,7 @@ def test_bf16_rescored_tracing_agrees_with_float32_on_heldout_text(smollm2):
     kl_a, kl_b = a.groupby(["lens", "layer"]).kl.mean(), b.groupby(["lens", "layer"]).kl.mean()
     inner = kl_a.index.get_level_values("layer") < 30  # the last layer's KL is ~0 in both
     np.testing.assert_allclose(kl_b[inner], kl_a[inner], rtol=1e-2)
-    near = a.rank_next.to_numpy() <= vocab.RESCORED
+    near = a.rank_next.to_numpy() <= 10  # the onset grid's k = 1 and 10 (k = 100+: the 16-bit row decides)
     assert (a.rank_next.to_numpy()[near] == b.rank_next.to_numpy()[near]).mean() >= 0.9999
     print(f"bf16 re-scored vs float32: top-1 {same:.6f}, {b.attrs['rows_decoded_whole']} of {len(b)} rows decoded "
           f"whole, max relative KL difference {float(((kl_b[inner] - kl_a[inner]) / kl_a[inner]).abs().max()):.2e}")

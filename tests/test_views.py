@@ -233,3 +233,18 @@ def test_batched_views_write_the_same_tables(tmp_path):
                 np.testing.assert_allclose(b[col], a[col], atol=1e-5, rtol=0, err_msg=f"{name}:{col}")
             else:
                 assert (a[col].astype(str) == b[col].astype(str)).all(), f"{name}:{col}"
+
+
+def test_batched_agreement_equals_one_block_at_a_time(char_tokenizer):
+    """The agreement view runs its equal-length blocks several per forward pass: the same table."""
+    from lenses.analysis.agreement import agreement_view
+    from tiny_models import TEXT, random_lens, tiny_adapter
+
+    adapter = tiny_adapter("llama")
+    lenses = {"logit": LogitLens(adapter), "tuned": random_lens(adapter, scale=0.1)}
+    one = agreement_view(adapter, char_tokenizer, lenses, [TEXT], num_positions=70, seq_len=16, batch_size=1)
+    three = agreement_view(adapter, char_tokenizer, lenses, [TEXT], num_positions=70, seq_len=16, batch_size=3)
+    a, b = one.tables["layers"], three.tables["layers"]
+    assert (a.n == 70).all() and (b.n == 70).all()
+    np.testing.assert_allclose(b.top1_agreement, a.top1_agreement, atol=1e-9)
+    np.testing.assert_allclose(b.sym_kl, a.sym_kl, rtol=1e-5, atol=1e-7)

@@ -29,9 +29,12 @@ def agreement_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posit
     pairs = list(combinations(names, 2))
     sums = {(a, b): np.zeros((L + 1, 2)) for a, b in pairs}  # [layer, (agree, sym_kl)]
     count = 0
+    order = sorted(chosen)
+    groups = [order[s : s + max(1, batch_size)] for s in range(0, len(order), max(1, batch_size))]
     with torch.no_grad():
-        for i in tqdm(sorted(chosen), desc="agreement", unit="block", disable=not progress):
-            hidden = adapter.hidden_states(held[i : i + 1])[:, 0, :-1]  # [L+1, seq-1, d]
+        for group in tqdm(groups, desc="agreement", unit="batch", disable=not progress):
+            # blocks of equal length: one forward pass for the batch, no padding
+            hidden = adapter.hidden_states(held[group])[:, :, :-1].flatten(1, 2)  # [L+1, B*(seq-1), d]
             hidden = hidden[:, : num_positions - count]
             for s in range(0, hidden.shape[1], chunk):
                 h = hidden[:, s : s + chunk]

@@ -26,6 +26,7 @@ import torch
 
 from ..data import pack, tokenize
 from ..frequency import BUCKET_NAMES, TokenFrequencies
+from ..intervals import describe, share_interval
 from ..models import ModelAdapter
 from ..trace import TraceItem, flipped, trace, trajectories
 from .common import Usage, ViewResult, early_layers, encode, require, table_plot
@@ -126,22 +127,25 @@ def frequency_view(
     keys, top1 = trajectories(df, "top1_id")
     df["final_top1_id"] = np.repeat(top1[:, -1], top1.shape[1])
     df["flipped"] = np.where(top1 < 0, np.nan, flipped(top1)).reshape(-1)
-    layers = _layer_table(df)
+    layers = _layer_table(df, seed)
     return ViewResult("frequency", {"positions": df, "layers": layers}, _summary(layers, adapter.num_layers),
                       usage=[usage])
 
 
-def _layer_table(df: pd.DataFrame) -> pd.DataFrame:
-    """lens, layer, bucket, share, final_share, flip_rate, n_guesses, mean_mass."""
+def _layer_table(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """lens, layer, bucket, share (ci_low, ci_high: its 95% interval, resampled by text), final_share,
+    flip_rate, n_guesses, mean_mass."""
     L = int(df.layer.max())
     final_share = df[df.layer == L].groupby("lens").top1_bucket.value_counts(normalize=True)
     rows = []
     for (lens, layer), g in df.groupby(["lens", "layer"], sort=True):
+        read = (g.top1_id >= 0).any()
         for b in BUCKET_NAMES:
             in_b = g[g.top1_bucket == b]
+            share, lo, hi = share_interval(g.top1_bucket == b, g["item"], seed=seed) if read else (np.nan,) * 3
             rows.append({
                 "lens": lens, "layer": layer, "bucket": b,
-                "share": len(in_b) / len(g) if (g.top1_id >= 0).any() else np.nan,
+                "share": share, "ci_low": lo, "ci_high": hi,
                 "final_share": float(final_share.get((lens, b), 0.0)),
                 "flip_rate": float(in_b.flipped.mean()) if len(in_b) else np.nan,
                 "n_guesses": len(in_b),
@@ -157,8 +161,9 @@ def _summary(layers: pd.DataFrame, num_layers: int) -> list[str]:
         top = g[g.bucket == BUCKET_NAMES[0]].set_index("layer")
         e = top.loc[early]
         refined = (e.flip_rate * e.n_guesses).sum() / max(1, e.n_guesses.sum())
+        first = describe(top.share.loc[1], top.ci_low.loc[1], top.ci_high.loc[1], percent=True)
         lines.append(
-            f"{lens:>6} lens: top-1 in ranks 1-10 at layer 1: {top.share.loc[1]:.0%} (final predictions: "
+            f"{lens:>6} lens: top-1 in ranks 1-10 at layer 1: {first} (final predictions: "
             f"{top.final_share.iloc[0]:.0%}); of early (layers {early[0]}-{early[-1]}) guesses in ranks 1-10, "
             f"{refined:.0%} are refined later; mass on ranks 1-10 at layer 1: {top.mean_mass.loc[1]:.2f} "
             f"(final {top.mean_mass.iloc[-1]:.2f})"

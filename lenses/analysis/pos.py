@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from ..errors import DataError
+from ..intervals import describe, difference_interval, mean_interval
 from ..models import ModelAdapter
 from ..trace import ONSET_KS, TraceItem, depth_summary, onset_curve, trace
 from .common import Usage, ViewResult, keep_where_final, mean_or_nan, nothing_to_score, require, table_plot
@@ -109,21 +110,24 @@ def pos_view(
                                 f"the model predicts none of the {len(words)} tagged words, so there is no depth to "
                                 "measure; pass more or plainer English text (--corpus).")
     summary = depth_summary(kept, "word").merge(words, on=["item", "position"])
-    tags = _tag_table(summary, words, lenses)
+    tags = _tag_table(summary, words, lenses, seed)
+    groups, compare = _group_tables(summary, seed)
     curves = onset_curve(summary, by=("lens", "tag")).merge(
         summary[["tag", "group"]].drop_duplicates(), on="tag")
     positions = df.merge(words, on=["item", "position"])
-    return ViewResult("pos", {"positions": positions, "words": summary, "tags": tags, "onset": curves},
-                      _summary(tags))
+    return ViewResult("pos", {"positions": positions, "words": summary, "tags": tags, "groups": groups,
+                              "compare": compare, "onset": curves}, _summary(groups, compare))
 
 
-def _tag_table(summary: pd.DataFrame, words: pd.DataFrame, lenses: dict) -> pd.DataFrame:
-    """lens, tag, group, n_prompts, n_correct, mean_first_correct, mean_settled, mean_onset_k<k>."""
+def _tag_table(summary: pd.DataFrame, words: pd.DataFrame, lenses: dict, seed: int = 0) -> pd.DataFrame:
+    """lens, tag, group, n_prompts, n_correct, mean_first_correct (ci_low, ci_high: its 95% interval,
+    resampled by text), mean_settled, mean_onset_k<k>."""
     rows = []
     candidates = words.groupby("tag").size()
     for (lens, tag), g in summary.groupby(["lens", "tag"], sort=True):
+        mean, lo, hi = mean_interval(g.first_correct, g["item"], seed=seed)
         row = {"lens": lens, "tag": tag, "group": word_group(tag), "n_prompts": int(candidates.get(tag, 0)),
-               "n_correct": len(g), "mean_first_correct": mean_or_nan(g.first_correct),
+               "n_correct": len(g), "mean_first_correct": mean, "ci_low": lo, "ci_high": hi,
                "mean_settled": mean_or_nan(g.settled)}
         for k in ONSET_KS:
             row[f"mean_onset_k{k}"] = mean_or_nan(g[f"onset_k{k}"])
@@ -131,18 +135,47 @@ def _tag_table(summary: pd.DataFrame, words: pd.DataFrame, lenses: dict) -> pd.D
     return pd.DataFrame(rows)
 
 
-def _summary(tags: pd.DataFrame) -> list[str]:
+def _group_tables(summary: pd.DataFrame, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Function vs content words per lens, each number with its 95% interval resampled by text:
+    ``groups`` (lens, group, statistic, n, mean, ci_low, ci_high) and ``compare`` (lens, statistic,
+    content_minus_function, ci_low, ci_high: a paired bootstrap over the same texts)."""
+    groups, compare = [], []
+    for lens, g in summary.groupby("lens", sort=False):
+        parts = {name: g[g.group == name] for name in ("function", "content")}
+        for statistic in ("first_correct", "settled"):
+            for name, sub in parts.items():
+                if len(sub):
+                    mean, lo, hi = mean_interval(sub[statistic], sub["item"], seed=seed)
+                    groups.append({"lens": lens, "group": name, "statistic": statistic, "n": len(sub), "mean": mean,
+                                   "ci_low": lo, "ci_high": hi})
+            if all(len(sub) for sub in parts.values()):
+                c, f = parts["content"], parts["function"]
+                diff, lo, hi = difference_interval(c[statistic], c["item"], f[statistic], f["item"], seed=seed)
+                compare.append({"lens": lens, "statistic": statistic, "content_minus_function": diff,
+                                "ci_low": lo, "ci_high": hi, "n_texts": g["item"].nunique()})
+    columns = ["lens", "statistic", "content_minus_function", "ci_low", "ci_high", "n_texts"]
+    return pd.DataFrame(groups), pd.DataFrame(compare, columns=columns)
+
+
+def _summary(groups: pd.DataFrame, compare: pd.DataFrame) -> list[str]:
+    """Per lens: when function and content words are first correct and settled, with 95% intervals
+    (resampled by text), and the paired difference."""
     lines = []
-    for lens, g in tags.groupby("lens", sort=False):
+    for lens, g in groups.groupby("lens", sort=False):
         parts = []
-        for group in ("function", "content"):
-            sub = g[g.group == group]
-            n = sub.n_correct.sum()
-            if n:
-                fc = (sub.mean_first_correct * sub.n_correct).sum() / n
-                st = (sub.mean_settled * sub.n_correct).sum() / n
-                parts.append(f"{group} words first correct at layer {fc:.1f}, settled at {st:.1f} (n={n})")
+        for name in ("function", "content"):
+            rows = g[g.group == name].set_index("statistic")
+            if len(rows):
+                fc, st = rows.loc["first_correct"], rows.loc["settled"]
+                parts.append(f"{name} words first correct at layer {describe(fc['mean'], fc.ci_low, fc.ci_high)}, "
+                             f"settled at {describe(st['mean'], st.ci_low, st.ci_high)} (n={int(fc.n)})")
+        diff = compare[(compare.lens == lens) & (compare.statistic == "first_correct")]
+        if len(diff):
+            d = diff.iloc[0]
+            parts.append(f"content - function: {describe(d.content_minus_function, d.ci_low, d.ci_high)} layers")
         lines.append(f"{lens:>6} lens: " + "; ".join(parts))
+    if lines:
+        lines.append("(95% intervals: a bootstrap that resamples whole paragraphs; the difference pairs them)")
     return lines
 
 
