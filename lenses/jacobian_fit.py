@@ -353,10 +353,9 @@ def fit_setup(job: Job, cfg: FitConfig) -> FitRun:
     rows = None
     if cfg.fsdp:
         sharding.shard_blocks(adapter, dp.device)  # under torchrun with one process, this starts the group
-        world, rank = _world()
-        rows = owned_rows(adapter.d_model, cfg.dim_batch, world, rank)
-        identity.update(fsdp=True, world=world, dim_batch=cfg.dim_batch)
-        ckpt = Path(cfg.out) / SHARDS / SHARD_FILE.format(rank=rank)
+        rows = owned_rows(adapter.d_model, cfg.dim_batch, dp.world, dp.rank)
+        identity.update(fsdp=True, dim_batch=cfg.dim_batch)
+        ckpt = Path(cfg.out) / SHARDS / SHARD_FILE.format(rank=dp.rank)
     else:
         ckpt = Path(cfg.out) / (CHECKPOINT_NAME if dp.world == 1 else f"jacobian_checkpoint.rank{dp.rank}.pt")
     _check_checkpoint_kind(cfg)
@@ -367,12 +366,6 @@ def fit_setup(job: Job, cfg: FitConfig) -> FitRun:
     before = state.log[-1][2] if state.log else 0.0
     return FitRun(cfg, job, layers, texts, prompts[dp.rank :: dp.world], identity, state, ckpt, before,
                   stand_in=prompts[0])
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return dist.get_world_size(), dist.get_rank()
 
 
 def owned_rows(d: int, dim_batch: int, world: int, rank: int) -> torch.Tensor:
@@ -440,9 +433,8 @@ def fit_loop_sharded(run: FitRun) -> None:
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
-    cfg, adapter, state, mine = run.cfg, run.job.adapter, run.state, run.mine
-    world, rank = _world()
-    main = rank == 0
+    cfg, dp, adapter, state, mine = run.cfg, run.job.dp, run.job.adapter, run.state, run.mine
+    world, rank, main = dp.world, dp.rank, dp.main
     local = {int(r): i for i, r in enumerate(state.rows)}  # output dimension -> row of this shard
 
     def allsum(t: torch.Tensor) -> torch.Tensor:
@@ -453,7 +445,7 @@ def fit_loop_sharded(run: FitRun) -> None:
     bar = tqdm(total=len(mine), initial=state.next_idx, unit="round", desc="fitting J-lens",  # rank 0: the most
                disable=not (cfg.progress and main))
     t0, done_here, rel = time.perf_counter(), 0, math.inf
-    while _any(state.next_idx < len(mine), allsum):
+    while dp.any(state.next_idx < len(mine)):
         real = state.next_idx < len(mine)
         ids = mine[state.next_idx] if real else run.stand_in
         delta = torch.zeros_like(state.sums)
@@ -483,7 +475,7 @@ def fit_loop_sharded(run: FitRun) -> None:
                 print(f"converged: the running mean changed by {rel:.2e} < --tol {cfg.tol} after "
                       f"{state.n_done} prompts")
             break
-        if _any(run.job.stop_requested(), allsum):
+        if dp.any(run.job.stop_requested()):
             bar.close()
             raise LensesError(f"interrupted after {state.n_done} prompts; progress saved in {run.checkpoint.parent}. "
                               "Continue with the same command plus --resume.")
@@ -491,12 +483,11 @@ def fit_loop_sharded(run: FitRun) -> None:
     run.seconds = time.perf_counter() - t0
 
 
-def _whole_sums(state: FitState, adapter: ModelAdapter) -> torch.Tensor:
+def _whole_sums(state: FitState, adapter: ModelAdapter, world: int, rank: int) -> torch.Tensor:
     """Every process's rows put together, on every process (collective; one layer at a time on the device),
     after saying how much of the sums each process held."""
     import torch.distributed as dist
 
-    world, rank = _world()
     d = adapter.d_model
     held, whole = state.sums.numel() * state.sums.element_size(), len(state.layers) * d * d * state.sums.element_size()
     print(f"fsdp: process {rank} of {world} held {sharding.human(held)} of the sums' {sharding.human(whole)}",
@@ -510,17 +501,14 @@ def _whole_sums(state: FitState, adapter: ModelAdapter) -> torch.Tensor:
     return out
 
 
-def _any(flag: bool, allsum) -> bool:
-    return bool(allsum(torch.tensor([float(flag)])).item() > 0)
-
-
 def fit_finish(run: FitRun) -> FitResult:
     """The mean over every process's prompts; the main process evaluates it and writes every file."""
     cfg, dp, adapter, state = run.cfg, run.job.dp, run.job.adapter, run.state
+    n = torch.tensor([float(state.n_done)], dtype=torch.float64)  # sharded: already the count of every process
     if cfg.fsdp:
-        sums, n = _whole_sums(state, adapter), torch.tensor([float(state.n_done)], dtype=torch.float64)
+        sums = _whole_sums(state, adapter, dp.world, dp.rank)
     else:
-        sums, n = state.sums.clone(), torch.tensor([float(state.n_done)], dtype=torch.float64)
+        sums = state.sums.clone()
         dp.sum_(sums, n)
     lens = JacobianLens.from_matrices(
         {k: sums[j] / n.item() for j, k in enumerate(run.layers)}, adapter.num_layers,
