@@ -335,3 +335,87 @@ def probe_after_last_block(model: nn.Module, layers: nn.ModuleList, names: list[
         for h in hooks:
             h.remove()
     return seen["block"], list(seen["order"].items())
+
+
+# ---- rule 8 (on demand): the two parts of a block --------------------------------------------
+
+
+@dataclass
+class BlockParts:
+    """Per block, the children whose outputs the block adds to the residual stream:
+    ``hidden[l+1] = hidden[l] + out(first[l]) + out(second[l])``. ``first`` mixes positions (attention, or a
+    state-space/recurrent mixer: ``mixer[l]`` says which), ``second`` is the MLP or mixture of experts (None
+    for a block with a mixer only, e.g. Mamba's: its MLP part is zero)."""
+
+    first: list[str]
+    second: list[str | None]
+    mixer: list[str]
+
+
+def first_tensor(output):
+    """A module's main output: itself, or the first element of a tuple (attention returns ``(out, weights)``)."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    return output if torch.is_tensor(output) else None
+
+
+def _mixer_kind(block: nn.Module, name: str, order: list[str]) -> str:
+    owner = _owner(block, name, order)
+    attention = any(re.search("atten|attn", type(m).__name__, re.I) for m in owner.modules())
+    return "attention" if attention else "state-space/recurrent mixer"
+
+
+def find_block_parts(layers: nn.ModuleList, hidden_states) -> BlockParts:
+    """Rule 8: for each block, the two direct children whose outputs sum to what the block adds
+    (``hidden[l+1] - hidden[l]``, on the short pass ``hidden_states()``, which returns the residual stream
+    [L+1, ...]), or one child that adds it all (a mixer-only block). Sequential and parallel blocks,
+    post-norms (the pair is then the post-norms, whose outputs are what is added), mixture-of-experts MLPs
+    and hybrids whose blocks differ are found alike. Refuses, with the reason, a block where no children add
+    up (parts that add the residual themselves, e.g. BLOOM's, or more than two branches)."""
+    outs: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    order: list[list[str]] = [[] for _ in layers]
+
+    def grab(i, name, module, args, output):
+        t = first_tensor(output)
+        if t is not None and name not in outs[i]:
+            outs[i][name] = t.detach().clone()  # a block may add to it in place (Falcon)
+            order[i].append(name)
+
+    hooks = [child.register_forward_hook(partial(grab, i, name))
+             for i, block in enumerate(layers) for name, child in block.named_children()]
+    try:
+        hidden = hidden_states()
+    finally:
+        for h in hooks:
+            h.remove()
+    first, second, mixer = [], [], []
+    for i, block in enumerate(layers):
+        delta = (hidden[i + 1] - hidden[i]).float()
+        scale = delta.abs().amax().clamp_min(1e-6)
+        out = {n: outs[i][n].float().reshape(delta.shape) for n in order[i] if outs[i][n].numel() == delta.numel()}
+        names = list(out)
+
+        def close(t):
+            return float((t - delta).abs().amax() / scale) < 1e-4
+
+        fits = [(a, b) for j, a in enumerate(names) for b in names[j + 1:] if close(out[a] + out[b])]
+        fits += [(a, None) for a in names if close(out[a])]
+        if not fits:
+            kinds = sorted({type(c).__name__ for c in block.children()})
+            raise UnsupportedModelError(
+                f"no parts of block {i} ({type(block).__name__}: children {', '.join(kinds)}) add up to what it adds "
+                "to the residual stream: its parts add the residual themselves or it has more than two branches, "
+                "so it has no attention/MLP decomposition here (the per-layer lenses still work)."
+            )
+        a, b = fits[0]
+        first.append(a), second.append(b), mixer.append(_mixer_kind(block, a, order[i]))
+    return BlockParts(first, second, mixer)
+
+
+def _owner(block: nn.Module, name: str, order: list[str]) -> nn.Module:
+    """The child that makes part ``name``'s contribution: itself, or for a post-norm the child called just
+    before it (Gemma 2's ``post_attention_layernorm`` normalises ``self_attn``'s output)."""
+    child = getattr(block, name)
+    if re.search("norm", type(child).__name__, re.I) and order.index(name) > 0:
+        return getattr(block, order[order.index(name) - 1])
+    return child

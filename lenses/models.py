@@ -21,6 +21,9 @@ import torch
 from torch import nn
 
 from .discovery import (  # noqa: F401  (HeadChain, StreamHead: the part types a search may return)
+    BlockParts,
+    find_block_parts,
+    first_tensor,
     HeadChain,
     StreamHead,
     _text_config,
@@ -236,6 +239,50 @@ class ModelAdapter:
                 "layers/final_norm are not the modules the model runs. Pass them explicitly."
             )
         return torch.stack([h.to(self.device) for h in store])  # type: ignore[union-attr]
+
+    @property
+    def block_parts(self) -> BlockParts:
+        """The two parts of every block (`lenses.discovery.find_block_parts`), found on first use and proved on a
+        4-token pass; raises `UnsupportedModelError` with the reason for a block with no such decomposition."""
+        if getattr(self, "_block_parts", None) is None:
+            ids = torch.arange(1, 5, device=self._input_device())[None] % self.vocab_size
+            self._block_parts = find_block_parts(self.layers, lambda: self.hidden_states(ids))
+        return self._block_parts
+
+    def residual_parts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       with_hidden: bool = False) -> dict[str, torch.Tensor]:
+        """What each block adds to the residual stream, by part: ``{"attn": [L, batch, seq, d], "mlp": [L, ...]}``
+        with ``hidden[l] + attn[l] + mlp[l] == hidden[l+1]`` (checked on this input: `LensesError` if it fails).
+        ``attn`` is the block's mixer (attention, or a state-space mixer: ``block_parts.mixer[l]`` says which);
+        ``mlp`` includes every expert of a mixture (zero in a mixer-only block). ``hidden[l] + attn[l]`` is the mid-block state (a half
+        layer). ``with_hidden`` adds ``"hidden"`` [L+1, ...]."""
+        parts = self.block_parts
+        got: list[dict[str, torch.Tensor]] = [{} for _ in range(self.num_layers)]
+
+        def grab(i, key, module, args, output):
+            if key not in got[i]:
+                got[i][key] = first_tensor(output).detach().clone()  # a block may add to it in place
+
+        hooks = [getattr(block, name).register_forward_hook(partial(grab, i, key))
+                 for i, block in enumerate(self.layers)
+                 for key, name in (("attn", parts.first[i]), ("mlp", parts.second[i])) if name is not None]
+        try:
+            hidden = self.hidden_states(input_ids, attention_mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        zero = torch.zeros_like(hidden[0])
+        out = {key: torch.stack([g[key].to(self.device).reshape(hidden.shape[1:]) if key in g else zero for g in got])
+               for key in ("attn", "mlp")}
+        err = (hidden[:-1] + out["attn"] + out["mlp"] - hidden[1:]).abs().amax()
+        scale = (hidden[1:] - hidden[:-1]).abs().amax().clamp_min(1e-6)
+        if not float(err / scale) < 1e-3:
+            raise LensesError(f"the block parts ({parts.first[0]}, {parts.second[0]}, ...) do not add up to the blocks' "
+                              f"outputs on this input (relative error {float(err / scale):.1e}): the model "
+                              "branches on its input; per-part readings are not defined for it.")
+        if with_hidden:
+            out["hidden"] = hidden
+        return out
 
     def run_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, grad: bool = False,
                    **kwargs):

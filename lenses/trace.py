@@ -51,26 +51,34 @@ def _target_ids(targets: dict[str, torch.Tensor], rows: int, device) -> torch.Te
     return torch.stack(list(targets.values()), 1)
 
 
+def _named(stats: tuple, targets: dict[str, torch.Tensor]) -> dict:
+    """`vocab.row_stats`'s tuple (with the group mass last, or None) as named columns."""
+    top_id, top_p, entropy, kl, ranks, probs, mass = stats
+    out = {"top1_id": top_id, "top1_prob": top_p, "entropy": entropy, "kl": kl}
+    for j, name in enumerate(targets):
+        out[f"rank_{name}"] = ranks[:, j]
+        out[f"prob_{name}"] = probs[:, j]
+    if mass is not None:
+        out["mass"] = mass
+    return out
+
+
 def _stats(z: torch.Tensor, p_final: torch.Tensor, neg_h_final: torch.Tensor, targets: dict[str, torch.Tensor],
            groups, n_groups: int, top_k: int = 1) -> dict:
     """Per-row statistics of one layer's logits ``z`` [C, V] (float32) as named columns."""
-    names = list(targets)
     t_ids = _target_ids(targets, z.shape[0], z.device)
-    top_id, top_p, entropy, kl, ranks, probs = vocab.row_stats(z, p_final, neg_h_final, t_ids)
-    out = {"top1_id": top_id, "top1_prob": top_p, "entropy": entropy, "kl": kl}
+    mass = None
+    if groups is not None:
+        mass = torch.zeros(z.shape[0], n_groups + 1, dtype=torch.float32, device=z.device)
+        mass.index_add_(1, groups, torch.softmax(z, -1))  # the last column collects ungrouped tokens
+        mass = mass[:, :n_groups]
+    out = _named((*vocab.row_stats(z, p_final, neg_h_final, t_ids), mass), targets)
     if top_k > 1:  # p_r = p_1 * exp(z_r - z_1): the softmax's normaliser is already in p_1
         values, ids = z.topk(top_k, dim=-1)
         out["top1_id"] = ids[:, 0]  # the same order as the rest of the row, ties included
         for r in range(1, top_k):
             out[f"top{r + 1}_id"] = ids[:, r]
-            out[f"top{r + 1}_prob"] = top_p * torch.exp(values[:, r] - values[:, 0])
-    for j, name in enumerate(names):
-        out[f"rank_{name}"] = ranks[:, j]
-        out[f"prob_{name}"] = probs[:, j]
-    if groups is not None:
-        mass = torch.zeros(z.shape[0], n_groups + 1, dtype=torch.float32, device=z.device)
-        mass.index_add_(1, groups, torch.softmax(z, -1))  # the last column collects ungrouped tokens
-        out["mass"] = mass[:, :n_groups]
+            out[f"top{r + 1}_prob"] = out["top1_prob"] * torch.exp(values[:, r] - values[:, 0])
     return out
 
 
@@ -105,26 +113,33 @@ def _rows(stats: dict, meta: np.ndarray, lens_name: str, layer: int, targets: di
 def _decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targets: dict, groups, group_names,
                   dtype, top_k: int, redone: list[int]) -> list[pd.DataFrame]:
     """Every lens at every layer for one chunk of positions ``h`` [L+1, C, d]: tidy rows. A 16-bit ``dtype``
-    decodes through `vocab.decode_rescored` (top-1 and targets exact; ``redone`` counts rows decoded whole)."""
+    decodes through `vocab.rescored_stats` (top-1 and targets exact; ``redone`` counts rows decoded whole)."""
     L = adapter.num_layers
     frames = []
     half = dtype in (torch.bfloat16, torch.float16)
     t_ids = _target_ids(targets, h.shape[1], h.device)
     with torch.no_grad():
         teacher = vocab.Teacher(adapter, h[L], torch.float32 if half else dtype)  # once per chunk: exact
+        final = None  # layer L's statistics: the same for every lens (`Lens.state` is h itself there)
         for lens_name, lens in lenses.items():
             for layer in range(L + 1):
-                if lens.has_layer(layer):
-                    if half and layer < L:  # layer L is the model's own output: float32, as the teacher
+                if not lens.has_layer(layer):
+                    st = _absent(h.shape[1], list(targets), top_k, len(group_names), h.device)
+                elif half and layer < L and top_k == 1:  # the statistics without making float32 logits
+                    stats, n = vocab.rescored_stats(adapter, lens.state(h[layer], layer), dtype, teacher.p,
+                                                    teacher.neg_entropy, t_ids, groups, len(group_names))
+                    st, redone[0] = _named(stats, targets), redone[0] + n
+                elif layer == L and final is not None:  # every lens reads the model's own output there
+                    st = final
+                else:
+                    if half and layer < L:
                         z, n = vocab.decode_rescored(adapter, lens.state(h[layer], layer), dtype, t_ids)
                         redone[0] += n
-                    elif half:
-                        z = lens(h[layer], layer, torch.float32)
-                    else:
-                        z = lens(h[layer], layer, dtype)
+                    else:  # layer L is the model's own output: float32, as the teacher
+                        z = lens(h[layer], layer, torch.float32 if half else dtype)
                     st = _stats(z, teacher.p, teacher.neg_entropy, targets, groups, len(group_names), top_k)
-                else:
-                    st = _absent(h.shape[1], list(targets), top_k, len(group_names), h.device)
+                    if layer == L:
+                        final = st
                 frames.append(_rows(st, meta, lens_name, layer, targets, group_names))
     return frames
 

@@ -88,6 +88,32 @@ def _exact(adapter: "ModelAdapter", u: torch.Tensor, ids: torch.Tensor) -> torch
     return finish(adapter, z)
 
 
+def _rescore(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype, targets: torch.Tensor | None,
+             candidates: int):
+    """The 16-bit half of `decode_rescored`: ``(z16, u, ids, exact, keep, redo)``. ``z16`` [C, V]: the raw
+    16-bit unembedding output; ``u``: the normalised states; ``ids`` [C, S]: each row's targets, then its
+    ``candidates`` highest tokens; ``exact`` [C, S]: their float32 logits (scaled, soft-capped); ``keep``
+    [C, S]: the first time an id appears on its row; ``redo`` [C]: rows whose top-1 the 16-bit error could
+    change (a token outside the candidates within the error bound of the best)."""
+    u = adapter.final_norm(x)
+    z16 = unembed(adapter, u, dtype)
+    k = min(candidates, z16.shape[-1])
+    cand = z16.topk(k, dim=-1).indices
+    rough = finish(adapter, z16.gather(1, cand).float())
+    exact_c = _exact(adapter, u, cand)
+    # every other token's 16-bit logit is at most rough.min(); its error is bounded by twice the largest error
+    # seen on this row's candidates plus the 16-bit output rounding (2^-8 relative)
+    bound = 2 * (exact_c - rough).abs().amax(1) + 2**-8 * exact_c.abs().amax(1)
+    redo = (exact_c.amax(1) - bound <= rough.amin(1) if k < z16.shape[-1]
+            else torch.zeros_like(bound, dtype=torch.bool))
+    ids, exact = cand, exact_c
+    if targets is not None and targets.numel():
+        ids, exact = torch.cat([targets, cand], 1), torch.cat([_exact(adapter, u, targets), exact_c], 1)
+    same = ids[:, :, None] == ids[:, None, :]  # [C, S, S]: keep an id where no earlier column holds it
+    keep = ~torch.tril(same, diagonal=-1).any(-1)
+    return z16, u, ids, exact, keep, redo
+
+
 def decode_rescored(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype,
                     targets: torch.Tensor | None = None, candidates: int = RESCORED) -> tuple[torch.Tensor, int]:
     """Logits of states ``x`` [C, d] (before the final norm) with the vocabulary matmul in a 16-bit
@@ -95,24 +121,50 @@ def decode_rescored(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype
     each row and its ``targets`` [C, k] are re-scored in float32, and a row whose top-1 the 16-bit error
     could change (a token outside the candidates within the error bound of the best) is decoded whole in
     float32. So top-1 ids and target logits are float32's; every other logit carries the 16-bit matmul's
-    error (~2^-8 relative). Returns ``(z, rows decoded whole)``."""
-    u = adapter.final_norm(x)
-    z = finish(adapter, unembed(adapter, u, dtype).float())
-    k = min(candidates, z.shape[-1])
-    cand = z.topk(k, dim=-1).indices
-    rough = z.gather(1, cand)
-    exact = _exact(adapter, u, cand)
-    # every other token's 16-bit logit is at most rough.min(); its error is bounded by twice the largest error
-    # seen on this row's candidates plus the 16-bit output rounding (2^-8 relative)
-    bound = 2 * (exact - rough).abs().amax(1) + 2**-8 * exact.abs().amax(1)
-    redo = exact.amax(1) - bound <= rough.amin(1) if k < z.shape[-1] else torch.zeros_like(bound, dtype=torch.bool)
-    z.scatter_(1, cand, exact)
-    if targets is not None and targets.numel():
-        z.scatter_(1, targets, _exact(adapter, u, targets))
+    error (~2^-8 relative). Returns ``(z, rows decoded whole)``. `rescored_stats` computes the statistics
+    of these logits without making them."""
+    z16, _, ids, exact, keep, redo = _rescore(adapter, x, dtype, targets, candidates)
+    z = finish(adapter, z16.float())
+    n_t = 0 if targets is None else targets.shape[1]
+    z.scatter_(1, ids[:, n_t:], exact[:, n_t:])
+    z.scatter_(1, ids[:, :n_t], exact[:, :n_t])  # after the candidates: a target's own value wins
     n = int(redo.sum())
     if n:
         z[redo] = decode(adapter, x[redo], torch.float32).to(z.dtype)
     return z, n
+
+
+def rescored_stats(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype, p: torch.Tensor,
+                   neg_entropy: torch.Tensor, t_ids: torch.Tensor, groups: torch.Tensor | None = None,
+                   n_groups: int = 0, candidates: int = RESCORED) -> tuple[tuple, int]:
+    """`row_stats` (plus the probability mass per token group if ``groups`` [V] gives each token's group,
+    ``n_groups`` meaning none) of the logits `decode_rescored` would return, without making them: one
+    compiled pass over the 16-bit logits sums the whole row, and the few re-scored tokens correct the sums
+    (``sum over the row of f(exact) = sum of f(16-bit) - f(16-bit) at the re-scored tokens + f(exact)
+    there``). Equal to ``row_stats(decode_rescored(...))`` within float32 rounding (tests/test_trace.py),
+    without the ``[C, V]`` float32 copy and its passes. Returns ``(stats, rows decoded whole)``; stats are
+    `row_stats`'s tuple with the mass [C, n_groups] (or None) appended."""
+    z16, _, ids, exact, keep, redo = _rescore(adapter, x, dtype, t_ids, candidates)
+    n_t = t_ids.shape[1]
+    onehot = None
+    if groups is not None:
+        onehot = torch.zeros(z16.shape[-1], n_groups + 1, dtype=torch.float32, device=z16.device)
+        onehot[torch.arange(len(groups), device=z16.device), groups] = 1.0
+    out = list(KERNELS["rescored"](z16, ids, exact, keep, p, neg_entropy, n_t, onehot, adapter.logit_scale,
+                                   adapter.softcap or 0.0))
+    if onehot is not None:
+        out[-1] = out[-1][:, :n_groups]
+    n = int(redo.sum())
+    if n:  # these rows the slow way: a float32 decode and the plain kernel
+        rows = redo.nonzero().flatten()
+        z = decode(adapter, x[rows], torch.float32)
+        again = list(row_stats(z, p[rows], neg_entropy[rows], t_ids[rows]))
+        if onehot is not None:
+            again.append((torch.softmax(z, -1) @ onehot)[:, :n_groups])
+        for o, a in zip(out, again):
+            if o is not None:
+                o[rows] = a.to(o.dtype)
+    return tuple(out), n
 
 
 class Teacher:
@@ -198,6 +250,49 @@ def _row_stats(z: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor, t_id
     return top_id, (1.0 / s).squeeze(-1), entropy, kl, ranks, torch.exp(zt - log_z)
 
 
+def _finish_inline(z: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    if scale != 1.0:
+        z = z * scale
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+def _rescored_stats(z16, ids, exact, keep, p, neg_entropy, n_targets: int, onehot, scale: float, softcap: float):
+    """`_row_stats` of the row ``finish(z16)`` with the entries ``ids`` [C, S] replaced by ``exact`` (where
+    ``keep``), by sums over the 16-bit row corrected at those entries (see `rescored_stats`). The first
+    ``n_targets`` columns of ``ids`` are the targets. The row maximum is the best exact entry (the caller
+    redoes every row where a token outside ``ids`` could pass it)."""
+    r = _finish_inline(z16.float(), scale, softcap)
+    r_s = _finish_inline(z16.gather(1, ids).float(), scale, softcap)
+    w = keep.float()
+    best = torch.where(keep, exact, torch.full_like(exact, float("-inf")))
+    m, arg = best.max(1, keepdim=True)
+    zs = r - m
+    fin = torch.where(torch.isfinite(zs), zs, 0.0)  # a -inf logit has p = 0: keep 0 * -inf out of sums
+    e = torch.exp(zs)
+    rs, es = r_s - m, exact - m
+    fin_rs = torch.where(torch.isfinite(rs), rs, 0.0)
+    s = e.sum(-1) + (w * (torch.exp(es) - torch.exp(rs))).sum(-1)
+    sez = (e * fin).sum(-1) + (w * (torch.exp(es) * es - torch.exp(rs) * fin_rs)).sum(-1)
+    p_s = p.gather(1, ids)
+    spz = (p * fin).sum(-1) + (w * p_s * (es - fin_rs)).sum(-1)
+    log_s = torch.log(s)
+    entropy = log_s - sez / s
+    kl = (neg_entropy + log_s - spz).clamp_min(0.0)  # KL >= 0; rounding can dip below
+    top_id = ids.gather(1, arg).squeeze(1)
+    zt = exact[:, :n_targets]  # [C, n]
+    above = (r[:, None, :] > zt[:, :, None]).sum(-1)
+    above = above - (w[:, None, :] * (r_s[:, None, :] > zt[:, :, None])).sum(-1).long()
+    above = above + (w[:, None, :] * (exact[:, None, :] > zt[:, :, None])).sum(-1).long()
+    probs = torch.exp(zt - m) / s[:, None]
+    mass = None
+    if onehot is not None:
+        g = onehot[ids.flatten()].view(*ids.shape, -1)  # [C, S, G]
+        mass = (e @ onehot + ((w * (torch.exp(es) - torch.exp(rs)))[:, :, None] * g).sum(1)) / s[:, None]
+    return top_id, 1.0 / s, entropy, kl, above + 1, probs, mass
+
+
 class maybe_compiled:
     """``fn`` compiled with ``torch.compile`` on first use if possible, else (no C++ compiler,
     unsupported platform, ``LENSES_COMPILE=0``) the same function run eagerly, for good."""
@@ -220,7 +315,8 @@ class maybe_compiled:
         return self.fn(*args)
 
 
-KERNELS = {"kl": maybe_compiled(_kl_and_dz), "stats": maybe_compiled(_row_stats)}
+KERNELS = {"kl": maybe_compiled(_kl_and_dz), "stats": maybe_compiled(_row_stats),
+           "rescored": maybe_compiled(_rescored_stats)}
 
 
 def kl_rows(adapter: "ModelAdapter", h: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor,

@@ -150,6 +150,35 @@ def test_rescored_decode_redoes_a_row_whose_top_the_16bit_error_could_hide():
     torch.testing.assert_close(every, exact, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("candidates", [1, vocab.RESCORED])  # 1: many rows decoded whole in float32
+def test_rescored_stats_equal_the_statistics_of_the_rescored_logits(family, candidates):
+    """`vocab.rescored_stats` (sums over the 16-bit row, corrected at the re-scored tokens, no float32 logits)
+    against `row_stats` of `decode_rescored`'s logits and the group mass of their softmax: the same ids and
+    ranks, the same values within float32 rounding; targets that repeat each other or a candidate included."""
+    adapter = ModelAdapter.from_model(tiny_model(family, vocab_size=3000))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(24, adapter.d_model, generator=g) * 3
+    top = vocab.decode(adapter, x).argmax(-1)
+    t_ids = torch.stack([top, torch.randint(0, 3000, (24,), generator=g), top], 1)  # top-1 twice
+    groups = torch.randint(0, 4, (3000,), generator=g)
+    p = torch.softmax(torch.randn(24, 3000, generator=g), -1)
+    neg_h = (p * p.log()).sum(-1)
+    with torch.no_grad():
+        z, redone = vocab.decode_rescored(adapter, x, torch.bfloat16, t_ids, candidates=candidates)
+        want = (*vocab.row_stats(z, p, neg_h, t_ids),
+                torch.zeros(24, 4).index_add_(1, groups, torch.softmax(z, -1)))
+        got, redone2 = vocab.rescored_stats(adapter, x, torch.bfloat16, p, neg_h, t_ids, groups, 4,
+                                            candidates=candidates)
+    assert redone2 == redone and (redone > 0) == (candidates == 1)
+    names = ["top1_id", "top1_prob", "entropy", "kl", "ranks", "probs", "mass"]
+    for name, a, b in zip(names, want, got):
+        if a.dtype == torch.long:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ---- hand-built trajectories ----------------------------------------------------------------
 
 
