@@ -33,7 +33,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .errors import UnsupportedModelError
+from .errors import LensesError, UnsupportedModelError
 from .io import write_text
 from .lens import LogitLens, TunedLens
 from .models import ModelAdapter
@@ -200,25 +200,40 @@ def _own_forward_error(model) -> str:
     return ""
 
 
-def check(model_type: str, class_name: str) -> tuple[str, str]:
+def block_parts(adapter, ids) -> str:
+    """The coverage table's residual-parts column: which parts the blocks add (`ModelAdapter.residual_parts`,
+    proved on ``ids``), or why not."""
+    try:
+        adapter.residual_parts(ids)
+    except LensesError as e:
+        return "no: " + str(e).split(":")[0][:90]
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return f"error: {type(e).__name__}: {str(e)[:80]}"
+    bp = adapter.block_parts
+    kinds = sorted({f"{'attention' if m == 'attention' else 'mixer'}{' + MLP' if s else ' only'}"
+                    for m, s in zip(bp.mixer, bp.second)})
+    return "yes: " + ", ".join(kinds)
+
+
+def check(model_type: str, class_name: str) -> tuple[str, str, str]:
 
     if model_type in ENCODER_DECODER:
-        return "refused", "encoder-decoder model: its causal-LM class is a decoder reading an encoder's states"
+        return "refused", "encoder-decoder model: its causal-LM class is a decoder reading an encoder's states", ""
     try:
         torch.manual_seed(0)
         model = build(model_type, tiny_config(model_type)).eval()
     except Exception as e:  # noqa: BLE001 - every failure is reported in the table
-        return "refused", f"cannot build a tiny model from the default config: {type(e).__name__}: {str(e)[:160]}"
+        return "refused", f"cannot build a tiny model from the default config: {type(e).__name__}: {str(e)[:160]}", ""
 
     try:
         adapter = ModelAdapter.from_model(model)
     except UnsupportedModelError as e:
-        return "refused", str(e)[:300]
+        return "refused", str(e)[:300], ""
     except Exception as e:  # noqa: BLE001 - a structure error or a crash: ours unless the model's own pass fails
         broken = _own_forward_error(model)
         if broken:
-            return "refused", f"the tiny model's own forward pass fails: {broken}"
-        return "fail", f"adapter: {type(e).__name__}: {str(e)[:200]}"
+            return "refused", f"the tiny model's own forward pass fails: {broken}", ""
+        return "fail", f"adapter: {type(e).__name__}: {str(e)[:200]}", ""
     try:
         vocab = min(adapter.vocab_size, 100)
         ids = torch.arange(1, 9)[None] % vocab + 1
@@ -235,22 +250,22 @@ def check(model_type: str, class_name: str) -> tuple[str, str]:
                 if all(same(hs[l], hidden[l + 1]) for l in range(L - 1)):
                     note = "output_hidden_states lists block outputs (hidden[l + 1]); ours agree with them"
                 else:
-                    return "fail", "hidden states differ from output_hidden_states in either convention"
+                    return "fail", "hidden states differ from output_hidden_states in either convention", ""
         lens = TunedLens.for_model(adapter)
         logit = LogitLens(adapter)
         with torch.no_grad():
             for l in range(adapter.num_layers + 1):
                 if not torch.allclose(lens(hidden[l], l), logit(hidden[l], l)):
-                    return "fail", f"untrained tuned lens differs from the logit lens at layer {l}"
+                    return "fail", f"untrained tuned lens differs from the logit lens at layer {l}", ""
         trace(adapter, {"logit": logit}, [TraceItem(ids[0].tolist(), [3, 7], {"next": [1, 2]})])
         before = [p.detach().clone() for p in lens.parameters()]  # one training step of the tuned lens
         kl = lens_kl_backward(lens, hidden[:, 0])
         torch.optim.SGD(lens.parameters(), lr=1e-2).step()
         if not torch.isfinite(kl).all() or all(torch.equal(a, p) for a, p in zip(before, lens.parameters())):
-            return "fail", "a training step of the tuned lens gives a non-finite KL or leaves the lens unchanged"
+            return "fail", "a training step of the tuned lens gives a non-finite KL or leaves the lens unchanged", ""
     except Exception as e:  # noqa: BLE001
-        return "fail", f"{type(e).__name__}: {str(e)[:200]}"
-    return "pass", note
+        return "fail", f"{type(e).__name__}: {str(e)[:200]}", ""
+    return "pass", note, block_parts(adapter, ids)
 
 
 TIMEOUT_S, MEMORY_GB = 90, 6
@@ -261,17 +276,17 @@ def _limit_memory():
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_GB * 2**30, MEMORY_GB * 2**30))
 
 
-def _check_safely(model_type: str) -> tuple[str, str]:
+def _check_safely(model_type: str) -> tuple[str, str, str]:
 
     try:
         return check(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "?"))
     except MemoryError:
-        return "fail", f"over {MEMORY_GB} GB (the tiny config may not be tiny)"
+        return "fail", f"over {MEMORY_GB} GB (the tiny config may not be tiny)", ""
     except Exception as e:  # noqa: BLE001
-        return "fail", f"{type(e).__name__}: {str(e)[:200]} {traceback.format_exc(limit=1)[-120:]}"
+        return "fail", f"{type(e).__name__}: {str(e)[:200]} {traceback.format_exc(limit=1)[-120:]}", ""
 
 
-def run_isolated(model_type: str) -> tuple[str, str]:
+def run_isolated(model_type: str) -> tuple[str, str, str]:
     """`check` in a forked child (imports already done in the parent) with a time and memory limit, so a
     config that does not shrink cannot take the sweep down with it."""
 
@@ -279,9 +294,9 @@ def run_isolated(model_type: str) -> tuple[str, str]:
     try:
         return tuple(pool.apply_async(_check_safely, (model_type,)).get(TIMEOUT_S))
     except multiprocessing.TimeoutError:
-        return "fail", f"no result within {TIMEOUT_S} s (the tiny config may not be tiny)"
+        return "fail", f"no result within {TIMEOUT_S} s (the tiny config may not be tiny)", ""
     except Exception as e:  # noqa: BLE001 - the child died
-        return "fail", f"the check process died ({type(e).__name__}: {str(e)[:120]})"
+        return "fail", f"the check process died ({type(e).__name__}: {str(e)[:120]})", ""
     finally:
         pool.terminate()
 
@@ -302,12 +317,15 @@ def main(argv: list[str] | None = None, out: str | os.PathLike | None = None) ->
     rows, start = [], time.time()
     for t in types:
         t0 = time.time()
-        result, reason = run_isolated(t)
-        rows.append((t, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(t, "?"), result, reason.replace("|", "/")))
-        print(f"{t:28s} {result:8s} {time.time() - t0:5.1f} s  {reason[:110]}", flush=True)
+        result, reason, parts = run_isolated(t)
+        rows.append((t, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(t, "?"), result, reason.replace("|", "/"),
+                     parts.replace("|", "/")))
+        print(f"{t:28s} {result:8s} {time.time() - t0:5.1f} s  {reason[:80]}  parts: {parts[:60]}", flush=True)
     counts = {k: sum(r[2] == k for r in rows) for k in ("pass", "refused", "fail")}
+    with_parts = sum(r[4].startswith("yes") for r in rows)
     summary = (f"{counts['pass']} of {len(rows)} causal-LM types pass; {counts['refused']} refused, "
-               f"{counts['fail']} fail (transformers {transformers.__version__}, {time.time() - start:.0f} s)")
+               f"{counts['fail']} fail (transformers {transformers.__version__}, {time.time() - start:.0f} s); "
+               f"residual parts (attention/mixer and MLP per block) for {with_parts} of the {counts['pass']} that pass")
     print(summary)
     if not argv:
 
@@ -321,8 +339,10 @@ def main(argv: list[str] | None = None, out: str | os.PathLike | None = None) ->
                  "untrained tuned lens equals the logit lens; `trace` and one training step of the tuned lens run. "
                  "**refused** rows carry the adapter's "
                  "own reason (the same message a user gets); **fail** rows are bugs or configs the generic "
-                 "shrinking cannot make consistent yet.", "",
-                 "| type | class | transformers | result | reason |", "|---|---|---|---|---|"]
-        lines += [f"| {t} | {c} | {transformers.__version__} | {r} | {why} |" for t, c, r, why in rows]
+                 "shrinking cannot make consistent yet. **residual parts**: whether `ModelAdapter.residual_parts` "
+                 "splits every block's update into its mixer (attention or a state-space mixer) and its MLP, "
+                 "proved by the sum identity, or why not.", "",
+                 "| type | class | transformers | result | reason | residual parts |", "|---|---|---|---|---|---|"]
+        lines += [f"| {t} | {c} | {transformers.__version__} | {r} | {why} | {parts} |" for t, c, r, why, parts in rows]
         print(f"wrote {write_text(out or Path('docs') / 'coverage.md', chr(10).join(lines) + chr(10))}")
     return 0

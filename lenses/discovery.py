@@ -21,6 +21,10 @@ user (``layers=``, ``final_norm=``, ``unembed=``; ``--layers`` etc. on the CLI) 
 7. `logit_transform`: what the model does to logits after the unembedding (Gemma 2/3 soft-cap, Cohere's
    scale, Granite's division, muP's width multiplier).
 
+8. `find_block_parts` (on demand, for `lenses.models.ModelAdapter.residual_parts`): per block, the children
+   whose outputs add up to what the block adds to the residual stream: attention (or a state-space mixer)
+   and the MLP, or their post-norms (Gemma 2, OLMo 2). Refuses parts that add the residual themselves (BLOOM).
+
 The result is proved numerically afterwards (`lenses.models.ModelAdapter.verify`): decoding the last
 block's output must reproduce the model's logits. `docs/coverage.md` lists every causal-LM type of
 transformers with the outcome.

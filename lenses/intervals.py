@@ -8,6 +8,7 @@ for both (paired), so what they share cancels out of the difference.
 
     mean, lo, hi = mean_interval(values, texts)                  # a mean over positions, 95% interval
     diff, lo, hi = difference_interval(a, texts_a, b, texts_b)   # mean(a) - mean(b), paired by text
+    ece, lo, hi = sums_interval(columns, texts, statistic)       # any statistic of per-text sums
 
 NaN values (e.g. a position never correct) are left out of both numerator and count, as in the plain mean.
 """
@@ -81,6 +82,24 @@ def difference_interval(a, clusters_a, b, clusters_b, replicates: int = REPLICAT
     with np.errstate(invalid="ignore", divide="ignore"):
         stats = (w @ sa) / (w @ na) - (w @ sb) / (w @ nb)
     return (float(diff), *_percentiles(stats, level))
+
+
+def sums_interval(values, clusters, statistic, replicates: int = REPLICATES, level: float = LEVEL,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """``(statistic(totals), low, high)`` for a statistic of sums that is not a plain mean (e.g. a calibration
+    error): ``values`` [positions, k] are k additive columns per position, summed per text; each replicate's
+    totals are its drawn texts' sums ([replicates, k]); ``statistic`` maps totals [..., k] to [...]."""
+    values, clusters = np.asarray(values, dtype=float), np.asarray(clusters)
+    labels = np.unique(clusters)
+    index = np.searchsorted(labels, clusters)
+    per_text = np.zeros((len(labels), values.shape[1]))
+    np.add.at(per_text, index, values)
+    value = float(statistic(per_text.sum(0)))
+    if len(labels) < 2:
+        return value, float("nan"), float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stats = statistic(_weights(len(labels), replicates, seed) @ per_text)
+    return (value, *_percentiles(np.asarray(stats, dtype=float), level))
 
 
 def share_interval(flags, clusters, **kw) -> tuple[float, float, float]:

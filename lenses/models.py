@@ -254,8 +254,8 @@ class ModelAdapter:
         """What each block adds to the residual stream, by part: ``{"attn": [L, batch, seq, d], "mlp": [L, ...]}``
         with ``hidden[l] + attn[l] + mlp[l] == hidden[l+1]`` (checked on this input: `LensesError` if it fails).
         ``attn`` is the block's mixer (attention, or a state-space mixer: ``block_parts.mixer[l]`` says which);
-        ``mlp`` includes every expert of a mixture (zero in a mixer-only block). ``hidden[l] + attn[l]`` is the mid-block state (a half
-        layer). ``with_hidden`` adds ``"hidden"`` [L+1, ...]."""
+        ``mlp`` includes every expert of a mixture (zero in a mixer-only block). ``hidden[l] + attn[l]`` is the
+        mid-block state (a half layer). ``with_hidden`` adds ``"hidden"`` [L+1, ...]."""
         parts = self.block_parts
         got: list[dict[str, torch.Tensor]] = [{} for _ in range(self.num_layers)]
 
@@ -277,8 +277,8 @@ class ModelAdapter:
         err = (hidden[:-1] + out["attn"] + out["mlp"] - hidden[1:]).abs().amax()
         scale = (hidden[1:] - hidden[:-1]).abs().amax().clamp_min(1e-6)
         if not float(err / scale) < 1e-3:
-            raise LensesError(f"the block parts ({parts.first[0]}, {parts.second[0]}, ...) do not add up to the blocks' "
-                              f"outputs on this input (relative error {float(err / scale):.1e}): the model "
+            raise LensesError(f"the block parts ({parts.first[0]}, {parts.second[0]}, ...) do not add up to the "
+                              f"blocks' outputs on this input (relative error {float(err / scale):.1e}): the model "
                               "branches on its input; per-part readings are not defined for it.")
         if with_hidden:
             out["hidden"] = hidden

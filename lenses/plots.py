@@ -384,3 +384,60 @@ def plot_layer_skip(effects: pd.DataFrame, output: pd.DataFrame, path: str | os.
     twin.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_calibration(layers: pd.DataFrame, bins: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Expected calibration error per layer against the final top-1 and the next token (95% bands,
+    resampled by text), and the reliability curves against the next token at the middle layer."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, (ref, what) in zip(axes[:2], (("final", "the model's final top-1"), ("next", "the next token"))):
+        for lens, rows in layers[layers.reference == ref].groupby("lens", sort=False):
+            line, = ax.plot(rows.layer, rows.ece, _style(lens), marker=".", label=lens)
+            ax.fill_between(rows.layer, rows.ci_low, rows.ci_high, color=line.get_color(), alpha=0.2)
+        ax.set(xlabel="layer", ylabel="expected calibration error", title=f"top-1 probability vs {what}")
+        ax.grid(alpha=0.3)
+        _integer_layers(ax)
+    mid = int(layers.layer.max()) // 2
+    ax = axes[2]
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="calibrated")
+    for lens, rows in bins[(bins.reference == "next") & (bins.layer == mid) & (bins.n > 0)].groupby("lens", sort=False):
+        ax.plot(rows.confidence, rows.accuracy, _style(lens), marker="o", label=lens)
+    ax.set(xlabel="top-1 probability (bin mean)", ylabel="share that is the next token", xlim=(0, 1), ylim=(0, 1),
+           title=f"reliability at layer {mid}")
+    ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_sublayer(layers: pd.DataFrame, buckets: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Which part of each block makes the refinements: the share of events made by attention and by the MLP
+    per layer (95% bands, by text), and by the frequency bucket of the new top-1."""
+    if layers.empty:
+        return plot_message("no refinement events: every lens's top-1 is the same at every layer", path)
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.8))
+    for lens, rows in layers.groupby("lens", sort=False):
+        for part, marker in (("attention", "o"), ("mlp", "s")):
+            line, = a.plot(rows.layer, rows[f"share_{part}"], _style(lens), marker=marker, ms=3,
+                           label=f"{lens}: {part}")
+            a.fill_between(rows.layer, rows[f"share_{part}_ci_low"], rows[f"share_{part}_ci_high"],
+                           color=line.get_color(), alpha=0.15)
+    a.set(xlabel="block (layer l -> l + 1)", ylabel="share of refinement events", ylim=(0, 1),
+          title="which part changed the top-1")
+    a.grid(alpha=0.3)
+    _integer_layers(a)
+    a.legend(fontsize=7, ncol=2)
+    lenses = list(dict.fromkeys(buckets.lens))
+    width = 0.8 / max(1, len(lenses))
+    for k, lens in enumerate(lenses):
+        rows = buckets[buckets.lens == lens]
+        x = np.arange(len(rows)) + k * width
+        b.bar(x, rows.share_mlp, width, label=f"{lens}: MLP")
+        b.bar(x, rows.share_attention, width, bottom=rows.share_mlp, alpha=0.5, label=f"{lens}: attention")
+        b.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, rows.new_bucket)
+    b.set(xlabel="frequency rank of the new top-1", ylabel="share of refinement events", ylim=(0, 1),
+          title="by token frequency")
+    b.legend(fontsize=7)
+    return _save(fig, path)

@@ -63,7 +63,7 @@ def test_sweep_subset(coverage, model_type):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     torch.set_num_threads(1)
-    result, reason = coverage.check(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    result, reason, _ = coverage.check(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
     want, words = EXPECTED[model_type]
     assert result == want, reason
     assert words in reason, reason
@@ -123,3 +123,13 @@ def test_per_layer_sizes_survive_shrinking(coverage):
     assert config.layer_types == ["sliding_attention", "full_attention"]
     heads = [config.per_layer_config[i].head_dim for i in range(2)]
     assert heads == [16, 32]
+
+
+@pytest.mark.parametrize("model_type,want", [("llama", "yes: attention + MLP"), ("mamba", "yes: mixer only"),
+                                             ("jamba", "yes: mixer + MLP"),  # 2 blocks kept: both Mamba
+                                             ("bloom", "no: ")])
+def test_the_sweep_says_which_types_split_into_residual_parts(coverage, model_type, want):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    result, _, parts = coverage.check(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    assert result == "pass" and parts.startswith(want), parts

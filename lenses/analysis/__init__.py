@@ -202,6 +202,8 @@ VIEW_SETTINGS = {
     "patching": ("tasks", "num_pairs", "positions", "first_token"),
     "layer-skip": ("corpus", "skip_positions", "skip_mode"),
     "agreement": ("corpus", "num_positions"),
+    "calibration": ("corpus", "num_positions"),
+    "sublayer": ("corpus", "num_positions", "frequencies"),
 }
 MODEL_SETTINGS = ("model", "model_dtype", "layers", "final_norm", "unembed", "lens", "strict", "seed")
 
@@ -212,14 +214,16 @@ def view_settings(cfg: AnalysisConfig, name: str) -> dict:
 
 
 def _views() -> dict:
-    from . import agreement, early_exit, facts, frequency, layer_skip, mcq, patching, pos, representation
+    from . import (agreement, calibration, early_exit, facts, frequency, layer_skip, mcq, patching, pos,
+                   representation, sublayer)
 
     return {"frequency": frequency, "pos": pos, "facts": facts, "mcq": mcq, "representation": representation,
-            "early-exit": early_exit, "patching": patching, "layer-skip": layer_skip, "agreement": agreement}
+            "early-exit": early_exit, "patching": patching, "layer-skip": layer_skip, "agreement": agreement,
+            "calibration": calibration, "sublayer": sublayer}
 
 
 VIEW_NAMES = ("frequency", "pos", "facts", "mcq", "representation", "early-exit", "patching", "layer-skip",
-              "agreement")
+              "agreement", "calibration", "sublayer")
 DEPTH_VIEWS = VIEW_NAMES[:4]  # "all": the four depth-analysis views of Gupta et al. 2025
 CAUSAL_VIEWS = VIEW_NAMES[5:8]  # "causal": interventions that check what the lenses show
 
