@@ -363,6 +363,16 @@ def first_tensor(output):
     return output if torch.is_tensor(output) else None
 
 
+def parts_tolerance(before: torch.Tensor, after: torch.Tensor) -> float:
+    """How far ``before + parts`` may be from ``after`` and still add up: 1e-4 of the block's update, or the
+    rounding of the stream itself (64 units in the last place of its largest value: large residual values
+    make ``after - before`` inexact in float32, let alone in 16 bits), whichever is larger."""
+    eps = torch.finfo(after.dtype).eps if after.is_floating_point() else 1e-7
+    update = float((after - before).float().abs().amax())
+    stream = float(torch.maximum(before.abs().amax(), after.abs().amax()).float())
+    return max(1e-4 * update, 64 * eps * stream, 1e-12)
+
+
 def _mixer_kind(block: nn.Module, name: str, order: list[str]) -> str:
     owner = _owner(block, name, order)
     attention = any(re.search("atten|attn", type(m).__name__, re.I) for m in owner.modules())
@@ -395,23 +405,20 @@ def find_block_parts(layers: nn.ModuleList, hidden_states) -> BlockParts:
     first, second, mixer = [], [], []
     for i, block in enumerate(layers):
         delta = (hidden[i + 1] - hidden[i]).float()
-        scale = delta.abs().amax().clamp_min(1e-6)
+        tol = parts_tolerance(hidden[i], hidden[i + 1])
         out = {n: outs[i][n].float().reshape(delta.shape) for n in order[i] if outs[i][n].numel() == delta.numel()}
         names = list(out)
-
-        def close(t):
-            return float((t - delta).abs().amax() / scale) < 1e-4
-
-        fits = [(a, b) for j, a in enumerate(names) for b in names[j + 1:] if close(out[a] + out[b])]
-        fits += [(a, None) for a in names if close(out[a])]
-        if not fits:
+        err = {(a, b): (out[a] + out[b] - delta).abs().amax() for j, a in enumerate(names) for b in names[j + 1:]}
+        err.update({(a, None): (out[a] - delta).abs().amax() for a in names})
+        best = min(err, key=lambda k: float(err[k]), default=None)
+        if best is None or not float(err[best]) <= tol:
             kinds = sorted({type(c).__name__ for c in block.children()})
             raise UnsupportedModelError(
                 f"no parts of block {i} ({type(block).__name__}: children {', '.join(kinds)}) add up to what it adds "
                 "to the residual stream: its parts add the residual themselves or it has more than two branches, "
                 "so it has no attention/MLP decomposition here (the per-layer lenses still work)."
             )
-        a, b = fits[0]
+        a, b = best
         first.append(a), second.append(b), mixer.append(_mixer_kind(block, a, order[i]))
     return BlockParts(first, second, mixer)
 

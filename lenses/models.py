@@ -23,6 +23,7 @@ from torch import nn
 from .discovery import (  # noqa: F401  (HeadChain, StreamHead: the part types a search may return)
     BlockParts,
     find_block_parts,
+    parts_tolerance,
     first_tensor,
     HeadChain,
     StreamHead,
@@ -274,12 +275,12 @@ class ModelAdapter:
         zero = torch.zeros_like(hidden[0])
         out = {key: torch.stack([g[key].to(self.device).reshape(hidden.shape[1:]) if key in g else zero for g in got])
                for key in ("attn", "mlp")}
-        err = (hidden[:-1] + out["attn"] + out["mlp"] - hidden[1:]).abs().amax()
-        scale = (hidden[1:] - hidden[:-1]).abs().amax().clamp_min(1e-6)
-        if not float(err / scale) < 1e-3:
-            raise LensesError(f"the block parts ({parts.first[0]}, {parts.second[0]}, ...) do not add up to the "
-                              f"blocks' outputs on this input (relative error {float(err / scale):.1e}): the model "
-                              "branches on its input; per-part readings are not defined for it.")
+        for layer in range(self.num_layers):
+            err = float((hidden[layer] + out["attn"][layer] + out["mlp"][layer] - hidden[layer + 1]).abs().amax())
+            if not err <= parts_tolerance(hidden[layer], hidden[layer + 1]):
+                raise LensesError(f"the parts of block {layer} ({parts.first[layer]}, {parts.second[layer]}) do not "
+                                  f"add up to its output on this input (off by {err:.1e}): the model branches on its "
+                                  "input; per-part readings are not defined for it.")
         if with_hidden:
             out["hidden"] = hidden
         return out

@@ -258,7 +258,11 @@ def plot_facts(by_index: pd.DataFrame, curves: pd.DataFrame, path: str | os.Path
     for i, lens in enumerate(lenses):
         rows = by_index[by_index.lens == lens]
         x = [j + i * width for j in range(len(rows))]
-        ax2.bar(x, rows.mean_first_correct, width, label=f"{lens}: first correct", alpha=0.85)
+        err = None
+        if "first_correct_ci_low" in rows:  # the 95% interval (bootstrap by fact)
+            err = [(rows.mean_first_correct - rows.first_correct_ci_low).fillna(0).clip(lower=0),
+                   (rows.first_correct_ci_high - rows.mean_first_correct).fillna(0).clip(lower=0)]
+        ax2.bar(x, rows.mean_first_correct, width, yerr=err, capsize=3, label=f"{lens}: first correct", alpha=0.85)
         ax2.scatter(x, rows.mean_settled, marker="_", s=300, color="k", label="settled" if i == 0 else None)
         ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))],
                        [f"token {t}\n(n={n})" for t, n in zip(rows.token_index, rows.n_correct)])
@@ -391,8 +395,10 @@ def plot_calibration(layers: pd.DataFrame, bins: pd.DataFrame, path: str | os.Pa
     resampled by text), and the reliability curves against the next token at the middle layer."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    last = layers.layer.max()  # against the final top-1, layer L agrees by definition: not drawn
     for ax, (ref, what) in zip(axes[:2], (("final", "the model's final top-1"), ("next", "the next token"))):
-        for lens, rows in layers[layers.reference == ref].groupby("lens", sort=False):
+        shown = layers[(layers.reference == ref) & ((ref == "next") | (layers.layer < last))]
+        for lens, rows in shown.groupby("lens", sort=False):
             line, = ax.plot(rows.layer, rows.ece, _style(lens), marker=".", label=lens)
             ax.fill_between(rows.layer, rows.ci_low, rows.ci_high, color=line.get_color(), alpha=0.2)
         ax.set(xlabel="layer", ylabel="expected calibration error", title=f"top-1 probability vs {what}")
@@ -418,12 +424,11 @@ def plot_sublayer(layers: pd.DataFrame, buckets: pd.DataFrame, path: str | os.Pa
         return plot_message("no refinement events: every lens's top-1 is the same at every layer", path)
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.8))
-    for lens, rows in layers.groupby("lens", sort=False):
-        for part, marker in (("attention", "o"), ("mlp", "s")):
-            line, = a.plot(rows.layer, rows[f"share_{part}"], _style(lens), marker=marker, ms=3,
-                           label=f"{lens}: {part}")
-            a.fill_between(rows.layer, rows[f"share_{part}_ci_low"], rows[f"share_{part}_ci_high"],
-                           color=line.get_color(), alpha=0.15)
+    for k, (lens, rows) in enumerate(layers.groupby("lens", sort=False)):  # a color per lens, a line per part
+        for part, style in (("mlp", "-"), ("attention", ":")):
+            a.plot(rows.layer, rows[f"share_{part}"], style, color=f"C{k}", marker=".", label=f"{lens}: {part}")
+            a.fill_between(rows.layer, rows[f"share_{part}_ci_low"], rows[f"share_{part}_ci_high"], color=f"C{k}",
+                           alpha=0.12)
     a.set(xlabel="block (layer l -> l + 1)", ylabel="share of refinement events", ylim=(0, 1),
           title="which part changed the top-1")
     a.grid(alpha=0.3)
@@ -434,8 +439,9 @@ def plot_sublayer(layers: pd.DataFrame, buckets: pd.DataFrame, path: str | os.Pa
     for k, lens in enumerate(lenses):
         rows = buckets[buckets.lens == lens]
         x = np.arange(len(rows)) + k * width
-        b.bar(x, rows.share_mlp, width, label=f"{lens}: MLP")
-        b.bar(x, rows.share_attention, width, bottom=rows.share_mlp, alpha=0.5, label=f"{lens}: attention")
+        b.bar(x, rows.share_mlp, width, color=f"C{k}", label=f"{lens}: MLP")
+        b.bar(x, rows.share_attention, width, bottom=rows.share_mlp, color=f"C{k}", alpha=0.35,
+              label=f"{lens}: attention")
         b.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, rows.new_bucket)
     b.set(xlabel="frequency rank of the new top-1", ylabel="share of refinement events", ylim=(0, 1),
           title="by token frequency")

@@ -27,6 +27,7 @@ import torch
 from .. import schema
 from ..data import jsonl_records, read_utf8
 from ..errors import DataError
+from ..intervals import describe, mean_interval, share_interval
 from ..models import ModelAdapter
 from ..trace import TraceItem, depth_summary, onset_curve, trace
 from .common import Usage, ViewResult, encode, keep_where_final, mean_or_nan, nothing_to_score, require, table_plot
@@ -127,32 +128,40 @@ def facts_view(
                                 "there is no depth to measure; pass facts it knows (--facts).")
     summary = depth_summary(kept, "answer").merge(tokens, on=["item", "position"])
     summary["token_index"] = summary.answer_token.clip(upper=3).map({1: "1", 2: "2", 3: "3+"})
-    by_index = _index_table(summary, tokens, lenses)
+    by_index = _index_table(summary, tokens, lenses, seed)
     curves = onset_curve(summary, by=("lens", "token_index"))
     final = df[df.layer == df.layer.max()].merge(tokens, on=["item", "position"])
     recall = final[final.lens == next(iter(lenses))].groupby("item").correct.all()
-    lines = [f"model recalls {recall.mean():.0%} of {len(recall)} facts exactly (greedy, teacher-forced per token)"]
+    share = describe(*share_interval(recall.to_numpy(), recall.index.to_numpy(), seed=seed), percent=True)
+    lines = [f"model recalls {share} of {len(recall)} facts exactly (greedy, teacher-forced per token)"]
     lines += _summary(by_index)
     return ViewResult("facts", {"positions": df.merge(tokens, on=["item", "position"]), "tokens": summary,
                                 "by_index": by_index, "onset": curves}, lines)
 
 
-def _index_table(summary: pd.DataFrame, tokens: pd.DataFrame, lenses: dict) -> pd.DataFrame:
+def _index_table(summary: pd.DataFrame, tokens: pd.DataFrame, lenses: dict, seed: int = 0) -> pd.DataFrame:
+    """lens, token_index, n_tokens, n_correct, the mean first-correct and settled layers with their 95% intervals
+    (resampled by fact: the tokens of one answer are not independent), mean onsets at k = 10 and 100."""
     rows = []
     idx = tokens.answer_token.clip(upper=3).map({1: "1", 2: "2", 3: "3+"})
     totals = idx.value_counts()
     for (lens, index), g in summary.groupby(["lens", "token_index"], sort=True):
+        first = mean_interval(g.first_correct, g["item"], seed=seed)
+        settled = mean_interval(g.settled, g["item"], seed=seed)
         rows.append({"lens": lens, "token_index": index, "n_tokens": int(totals.get(index, 0)), "n_correct": len(g),
-                     "mean_first_correct": mean_or_nan(g.first_correct), "mean_settled": mean_or_nan(g.settled),
-                     "mean_onset_k10": mean_or_nan(g.onset_k10), "mean_onset_k100": mean_or_nan(g.onset_k100)})
+                     "mean_first_correct": first[0], "first_correct_ci_low": first[1],
+                     "first_correct_ci_high": first[2], "mean_settled": settled[0], "settled_ci_low": settled[1],
+                     "settled_ci_high": settled[2], "mean_onset_k10": mean_or_nan(g.onset_k10),
+                     "mean_onset_k100": mean_or_nan(g.onset_k100)})
     return pd.DataFrame(rows)
 
 
 def _summary(by_index: pd.DataFrame) -> list[str]:
     lines = []
     for lens, g in by_index.groupby("lens", sort=False):
-        parts = [f"token {r.token_index}: first correct {r.mean_first_correct:.1f}, "
-                 f"settled {r.mean_settled:.1f} (n={r.n_correct})"
+        parts = [f"token {r.token_index}: first correct "
+                 f"{describe(r.mean_first_correct, r.first_correct_ci_low, r.first_correct_ci_high)}, settled "
+                 f"{describe(r.mean_settled, r.settled_ci_low, r.settled_ci_high)} (n={r.n_correct})"
                  for r in g.itertuples()]
         lines.append(f"{lens:>6} lens: " + "; ".join(parts))
     return lines

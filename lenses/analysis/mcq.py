@@ -29,9 +29,10 @@ import torch
 
 from ..data import read_utf8
 from ..errors import DataError
+from ..intervals import describe, mean_interval
 from ..models import ModelAdapter
 from ..trace import TraceItem, onset_layer, settled_layer, trace, trajectories
-from .common import Usage, ViewResult, encode, mean_or_nan, require, table_plot
+from .common import Usage, ViewResult, encode, require, table_plot
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers).\n\n"
@@ -115,7 +116,7 @@ def mcq_view(
     df["rank_gold"] = df[[f"rank_{l}" for l in LETTERS]].to_numpy()[np.arange(len(df)), gold[df.item.to_numpy()]]
     per_q = _question_table(df, gold)
     layers = _layer_table(df)
-    return ViewResult("mcq", {"positions": df, "questions": per_q, "layers": layers}, _summary(per_q, layers))
+    return ViewResult("mcq", {"positions": df, "questions": per_q, "layers": layers}, _summary(per_q, layers, seed))
 
 
 def _question_table(df: pd.DataFrame, gold: np.ndarray) -> pd.DataFrame:
@@ -149,15 +150,20 @@ def _layer_table(df: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
 
 
-def _summary(per_q: pd.DataFrame, layers: pd.DataFrame) -> list[str]:
+def _summary(per_q: pd.DataFrame, layers: pd.DataFrame, seed: int = 0) -> list[str]:
+    """Per lens, with 95% intervals (questions resampled; layers averaged over the questions that reach them)."""
     lines = []
     for lens, g in per_q.groupby("lens", sort=False):
+        q = g["item"].to_numpy()
+
+        def ci(column, percent=False):
+            return describe(*mean_interval(g[column].to_numpy(dtype=float), q, seed=seed), percent=percent)
+
         lines.append(
-            f"{lens:>6} lens: accuracy {g.correct.mean():.0%} of {len(g)} (final top-1 is a letter for "
-            f"{g.choice_is_top1.mean():.0%}); format found at layer {mean_or_nan(g.format_found):.1f} "
-            f"(settled {mean_or_nan(g.format_settled):.1f}), "
-            f"final choice settled at {mean_or_nan(g.choice_settled):.1f}, "
-            f"correct letter first top-1 at {mean_or_nan(g.answer_found):.1f}"
+            f"{lens:>6} lens: accuracy {ci('correct', True)} of {len(g)} (final top-1 is a letter for "
+            f"{g.choice_is_top1.mean():.0%}); format found at layer {ci('format_found')} "
+            f"(settled {ci('format_settled')}), final choice settled at {ci('choice_settled')}, "
+            f"correct letter first top-1 at {ci('answer_found')}"
         )
     return lines
 

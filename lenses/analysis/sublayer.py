@@ -117,6 +117,7 @@ def sublayer_view(adapter, tokenizer, lenses: dict, texts: list[str], freqs: Tok
     events["new_bucket"] = np.asarray(BUCKET_NAMES, dtype=object)[freqs.bucket(
         torch.tensor(events.new_id.to_numpy(), dtype=torch.long)).numpy()] if len(events) else []
     layers = _shares(events, ["lens", "layer"], seed)
+    events["new_bucket"] = pd.Categorical(events.new_bucket, categories=BUCKET_NAMES, ordered=True)
     buckets = _shares(events, ["lens", "new_bucket"], seed)
     usage = Usage("positions", num_positions, available, used, source)
     return ViewResult("sublayer", {"events": events, "layers": layers, "buckets": buckets},
@@ -126,7 +127,7 @@ def sublayer_view(adapter, tokenizer, lenses: dict, texts: list[str], freqs: Tok
 def _shares(events: pd.DataFrame, by: list[str], seed: int) -> pd.DataFrame:
     """Per group: events, the share each part made (with its 95% interval, by text), the mean margins."""
     out = []
-    for key, g in events.groupby(by, sort=True):
+    for key, g in events.groupby(by, sort=True, observed=True):
         row = dict(zip(by, key if isinstance(key, tuple) else (key,)), events=len(g))
         for part in PARTS:
             share, lo, hi = share_interval(g.part == part, g["item"], seed=seed)
