@@ -47,16 +47,23 @@ def visible(token: str) -> str:
 
 
 def lens_grid(adapter, tokenizer, text: str, lenses: dict, top_k: int = 5, chunk: int = 256,
-              dtype: torch.dtype = torch.float32, progress: bool = False) -> pd.DataFrame:
-    """The table behind the grid: one row per (lens, layer, position) of ``text``.
+              dtype: torch.dtype = torch.float32, progress: bool = False, ids: list[int] | None = None,
+              roles: list[str] | None = None) -> pd.DataFrame:
+    """The table behind the grid: one row per (lens, layer, position) of ``text`` (or of the token ``ids``
+    given, e.g. a chat turn and its generated answer, `lenses.chat`).
 
-    Columns: lens, layer, position, input_id, input_token, next_id and next_token (the true next
-    token; -1 and "" at the last position), token_r, id_r, prob_r for r = 1..``top_k``, entropy,
-    kl (to the final layer's distribution, nats), rank_next and prob_next (NaN at the last position).
+    Columns: lens, layer, position, role (``text`` for raw text, else each token's part of a chat turn:
+    template, system, user, assistant, generated), generated (whether the model generated that token),
+    input_id, input_token, next_id and next_token (the true next token; -1 and "" at the last position),
+    token_r, id_r, prob_r for r = 1..``top_k``, entropy, kl (to the final layer's distribution, nats),
+    rank_next and prob_next (NaN at the last position).
     """
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = list(ids) if ids is not None else tokenizer(text, add_special_tokens=False).input_ids
     if len(ids) == 0:
         raise LensesError(f"the prompt {text!r} has no tokens; give some text (--prompt).")
+    roles = list(roles) if roles is not None else ["text"] * len(ids)
+    if len(roles) != len(ids):
+        raise LensesError(f"{len(roles)} roles for {len(ids)} tokens: give one role per token.")
     if not 1 <= top_k <= adapter.vocab_size:
         raise LensesError(f"top-k must be between 1 and the vocabulary size {adapter.vocab_size} (got {top_k}).")
     n = len(ids)
@@ -66,7 +73,9 @@ def lens_grid(adapter, tokenizer, text: str, lenses: dict, top_k: int = 5, chunk
     last = df.position == n - 1
     df.loc[last, ["rank_next", "prob_next"]] = np.nan
     decode = _decoder(tokenizer)
-    out = pd.DataFrame({"lens": df.lens, "layer": df.layer, "position": df.position,
+    role = np.asarray(roles, dtype=object)[df.position.to_numpy()]
+    out = pd.DataFrame({"lens": df.lens, "layer": df.layer, "position": df.position, "role": role,
+                        "generated": role == "generated",
                         "input_id": [ids[p] for p in df.position], "input_token": [decode(ids[p]) for p in df.position],
                         "next_id": np.where(last, -1, df.target_next),
                         "next_token": ["" if p == n - 1 else decode(ids[p + 1]) for p in df.position]})
@@ -96,7 +105,9 @@ def read_grid(path: str | os.PathLike) -> pd.DataFrame:
     """A ``lens_grid.csv`` back as the table (tokens such as "null", "NaN" or "" stay strings)."""
     table = pd.read_csv(path, keep_default_na=False, dtype={"lens": str})
     for col in table.columns:
-        if not (col.startswith("token_") or col in ("lens", "input_token", "next_token")):
+        if col == "generated":
+            table[col] = table[col].astype(str).str.lower() == "true"
+        elif not (col.startswith("token_") or col in ("lens", "input_token", "next_token", "role")):
             table[col] = pd.to_numeric(table[col], errors="coerce")
     return table
 
@@ -134,6 +145,7 @@ def grid_data(table: pd.DataFrame) -> dict:
     data = {"inputs": [ref(str(first.input_token[p])) for p in positions],
             "next": [ref(str(first.next_token[p])) if "next_token" in first else ref("") for p in positions],
             "positions": [int(p) for p in positions], "layers": sorted(int(x) for x in table.layer.unique()),
+            "roles": [str(first.role[p]) if "role" in first else "text" for p in positions],
             "k": k, "lenses": {}, "stats": {s: label for s, (_, label) in STATS.items()}}
 
     def num(v, digits=4):
@@ -216,9 +228,16 @@ def plot_grid(table: pd.DataFrame, path: str | os.PathLike, stat: str = "top1_pr
                 shown_token = "·" if unread else visible(str(tokens.iat[i, j]))[:8]
                 ax.text(j, i, shown_token, ha="center", va="center", fontsize=size,
                         color="white" if dark else "black")
-        inputs = rows.drop_duplicates("position").set_index("position").input_token.reindex(shown)
+        first = rows.drop_duplicates("position").set_index("position")
+        inputs = first.input_token.reindex(shown)
         ax.set_xticks(range(len(shown)), [visible(str(t))[:10] for t in inputs], rotation=60, ha="right",
                       fontsize=7)
+        if "role" in first:  # template markup in grey; a line where the model's own tokens start
+            roles = first.role.reindex(shown).tolist()
+            for tick, role in zip(ax.get_xticklabels(), roles):
+                tick.set_color("#999" if role == "template" else "#1a7a1a" if role == "generated" else "black")
+            if "generated" in roles:
+                ax.axvline(roles.index("generated") - 0.5, color="#1a7a1a", lw=1.5)
         ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=6)
         ax.set_ylabel("layer")
         ax.set_title(f"{name} lens" + (f" (last {len(shown)} of {len(positions)} positions)"
@@ -249,6 +268,8 @@ td.none{background:#fff;color:#bbb}
 #tip table td{border:none;text-align:left;min-width:0;max-width:none;padding:0 6px 0 0}
 #legend{display:flex;align-items:center;gap:6px}
 #bar{width:160px;height:10px;border:1px solid #ccc}
+thead th.role-template{color:#999;font-weight:normal}
+thead th.role-generated{background:#e8f4e8;border-bottom:3px solid #2a2}
 .note{color:#666}
 </style></head><body>
 <h1>__TITLE__</h1>
@@ -258,7 +279,8 @@ td.none{background:#fff;color:#bbb}
  <div id="legend"><span id="lo"></span><div id="bar"></div><span id="hi"></span></div>
 </div>
 <div class="note">rows: layers (0 = embeddings, last = the model's output); columns: input positions.
-Each cell shows the lens's top-1 next-token guess; hover or click a cell for its top-k.
+Each cell shows the lens's top-1 next-token guess; hover or click a cell for its top-k. Column heads in grey:
+a chat template's markup; in green: tokens the model generated.
 ␣ space, ↵ newline, ⇥ tab.</div>
 <div id="wrap"><table id="grid"></table></div>
 <div id="tip"></div>
@@ -300,8 +322,8 @@ function colour(t){ const c = HUE[stat]; const m = x => Math.round(255 + (x - 25
 // build the table once: header of input tokens, one row per layer, a footer row of true next tokens
 const grid = document.getElementById("grid");
 const head = el("thead"); const hr = el("tr"); hr.appendChild(el("th", "layer", "layer"));
-D.positions.forEach((p, j) => { const th = el("th", vis(S[D.inputs[j]])); th.title = "position " + p;
-  hr.appendChild(th); });
+D.positions.forEach((p, j) => { const r = D.roles[j]; const th = el("th", vis(S[D.inputs[j]]), "role-" + r);
+  th.title = "position " + p + (r === "text" ? "" : " (" + r + ")"); hr.appendChild(th); });
 head.appendChild(hr); grid.appendChild(head);
 const body = el("tbody"); const cells = [];
 D.layers.forEach(l => { const tr = el("tr"); tr.appendChild(el("th", String(l), "layer"));

@@ -253,3 +253,25 @@ def test_int8_quantized_default_model_is_read_like_any_model(smollm2):
     torch.testing.assert_close(vocab.decode(adapter, adapter.hidden_states(ids)[-1, 0]), own, rtol=1e-4, atol=1e-4)
     assert (own.argmax(-1) == full.argmax(-1)).float().mean() >= 0.8  # int8 keeps most of the float model's guesses
     assert quantized.config.lenses_quantized == "int8"
+
+
+def test_chat_turn_on_the_real_template_and_generation(smollm2):
+    """SmolLM2's own template: the user's tokens are the user's text, the markup (with its default system
+    prompt) is template, the assistant starts where `apply_chat_template` ends; greedy generation equals
+    `model.generate`."""
+    from lenses.chat import chat_turn, generate
+
+    model, tok = smollm2
+    question = "What is the capital of France?"
+    turn = chat_turn(tok, question, answer_ids=tok("Paris", add_special_tokens=False).input_ids)
+    ref = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
+    ref = list(ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref)
+    assert turn.ids[: turn.answer_start] == ref
+    user = [i for i, r in zip(turn.ids, turn.roles) if r == "user"]
+    assert tok.decode(user) == question
+    assert tok.convert_tokens_to_ids("<|im_start|>") in [i for i, r in zip(turn.ids, turn.roles) if r == "template"]
+    assert turn.roles[turn.answer_start:] == ["assistant"] * (len(turn.ids) - turn.answer_start)
+    new = generate(model, ref, 8)
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ref]), max_new_tokens=8, do_sample=False)[0, len(ref):].tolist()
+    assert new == want[: len(new)] and len(new) == min(8, len(want))

@@ -63,6 +63,14 @@ class AnalysisConfig(ModelOptions):
                              group="prompt", check=lambda v: _suffix(v, (".png", ".pdf", ".svg")))
     color: str = option("top1_prob", "colour statistic of --png", group="prompt",
                         choices=("top1_prob", "entropy", "kl", "rank_next"))
+    chat_template: str = option("auto", "facts, mcq and the grid: wrap each prompt in the tokenizer's chat template "
+                                "(user turn; answers scored from the assistant's first token). auto: on for an "
+                                "instruct/chat model whose tokenizer has a template", group="prompt",
+                                choices=("auto", "on", "off"))
+    system: str | None = option(None, "a system prompt for the chat template", group="prompt")
+    generate: int | None = option(None, "grid: generate this many tokens after --prompt and trace them too",
+                                  group="prompt", min=1)
+    sample: bool = option(False, "grid: sample the generated tokens (with --seed) instead of greedy", group="prompt")
     corpus: str | None = option(None, "text for frequency, pos and representation: wikipedia, books, pydocs, "
                                       "or a .txt/.jsonl file or folder (none: wikipedia)", group="views")
     facts: str | None = option(None, "facts JSONL: {prompt, answer}, CounterFact or MQuAKE (none: shipped set)",
@@ -120,6 +128,22 @@ class Context:
         from ..vocab import compute_dtype
 
         return {"dtype": compute_dtype(self.cfg.decode_dtype, self.adapter.device)}
+
+    @cached_property
+    def chat(self) -> tuple[bool, str]:
+        """``(wrap prompts in the chat template?, why)`` from ``--chat-template``, the tokenizer and the model's
+        name (`lenses.chat.use_template`)."""
+        from ..chat import use_template
+        from ..loading import DEFAULT_MODEL
+
+        config = getattr(self.adapter.model, "config", None)
+        name = f"{self.cfg.model or DEFAULT_MODEL} {getattr(config, '_name_or_path', '')}"
+        return use_template(self.cfg.chat_template, self.tokenizer, name, self.cfg.system)
+
+    @property
+    def chat_args(self) -> dict:
+        """The keyword arguments of the views that read prompts as chat turns (facts, mcq)."""
+        return {"chat": self.chat[0], "system": self.cfg.system}
 
     @cached_property
     def batch_size(self) -> int:
@@ -192,11 +216,11 @@ def _corpus_key(name: str | None) -> str | None:
 # The settings each view's result depends on (besides the model and the lenses): a view in --out made with
 # other values is replaced only with --overwrite, so a page never mixes runs.
 VIEW_SETTINGS = {
-    "grid": ("prompt", "top_k"),
+    "grid": ("prompt", "top_k", "chat_template", "system", "generate", "sample"),
     "frequency": ("corpus", "num_positions", "freq_prompts", "frequencies"),
     "pos": ("corpus", "num_texts"),
-    "facts": ("facts", "num_facts"),
-    "mcq": ("mcq", "num_questions"),
+    "facts": ("facts", "num_facts", "chat_template", "system"),
+    "mcq": ("mcq", "num_questions", "chat_template", "system"),
     "representation": ("corpus", "num_prompts", "prompt_tokens", "alpha", "drop_first_token", "hist_layer"),
     "early-exit": ("corpus", "num_positions"),
     "patching": ("tasks", "num_pairs", "positions", "first_token"),

@@ -26,6 +26,7 @@ import torch
 
 from .. import schema
 from ..data import jsonl_records, read_utf8
+from ..chat import chat_turn
 from ..errors import DataError
 from ..intervals import describe, mean_interval, share_interval
 from ..models import ModelAdapter
@@ -84,20 +85,28 @@ def read_facts(path: str | Path | None = None) -> list[dict]:
     return facts
 
 
-def fact_items(tokenizer, facts: list[dict]) -> tuple[list[TraceItem], pd.DataFrame]:
-    """Prompt + " " + answer as one teacher-forced sequence; positions predict each answer token."""
+def fact_items(tokenizer, facts: list[dict], chat: bool = False,
+               system: str | None = None) -> tuple[list[TraceItem], pd.DataFrame]:
+    """Prompt + " " + answer as one teacher-forced sequence; positions predict each answer token. With
+    ``chat``, the prompt is the user turn of the chat template (`lenses.chat.chat_turn`, with ``system``) and
+    the answer the assistant's first tokens (no leading space): scored from the assistant turn on."""
     items, rows = [], []
     for i, f in enumerate(facts):
         prompt = f["prompt"].rstrip()
-        answer = " " + f["answer"].strip()
+        answer = (" " if not chat else "") + f["answer"].strip()
         p_ids, a_ids = encode(tokenizer, prompt), encode(tokenizer, answer)
         if not p_ids or not a_ids:
             raise DataError(f"fact {i} ({prompt!r} -> {answer!r}) tokenises to nothing; check the text.")
         if tokenizer.decode(a_ids) != answer:
             raise DataError(f"fact {i}: the answer {answer!r} does not survive tokenisation (decodes to "
                             f"{tokenizer.decode(a_ids)!r}); fix its characters or drop it.")
-        positions = [len(p_ids) - 1 + k for k in range(len(a_ids))]
-        items.append(TraceItem(p_ids + a_ids, positions, {"answer": a_ids}))
+        if chat:
+            turn = chat_turn(tokenizer, prompt, system, a_ids)
+            ids, start = turn.ids, turn.answer_start
+        else:
+            ids, start = p_ids + a_ids, len(p_ids)
+        positions = [start - 1 + k for k in range(len(a_ids))]
+        items.append(TraceItem(ids, positions, {"answer": a_ids}))
         for k, t in enumerate(a_ids):
             rows.append({"item": i, "position": positions[k], "answer_token": k + 1, "n_answer_tokens": len(a_ids),
                          "token": tokenizer.decode([t]), "prompt": prompt, "answer": answer.strip(),
@@ -113,12 +122,14 @@ def facts_view(
     num_facts: int | None = None,
     seed: int = 0,
     progress: bool = False, batch_size: int = 1, dtype: torch.dtype = torch.float32,
+    chat: bool = False, system: str | None = None,
 ) -> ViewResult:
-    """Run the fact-recall view (all shipped facts by default; ``num_facts`` samples with ``seed``)."""
+    """Run the fact-recall view (all shipped facts by default; ``num_facts`` samples with ``seed``); ``chat``:
+    each prompt as the user turn of the chat template (see `fact_items`)."""
     facts = list(facts if facts is not None else read_facts())
     if num_facts is not None and num_facts < len(facts):
         facts = random.Random(seed).sample(facts, num_facts)
-    items, tokens = fact_items(tokenizer, facts)
+    items, tokens = fact_items(tokenizer, facts, chat, system)
     df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size, dtype=dtype)
     df["correct"] = df.rank_answer == 1
     kept = keep_where_final(df, "correct")
@@ -169,7 +180,9 @@ def _summary(by_index: pd.DataFrame) -> list[str]:
 
 def run(ctx) -> ViewResult:
     facts = read_facts(ctx.cfg.facts)
-    result = facts_view(*ctx.parts, facts, ctx.cfg.num_facts, **ctx.sampling, **ctx.decoding)
+    result = facts_view(*ctx.parts, facts, ctx.cfg.num_facts, **ctx.sampling, **ctx.decoding, **ctx.chat_args)
+    result.summary.insert(0, ctx.chat[1] + ("; each prompt is the user turn, its answer scored from the assistant "
+                                           "turn's first token" if ctx.chat[0] else ""))
     used = len(facts) if ctx.cfg.num_facts is None else min(ctx.cfg.num_facts, len(facts))
     result.usage.append(Usage("facts", ctx.cfg.num_facts, len(facts), used, ctx.cfg.facts or "the shipped facts"))
     return result

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..chat import chat_turn
 from ..data import read_utf8
 from ..errors import DataError
 from ..intervals import describe, mean_interval
@@ -74,13 +75,14 @@ def format_question(q: dict, solved: bool) -> str:
     return "\n".join(lines) + ("\nAnswer: " + q["answer"] + "\n\n" if solved else "\nAnswer:")
 
 
-def option_ids(tokenizer) -> list[int]:
+def option_ids(tokenizer, space: str = " ") -> list[int]:
+    """The token of each option letter (after a space in raw text; alone as the assistant's first token)."""
     ids = []
     for letter in LETTERS:
-        t = encode(tokenizer, " " + letter)
+        t = encode(tokenizer, space + letter)
         if len(t) != 1:
-            raise DataError(f"the option ' {letter}' is {len(t)} tokens for this tokenizer; the MCQ view needs "
-                            "each option letter to be one token.")
+            raise DataError(f"the option {space + letter!r} is {len(t)} tokens for this tokenizer; the MCQ view "
+                            "needs each option letter to be one token.")
         ids += t
     return ids
 
@@ -94,19 +96,22 @@ def mcq_view(
     shots: int = 4,
     seed: int = 0,
     progress: bool = False, batch_size: int = 1, dtype: torch.dtype = torch.float32,
+    chat: bool = False, system: str | None = None,
 ) -> ViewResult:
     """Run the MCQ view: the first ``shots`` questions form the prefix, then up to ``num_questions``
-    of the rest (sampled with ``seed``) are scored."""
+    of the rest (sampled with ``seed``) are scored. ``chat``: the prefix and question are the user turn of
+    the chat template (with ``system``), the letter is scored as the assistant's first token."""
     questions = list(questions if questions is not None else read_mcq())
     require(len(questions) > shots, f"the MCQ view needs more than {shots} questions ({shots} are used as examples).")
     prefix = HEADER + "".join(format_question(q, solved=True) for q in questions[:shots])
     pool = questions[shots:]
     if num_questions is not None and num_questions < len(pool):
         pool = random.Random(seed).sample(pool, num_questions)
-    opts = option_ids(tokenizer)
+    opts = option_ids(tokenizer, "" if chat else " ")
     items = []
     for q in pool:
-        ids = encode(tokenizer, prefix + format_question(q, solved=False))
+        text = prefix + format_question(q, solved=False)
+        ids = chat_turn(tokenizer, text, system).ids if chat else encode(tokenizer, text)
         items.append(TraceItem(ids, [len(ids) - 1], {l: [t] for l, t in zip(LETTERS, opts)}))
     df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size, dtype=dtype)
     df["letter_mass"] = df[[f"prob_{l}" for l in LETTERS]].sum(axis=1)
@@ -159,9 +164,11 @@ def _summary(per_q: pd.DataFrame, layers: pd.DataFrame, seed: int = 0) -> list[s
         def ci(column, percent=False):
             return describe(*mean_interval(g[column].to_numpy(dtype=float), q, seed=seed), percent=percent)
 
+        common = g.choice.value_counts(normalize=True)
         lines.append(
             f"{lens:>6} lens: accuracy {ci('correct', True)} of {len(g)} (final top-1 is a letter for "
-            f"{g.choice_is_top1.mean():.0%}); format found at layer {ci('format_found')} "
+            f"{g.choice_is_top1.mean():.0%}; its most common choice, {common.index[0]}, for {common.iloc[0]:.0%}); "
+            f"format found at layer {ci('format_found')} "
             f"(settled {ci('format_settled')}), final choice settled at {ci('choice_settled')}, "
             f"correct letter first top-1 at {ci('answer_found')}"
         )
@@ -170,7 +177,9 @@ def _summary(per_q: pd.DataFrame, layers: pd.DataFrame, seed: int = 0) -> list[s
 
 def run(ctx) -> ViewResult:
     questions = read_mcq(ctx.cfg.mcq)
-    result = mcq_view(*ctx.parts, questions, ctx.cfg.num_questions, **ctx.sampling, **ctx.decoding)
+    result = mcq_view(*ctx.parts, questions, ctx.cfg.num_questions, **ctx.sampling, **ctx.decoding, **ctx.chat_args)
+    result.summary.insert(0, ctx.chat[1] + ("; the solved examples and the question are the user turn, the letter "
+                                           "is scored as the assistant's first token" if ctx.chat[0] else ""))
     pool = max(0, len(questions) - 4)  # the first 4 are the solved examples of the prompt
     result.usage.append(Usage("questions", ctx.cfg.num_questions, pool, min(ctx.cfg.num_questions, pool),
                               ctx.cfg.mcq or "the shipped questions", ["4 more are the prompt's solved examples"]))

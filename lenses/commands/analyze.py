@@ -69,6 +69,10 @@ def parse_args(argv=None, prog: str = "analyze.py") -> tuple[AnalysisConfig, str
     add_options(p, AnalysisConfig, GROUPS)
     a = p.parse_args(argv)
     cfg = from_args(AnalysisConfig, a)
+    if cfg.sample and not cfg.generate:
+        p.error("--sample draws the tokens of --generate; give --generate N too")
+    if a.view and (cfg.generate or cfg.sample):
+        p.error("--generate and --sample extend the grid of --prompt; run them without --view")
     if a.view and (cfg.html or cfg.png):
         p.error("--html and --png draw the grid of --prompt; run them without --view (views write "
                 "<out>/index.html and their own figures)")
@@ -146,13 +150,29 @@ def replaced_views(folder, cfg, names: list[str]) -> set[str]:
 def decode_prompt(ctx: Context, report: Report) -> int:
     from lenses.viz import lens_grid, plot_grid, visible, write_grid_html
 
+    from lenses.chat import chat_turn, generate
+
     cfg = ctx.cfg
     start = time.time()
-    table = lens_grid(ctx.adapter, ctx.tokenizer, cfg.prompt, ctx.lenses, top_k=cfg.top_k)
-    last = table[table.position == table.position.max()]
+    chat, why = ctx.chat
+    if chat:
+        turn = chat_turn(ctx.tokenizer, cfg.prompt, cfg.system)
+        ids, roles = turn.ids, turn.roles
+    else:
+        ids = ctx.tokenizer(cfg.prompt, add_special_tokens=False).input_ids
+        roles = ["text"] * len(ids)
+    at = len(ids) - 1  # the prompt's last position: what the model says next
+    said = []
+    if cfg.generate:
+        new = generate(ctx.adapter.model, ids, cfg.generate, cfg.sample, cfg.seed, ctx.tokenizer.eos_token_id)
+        ids, roles = ids + new, roles + ["generated"] * len(new)
+        said = [f"generated {len(new)} token(s) ({'sampled, seed ' + str(cfg.seed) if cfg.sample else 'greedy'}): "
+                f"{ctx.tokenizer.decode(new)!r}"]
+    table = lens_grid(ctx.adapter, ctx.tokenizer, cfg.prompt, ctx.lenses, top_k=cfg.top_k, ids=ids, roles=roles)
+    last = table[table.position == at]
     last = last.assign(token_1=last.token_1.where(last.prob_1.notna(), None))  # None: the lens skips that layer
     wide = last.pivot(index="layer", columns="lens", values="token_1")
-    lines = [f"top-1 prediction after {cfg.prompt!r}, by layer ('-': a layer the lens does not read):",
+    lines = [why, *said, f"top-1 prediction after {cfg.prompt!r}, by layer ('-': a layer the lens does not read):",
              wide.map(lambda t: "-" if t is None or t != t else repr(t)).to_string()]
     print("\n".join(lines))
     if cfg.all_positions:
@@ -170,7 +190,10 @@ def decode_prompt(ctx: Context, report: Report) -> int:
         written.append(plot_grid(table, cfg.png, stat=cfg.color))
         print(f"wrote {written[-1]}")
     n = table.position.nunique()
-    lines.insert(0, f"data: {n} positions of the prompt (all of it), {table.lens.nunique()} lenses")
+    gen = int(table[table.lens == table.lens.iloc[0]].generated.sum())
+    templated = ", with its chat template" if chat else ""
+    lines.insert(0, f"data: {n} positions ({n - gen} of the prompt, all of it{templated}"
+                    f"{f'; {gen} generated' if gen else ''}), {table.lens.nunique()} lenses")
     inside = [f for f in written if Path(f).resolve().is_relative_to(Path(cfg.out).resolve())]
     report.views.append(ViewEntry("grid", lines, inside, time.time() - start, settings=view_settings(cfg, "grid"),
                                   data=[Usage("positions", None, n, n, "--prompt").record()]))

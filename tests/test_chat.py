@@ -1,0 +1,130 @@
+"""Chat templates and generated tokens: each token's role in a templated turn (hand-computed on a tiny
+template), greedy generation against `model.generate`, seeded sampling, the views scoring from the
+assistant's first token, and one-line refusals of bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lenses import LogitLens, ModelAdapter
+from lenses.analysis.facts import facts_view
+from lenses.analysis.mcq import mcq_view
+from lenses.chat import chat_turn, generate, use_template
+from lenses.errors import LensesError
+from lenses.viz import lens_grid
+from tiny_models import byte_tokenizer, save_tiny_model, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def _tok(letters: bool = False):
+    tok = byte_tokenizer(letters)
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def test_roles_of_a_templated_turn_are_the_hand_computed_ones():
+    tok = _tok()
+    turn = chat_turn(tok, "hi", answer_ids=[65, 66])  # "[user]hi\n[assistant]" then "AB": one byte per token
+    assert turn.roles == ["template"] * 6 + ["user"] * 2 + ["template"] * 12 + ["assistant"] * 2
+    assert turn.answer_start == 20 and tok.decode(turn.ids[:20]) == "[user]hi\n[assistant]"
+    sys_turn = chat_turn(tok, "hi", system="be")  # "[system]be\n[user]hi\n[assistant]"
+    assert sys_turn.roles == ["template"] * 8 + ["system"] * 2 + ["template"] * 7 + ["user"] * 2 + ["template"] * 12
+
+
+def test_use_template_auto_on_off_and_refusals():
+    tok, plain = _tok(), byte_tokenizer()
+    assert use_template("auto", tok, "my-model-Instruct")[0] is True
+    assert use_template("auto", tok, "my-base-model")[0] is False
+    assert use_template("auto", plain, "x-instruct")[0] is False
+    assert use_template("off", tok, "x-instruct")[0] is False
+    with pytest.raises(LensesError, match="no chat template"):
+        use_template("on", plain, "x")
+    with pytest.raises(LensesError, match="--system needs the chat template"):
+        use_template("off", tok, "x-instruct", system="be brief")
+
+
+def test_greedy_generation_equals_model_generate_and_the_last_layer_says_the_same():
+    torch.manual_seed(0)
+    model = tiny_model("llama", vocab_size=257)
+    adapter = ModelAdapter.from_model(model)
+    prompt = [72, 101, 108, 108, 111]
+    new = generate(model, prompt, 12)
+    ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    assert new == ref
+    ids = prompt + new
+    table = lens_grid(adapter, byte_tokenizer(), "", {"logit": LogitLens(adapter)}, top_k=1, ids=ids,
+                      roles=["text"] * 5 + ["generated"] * 12)
+    last = table[table.layer == adapter.num_layers].sort_values("position")
+    assert last.id_1.tolist()[4:-1] == new  # the traced model output at each position is the next generated token
+    assert last.generated.tolist() == [False] * 5 + [True] * 12
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    assert last.id_1.tolist() == logits.argmax(-1).tolist()
+
+
+def test_sampling_is_deterministic_for_a_seed():
+    model = tiny_model("llama", vocab_size=257)
+    a, b = generate(model, [1, 2, 3], 15, sample=True, seed=7), generate(model, [1, 2, 3], 15, sample=True, seed=7)
+    assert a == b and generate(model, [1, 2, 3], 15, sample=True, seed=8) != a
+    with pytest.raises(LensesError, match="positive number"):
+        generate(model, [1], 0)
+
+
+def test_facts_and_mcq_score_from_the_assistant_turn():
+    adapter = ModelAdapter.from_model(tiny_model("llama", vocab_size=261))
+    tok = _tok(letters=True)
+    lens = {"logit": LogitLens(adapter)}
+    res = facts_view(adapter, tok, lens, [{"prompt": "The sky is", "answer": "blue"}], chat=True)
+    pos = res.tables["positions"]
+    start = chat_turn(tok, "The sky is").answer_start
+    assert sorted(pos.position.unique()) == [start - 1 + k for k in range(4)]  # "blue": 4 byte tokens
+    assert sorted(pos.target_answer.unique()) == sorted(set(tok("blue").input_ids))
+    questions = [{"question": f"Q{i}?", "options": ["w", "x", "y", "z"], "answer": "ABCD"[i % 4]} for i in range(6)]
+    res = mcq_view(adapter, tok, lens, questions, num_questions=2, shots=4, chat=True)
+    p = res.tables["positions"]
+    assert set(p.target_A) == {ord("A")}  # the letter alone, as the assistant's first token
+    assert any("most common choice" in line for line in res.summary)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--chat-template", "on"], "no chat template"),
+    (["--system", "be brief", "--chat-template", "off"], "--system needs the chat template"),
+    (["--generate", "0"], "--generate"),
+    (["--sample"], "--sample draws"),
+])
+def test_bad_chat_input_is_one_line_and_exit_2(tmp_path, args, words):
+    model = save_tiny_model(tmp_path / "model")
+    proc = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(model), "--lens", "logit",
+                           "--prompt", "Hello", "--out", str(tmp_path / "out"), "--no-progress", *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_grid_with_a_template_and_generated_tokens_from_the_command_line(tmp_path):
+    model = save_tiny_model(tmp_path / "model")
+    tok = byte_tokenizer()
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(model)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(model), "--lens", "logit",
+                           "--prompt", "Hello", "--chat-template", "on", "--generate", "6", "--out", str(out),
+                           "--html", str(out / "grid.html"), "--png", str(out / "grid.png"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "generated 6 token(s) (greedy)" in proc.stdout and "chat template on" in proc.stdout
+    from lenses.viz import read_grid
+
+    table = read_grid(out / "lens_grid.csv")
+    first = table[(table.lens == "logit") & (table.layer == 0)].sort_values("position")
+    assert first.role.tolist() == ["template"] * 6 + ["user"] * 5 + ["template"] * 12 + ["generated"] * 6
+    assert first.generated.tolist() == [False] * 23 + [True] * 6
+    assert "role-generated" in (out / "grid.html").read_text(encoding="utf-8")
