@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from .. import vocab
+from ..data import tokenize
 from ..frequency import BUCKET_NAMES, TokenFrequencies
 from ..intervals import describe, share_interval
 from .common import Usage, ViewResult, require, table_plot, text_blocks
@@ -87,8 +88,6 @@ def sublayer_view(adapter, tokenizer, lenses: dict, texts: list[str], freqs: Tok
     """Run the sub-layer view on ``num_positions`` positions of blocks of ``seq_len`` tokens of ``texts``
     (``freqs``: token frequencies for the buckets; default: counted on ``texts``)."""
     from tqdm.auto import tqdm
-
-    from ..data import tokenize
 
     adapter.block_parts  # refuses, with the reason, a model whose blocks do not split into two parts
     chosen, blocks, available = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "sublayer")
