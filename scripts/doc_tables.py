@@ -266,8 +266,47 @@ def early_exit_layers(run: str) -> tuple[str, str]:
     return src, markdown(out, "l" + "r" * len(show))
 
 
+def calibration_table(run: str) -> tuple[str, str]:
+    """Calibration view: ECE (95% interval by text) per lens at a few layers, against the next token and the
+    model's final top-1."""
+    src = f"docs/data/{run}/calibration_layers.csv"
+    t = pd.read_csv(ROOT / src)
+    L = int(t.layer.max())
+    show = [1, 5, 10, 15, 20, 25, L - 1]
+    rows = []
+    for (lens, ref), g in t.groupby(["lens", "reference"], sort=True):
+        g = g.set_index("layer")
+        row = {"lens": lens, "against": {"next": "next token", "final": "final top-1"}[ref]}
+        for layer in show:
+            row[str(layer)] = (f"{g.ece[layer]:.2f} [{g.ci_low[layer]:.2f}, {g.ci_high[layer]:.2f}]"
+                               if layer in g.index else "—")
+        rows.append(row)
+    return src, markdown(pd.DataFrame(rows), "ll" + "r" * len(show))
+
+
+def sublayer_table(run: str) -> tuple[str, str]:
+    """Sub-layer view: per lens and third of the depth, the refinement events and the share made by the MLP
+    and by attention (events-weighted over the layers of that third; per-layer intervals in the CSV)."""
+    src = f"docs/data/{run}/sublayer_layers.csv"
+    t = pd.read_csv(ROOT / src)
+    L = int(t.layer.max()) + 1
+    third = pd.cut(t.layer, [-1, L // 3 - 1, 2 * L // 3 - 1, L], labels=[
+        f"blocks 0-{L // 3 - 1}", f"blocks {L // 3}-{2 * L // 3 - 1}", f"blocks {2 * L // 3}-{L - 1}"])
+    rows = []
+    for (lens, part), g in t.groupby(["lens", third], sort=True, observed=True):
+        n = g.events.sum()
+        rows.append({"lens": lens, "depth": part, "events": f"{int(n):,}",
+                     "made by the MLP": pct((g.events * g.share_mlp).sum() / n),
+                     "by attention": pct((g.events * g.share_attention).sum() / n),
+                     "by both": pct((g.events * g.share_both).sum() / n),
+                     "MLP margin (mean)": fmt((g.events * g.mean_mlp_margin).sum() / n, ".2f"),
+                     "attention margin (mean)": fmt((g.events * g.mean_attn_margin).sum() / n, ".2f")})
+    return src, markdown(pd.DataFrame(rows), "llrrrrrr")
+
+
 KEEP = ("report.json", "frequency_layers.csv", "pos_tags.csv", "facts_by_index.csv", "facts_onset.csv",
-        "mcq_layers.csv", "mcq_questions.csv", "representation_layers.csv", "early-exit_layers.csv")
+        "mcq_layers.csv", "mcq_questions.csv", "representation_layers.csv", "early-exit_layers.csv",
+        "calibration_layers.csv", "sublayer_layers.csv", "sublayer_buckets.csv", "pos_compare.csv")
 
 
 def keep_run(out: Path, name: str) -> None:
@@ -300,6 +339,10 @@ TABLES = {
     "smollm2-representation": lambda: representation_layers("smollm2-repr", "smollm2-repr0"),
     "smollm2-early-exit": lambda: early_exit_layers("smollm2-causal"),
     "smollm2-causal": lambda: view_summaries("smollm2-causal"),
+    "smollm2-new-views": lambda: view_summaries("smollm2-calibration"),
+    "smollm2-calibration": lambda: calibration_table("smollm2-calibration"),
+    "smollm2-sublayer": lambda: sublayer_table("smollm2-calibration"),
+    "smollm2-chat": lambda: view_summaries("smollm2-chat"),
 }
 
 
