@@ -108,7 +108,9 @@ def share_interval(flags, clusters, **kw) -> tuple[float, float, float]:
 
 
 def describe(mean: float, low: float, high: float, digits: int = 1, percent: bool = False) -> str:
-    """``4.9 [4.5, 5.3]`` (or ``61% [57%, 65%]``) for the summary lines."""
+    """``4.9 [4.5, 5.3]`` (or ``61% [57%, 65%]``) for the summary lines; "none" where there is no value."""
+    if not np.isfinite(mean):
+        return "none"
     if percent:
         return f"{mean:.0%} [{low:.0%}, {high:.0%}]" if np.isfinite(low) else f"{mean:.0%}"
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]" if np.isfinite(low) else f"{mean:.{digits}f}"

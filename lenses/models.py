@@ -190,12 +190,14 @@ class ModelAdapter:
                 self.layers[-1].register_forward_hook(end),
                 self.norm_entry.register_forward_pre_hook(at_final_norm, with_kwargs=True)]
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      **kwargs) -> torch.Tensor:
         """Residual stream ``[L+1, batch, seq, d]`` in the layer convention of this module.
 
         Runs the headless base model (no [tokens x vocab] logits are made) with pre-hooks on
         every block and on the final norm. A model whose blocks run more than once per pass (looped,
-        recurrent-depth) is refused: a layer number would not name one state.
+        recurrent-depth) is refused: a layer number would not name one state. ``kwargs`` go to the model
+        (e.g. `prefix_cache`'s, to continue after a prefix: the states of ``input_ids`` only).
         """
         L = self.num_layers
         store: list[torch.Tensor | None] = [None] * (L + 1)
@@ -209,7 +211,7 @@ class ModelAdapter:
 
         hooks = [h for i in range(L + 1) for h in self.hook_stream(i, partial(grab, i))]
         try:
-            self.run_stream(input_ids, attention_mask)
+            self.run_stream(input_ids, attention_mask, **kwargs)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -186,14 +186,65 @@ def _prepared(items: list[TraceItem], target_names) -> list[tuple[int, torch.Ten
     return out
 
 
-def _hidden_of_batch(adapter, batch: list[tuple[int, torch.Tensor, list]]) -> list[tuple[int, torch.Tensor, list]]:
+def _hidden_of_batch(adapter, batch: list[tuple[int, torch.Tensor, list]],
+                     prefix: "SharedPrefix | None" = None) -> list[tuple[int, torch.Tensor, list]]:
     """``(item index, hidden [L+1, P, d] at its positions, positions)`` of each prepared item, with one
-    forward pass for the whole batch."""
-    if len(batch) == 1:
-        i, ids, pos = batch[0]
-        return [(i, _finite(adapter.hidden_states(ids[None])[:, 0, pos], i), pos)]
-    h_all = adapter.hidden_states(_padded([row for _, row, _ in batch]))
-    return [(i, _finite(h_all[:, b, pos], i), pos) for b, (i, _, pos) in enumerate(batch)]
+    forward pass for the whole batch (after the shared ``prefix``, if any, from its cache)."""
+    skip = prefix.length if prefix else 0
+    rows = [ids[skip:] for _, ids, _ in batch]
+    extra = prefix.cache(len(batch)) if prefix else {}
+    h_all = adapter.hidden_states(rows[0][None] if len(batch) == 1 else _padded(rows), **extra)
+    return [(i, _finite(h_all[:, b, [p - skip for p in pos]], i), pos) for b, (i, _, pos) in enumerate(batch)]
+
+
+MIN_PREFIX = 16  # shorter shared prefixes are recomputed: a cache copy per batch would cost about as much
+
+
+@dataclass
+class SharedPrefix:
+    """The token prefix every text of a trace starts with (a few-shot header, a chat template's system turn),
+    run once; each batch continues from a copy of its KV cache."""
+
+    length: int
+    _cache: dict
+
+    def cache(self, batch: int) -> dict:
+        import copy
+
+        kw = copy.deepcopy(self._cache)
+        key = "cache" if "cache" in kw else "past_key_values"
+        if batch > 1:
+            kw[key].batch_repeat_interleave(batch)
+        return kw
+
+
+def shared_prefix(adapter, todo: list[tuple[int, torch.Tensor, list[int]]]) -> SharedPrefix | None:
+    """The longest token prefix of every prepared text that lies before every position asked for (at least
+    `MIN_PREFIX` tokens and one token short of the shortest text), with its cache; None if there is none
+    or the model's cache cannot be reused (`ModelAdapter.prefix_cache`)."""
+    if len(todo) < 2:
+        return None
+    first = todo[0][1]
+    n = min(min(len(ids) for _, ids, _ in todo) - 1, min(min(pos) for _, _, pos in todo))
+    for _, ids, _ in todo[1:]:
+        same = (ids[:n] == first[:n]).long()
+        n = int(same.cumprod(0).sum())
+        if n < MIN_PREFIX:
+            return None
+    if n < MIN_PREFIX:
+        return None
+    cache = adapter.prefix_cache(first[None, :n])
+    if cache is None:
+        return None
+    prefix = SharedPrefix(n, cache)
+    try:  # proved on the first text: from the cache, its states are those of a full pass
+        i, ids, pos = todo[0]
+        got = _hidden_of_batch(adapter, [todo[0]], prefix)[0][1]
+        want = adapter.hidden_states(ids[None])[:, 0, pos]
+        err = float(((got - want).abs().amax() / want.abs().amax().clamp_min(1e-6)).float())
+    except (AttributeError, TypeError, ValueError, NotImplementedError, RuntimeError, KeyError, IndexError):
+        return None
+    return prefix if err <= 1e-3 else None
 
 
 def padding_check(adapter, rows: list[torch.Tensor]) -> str | None:
@@ -229,6 +280,7 @@ def trace(
     progress: bool = False,
     top_k: int = 1,
     batch_size: int = 1,
+    share_prefix: bool = True,
 ) -> pd.DataFrame:
     """Trace ``items`` through every layer (0..L) of every lens in ``lenses`` (name -> lens).
 
@@ -244,7 +296,9 @@ def trace(
     [layers x tokens x vocab] tensor. ``batch_size`` texts of similar length share a forward pass (padded
     on the right: a causal model's real positions never see the pads); the table is the same as one text
     at a time. A model whose states padding would change (`padding_check`) runs one text at a time, with
-    a warning saying why.
+    a warning saying why. With ``share_prefix``, a token prefix that every text starts with (16 tokens or
+    more, before every position asked for: a few-shot header, a chat template's system turn) runs once and
+    each batch continues from its KV cache (`shared_prefix`; the same states within float rounding).
     """
     from tqdm.auto import tqdm
 
@@ -278,10 +332,11 @@ def trace(
             batch_size = 1
     if batch_size > 1:  # longest first: a batch holds texts of similar length (little padding); rows are sorted
         todo.sort(key=lambda t: -len(t[1]))  # by item at the end
+    prefix = shared_prefix(adapter, todo) if share_prefix else None
     bar = tqdm(total=len(todo), desc="tracing", unit="text", disable=not progress)
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
-        for i, h, pos in _hidden_of_batch(adapter, batch):
+        for i, h, pos in _hidden_of_batch(adapter, batch, prefix):
             buf_h.append(h)
             buf_meta.append(np.stack([np.full(len(pos), i), np.asarray(pos)], axis=1))
             for n in target_names:

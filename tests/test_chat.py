@@ -84,9 +84,10 @@ def test_facts_and_mcq_score_from_the_assistant_turn():
     lens = {"logit": LogitLens(adapter)}
     res = facts_view(adapter, tok, lens, [{"prompt": "The sky is", "answer": "blue"}], chat=True)
     pos = res.tables["positions"]
-    start = chat_turn(tok, "The sky is").answer_start
-    assert sorted(pos.position.unique()) == [start - 1 + k for k in range(4)]  # "blue": 4 byte tokens
-    assert sorted(pos.target_answer.unique()) == sorted(set(tok("blue").input_ids))
+    # "[user]Complete this sentence: The sky is\n[assistant]" then the assistant says "The sky is blue"
+    start = len("[user]Complete this sentence: The sky is\n[assistant]") + len("The sky is")
+    assert sorted(pos.position.unique()) == [start - 1 + k for k in range(5)]  # " blue": 5 byte tokens
+    assert sorted(pos.target_answer.unique()) == sorted(set(tok(" blue").input_ids))
     questions = [{"question": f"Q{i}?", "options": ["w", "x", "y", "z"], "answer": "ABCD"[i % 4]} for i in range(6)]
     res = mcq_view(adapter, tok, lens, questions, num_questions=2, shots=4, chat=True)
     p = res.tables["positions"]

@@ -310,3 +310,27 @@ def test_a_model_that_padding_changes_is_traced_one_text_at_a_time():
     finally:
         handle.remove()
     pd.testing.assert_frame_equal(one, many)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "bloom", "olmo2"])
+def test_a_shared_prefix_runs_once_and_changes_nothing(family):
+    """Texts that start alike (a few-shot header, a chat template's system turn): the prefix runs once and each
+    batch continues from its cache; the table equals the one made without sharing (top-1 ids identical,
+    probabilities and KL within 1e-5), positions inside the prefix stay out of it."""
+    from lenses.trace import _prepared, shared_prefix
+
+    adapter = tiny_adapter(family)
+    g = torch.Generator().manual_seed(0)
+    head = torch.randint(1, 90, (24,), generator=g).tolist()
+    items = [TraceItem(head + torch.randint(1, 90, (int(n),), generator=g).tolist(), [23, 24, 25, -1],
+                       {"next": [5, 6, 7, 8]}) for n in torch.randint(4, 12, (9,), generator=g)]
+    prefix = shared_prefix(adapter, _prepared(items, ["next"]))
+    assert prefix is not None and prefix.length == 23  # up to the first position asked for
+    lenses = {"logit": LogitLens(adapter), "tuned": random_lens(adapter)}
+    shared = trace(adapter, lenses, items, batch_size=4)
+    full = trace(adapter, lenses, items, batch_size=4, share_prefix=False)
+    np.testing.assert_array_equal(shared.top1_id.to_numpy(), full.top1_id.to_numpy())
+    for col in ("prob_next", "top1_prob", "kl", "entropy"):
+        np.testing.assert_allclose(shared[col], full[col], atol=1e-5)
+    early = [TraceItem(it.ids, [5], {"next": [1]}) for it in items]  # a position inside the common part
+    assert shared_prefix(adapter, _prepared(early, ["next"])) is None  # shorter than MIN_PREFIX: recomputed

@@ -85,24 +85,29 @@ def read_facts(path: str | Path | None = None) -> list[dict]:
     return facts
 
 
+CHAT_REQUEST = "Complete this sentence: {prompt}"
+
+
 def fact_items(tokenizer, facts: list[dict], chat: bool = False,
                system: str | None = None) -> tuple[list[TraceItem], pd.DataFrame]:
     """Prompt + " " + answer as one teacher-forced sequence; positions predict each answer token. With
-    ``chat``, the prompt is the user turn of the chat template (`lenses.chat.chat_turn`, with ``system``) and
-    the answer the assistant's first tokens (no leading space): scored from the assistant turn on."""
+    ``chat``, the user turn of the chat template (`lenses.chat.chat_turn`, with ``system``) asks for the
+    sentence (`CHAT_REQUEST`) and the assistant's turn says it, prompt then answer, as a chat model answers:
+    the answer tokens are scored where they come in the assistant's turn."""
     items, rows = [], []
     for i, f in enumerate(facts):
         prompt = f["prompt"].rstrip()
-        answer = (" " if not chat else "") + f["answer"].strip()
+        answer = " " + f["answer"].strip()
         p_ids, a_ids = encode(tokenizer, prompt), encode(tokenizer, answer)
         if not p_ids or not a_ids:
             raise DataError(f"fact {i} ({prompt!r} -> {answer!r}) tokenises to nothing; check the text.")
         if tokenizer.decode(a_ids) != answer:
             raise DataError(f"fact {i}: the answer {answer!r} does not survive tokenisation (decodes to "
                             f"{tokenizer.decode(a_ids)!r}); fix its characters or drop it.")
-        if chat:
-            turn = chat_turn(tokenizer, prompt, system, a_ids)
-            ids, start = turn.ids, turn.answer_start
+        if chat:  # the user asks for the sentence; the assistant says it, answer included
+            said = encode(tokenizer, prompt)
+            turn = chat_turn(tokenizer, CHAT_REQUEST.format(prompt=prompt), system, said + a_ids)
+            ids, start = turn.ids, turn.answer_start + len(said)
         else:
             ids, start = p_ids + a_ids, len(p_ids)
         positions = [start - 1 + k for k in range(len(a_ids))]
@@ -181,8 +186,8 @@ def _summary(by_index: pd.DataFrame) -> list[str]:
 def run(ctx) -> ViewResult:
     facts = read_facts(ctx.cfg.facts)
     result = facts_view(*ctx.parts, facts, ctx.cfg.num_facts, **ctx.sampling, **ctx.decoding, **ctx.chat_args)
-    result.summary.insert(0, ctx.chat[1] + ("; each prompt is the user turn, its answer scored from the assistant "
-                                           "turn's first token" if ctx.chat[0] else ""))
+    result.summary.insert(0, ctx.chat[1] + (f"; the user turn asks {CHAT_REQUEST!r}, the assistant's turn says the "
+                                           "sentence and its answer tokens are scored there" if ctx.chat[0] else ""))
     used = len(facts) if ctx.cfg.num_facts is None else min(ctx.cfg.num_facts, len(facts))
     result.usage.append(Usage("facts", ctx.cfg.num_facts, len(facts), used, ctx.cfg.facts or "the shipped facts"))
     return result
