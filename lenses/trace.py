@@ -110,7 +110,7 @@ def _rows(stats: dict, meta: np.ndarray, lens_name: str, layer: int, targets: di
     return pd.DataFrame(cols)
 
 
-def _decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targets: dict, groups, group_names,
+def decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targets: dict, groups, group_names,
                   dtype, top_k: int, redone: list[int]) -> list[pd.DataFrame]:
     """Every lens at every layer for one chunk of positions ``h`` [L+1, C, d]: tidy rows. A 16-bit ``dtype``
     decodes through `vocab.rescored_stats` (top-1 and targets exact; ``redone`` counts rows decoded whole)."""
@@ -319,7 +319,7 @@ def trace(
         buf_h.clear(), buf_meta.clear(), [v.clear() for v in buf_t.values()]
         for s in range(0, h_all.shape[1], chunk):
             tg = {n: v[s : s + chunk].to(adapter.device) for n, v in tg_all.items()}
-            frames.extend(_decode_chunk(adapter, lenses, h_all[:, s : s + chunk], meta[s : s + chunk], tg, groups,
+            frames.extend(decode_chunk(adapter, lenses, h_all[:, s : s + chunk], meta[s : s + chunk], tg, groups,
                                         group_names, dtype, top_k, redone))
 
     if batch_size < 1:

@@ -25,7 +25,7 @@ import torch
 from .errors import LensesError
 from .io import write_text
 from .plots import _pyplot, _save
-from .trace import TraceItem, trace
+from .trace import TraceItem, decode_chunk, trace
 
 # colour statistics: name -> (column of the table, label)
 STATS = {
@@ -48,7 +48,7 @@ def visible(token: str) -> str:
 
 def lens_grid(adapter, tokenizer, text: str, lenses: dict, top_k: int = 5, chunk: int = 256,
               dtype: torch.dtype = torch.float32, progress: bool = False, ids: list[int] | None = None,
-              roles: list[str] | None = None) -> pd.DataFrame:
+              roles: list[str] | None = None, sublayers: bool = False) -> pd.DataFrame:
     """The table behind the grid: one row per (lens, layer, position) of ``text`` (or of the token ``ids``
     given, e.g. a chat turn and its generated answer, `lenses.chat`).
 
@@ -56,7 +56,8 @@ def lens_grid(adapter, tokenizer, text: str, lenses: dict, top_k: int = 5, chunk
     template, system, user, assistant, generated), generated (whether the model generated that token),
     input_id, input_token, next_id and next_token (the true next token; -1 and "" at the last position),
     token_r, id_r, prob_r for r = 1..``top_k``, entropy, kl (to the final layer's distribution, nats),
-    rank_next and prob_next (NaN at the last position).
+    rank_next and prob_next (NaN at the last position). ``sublayers`` adds the half layers ``l + 0.5``: the
+    mid-block state ``hidden[l] + attn[l]`` (`ModelAdapter.residual_parts`), read with layer ``l``'s reading.
     """
     ids = list(ids) if ids is not None else tokenizer(text, add_special_tokens=False).input_ids
     if len(ids) == 0:
@@ -68,8 +69,11 @@ def lens_grid(adapter, tokenizer, text: str, lenses: dict, top_k: int = 5, chunk
         raise LensesError(f"top-k must be between 1 and the vocabulary size {adapter.vocab_size} (got {top_k}).")
     n = len(ids)
     next_ids = list(ids[1:]) + [ids[-1]]  # the last position has no next token: masked below
-    df = trace(adapter, lenses, [TraceItem(ids, list(range(n)), {"next": next_ids})], chunk=chunk, dtype=dtype,
-               progress=progress, top_k=top_k)
+    item = TraceItem(ids, list(range(n)), {"next": next_ids})
+    df = trace(adapter, lenses, [item], chunk=chunk, dtype=dtype, progress=progress, top_k=top_k)
+    if sublayers:
+        df = pd.concat([df, _half_layers(adapter, lenses, item, top_k, dtype)], ignore_index=True)
+        df = df.sort_values(["lens", "layer", "position"], kind="stable").reset_index(drop=True)
     last = df.position == n - 1
     df.loc[last, ["rank_next", "prob_next"]] = np.nan
     decode = _decoder(tokenizer)
@@ -86,6 +90,21 @@ def lens_grid(adapter, tokenizer, text: str, lenses: dict, top_k: int = 5, chunk
     for col in ("entropy", "kl", "rank_next", "prob_next"):
         out[col] = df[col].to_numpy()
     return out
+
+
+def _half_layers(adapter, lenses: dict, item: TraceItem, top_k: int, dtype) -> pd.DataFrame:
+    """The trace rows of the half layers ``l + 0.5`` (mid-block states, read with layer ``l``'s reading)."""
+    ids = torch.tensor([list(item.ids)])
+    with torch.no_grad():
+        parts = adapter.residual_parts(ids, with_hidden=True)
+    h = parts["hidden"][:, 0]
+    stack = torch.cat([h[:-1] + parts["attn"][:, 0], h[-1:]])  # layer L stays: the teacher of every row
+    targets = {"next": torch.tensor(list(item.targets["next"]), device=stack.device)}
+    meta = np.stack([np.zeros(len(item.ids), dtype=int), np.arange(len(item.ids))], 1)
+    rows = pd.concat(decode_chunk(adapter, lenses, stack, meta, targets, None, (), dtype, top_k, [0]))
+    rows = rows[rows.layer < adapter.num_layers].copy()
+    rows["layer"] = rows.layer + 0.5
+    return rows
 
 
 def _decoder(tokenizer):
@@ -129,6 +148,13 @@ def _check_table(table: pd.DataFrame) -> None:
 # --------------------------------------------------------------------------- HTML page
 
 
+def _layer_key(x) -> int | float:
+    """A layer as the page names it: 3, or 3.5 for the half layer inside block 3 (`lens_grid(sublayers=True)`);
+    JavaScript prints both as Python's json does, so they index the cells."""
+    x = float(x)
+    return int(x) if x.is_integer() else x
+
+
 def grid_data(table: pd.DataFrame) -> dict:
     """The page's data: per lens, per layer, per position the cell's tokens, probabilities and statistics.
     Token strings go into one list referenced by index, so a long prompt stays a few MB."""
@@ -144,7 +170,7 @@ def grid_data(table: pd.DataFrame) -> dict:
     first = table[table.lens == table.lens.iloc[0]].drop_duplicates("position").set_index("position")
     data = {"inputs": [ref(str(first.input_token[p])) for p in positions],
             "next": [ref(str(first.next_token[p])) if "next_token" in first else ref("") for p in positions],
-            "positions": [int(p) for p in positions], "layers": sorted(int(x) for x in table.layer.unique()),
+            "positions": [int(p) for p in positions], "layers": sorted(_layer_key(x) for x in table.layer.unique()),
             "roles": [str(first.role[p]) if "role" in first else "text" for p in positions],
             "k": k, "lenses": {}, "stats": {s: label for s, (_, label) in STATS.items()}}
 
@@ -158,7 +184,7 @@ def grid_data(table: pd.DataFrame) -> dict:
             lr = lr.set_index("position").reindex(positions)
             toks = [[ref(str(t)) for t in lr[f"token_{r}"].to_numpy()] for r in range(1, k + 1)]
             probs = [[num(v) for v in lr[f"prob_{r}"].to_numpy()] for r in range(1, k + 1)]
-            cells[int(layer)] = {"tok": [list(x) for x in zip(*toks)], "p": [list(x) for x in zip(*probs)],
+            cells[_layer_key(layer)] = {"tok": [list(x) for x in zip(*toks)], "p": [list(x) for x in zip(*probs)],
                                  **{s: [num(v) for v in lr[col].to_numpy()] for s, (col, _) in STATS.items()}}
         data["lenses"][str(lens)] = cells
     data["strings"] = list(strings)

@@ -72,3 +72,43 @@ def test_sublayer_view_refuses_a_model_without_parts_in_one_line():
     adapter = ModelAdapter.from_model(tiny_model("bloom", vocab_size=257))
     with pytest.raises(UnsupportedModelError, match="add the residual themselves"):
         sublayer_view(adapter, byte_tokenizer(), {"logit": LogitLens(adapter)}, [TEXT], num_positions=10, seq_len=32)
+
+
+def test_the_grid_shows_half_layers_read_at_the_mid_block_state(tmp_path):
+    from lenses.viz import grid_html, lens_grid, plot_grid
+
+    adapter = ModelAdapter.from_model(tiny_model("llama", vocab_size=257))
+    tok = byte_tokenizer()
+    lenses = {"logit": LogitLens(adapter), "tuned": random_lens(adapter, scale=0.3)}
+    table = lens_grid(adapter, tok, "The quick brown fox", lenses, top_k=2, sublayers=True)
+    L = adapter.num_layers
+    assert sorted(table.layer.unique()) == sorted([*range(L + 1), *(l + 0.5 for l in range(L))])
+    ad64 = ModelAdapter.from_model(tiny_model("llama", vocab_size=257).double())
+    ids = torch.tensor([tok("The quick brown fox").input_ids])
+    parts = ad64.residual_parts(ids, with_hidden=True)
+    tuned = lenses["tuned"].double()
+    with torch.no_grad():
+        for layer in range(L):
+            mid = parts["hidden"][layer, 0] + parts["attn"][layer, 0]
+            for name, x in (("logit", mid), ("tuned", tuned.transform(mid, layer))):
+                p = torch.softmax(vocab.decode(ad64, x), -1)
+                rows = table[(table.lens == name) & (table.layer == layer + 0.5)].sort_values("position")
+                assert rows.id_1.tolist() == p.argmax(-1).tolist()
+                np.testing.assert_allclose(rows.prob_1, p.max(-1).values.numpy(), rtol=1e-4)
+    assert '"layers":[0,0.5,1,1.5' in grid_html(table).replace(" ", "")
+    assert plot_grid(table, tmp_path / "g.png").stat().st_size > 0
+
+
+def test_sublayers_on_a_model_without_parts_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tiny_models import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "m", family="bloom")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "analyze.py"), "--model",
+                           str(model), "--lens", "logit", "--prompt", "Hello", "--sublayers", "--out",
+                           str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "add the residual themselves" in proc.stderr, proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr

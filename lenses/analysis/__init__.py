@@ -71,6 +71,8 @@ class AnalysisConfig(ModelOptions):
     generate: int | None = option(None, "grid: generate this many tokens after --prompt and trace them too",
                                   group="prompt", min=1)
     sample: bool = option(False, "grid: sample the generated tokens (with --seed) instead of greedy", group="prompt")
+    sublayers: bool = option(False, "grid: also the half layers l + 0.5 (after each block's attention, before its "
+                             "MLP), read with layer l's reading", group="prompt")
     corpus: str | None = option(None, "text for frequency, pos and representation: wikipedia, books, pydocs, "
                                       "or a .txt/.jsonl file or folder (none: wikipedia)", group="views")
     facts: str | None = option(None, "facts JSONL: {prompt, answer}, CounterFact or MQuAKE (none: shipped set)",
@@ -216,7 +218,7 @@ def _corpus_key(name: str | None) -> str | None:
 # The settings each view's result depends on (besides the model and the lenses): a view in --out made with
 # other values is replaced only with --overwrite, so a page never mixes runs.
 VIEW_SETTINGS = {
-    "grid": ("prompt", "top_k", "chat_template", "system", "generate", "sample"),
+    "grid": ("prompt", "top_k", "chat_template", "system", "generate", "sample", "sublayers"),
     "frequency": ("corpus", "num_positions", "freq_prompts", "frequencies"),
     "pos": ("corpus", "num_texts"),
     "facts": ("facts", "num_facts", "chat_template", "system"),

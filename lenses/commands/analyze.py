@@ -71,8 +71,8 @@ def parse_args(argv=None, prog: str = "analyze.py") -> tuple[AnalysisConfig, str
     cfg = from_args(AnalysisConfig, a)
     if cfg.sample and not cfg.generate:
         p.error("--sample draws the tokens of --generate; give --generate N too")
-    if a.view and (cfg.generate or cfg.sample):
-        p.error("--generate and --sample extend the grid of --prompt; run them without --view")
+    if a.view and (cfg.generate or cfg.sample or cfg.sublayers):
+        p.error("--generate, --sample and --sublayers extend the grid of --prompt; run them without --view")
     if a.view and (cfg.html or cfg.png):
         p.error("--html and --png draw the grid of --prompt; run them without --view (views write "
                 "<out>/index.html and their own figures)")
@@ -168,7 +168,8 @@ def decode_prompt(ctx: Context, report: Report) -> int:
         ids, roles = ids + new, roles + ["generated"] * len(new)
         said = [f"generated {len(new)} token(s) ({'sampled, seed ' + str(cfg.seed) if cfg.sample else 'greedy'}): "
                 f"{ctx.tokenizer.decode(new)!r}"]
-    table = lens_grid(ctx.adapter, ctx.tokenizer, cfg.prompt, ctx.lenses, top_k=cfg.top_k, ids=ids, roles=roles)
+    table = lens_grid(ctx.adapter, ctx.tokenizer, cfg.prompt, ctx.lenses, top_k=cfg.top_k, ids=ids, roles=roles,
+                      sublayers=cfg.sublayers)
     last = table[table.position == at]
     last = last.assign(token_1=last.token_1.where(last.prob_1.notna(), None))  # None: the lens skips that layer
     wide = last.pivot(index="layer", columns="lens", values="token_1")
