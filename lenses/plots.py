@@ -310,6 +310,9 @@ def plot_early_exit(layers: pd.DataFrame, adaptive: pd.DataFrame, path: str | os
     for lens, rows in layers.groupby("lens", sort=False):
         ax1.plot(rows.layer, rows.agreement, _style(lens), color="C0", label=f"{lens}: agrees with full model")
         ax1.plot(rows.layer, rows.accuracy, _style(lens), color="C3", label=f"{lens}: next-token accuracy")
+        for col, color in (("agreement", "C0"), ("accuracy", "C3")):
+            if f"{col}_ci_low" in rows:  # 95% interval, resampled by text
+                ax1.fill_between(rows.layer, rows[f"{col}_ci_low"], rows[f"{col}_ci_high"], color=color, alpha=0.12)
     ax1.set(xlabel="exit layer", ylabel="share of positions", ylim=(0, 1.02), title="early exit at layer l")
     ax1.legend(fontsize=7)
     _integer_layers(ax1)

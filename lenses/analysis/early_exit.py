@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..intervals import describe, mean_interval
 from ..trace import TraceItem, trace, trajectories
 from .common import Usage, ViewResult, table_plot, text_blocks
 
@@ -39,7 +40,7 @@ def early_exit_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
         left -= k
         items.append(TraceItem(ids, list(range(k)), {"next": ids[1: k + 1]}))
     df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size, dtype=dtype)
-    layers, adaptive = _layer_table(df), _adaptive_table(df, thresholds)
+    layers, adaptive = _layer_table(df, seed), _adaptive_table(df, thresholds)
     usage = Usage("positions", num_positions, available, num_positions - left, source)
     return ViewResult("early-exit", {"layers": layers, "adaptive": adaptive}, _summary(layers, adaptive),
                       usage=[usage])
@@ -50,7 +51,9 @@ def _final_top1(df: pd.DataFrame) -> pd.Series:
     return last.drop_duplicates(["item", "position"]).set_index(["item", "position"]).top1_id
 
 
-def _layer_table(df: pd.DataFrame) -> pd.DataFrame:
+def _layer_table(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """lens, layer, agreement and accuracy (each with its 95% interval, resampled by text), cross_entropy,
+    kl, n."""
     final = _final_top1(df)
     keyed = df.set_index(["item", "position"])
     absent = df.top1_id.to_numpy() < 0  # a layer the lens does not read: NaN, not "wrong"
@@ -58,9 +61,14 @@ def _layer_table(df: pd.DataFrame) -> pd.DataFrame:
     df = df.assign(agree=np.where(absent, np.nan, agree),
                    correct=np.where(absent, np.nan, (df.rank_next == 1).astype(float)),
                    nll=-np.log(np.clip(df.prob_next.to_numpy(), 1e-45, None)))
-    return df.groupby(["lens", "layer"], sort=True).agg(
-        agreement=("agree", "mean"), accuracy=("correct", "mean"), cross_entropy=("nll", "mean"),
-        kl=("kl", "mean"), n=("item", "size")).reset_index()
+    rows = []
+    for (lens, layer), g in df.groupby(["lens", "layer"], sort=True):
+        agreement = mean_interval(g.agree, g["item"], seed=seed)
+        accuracy = mean_interval(g.correct, g["item"], seed=seed)
+        rows.append({"lens": lens, "layer": layer, "agreement": agreement[0], "agreement_ci_low": agreement[1],
+                     "agreement_ci_high": agreement[2], "accuracy": accuracy[0], "accuracy_ci_low": accuracy[1],
+                     "accuracy_ci_high": accuracy[2], "cross_entropy": g.nll.mean(), "kl": g.kl.mean(), "n": len(g)})
+    return pd.DataFrame(rows)
 
 
 def _adaptive_table(df: pd.DataFrame, thresholds) -> pd.DataFrame:
@@ -92,8 +100,10 @@ def _summary(layers: pd.DataFrame, adaptive: pd.DataFrame) -> list[str]:
         g = g.set_index("layer")
         half = g.loc[L // 2]
         first90 = g.index[g.agreement >= 0.9]
-        lines.append(f"{lens:>6} lens: exit at layer {L // 2} agrees with the full model on {half.agreement:.0%} "
-                     f"(accuracy {half.accuracy:.0%} vs {full_acc:.0%} at {L}); agreement reaches 90% at layer "
+        agree = describe(half.agreement, half.agreement_ci_low, half.agreement_ci_high, percent=True)
+        acc = describe(half.accuracy, half.accuracy_ci_low, half.accuracy_ci_high, percent=True)
+        lines.append(f"{lens:>6} lens: exit at layer {L // 2} agrees with the full model on {agree} "
+                     f"(accuracy {acc} vs {full_acc:.0%} at {L}); agreement reaches 90% at layer "
                      f"{int(first90[0]) if len(first90) else 'never'}")
         a = adaptive[(adaptive.lens == lens) & (adaptive.threshold == 0.9)]
         if len(a):

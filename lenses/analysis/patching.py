@@ -35,6 +35,7 @@ import torch
 from .. import schema
 from ..data import jsonl_records
 from ..errors import DataError
+from ..intervals import mean_interval
 from ..intervene import last_stream
 from ..lens import LogitLens
 from ..trace import onset_layer, settled_layer
@@ -209,15 +210,11 @@ def _pair_table(layers: pd.DataFrame, reads: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def bootstrap_ci(values, seed: int = 0, n: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and a percentile bootstrap interval of ``values`` (NaN dropped)."""
+def bootstrap_ci(values, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``values`` (NaN dropped) and its 95% interval, each prompt pair resampled on its own
+    (`lenses.intervals.mean_interval`: the pairs are independent draws)."""
     v = np.asarray(values, dtype=float)
-    v = v[~np.isnan(v)]
-    if len(v) == 0:
-        return float("nan"), float("nan"), float("nan")
-    means = np.random.default_rng(seed).choice(v, size=(n, len(v))).mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(v.mean()), float(lo), float(hi)
+    return mean_interval(v, np.arange(len(v)), seed=seed)
 
 
 def _summary(pairs: pd.DataFrame, lens_names: list[str], L: int, seed: int) -> list[str]:
