@@ -13,6 +13,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from ..intervals import describe, mean_interval
 from ..intervene import skip_block
 from .common import Usage, ViewResult, require, table_plot, text_blocks
 
@@ -30,6 +31,7 @@ def layer_skip_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
     chosen, held, available = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "layer-skip")
     ids = held[sorted(chosen)]
     targets = ids[:, 1:].reshape(-1)[:num_positions].to(adapter.device)
+    texts_of = (torch.arange(len(targets)) // (seq_len - 1)).numpy()  # which text each position is in
     L = adapter.num_layers
 
     def stream(hidden):  # [L+1, B, seq, d] -> [L+1, N, d] at the scored positions
@@ -53,8 +55,11 @@ def layer_skip_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
                     effects.append({"lens": name, "skipped": l, "layer": m, "kl": float(kl.mean()),
                                     "top1_changed": float((p.argmax(-1) != q.argmax(-1)).float().mean())})
             q = _log_probs(output_lens, skipped[L], L)
-            outputs.append({"skipped": l, "kl_output": float((base_final.exp() * (base_final - q)).sum(-1).mean()),
-                            "accuracy": float((q.argmax(-1) == targets).float().mean()),
+            kl_out = mean_interval((base_final.exp() * (base_final - q)).sum(-1).cpu().numpy(), texts_of, seed=seed)
+            acc = mean_interval((q.argmax(-1) == targets).float().cpu().numpy(), texts_of, seed=seed)
+            outputs.append({"skipped": l, "kl_output": kl_out[0], "kl_output_ci_low": kl_out[1],
+                            "kl_output_ci_high": kl_out[2], "accuracy": acc[0], "accuracy_ci_low": acc[1],
+                            "accuracy_ci_high": acc[2],
                             "agreement": float((q.argmax(-1) == base_top).float().mean()), "n": len(targets)})
     out = pd.DataFrame(outputs)
     out["accuracy_unskipped"] = float((base_top == targets).float().mean())
@@ -67,7 +72,11 @@ def layer_skip_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
 def _summary(out: pd.DataFrame, mode: str) -> list[str]:
     worst = out.sort_values("kl_output", ascending=False).head(3)
     least = out.sort_values("kl_output").head(3)
-    fmt = lambda rows: ", ".join(f"{int(r.skipped)} ({r.kl_output:.2f})" for r in rows.itertuples())  # noqa: E731
+
+    def fmt(rows):
+        return ", ".join(f"{int(r.skipped)} ({describe(r.kl_output, r.kl_output_ci_low, r.kl_output_ci_high, 2)})"
+                         for r in rows.itertuples())
+
     acc = out.accuracy_unskipped.iloc[0]
     half = len(out) // 2
     return [f"skipping a block ({mode} update), output KL in nats: largest for blocks {fmt(worst)}; "
