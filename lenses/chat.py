@@ -91,21 +91,99 @@ def chat_turn(tokenizer, user: str, system: str | None = None, answer_ids: list[
 
 
 def generate(model, ids: list[int], n: int, sample: bool = False, seed: int = 0, eos: int | None = None) -> list[int]:
-    """``n`` tokens after ``ids`` (fewer if ``eos`` comes first), one full forward pass per token: the top-1 of
-    the model's logits, or with ``sample`` a draw from their softmax (a generator seeded with ``seed``)."""
+    """``n`` tokens after ``ids`` (fewer if ``eos`` comes first): the top-1 of the model's logits, or with
+    ``sample`` a draw from their softmax (a generator seeded with ``seed``). One pass over the prompt, then one
+    token at a time from the model's KV cache (a full pass per token for a model that returns no cache)."""
     if not isinstance(n, int) or n < 1:
         raise LensesError(f"--generate needs a positive number of tokens (got {n!r}).")
     device = next(model.parameters()).device
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = list(ids)
     with torch.no_grad():
+        res = model(input_ids=torch.tensor([out], device=device), use_cache=True)
         for _ in range(n):
-            logits = model(input_ids=torch.tensor([out], device=device), use_cache=False).logits[0, -1].float()
-            if sample:
-                nxt = int(torch.multinomial(torch.softmax(logits.cpu(), -1), 1, generator=g))
-            else:
-                nxt = int(logits.argmax())
+            logits = res.logits[0, -1].float()
+            nxt = (int(torch.multinomial(torch.softmax(logits.cpu(), -1), 1, generator=g)) if sample
+                   else int(logits.argmax()))
             out.append(nxt)
-            if eos is not None and nxt == eos:
+            if (eos is not None and nxt == eos) or len(out) - len(ids) == n:
                 break
+            cache = getattr(res, "past_key_values", None)
+            if cache is not None:
+                res = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=cache, use_cache=True)
+            else:
+                res = model(input_ids=torch.tensor([out], device=device), use_cache=False)
     return out[len(ids):]
+
+
+# ---- a corpus the model writes itself (for lenses of chat models) --------------------------------------------
+
+GENERATED = "generated:"  # --corpus generated:N[:SOURCE]
+ANSWER_TOKENS = 64  # tokens the model writes per prompt
+PROMPT_CHARS = 300  # the user turn: the start of a document of SOURCE, cut at a word
+
+
+def is_generated(corpus: str | None) -> bool:
+    return isinstance(corpus, str) and corpus.startswith(GENERATED)
+
+
+def parse_generated(corpus: str) -> tuple[int, str | None]:
+    """``generated:N[:SOURCE]`` -> (N, SOURCE or None for the default corpus)."""
+    head, _, source = corpus[len(GENERATED):].partition(":")
+    if not head.isdigit() or int(head) < 1:
+        raise LensesError(f"--corpus {corpus!r}: write generated:N or generated:N:SOURCE with N >= 1 prompts "
+                          "(e.g. generated:500 or generated:500:books).")
+    return int(head), source or None
+
+
+def generated_corpus(adapter, tokenizer, corpus: str, seed: int = 0, system: str | None = None,
+                     progress: bool = False) -> list[str]:
+    """The documents of ``--corpus generated:N[:SOURCE]``: N chat transcripts the model writes itself. Each
+    prompt is the start of a document of SOURCE (`PROMPT_CHARS`, drawn with ``seed``) as the user turn of
+    the chat template; the model answers greedily (`ANSWER_TOKENS` tokens, or to its end-of-turn); the
+    document is the rendered template with the answer. Cached in the lenses cache folder, one JSON line per
+    transcript, keyed by the model's fingerprint and the settings: an interrupted run resumes at the
+    first missing transcript, and a cache made by another model or other settings is never read."""
+    import hashlib
+    import json
+    import random
+
+    from tqdm.auto import tqdm
+
+    from .data import read_texts
+    from .io import cache_dir
+
+    n, source = parse_generated(corpus)
+    if not has_template(tokenizer):
+        raise LensesError(f"--corpus {corpus}: the model's tokenizer has no chat template, so there is no chat to "
+                          "generate; train on text (--corpus wikipedia) instead.")
+    key = {"fingerprint": adapter.fingerprint(), "source": source or "wikipedia", "seed": seed, "system": system,
+           "answer_tokens": ANSWER_TOKENS, "prompt_chars": PROMPT_CHARS}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "generated" / f"{digest}.jsonl"
+    done = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                done.append(json.loads(line)["text"])
+            except (ValueError, KeyError, TypeError):
+                break  # a line cut by an interruption: made again from here
+    if len(done) < n:
+        docs = [d for d in read_texts(source) if len(d.strip()) >= 40]
+        random.Random(seed).shuffle(docs)
+        if len(docs) < n:
+            raise LensesError(f"--corpus {corpus}: {source or 'wikipedia'} gives {len(docs)} documents, fewer than "
+                              f"the {n} prompts asked for; ask for at most {len(docs)}.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:  # rewritten whole lines only, then appended one at a time
+            for text in done:
+                f.write(json.dumps({"text": text}) + "\n")
+            for doc in tqdm(docs[len(done):n], desc="generating", unit="answer", disable=not progress):
+                prompt = doc.strip()[:PROMPT_CHARS].rsplit(" ", 1)[0]
+                turn = chat_turn(tokenizer, prompt, system)
+                answer = generate(adapter.model, turn.ids, ANSWER_TOKENS, eos=tokenizer.eos_token_id)
+                text = tokenizer.decode(turn.ids + answer)
+                f.write(json.dumps({"text": text}) + "\n")
+                f.flush()
+                done.append(text)
+    return done[:n]

@@ -31,6 +31,7 @@ import torch
 
 from . import vocab
 from .cli import option
+from .chat import generated_corpus, is_generated
 from .data import make_blocks, read_texts
 from .distributed import DataParallel
 from .errors import DataError, LensesError
@@ -60,7 +61,8 @@ class TrainConfig(ModelOptions):
     device map) decide the result and must match on ``--resume``; ``runtime`` fields are free."""
 
     corpus: str | None = option(None, "text: wikipedia, books, pydocs, or a .txt/.jsonl file, folder or "
-                                      "save_to_disk dataset (none: wikipedia)", group="recipe")
+                                      "save_to_disk dataset (none: wikipedia); generated:N[:SOURCE]: N chat "
+                                      "answers the model writes itself to prompts from SOURCE", group="recipe")
     out: str = option("runs/lens", "output folder", group="runtime")
     seq_len: int = option(256, "tokens per training sequence", group="recipe", min=2)
     batch_size: int = option(8, "sequences per step", group="recipe", min=1)
@@ -217,11 +219,24 @@ def _hash(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def _corpus(job: Job, cfg: TrainConfig) -> list[str]:
+    """The documents of ``--corpus``; ``generated:N[:SOURCE]`` are chat transcripts the model writes itself
+    (`lenses.chat.generated_corpus`: the first process writes them, the others then read its cache)."""
+    if not is_generated(cfg.corpus):
+        return read_texts(cfg.corpus)
+    if job.dp.world > 1 and not job.dp.main:
+        job.dp.barrier()
+    texts = generated_corpus(job.adapter, job.tokenizer, cfg.corpus, seed=cfg.seed, progress=cfg.progress)
+    if job.dp.world > 1 and job.dp.main:
+        job.dp.barrier()
+    return texts
+
+
 def setup(job: Job, cfg: TrainConfig, lens_class: type[Lens] = TunedLens) -> Run:
     """Read the data and build (or resume) the `TrainState` of a job `open_job` started."""
     dp, adapter, tokenizer = job.dp, job.adapter, job.tokenizer
     dtype = vocab.compute_dtype(cfg.compute_dtype, adapter.device)
-    texts = read_texts(cfg.corpus)
+    texts = _corpus(job, cfg)
     max_eval_blocks = max(1, cfg.max_eval_tokens // cfg.seq_len)
     _check_seq_len(cfg, adapter)
     train_blocks, eval_blocks = make_blocks(texts, tokenizer, cfg.seq_len, cfg.eval_fraction, max_eval_blocks)

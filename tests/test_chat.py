@@ -4,6 +4,7 @@ assistant's first token, and one-line refusals of bad input."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,47 @@ def test_grid_with_a_template_and_generated_tokens_from_the_command_line(tmp_pat
     assert first.role.tolist() == ["template"] * 6 + ["user"] * 5 + ["template"] * 12 + ["generated"] * 6
     assert first.generated.tolist() == [False] * 23 + [True] * 6
     assert "role-generated" in (out / "grid.html").read_text(encoding="utf-8")
+
+
+def test_kv_cache_generation_equals_full_passes_and_sampling_draws_the_same():
+    """`generate` continues from the KV cache; a model without a cache (forced here) recomputes: the same."""
+    model = tiny_model("llama", vocab_size=257)
+    fast = generate(model, [3, 4, 5], 10)
+    real_forward = model.forward
+
+    def no_cache(*args, **kwargs):
+        kwargs.pop("past_key_values", None)
+        out = real_forward(*args, **{**kwargs, "use_cache": False})
+        out.past_key_values = None
+        return out
+
+    model.forward = no_cache
+    try:
+        assert generate(model, [3, 4, 5], 10) == fast
+    finally:
+        model.forward = real_forward
+
+
+def test_a_generated_corpus_is_deterministic_cached_and_resumed(tmp_path, monkeypatch):
+    from lenses.chat import generated_corpus
+
+    monkeypatch.setenv("LENSES_CACHE", str(tmp_path / "cache"))
+    adapter = ModelAdapter.from_model(tiny_model("llama", vocab_size=257))
+    tok = _tok()
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"Document number {i} says something about topic {i}."})
+                                for i in range(8)))
+    texts = generated_corpus(adapter, tok, f"generated:3:{corpus}", seed=1)
+    assert len(texts) == 3 and all(t.startswith("[user]Document number") and "[assistant]" in t for t in texts)
+    cached = list((tmp_path / "cache" / "generated").glob("*.jsonl"))
+    assert len(cached) == 1
+    lines = cached[0].read_text().splitlines()
+    cached[0].write_text("\n".join(lines[:1]) + '\n{"text": "cut sho')  # an interrupted run: one and a half lines
+    assert generated_corpus(adapter, tok, f"generated:3:{corpus}", seed=1) == texts  # resumed, the same
+    assert generated_corpus(adapter, tok, f"generated:4:{corpus}", seed=1)[:3] == texts  # extended
+    other = generated_corpus(adapter, tok, f"generated:3:{corpus}", seed=2)
+    assert other != texts  # another seed draws other prompts
+    with pytest.raises(LensesError, match="generated:N"):
+        generated_corpus(adapter, tok, "generated:zero")
+    with pytest.raises(LensesError, match="no chat template"):
+        generated_corpus(adapter, byte_tokenizer(), f"generated:2:{corpus}")

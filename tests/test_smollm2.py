@@ -95,7 +95,7 @@ def test_analyze_prompt_with_both_lenses(tmp_path, smollm2):
     lens.save_pretrained(tmp_path / "lens")
     assert analyze.main(["--prompt", "The capital of France is", "--lens", str(tmp_path / "lens"),
                          "--top-k", "2", "--out", str(tmp_path / "o"), "--html", str(tmp_path / "o" / "lens.html"),
-                         "--png", str(tmp_path / "o" / "lens.png")]) == 0
+                         "--png", str(tmp_path / "o" / "lens.png"), "--chat-template", "off"]) == 0  # raw text
     table = read_grid(tmp_path / "o" / "lens_grid.csv")
     assert set(table.lens) == {"logit", "tuned"} and set(table.layer) == set(range(31))
     assert table.prob_1.between(0, 1).all() and (table.prob_2 <= table.prob_1).all() and "prob_3" not in table
