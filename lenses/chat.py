@@ -11,12 +11,17 @@ the template's markup.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
 import re
 from dataclasses import dataclass, field
 
 import torch
 
+from .data import read_texts
 from .errors import LensesError
+from .io import cache_dir
 
 CHAT_MODES = ("auto", "on", "off")
 CHAT_NAME = re.compile(r"instruct|chat|[-_]it\b|[-_]sft|[-_]dpo|assistant", re.I)
@@ -144,14 +149,7 @@ def generated_corpus(adapter, tokenizer, corpus: str, seed: int = 0, system: str
     document is the rendered template with the answer. Cached in the lenses cache folder, one JSON line per
     transcript, keyed by the model's fingerprint and the settings: an interrupted run resumes at the
     first missing transcript, and a cache made by another model or other settings is never read."""
-    import hashlib
-    import json
-    import random
-
     from tqdm.auto import tqdm
-
-    from .data import read_texts
-    from .io import cache_dir
 
     n, source = parse_generated(corpus)
     if not has_template(tokenizer):
