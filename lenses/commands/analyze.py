@@ -69,6 +69,10 @@ def parse_args(argv=None, prog: str = "analyze.py") -> tuple[AnalysisConfig, str
     add_options(p, AnalysisConfig, GROUPS)
     a = p.parse_args(argv)
     cfg = from_args(AnalysisConfig, a)
+    chat_views = {"facts", "mcq", "all"}
+    if a.view and a.view not in chat_views and (cfg.system is not None or cfg.chat_template != "auto"):
+        p.error(f"--chat-template and --system apply to the facts and mcq views and the grid, not --view {a.view}; "
+                "drop them or run one of those")
     if cfg.sample and not cfg.generate:
         p.error("--sample draws the tokens of --generate; give --generate N too")
     if a.view and (cfg.generate or cfg.sample or cfg.sublayers):
