@@ -121,11 +121,35 @@ def generate(model, ids: list[int], n: int, sample: bool = False, seed: int = 0,
     return out[len(ids):]
 
 
+def generate_batch(model, prompts: list[list[int]], n: int, eos: int | None = None,
+                   pad: int | None = None) -> list[list[int]]:
+    """Greedy answers to several prompts at once (`generate` for one): the prompts left-padded with an
+    attention mask, through transformers' ``model.generate``; each answer ends at ``eos`` (kept) or after
+    ``n`` tokens. About 8x the answers per second of one at a time for SmolLM2 on a 2-core CPU (32 prompts);
+    measured equal to `generate` token for token there, though padding may change a near-tie's winner."""
+    if not isinstance(n, int) or n < 1:
+        raise LensesError(f"--generate needs a positive number of tokens (got {n!r}).")
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=0,
+                             do_sample=False, pad_token_id=pad, eos_token_id=eos, temperature=None, top_p=None,
+                             top_k=None)
+    answers = []
+    for row in out[:, width:].tolist():
+        answers.append(row[:row.index(eos) + 1] if eos is not None and eos in row else row)
+    return answers
+
+
 # ---- a corpus the model writes itself (for lenses of chat models) --------------------------------------------
 
 GENERATED = "generated:"  # --corpus generated:N[:SOURCE]
 ANSWER_TOKENS = 64  # tokens the model writes per prompt
 PROMPT_CHARS = 300  # the user turn: the start of a document of SOURCE, cut at a word
+GENERATE_BATCH = 32  # prompts answered together (answers depend on the batch only through rounding)
 
 
 def is_generated(corpus: str | None) -> bool:
@@ -156,7 +180,7 @@ def generated_corpus(adapter, tokenizer, corpus: str, seed: int = 0, system: str
         raise LensesError(f"--corpus {corpus}: the model's tokenizer has no chat template, so there is no chat to "
                           "generate; train on text (--corpus wikipedia) instead.")
     key = {"fingerprint": adapter.fingerprint(), "source": source or "wikipedia", "seed": seed, "system": system,
-           "answer_tokens": ANSWER_TOKENS, "prompt_chars": PROMPT_CHARS}
+           "answer_tokens": ANSWER_TOKENS, "prompt_chars": PROMPT_CHARS, "batch": GENERATE_BATCH}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "generated" / f"{digest}.jsonl"
     done = []
@@ -167,21 +191,28 @@ def generated_corpus(adapter, tokenizer, corpus: str, seed: int = 0, system: str
             except (ValueError, KeyError, TypeError):
                 break  # a line cut by an interruption: made again from here
     if len(done) < n:
+        done = done[:len(done) - len(done) % GENERATE_BATCH]  # batches start at multiples: the same text as unbroken
         docs = [d for d in read_texts(source) if len(d.strip()) >= 40]
         random.Random(seed).shuffle(docs)
         if len(docs) < n:
             raise LensesError(f"--corpus {corpus}: {source or 'wikipedia'} gives {len(docs)} documents, fewer than "
                               f"the {n} prompts asked for; ask for at most {len(docs)}.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:  # rewritten whole lines only, then appended one at a time
+        todo = docs[len(done):len(done) + -(-(n - len(done)) // GENERATE_BATCH) * GENERATE_BATCH]
+        bar = tqdm(total=len(todo), desc="generating", unit="answer", disable=not progress)
+        with open(path, "w", encoding="utf-8") as f:  # rewritten whole lines only, then appended a batch at a time
             for text in done:
                 f.write(json.dumps({"text": text}) + "\n")
-            for doc in tqdm(docs[len(done):n], desc="generating", unit="answer", disable=not progress):
-                prompt = doc.strip()[:PROMPT_CHARS].rsplit(" ", 1)[0]
-                turn = chat_turn(tokenizer, prompt, system)
-                answer = generate(adapter.model, turn.ids, ANSWER_TOKENS, eos=tokenizer.eos_token_id)
-                text = tokenizer.decode(turn.ids + answer)
-                f.write(json.dumps({"text": text}) + "\n")
+            for start in range(0, len(todo), GENERATE_BATCH):
+                turns = [chat_turn(tokenizer, doc.strip()[:PROMPT_CHARS].rsplit(" ", 1)[0], system)
+                         for doc in todo[start:start + GENERATE_BATCH]]
+                answers = generate_batch(adapter.model, [t.ids for t in turns], ANSWER_TOKENS,
+                                         eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+                for turn, answer in zip(turns, answers):
+                    text = tokenizer.decode(turn.ids + answer)
+                    f.write(json.dumps({"text": text}) + "\n")
+                    done.append(text)
                 f.flush()
-                done.append(text)
+                bar.update(len(turns))
+        bar.close()
     return done[:n]

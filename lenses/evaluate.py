@@ -11,28 +11,39 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
 from . import vocab
 from .data import make_blocks, read_texts
+from .intervals import mean_interval
 from .models import ModelAdapter
 
 
 @dataclass
 class HeldOut:
-    """Per lens: ``kl`` [L] mean KL(final || lens) per layer (nats/token), and ``top1`` [L+1, N] the
-    lens's top-1 token at every layer and held-out position (row L: the model's own top-1)."""
+    """Per lens: ``kl`` [L] mean KL(final || lens) per layer (nats/token), ``top1`` [L+1, N] the lens's
+    top-1 token at every layer and held-out position (row L: the model's own top-1), and ``block_kl``
+    [blocks, L] the mean per block of text (for intervals that resample blocks)."""
 
     kl: dict[str, torch.Tensor]
     top1: dict[str, torch.Tensor]
     tokens_per_byte: float
+    block_kl: dict[str, torch.Tensor] | None = None
 
     def table(self) -> pd.DataFrame:
-        """Tidy per-layer KL: layer, lens, kl_nats, kl_bits_per_byte."""
-        rows = [{"layer": layer, "lens": name, "kl_nats": v, "kl_bits_per_byte": v * self.tokens_per_byte / math.log(2)}
-                for name, values in self.kl.items() for layer, v in enumerate(values.tolist())]
-        return pd.DataFrame(rows, columns=["layer", "lens", "kl_nats", "kl_bits_per_byte"])
+        """Tidy per-layer KL: layer, lens, kl_nats, kl_bits_per_byte, and kl_low/kl_high, the 95% bootstrap
+        interval of kl_nats resampling the blocks (NaN with one block)."""
+        rows = []
+        for name, values in self.kl.items():
+            blocks = self.block_kl[name].numpy() if self.block_kl else None
+            for layer, v in enumerate(values.tolist()):
+                low, high = (mean_interval(blocks[:, layer], np.arange(len(blocks)))[1:] if blocks is not None
+                             else (float("nan"), float("nan")))
+                rows.append({"layer": layer, "lens": name, "kl_nats": v, "kl_low": low, "kl_high": high,
+                             "kl_bits_per_byte": v * self.tokens_per_byte / math.log(2)})
+        return pd.DataFrame(rows, columns=["layer", "lens", "kl_nats", "kl_low", "kl_high", "kl_bits_per_byte"])
 
 
 def evaluate(adapter: ModelAdapter, lenses: dict, blocks: torch.Tensor, tokenizer=None, batch_size: int = 8,
@@ -42,9 +53,8 @@ def evaluate(adapter: ModelAdapter, lenses: dict, blocks: torch.Tensor, tokenize
     gives the bytes per token for the bits-per-byte column."""
     L = adapter.num_layers
     chunk_rows = chunk_rows or vocab.default_chunk_rows(adapter, dtype)
-    sums = {name: torch.zeros(L, dtype=torch.float64) for name in lenses}
+    per_block = {name: torch.zeros(len(blocks), L, dtype=torch.float64) for name in lenses}
     top1: dict[str, list[torch.Tensor]] = {name: [] for name in lenses}
-    count = 0
     with torch.no_grad():
         for b in range(0, len(blocks), batch_size):
             hidden = adapter.hidden_states(blocks[b : b + batch_size]).flatten(1, 2)
@@ -52,29 +62,32 @@ def evaluate(adapter: ModelAdapter, lenses: dict, blocks: torch.Tensor, tokenize
                 teacher = vocab.Teacher(adapter, hidden[L, b0:b1])
                 ids = {name: [] for name in lenses}
                 for s, e in vocab.blocks(b0, b1, max(1, chunk_rows // L)):
+                    block_of = b + torch.arange(s, e) // blocks.shape[1]
                     for name, lens in lenses.items():
                         h = lens.transform_stack(hidden[:L, s:e])
                         kl, top = vocab.kl_rows(adapter, h, *teacher.rows(s - b0, e - b0), dtype)
-                        sums[name] += kl.sum(-1).double().cpu()
+                        per_block[name].index_add_(0, block_of, kl.T.double().cpu())
                         ids[name].append(top)
                 for name in lenses:
                     top1[name].append(torch.cat([torch.cat(ids[name], dim=1), teacher.top1[None]]).cpu())
-            count += hidden.shape[1]
     n_bytes = sum(len(tokenizer.decode(row).encode("utf-8")) for row in blocks.tolist()) if tokenizer else 0
-    return HeldOut({name: sums[name] / max(1, count) for name in lenses},
+    count = max(1, blocks.numel())
+    return HeldOut({name: per_block[name].sum(0) / count for name in lenses},
                    {name: torch.cat(top1[name], dim=1) for name in lenses},
-                   blocks.numel() / n_bytes if n_bytes else float("nan"))
+                   blocks.numel() / n_bytes if n_bytes else float("nan"),
+                   {name: per_block[name] / blocks.shape[1] for name in lenses})
 
 
-def cross_domain(adapter: ModelAdapter, tokenizer, lenses: dict, corpora: list[str], seq_len: int = 256,
-                 max_tokens: int = 8192, **kwargs) -> pd.DataFrame:
-    """Held-out per-layer KL of every lens on the held-out split of every corpus (names or paths; the
-    split `train_probes.py` uses, first ``max_tokens`` tokens). Tidy: corpus, layer, lens, kl_nats,
-    kl_bits_per_byte."""
+def cross_domain(adapter: ModelAdapter, tokenizer, lenses: dict, corpora: list[str] | dict[str, list[str]],
+                 seq_len: int = 256, max_tokens: int = 8192, **kwargs) -> pd.DataFrame:
+    """Held-out per-layer KL of every lens on the held-out split of every corpus (names or paths, or a dict
+    name -> documents; the split `train_probes.py` uses, first ``max_tokens`` tokens). Tidy: corpus, layer,
+    lens, kl_nats, kl_low, kl_high (interval by block), kl_bits_per_byte."""
     frames = []
     for corpus in corpora:
-        _, held = make_blocks(read_texts(corpus), tokenizer, seq_len, max_eval_blocks=max(1, max_tokens // seq_len))
+        texts = corpora[corpus] if isinstance(corpora, dict) else read_texts(corpus)
+        _, held = make_blocks(texts, tokenizer, seq_len, max_eval_blocks=max(1, max_tokens // seq_len))
         table = evaluate(adapter, lenses, held, tokenizer, **kwargs).table()
         frames.append(table.assign(corpus=corpus))
     out = pd.concat(frames, ignore_index=True)
-    return out[["corpus", "layer", "lens", "kl_nats", "kl_bits_per_byte"]]
+    return out[["corpus", "layer", "lens", "kl_nats", "kl_low", "kl_high", "kl_bits_per_byte"]]

@@ -411,18 +411,25 @@ def fit_loop(run: FitRun) -> None:
             state.save(run.checkpoint, run.identity, adapter.num_layers - 1, cfg.skip_first)
             bar.set_postfix(prompt_s=f"{done_here / elapsed:.3g}", change=f"{rel:.2e}", dist_I=f"{dist:.3f}")
             bar.update(1)
-        converged = cfg.tol > 0 and state.n_done >= cfg.min_prompts and rel < cfg.tol
-        if not dp.any(not converged):
-            if dp.main:
-                print(f"converged: the running mean changed by {rel:.2e} < --tol {cfg.tol} after "
-                      f"{state.n_done} prompts")
+        if _should_stop(run, state, rel, not dp.any(not (cfg.tol > 0 and state.n_done >= cfg.min_prompts
+                                                             and rel < cfg.tol)), run.checkpoint, bar):
             break
-        if dp.any(run.job.stop_requested()):
-            bar.close()
-            raise LensesError(f"interrupted after {state.n_done} prompts; progress saved in {run.checkpoint}. "
-                              "Continue with the same command plus --resume.")
     bar.close()
     run.seconds = time.perf_counter() - t0
+
+
+def _should_stop(run: FitRun, state: FitState, rel: float, converged: bool, saved, bar) -> bool:
+    """True once every process has converged (said by the main one); an interrupt raises, naming ``saved``."""
+    if converged:
+        if run.job.dp.main:
+            print(f"converged: the running mean changed by {rel:.2e} < --tol {run.cfg.tol} after "
+                  f"{state.n_done} prompts")
+        return True
+    if run.job.dp.any(run.job.stop_requested()):
+        bar.close()
+        raise LensesError(f"interrupted after {state.n_done} prompts; progress saved in {saved}. "
+                          "Continue with the same command plus --resume.")
+    return False
 
 
 def fit_loop_sharded(run: FitRun) -> None:
@@ -469,16 +476,10 @@ def fit_loop_sharded(run: FitRun) -> None:
                                  main)
         bar.set_postfix(prompt_s=f"{done_here / elapsed:.3g}", change=f"{rel:.2e}", dist_I=f"{dist_id:.3f}")
         bar.update(1)
-        converged = cfg.tol > 0 and state.n_done >= cfg.min_prompts and rel < cfg.tol
-        if converged:  # rel is the same number in every process (the norms are added over them)
-            if main:
-                print(f"converged: the running mean changed by {rel:.2e} < --tol {cfg.tol} after "
-                      f"{state.n_done} prompts")
+        # rel is the same number in every process (the norms are added over them)
+        if _should_stop(run, state, rel, cfg.tol > 0 and state.n_done >= cfg.min_prompts and rel < cfg.tol,
+                        run.checkpoint.parent, bar):
             break
-        if dp.any(run.job.stop_requested()):
-            bar.close()
-            raise LensesError(f"interrupted after {state.n_done} prompts; progress saved in {run.checkpoint.parent}. "
-                              "Continue with the same command plus --resume.")
     bar.close()
     run.seconds = time.perf_counter() - t0
 

@@ -5,14 +5,19 @@ and the lens card (does a lens trained on one kind of text transfer to another?)
     .venv/bin/python scripts/cross_domain.py --lens logit,smollm2-135m-instruct,runs/wiki-lens \
         --corpora wikipedia,books,pydocs --out out/cross_domain.csv
 
+A corpus may be ``generated:N[:SOURCE]``: the model's own chat transcripts (`lenses.chat.generated_corpus`,
+the ones `train_probes.py --corpus generated:N` trains on; their held-out split is that lens's held-out text).
+
 Prints a Markdown table (KL in nats per token, selected layers and the mean over layers 0..L-1) and
-writes the tidy CSV.
+writes the tidy CSV (with kl_low/kl_high: 95% bootstrap intervals resampling 256-token blocks).
 """
 
 import argparse
 import time
 
 
+from lenses.chat import generated_corpus, is_generated  # noqa: E402
+from lenses.data import read_texts  # noqa: E402
 from lenses.evaluate import cross_domain  # noqa: E402
 from lenses.io import write_csv  # noqa: E402
 from lenses.loading import ModelOptions  # noqa: E402
@@ -30,7 +35,9 @@ def main() -> None:
     model, tok, adapter = ModelOptions().load()
     lenses = select_lenses(a.lens, adapter)
     start = time.time()
-    table = cross_domain(adapter, tok, lenses, a.corpora.split(","), max_tokens=a.max_tokens)
+    corpora = {c: generated_corpus(adapter, tok, c, progress=True) if is_generated(c) else read_texts(c)
+               for c in a.corpora.split(",")}
+    table = cross_domain(adapter, tok, lenses, corpora, max_tokens=a.max_tokens)
     print(f"evaluated in {time.time() - start:.0f} s; wrote {write_csv(a.out, table)}\n")
     layers = [int(x) for x in a.layers.split(",")]
     L = adapter.num_layers

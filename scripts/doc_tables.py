@@ -309,6 +309,24 @@ KEEP = ("report.json", "frequency_layers.csv", "pos_tags.csv", "facts_by_index.c
         "calibration_layers.csv", "sublayer_layers.csv", "sublayer_buckets.csv", "pos_compare.csv")
 
 
+def chat_lens_table() -> tuple[str, str]:
+    """Held-out KL per layer (95% interval by 256-token block) of the shipped Wikipedia lens and lenses trained on
+    the model's own chat transcripts, on held-out chat transcripts and held-out Wikipedia (scripts/cross_domain.py)."""
+    src = "docs/data/chat-lens/heldout_kl.csv"
+    t = pd.read_csv(ROOT / src)
+    L = int(t.layer.max())
+    show = [0, 5, 10, 15, 20, 25, L - 1]
+    rows = []
+    for (corpus, lens), g in t.groupby(["corpus", "lens"], sort=False):
+        g = g.set_index("layer")
+        row = {"held-out text": "chat transcripts" if corpus.startswith("generated:") else corpus, "lens": lens}
+        for layer in show:
+            row[str(layer)] = f"{g.kl_nats[layer]:.2f} [{g.kl_low[layer]:.2f}, {g.kl_high[layer]:.2f}]"
+        row[f"mean 0-{L - 1}"] = f"{g.kl_nats.loc[: L - 1].mean():.3f}"
+        rows.append(row)
+    return src, markdown(pd.DataFrame(rows), "ll" + "r" * (len(show) + 1))
+
+
 def keep_run(out: Path, name: str) -> None:
     """Copy the small summary files of an analysis folder into docs/data/<name>/ (what the tables read)."""
     import shutil
@@ -343,6 +361,7 @@ TABLES = {
     "smollm2-calibration": lambda: calibration_table("smollm2-calibration"),
     "smollm2-sublayer": lambda: sublayer_table("smollm2-calibration"),
     "smollm2-chat": lambda: view_summaries("smollm2-chat"),
+    "chat-lens": chat_lens_table,
 }
 
 

@@ -152,6 +152,20 @@ def test_kv_cache_generation_equals_full_passes_and_sampling_draws_the_same():
         model.forward = real_forward
 
 
+def test_batched_greedy_answers_equal_one_at_a_time():
+    """Prompts of different lengths answered together (left-padded) give each prompt's own greedy answer, and
+    an answer that reaches the end token stops there."""
+    from lenses.chat import generate_batch
+
+    model = tiny_model("llama", vocab_size=257)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20]]
+    alone = [generate(model, p, 9) for p in prompts]
+    assert generate_batch(model, prompts, 9, pad=0) == alone
+    eos = alone[1][3]
+    ended = generate_batch(model, prompts, 9, eos=eos, pad=0)
+    assert ended == [generate(model, p, 9, eos=eos) for p in prompts] and ended[1][-1] == eos and len(ended[1]) <= 4
+
+
 def test_a_generated_corpus_is_deterministic_cached_and_resumed(tmp_path, monkeypatch):
     from lenses.chat import generated_corpus
 
@@ -175,3 +189,33 @@ def test_a_generated_corpus_is_deterministic_cached_and_resumed(tmp_path, monkey
         generated_corpus(adapter, tok, "generated:zero")
     with pytest.raises(LensesError, match="no chat template"):
         generated_corpus(adapter, byte_tokenizer(), f"generated:2:{corpus}")
+
+
+def test_views_read_generated_transcripts_and_never_a_lens_s_own_training_ones(tmp_path, monkeypatch):
+    """``--corpus generated:N`` in the views: the same transcripts training makes; with a lens trained on
+    ``generated:4`` the views read every transcript outside that lens's training part (held-out ones of the
+    first 4, and all later ones), whatever N they ask for."""
+    from lenses import TunedLens
+    from lenses.analysis import AnalysisConfig, Context, run_view
+    from lenses.chat import generated_corpus
+    from lenses.data import split_documents
+
+    monkeypatch.setenv("LENSES_CACHE", str(tmp_path / "cache"))
+    adapter, tok = ModelAdapter.from_model(tiny_model("llama", vocab_size=257)), _tok()
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"Document {i} is about topic {i} and more words here."})
+                                for i in range(12)))
+    lens = TunedLens.for_model(adapter.model, training={"corpus": f"generated:8:{corpus}"})
+    ctx = Context(adapter, tok, {"tuned": lens}, AnalysisConfig(corpus=f"generated:10:{corpus}", num_positions=40,
+                                                                 progress=False))
+    every = generated_corpus(adapter, tok, f"generated:10:{corpus}")
+    assert ctx.texts == every
+    docs, _, cut = split_documents(every[:8], tok)
+    held, source = ctx.view_texts
+    assert set(held) == set(docs[cut:]) | set(every[8:]) and not set(held) & set(docs[:cut])
+    assert f"the {len(held)} of 10 transcripts" in source and "tuned lens was trained on the others" in source
+    fresh = Context(adapter, tok, {"tuned": TunedLens(adapter.num_layers, adapter.d_model)},
+                    AnalysisConfig(corpus=f"generated:10:{corpus}", num_positions=40, progress=False))
+    assert fresh.view_texts[0] == every  # no lens trained on them: all of them
+    result = run_view("early-exit", ctx)
+    assert any(f"the {len(held)} of 10 transcripts of generated:10" in line for line in result.lines())

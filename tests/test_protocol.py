@@ -73,13 +73,18 @@ def test_third_lens_traces_evaluates_and_round_trips(tiny, tmp_path, eager_kl, c
     assert set(layers.lens) == {"logit", "rotated"} and np.allclose(layers.groupby(["lens", "layer"]).share.sum(), 1)
     # held-out evaluation against a float64 KL
     blocks = torch.tensor([ids[:12], ids[12:24]])
-    kl = evaluate(adapter, {"rotated": rot}, blocks, batch_size=1).kl["rotated"]
+    held = evaluate(adapter, {"rotated": rot}, blocks, batch_size=1, chunk_rows=7 * adapter.num_layers)
+    kl, per_block = held.kl["rotated"], held.block_kl["rotated"]
     h = adapter.hidden_states(blocks).flatten(1, 2)
     logp = torch.log_softmax(_rotated_logits(adapter, rot, h[-1], adapter.num_layers), -1)
+    table = held.table().set_index("layer")
     for layer in range(adapter.num_layers):
         logq = torch.log_softmax(_rotated_logits(adapter, rot, h[layer], layer), -1)
-        ref = (logp.exp() * (logp - logq)).sum(-1).mean()
-        torch.testing.assert_close(kl[layer].double(), ref, rtol=1e-4, atol=1e-6)
+        ref = (logp.exp() * (logp - logq)).sum(-1)  # per position; block b holds positions 12b .. 12b + 11
+        torch.testing.assert_close(kl[layer].double(), ref.mean(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(per_block[:, layer], ref.view(2, 12).mean(1), rtol=1e-4, atol=1e-6)
+        row = table.loc[layer]  # two blocks: the bootstrap interval spans the two block means
+        assert row.kl_low <= row.kl_nats <= row.kl_high and row.kl_low >= float(per_block[:, layer].min()) - 1e-9
     # save / load by kind, checked against the model: by its own class, and by kind once registered
     rot.save_pretrained(tmp_path / "rot")
     back = RotatedLens.from_pretrained(tmp_path / "rot", model=adapter)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..chat import generated_corpus, is_generated, parse_generated
 from ..cli import option
 from ..corpora import NAMES
 from ..data import read_texts, split_documents, tokenize
@@ -21,7 +22,7 @@ from ..errors import LensesError
 from ..loading import ModelOptions
 from ..models import ModelAdapter
 from ..plan import trace_batch_size
-from .common import ViewResult
+from .common import ViewResult, require
 
 
 def _suffix(path: str, allowed: tuple[str, ...]) -> str | None:
@@ -74,7 +75,8 @@ class AnalysisConfig(ModelOptions):
     sublayers: bool = option(False, "grid: also the half layers l + 0.5 (after each block's attention, before its "
                              "MLP), read with layer l's reading", group="prompt")
     corpus: str | None = option(None, "text for frequency, pos and representation: wikipedia, books, pydocs, "
-                                      "or a .txt/.jsonl file or folder (none: wikipedia)", group="views")
+                                      "a .txt/.jsonl file or folder, or generated:N[:SOURCE] (N chat transcripts "
+                                      "the model writes; none: wikipedia)", group="views")
     facts: str | None = option(None, "facts JSONL: {prompt, answer}, CounterFact or MQuAKE (none: shipped set)",
                                group="views")
     mcq: str | None = option(None, "MMLU-layout CSV: question,A,B,C,D,answer (none: shipped set)", group="views")
@@ -156,8 +158,17 @@ class Context:
 
     @cached_property
     def texts(self) -> list[str]:
-        """Every document of ``--corpus``."""
+        """Every document of ``--corpus`` (``generated:N[:SOURCE]``: N chat transcripts the model writes, as
+        `train_probes.py` makes them, `lenses.chat.generated_corpus`)."""
+        if is_generated(self.cfg.corpus):
+            return self.generated(parse_generated(self.cfg.corpus)[0])
         return read_texts(self.cfg.corpus)
+
+    def generated(self, n: int) -> list[str]:
+        """The first ``n`` transcripts of ``--corpus generated:...:SOURCE`` (the same ones at every ``n``)."""
+        source = parse_generated(self.cfg.corpus)[1]
+        return generated_corpus(self.adapter, self.tokenizer, f"generated:{n}" + (f":{source}" if source else ""),
+                                seed=self.cfg.seed, progress=self.cfg.progress)
 
     @property
     def corpus_name(self) -> str:
@@ -175,6 +186,8 @@ class Context:
         ``train_probes.py`` uses) when a lens here was trained on ``--corpus``, so no view scores a lens
         on its own training text; otherwise all of it (your own text is read whole)."""
         texts, trained = self.texts, self.trained_on()
+        if trained and is_generated(self.corpus_name):
+            return self._generated_held_out(trained)
         if trained:
             docs, streams, cut = split_documents(texts, self.tokenizer)
             self.__dict__["corpus_tokens"] = torch.cat(streams)  # all of it, for counting token frequencies
@@ -188,6 +201,21 @@ class Context:
                            f"{lenses} trained on it)")
         return texts, f"all {len(texts):,} document(s) of {self.corpus_name} (no lens here was trained on it)"
 
+    def _generated_held_out(self, trained: list[str]) -> tuple[list[str], str]:
+        """The transcripts no lens here trained on: a lens trained on ``generated:N`` trained on the first part
+        of `split_documents` of the first N transcripts; every other transcript (of any N) is held out."""
+        seen: set[str] = set()
+        for name in trained:
+            n = parse_generated(_lens_corpus(self.lenses[name]))[0]
+            docs, _, cut = split_documents(self.generated(n) if n > len(self.texts) else self.texts[:n],
+                                           self.tokenizer)
+            seen.update(docs[:cut])
+        held = [t for t in self.texts if t not in seen]
+        require(len(held) > 0, f"every transcript of --corpus {self.corpus_name} was training text of the "
+                               f"{' and '.join(trained)} lens; ask for more (a larger N in generated:N).")
+        lenses = f"{' and '.join(trained)} {'lens was' if len(trained) == 1 else 'lenses were'}"
+        return held, (f"the {len(held):,} of {len(self.texts):,} transcripts of {self.corpus_name} that no lens here "
+                      f"trained on (the {lenses} trained on the others)")
 
     @cached_property
     def corpus_tokens(self) -> torch.Tensor:
@@ -212,6 +240,8 @@ def _corpus_key(name: str | None) -> str | None:
 
     if name is None or name in NAMES:
         return name
+    if is_generated(name):  # transcripts i are the same at every N: one corpus per SOURCE
+        return "generated:" + (parse_generated(name)[1] or "wikipedia")
     return str(Path(name).resolve())
 
 
