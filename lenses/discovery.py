@@ -379,6 +379,27 @@ def _mixer_kind(block: nn.Module, name: str, order: list[str]) -> str:
     return "attention" if attention else "state-space/recurrent mixer"
 
 
+def first_outputs(named: list[list[tuple[str, torch.nn.Module]]], run):
+    """``(outputs, run())``: ``run`` called with a hook on each named module of each block; ``outputs[i]`` maps
+    each name to the first output tensor of its first call, in call order, cloned (a block may add to it in
+    place, as Falcon's does)."""
+    outs: list[dict[str, torch.Tensor]] = [{} for _ in named]
+
+    def grab(i, name, module, args, output):
+        t = first_tensor(output)
+        if t is not None and name not in outs[i]:
+            outs[i][name] = t.detach().clone()
+
+    hooks = [module.register_forward_hook(partial(grab, i, name))
+             for i, modules in enumerate(named) for name, module in modules]
+    try:
+        result = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs, result
+
+
 def find_block_parts(layers: nn.ModuleList, hidden_states) -> BlockParts:
     """Rule 8: for each block, the two direct children whose outputs sum to what the block adds
     (``hidden[l+1] - hidden[l]``, on the short pass ``hidden_states()``, which returns the residual stream
@@ -386,22 +407,8 @@ def find_block_parts(layers: nn.ModuleList, hidden_states) -> BlockParts:
     post-norms (the pair is then the post-norms, whose outputs are what is added), mixture-of-experts MLPs
     and hybrids whose blocks differ are found alike. Refuses, with the reason, a block where no children add
     up (parts that add the residual themselves, e.g. BLOOM's, or more than two branches)."""
-    outs: list[dict[str, torch.Tensor]] = [{} for _ in layers]
-    order: list[list[str]] = [[] for _ in layers]
-
-    def grab(i, name, module, args, output):
-        t = first_tensor(output)
-        if t is not None and name not in outs[i]:
-            outs[i][name] = t.detach().clone()  # a block may add to it in place (Falcon)
-            order[i].append(name)
-
-    hooks = [child.register_forward_hook(partial(grab, i, name))
-             for i, block in enumerate(layers) for name, child in block.named_children()]
-    try:
-        hidden = hidden_states()
-    finally:
-        for h in hooks:
-            h.remove()
+    outs, hidden = first_outputs([list(block.named_children()) for block in layers], hidden_states)
+    order = [list(o) for o in outs]
     first, second, mixer = [], [], []
     for i, block in enumerate(layers):
         delta = (hidden[i + 1] - hidden[i]).float()

@@ -24,7 +24,7 @@ from .discovery import (  # noqa: F401  (HeadChain, StreamHead: the part types a
     BlockParts,
     find_block_parts,
     parts_tolerance,
-    first_tensor,
+    first_outputs,
     HeadChain,
     StreamHead,
     _text_config,
@@ -80,6 +80,14 @@ def _flattened(fn, dims: int):
         return with_stream(*out, stream_arg(*out).unflatten(-1, h.shape[-dims:]))
 
     return hook
+
+
+def repeat_cache(forward: dict, times: int) -> dict:
+    """`ModelAdapter.prefix_cache`'s keyword arguments with the cache repeated ``times`` along the batch (in
+    place)."""
+    if times > 1:
+        forward["cache" if "cache" in forward else "past_key_values"].batch_repeat_interleave(times)
+    return forward
 
 
 @dataclass
@@ -260,20 +268,9 @@ class ModelAdapter:
         ``mlp`` includes every expert of a mixture (zero in a mixer-only block). ``hidden[l] + attn[l]`` is the
         mid-block state (a half layer). ``with_hidden`` adds ``"hidden"`` [L+1, ...]."""
         parts = self.block_parts
-        got: list[dict[str, torch.Tensor]] = [{} for _ in range(self.num_layers)]
-
-        def grab(i, key, module, args, output):
-            if key not in got[i]:
-                got[i][key] = first_tensor(output).detach().clone()  # a block may add to it in place
-
-        hooks = [getattr(block, name).register_forward_hook(partial(grab, i, key))
-                 for i, block in enumerate(self.layers)
-                 for key, name in (("attn", parts.first[i]), ("mlp", parts.second[i])) if name is not None]
-        try:
-            hidden = self.hidden_states(input_ids, attention_mask)
-        finally:
-            for h in hooks:
-                h.remove()
+        named = [[(key, getattr(block, name)) for key, name in (("attn", parts.first[i]), ("mlp", parts.second[i]))
+                  if name is not None] for i, block in enumerate(self.layers)]
+        got, hidden = first_outputs(named, lambda: self.hidden_states(input_ids, attention_mask))
         zero = torch.zeros_like(hidden[0])
         out = {key: torch.stack([g[key].to(self.device).reshape(hidden.shape[1:]) if key in g else zero for g in got])
                for key in ("attn", "mlp")}
@@ -309,12 +306,9 @@ class ModelAdapter:
             if not isinstance(out, Mapping):
                 return None
             key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.24 names it `cache`
-            cache = out.get(key)
-            if cache is None:
+            if out.get(key) is None:
                 return None
-            if repeat > 1:
-                cache.batch_repeat_interleave(repeat)
-            return {key: cache, "use_cache": True}
+            return repeat_cache({key: out[key], "use_cache": True}, repeat)
         except (AttributeError, TypeError, ValueError, NotImplementedError, KeyError):
             return None
 

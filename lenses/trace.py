@@ -26,7 +26,7 @@ import torch
 
 from . import vocab
 from .errors import LensesError
-from .models import ModelAdapter
+from .models import ModelAdapter, repeat_cache
 
 ONSET_KS = (1, 10, 100, 1000, 10000)  # the paper's log grid for onset-vs-k curves
 
@@ -209,13 +209,10 @@ class SharedPrefix:
     _cache: dict
 
     def cache(self, batch: int) -> dict:
+        """A copy of the prefix's cache for a batch of ``batch`` texts."""
         import copy
 
-        kw = copy.deepcopy(self._cache)
-        key = "cache" if "cache" in kw else "past_key_values"
-        if batch > 1:
-            kw[key].batch_repeat_interleave(batch)
-        return kw
+        return repeat_cache(copy.deepcopy(self._cache), batch)
 
 
 def shared_prefix(adapter, todo: list[tuple[int, torch.Tensor, list[int]]]) -> SharedPrefix | None:

@@ -161,9 +161,9 @@ def position_tokens(source: str, adapter: ModelAdapter, ids: torch.Tensor, hidde
     if source == "input":
         return ids.reshape(-1)
     if source == "teacher":
-        return vocab.teacher_top1(adapter, hidden[-1])
+        return vocab.top1_ids(adapter, hidden[-1])
     if source == "next":  # the last position of a block has no next token: use the teacher's top-1
-        last = vocab.teacher_top1(adapter, hidden[-1].view(*ids.shape, -1)[:, -1])
+        last = vocab.top1_ids(adapter, hidden[-1].view(*ids.shape, -1)[:, -1])
         return torch.cat([ids[:, 1:], last[:, None].to(ids.device)], dim=1).reshape(-1)
     raise LensesError(f"unknown frequency token source {source!r}: use teacher, next or input")
 

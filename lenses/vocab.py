@@ -185,10 +185,20 @@ class Teacher:
         return self.p.argmax(-1)
 
 
-def teacher_top1(adapter: "ModelAdapter", h_last: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """The model's own top-1 token [N] at each of N positions, decoded chunk by chunk."""
+def top1_ids(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype | None = None,
+             chunk: int = 512) -> torch.Tensor:
+    """The top-1 token [N] of states ``x`` [N, d] through the model's final norm and unembedding (the
+    model's own top-1 when ``x`` is its last hidden state), decoded chunk by chunk in ``dtype`` (None: the
+    model's); a 16-bit ``dtype`` asked for is re-scored (`decode_rescored`), so the ids are float32's."""
+    out = []
     with torch.no_grad():
-        return torch.cat([decode(adapter, h_last[s : s + chunk]).argmax(-1) for s in range(0, h_last.shape[0], chunk)])
+        for s in range(0, x.shape[0], chunk):
+            if dtype in (torch.bfloat16, torch.float16):
+                z, _ = decode_rescored(adapter, x[s : s + chunk], dtype)
+            else:
+                z = decode(adapter, x[s : s + chunk], dtype)
+            out.append(z.argmax(-1))
+    return torch.cat(out)
 
 
 def blocks(start: int, stop: int, size: int) -> list[tuple[int, int]]:

@@ -31,9 +31,13 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens per corpus")
     p.add_argument("--layers", default="0,5,10,15,20,25,29")
     p.add_argument("--out", default="out/cross_domain.csv")
+    p.add_argument("--no-logit", action="store_true", help="leave the logit lens out (a quarter less work with "
+                   "three other lenses)")
     a = p.parse_args()
     model, tok, adapter = ModelOptions().load()
     lenses = select_lenses(a.lens, adapter)
+    if a.no_logit:
+        lenses.pop("logit")
     start = time.time()
     corpora = {c: generated_corpus(adapter, tok, c, progress=True) if is_generated(c) else read_texts(c)
                for c in a.corpora.split(",")}

@@ -20,6 +20,7 @@ import torch
 
 
 from lenses import LogitLens, ModelAdapter, TunedLens, load_model  # noqa: E402
+from lenses.chat import generated_corpus, is_generated  # noqa: E402
 from lenses.data import make_blocks, read_texts  # noqa: E402
 from lenses.frequency import FREQUENCIES_NAME  # noqa: E402
 from lenses.io import write_csv, write_text  # noqa: E402
@@ -37,6 +38,10 @@ CORPUS_NOTES = {  # what the card says of a named corpus
 
 
 def corpus_note(corpus: str | None) -> str:
+    if is_generated(corpus):
+        return ("the model's own chat transcripts (`lenses.chat.generated_corpus`): the start of a "
+                f"{corpus.split(':')[2] if corpus.count(':') > 1 else 'wikipedia'} document (300 characters) as the "
+                "user turn of its chat template, its greedy answer (64 tokens or to end of turn) after it")
     return CORPUS_NOTES.get(corpus or "wikipedia", str(corpus))
 FP16_NOTE = "float16 (every layer's held-out KL equals the float32 lens's to 3 significant digits)"
 
@@ -53,7 +58,9 @@ def main() -> int:
     model, tok = load_model(t.get("model"))
     adapter = ModelAdapter.from_model(model)
     lens.attach(adapter)
-    train_blocks, held_out = make_blocks(read_texts(t.get("corpus")), tok, t["seq_len"], t["eval_fraction"],
+    corpus = t.get("corpus")
+    texts = generated_corpus(adapter, tok, corpus, seed=t["seed"]) if is_generated(corpus) else read_texts(corpus)
+    train_blocks, held_out = make_blocks(texts, tok, t["seq_len"], t["eval_fraction"],
                               max(1, a.eval_tokens // t["seq_len"]))
     half = TunedLens(lens.num_layers, lens.d_model, config=dict(lens.config))
     with torch.no_grad():

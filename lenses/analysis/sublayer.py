@@ -34,18 +34,6 @@ from .common import Usage, ViewResult, require, table_plot, text_blocks
 PARTS = ("attention", "mlp", "both")
 
 
-def _top1(adapter, x: torch.Tensor, dtype: torch.dtype, chunk: int = 256) -> torch.Tensor:
-    """The exact top-1 ids of states ``x`` [N, d] (a 16-bit ``dtype`` is re-scored: `vocab.decode_rescored`)."""
-    out = []
-    for s in range(0, x.shape[0], chunk):
-        if dtype in (torch.bfloat16, torch.float16):
-            z, _ = vocab.decode_rescored(adapter, x[s : s + chunk], dtype)
-        else:
-            z = vocab.decode(adapter, x[s : s + chunk], dtype)
-        out.append(z.argmax(-1))
-    return torch.cat(out)
-
-
 def margins(adapter, lens, layer: int, h_after: torch.Tensor, part: torch.Tensor, new: torch.Tensor,
             old: torch.Tensor) -> torch.Tensor:
     """``(W[new] - W[old]) . J_norm(x) . S(part)`` per row: the first-order change of the new token's logit over
@@ -61,14 +49,14 @@ def _events(adapter, lens, name: str, h, attn, mlp, items: np.ndarray, positions
             dtype) -> list[dict]:
     """The refinement events of one lens over a batch of positions (``h`` [L+1, N, d], parts [L, N, d])."""
     L, rows = adapter.num_layers, []
-    before = _top1(adapter, lens.state(h[0], 0), dtype) if lens.has_layer(0) else None
+    before = vocab.top1_ids(adapter, lens.state(h[0], 0), dtype) if lens.has_layer(0) else None
     for layer in range(L):
-        after = _top1(adapter, lens.state(h[layer + 1], layer + 1), dtype)
+        after = vocab.top1_ids(adapter, lens.state(h[layer + 1], layer + 1), dtype)
         if before is not None:
             changed = (after != before).nonzero().flatten()
             if len(changed):
                 c = changed
-                mid = _top1(adapter, lens.state(h[layer, c] + attn[layer, c], layer), dtype)
+                mid = vocab.top1_ids(adapter, lens.state(h[layer, c] + attn[layer, c], layer), dtype)
                 part = np.where((mid == after[c]).numpy(), "attention",
                                 np.where((mid == before[c]).numpy(), "mlp", "both"))
                 am = margins(adapter, lens, layer + 1, h[layer + 1, c], attn[layer, c], after[c], before[c])
