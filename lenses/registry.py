@@ -11,10 +11,12 @@ from .sources import PRETRAINED_DIR, available, resolve_lens_path  # noqa: F401 
 
 
 def shipped_for(adapter) -> dict[str, str]:
-    """kind -> name of the shipped lenses made for ``adapter``'s model (same fingerprint)."""
+    """kind -> name of the shipped lens made for ``adapter``'s model (same fingerprint). Where several of a
+    kind ship, the one trained on text wins over one trained on the model's own chat transcripts
+    (``generated:`` corpus: pass that one by name)."""
     import json
 
-    found: dict[str, str] = {}
+    candidates = []
     for name in available():
         try:
             saved = json.loads((PRETRAINED_DIR / name / "config.json").read_text(encoding="utf-8"))
@@ -23,7 +25,11 @@ def shipped_for(adapter) -> dict[str, str]:
             adapter.check_fingerprint(saved["fingerprint"], strict=True)
         except (LensMismatchError, ValueError, OSError, KeyError):
             continue
-        found.setdefault(saved.get("lens", "tuned"), name)
+        corpus = str((saved.get("training") or {}).get("corpus") or "")
+        candidates.append((corpus.startswith("generated:"), name, saved.get("lens", "tuned")))
+    found: dict[str, str] = {}
+    for _, name, kind in sorted(candidates):
+        found.setdefault(kind, name)
     return found
 
 

@@ -433,6 +433,8 @@ def compute_dtype(requested: str | torch.dtype = "auto", device: str | torch.dev
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type != "cpu":
         return torch.float32
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return torch.float32  # no AVX-512 (an AVX2-only CPU): bfloat16 matmuls are emulated; timing one costs ~30 s
     key = f"{platform.processor() or platform.machine()}|{torch.__version__}|{torch.get_num_threads()}"
     file = cache_dir() / "compute_dtype.json"
     try:

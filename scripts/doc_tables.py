@@ -135,13 +135,14 @@ def fsdp_benchmark() -> tuple[str, str]:
     return src, markdown(out) + where
 
 
-def views_benchmark() -> tuple[str, str]:
+def views_benchmark(src: str = "benchmarks/views.csv") -> tuple[str, str]:
     """The depth views' seconds under the tracing settings (benchmarks/views.py)."""
-    src = "benchmarks/views.csv"
     r = pd.read_csv(ROOT / src)
     out = pd.DataFrame({"view": r.view, "setting": r.setting, "seconds": [fmt(v, ".1f") for v in r.seconds],
                         "speed-up": [fmt(v, ".2f") + "x" for v in r.speedup_vs_first]})
-    where = f"\n{r.machine.iloc[0]}, {r.date.iloc[0]}; samples: {r.scale.iloc[0]} of the main command's.\n"
+    before = r.get("before", pd.Series([""])).fillna("").iloc[0]
+    where = (f"\n{r.machine.iloc[0]}, {r.date.iloc[0]}; samples: {r.scale.iloc[0]} of the main command's"
+             + (f"; `before` is revision {before}" if before else "") + ".\n")
     return src, markdown(out, "llrr") + where
 
 
@@ -314,15 +315,15 @@ def chat_lens_table() -> tuple[str, str]:
     the model's own chat transcripts, on held-out chat transcripts and held-out Wikipedia (scripts/cross_domain.py)."""
     src = "docs/data/chat-lens/heldout_kl.csv"
     t = pd.read_csv(ROOT / src)
-    L = int(t.layer.max())
-    show = [0, 5, 10, 15, 20, 25, L - 1]
+    last = int(t.layer.max())  # the last layer a lens reads (the model's output layer is not in the table)
+    show = [0, 5, 10, 15, 20, 25, last]
     rows = []
     for (corpus, lens), g in t.groupby(["corpus", "lens"], sort=False):
         g = g.set_index("layer")
         row = {"held-out text": "chat transcripts" if corpus.startswith("generated:") else corpus, "lens": lens}
         for layer in show:
             row[str(layer)] = f"{g.kl_nats[layer]:.2f} [{g.kl_low[layer]:.2f}, {g.kl_high[layer]:.2f}]"
-        row[f"mean 0-{L - 1}"] = f"{g.kl_nats.loc[: L - 1].mean():.3f}"
+        row[f"mean 0-{last}"] = f"{g.kl_nats.mean():.2f}"
         rows.append(row)
     return src, markdown(pd.DataFrame(rows), "ll" + "r" * (len(show) + 1))
 
@@ -350,6 +351,7 @@ TABLES = {
     "benchmark-machine": benchmark_machine,
     "benchmark-load": benchmark_load,
     "views-batched": views_benchmark,
+    "views-avx2": lambda: views_benchmark("benchmarks/views-avx2.csv"),
     "plan-published": plan_published,
     "plan-check": plan_check,
     "smollm2-views": lambda: view_summaries("smollm2-all"),

@@ -111,6 +111,8 @@ def card(name: str, config: dict, wide: pd.DataFrame, eval_tokens: int, fp16: bo
              else f"{passes:.2f} passes over the {corpus_tokens:,} training-side tokens")
     rows = "\n".join(f"| {layer} | {r.logit:.3f} | {r.tuned:.3f} | {r.logit / max(r.tuned, 1e-9):.1f}x |"
                      for layer, r in wide.iterrows() if layer < len(wide) - 1)
+    corpus_flag = f"--corpus {t['corpus']} " if t.get("corpus") not in (None, "wikipedia") else ""
+    command = f"train_probes.py {corpus_flag}--optimizer {t['optimizer']} --max-tokens {t['max_tokens']}"
     lr = t["lr"] if t["lr"] is not None else ("1e-3" if t["optimizer"] == "adam" else "1.0 x (1 - momentum)")
     return f"""# Tuned lens `{name}`
 
@@ -122,7 +124,7 @@ For **{config.get("model", "")}** ({config["num_layers"]} layers, d = {config["d
   documents (about {t["eval_fraction"]:.0%} of the tokens) held out ({eval_tokens:,} tokens used for evaluation).
 - **Tokens**: {t["train_tokens"]:,} training tokens ({t["train_tokens"] // (t["batch_size"] * t["seq_len"])} steps of
   {t["batch_size"]} x {t["seq_len"]}), {reuse}.
-- **Recipe**: `train_probes.py --optimizer {t["optimizer"]} --max-tokens {t["max_tokens"]}` — {t["optimizer"]}
+- **Recipe**: `{command}` — {t["optimizer"]}
   (lr {lr}, weight decay {t["weight_decay"]}, linear decay to 0, gradient clip {t["clip"]}), seed {t["seed"]},
   loss KL(final || lens) summed over layers, vocabulary matmuls in {t.get("compute_dtype_used")},
   {t.get("tokens_per_second") or 0:,.0f} training tokens/s on {t.get("machine") or "a 2-core CPU"}.

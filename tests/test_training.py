@@ -252,3 +252,21 @@ def test_part_paths_reach_the_adapter(tmp_path, char_tokenizer, eager_kl):
     lens = train(_cfg(tmp_path / "ok", steps=1, layers="model.layers", final_norm="model.norm", unembed="lm_head"),
                  model=tiny_model("llama"), tokenizer=char_tokenizer).lens
     assert lens.num_layers == 3
+
+
+def test_auto_dtype_on_a_cpu_without_avx512_is_float32_without_timing(monkeypatch, tmp_path):
+    """An AVX2-only x86 CPU emulates bfloat16 matmuls (~30 s for the timing's own product here under AVX2):
+    `compute_dtype("auto")` answers float32 from the CPU's capability, never timing bfloat16 there; with
+    AVX-512 it still measures both (and a measured answer is cached)."""
+    from lenses import vocab
+
+    monkeypatch.setenv("LENSES_CACHE", str(tmp_path))
+    monkeypatch.setattr(vocab.platform, "machine", lambda: "x86_64")
+    timed = []
+    monkeypatch.setattr(vocab, "_time_matmul", lambda dtype, device: timed.append(dtype) or
+                        (1.0 if dtype == torch.float32 else 0.5))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert vocab.compute_dtype("auto") == torch.float32 and timed == []
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert vocab.compute_dtype("auto") == torch.bfloat16 and timed == [torch.float32, torch.bfloat16]
+    assert vocab.compute_dtype("auto") == torch.bfloat16 and len(timed) == 2  # cached
