@@ -97,6 +97,8 @@ FIT_TINY = {"--num-prompts": "2", "--seq-len": "24", "--skip-first": "2", "--min
 VIEW_TINY = {"--num-positions": "16", "--num-texts": "3", "--num-facts": "2", "--num-questions": "4",
              "--num-prompts": "3", "--prompt-tokens": "16", "--num-pairs": "1", "--skip-positions": "8"}
 ALL_LENSES = "logit,tuned:runs/demo,jacobian:runs/jlens"  # every kind the tiny model has (J-lens: no layer 0)
+CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant]{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,11 @@ def world(tmp_path_factory):
     """Inputs standing for the docs' placeholders, and a tuned lens and a J-lens of the tiny model."""
     root = tmp_path_factory.mktemp("documented")
     inputs = tiny_inputs(root / "inputs", letters=True)  # " A" .. " D" are single tokens, as the MCQ view needs
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(inputs / "model")  # a chat template, for --corpus generated:N (the
+    tok.chat_template = CHAT_TEMPLATE  # model's name says no instruct/chat: `--chat-template auto` stays off)
+    tok.save_pretrained(inputs / "model")
     (inputs / "my_texts").mkdir()
     for i in range(4):
         (inputs / "my_texts" / f"doc{i}.txt").write_text(TEXT, encoding="utf-8")
@@ -142,6 +149,8 @@ def adapt(cmd: str, world: Path) -> list[str]:
             "my_texts/": str(inputs / "my_texts"), "texts/": str(inputs / "my_texts"),
             "prompts.txt": str(inputs / "prompts.txt"), "my_facts.jsonl": str(inputs / "my_facts.jsonl")}
     argv = [swap.get(a, a) for a in argv]
+    # the model's own chat transcripts: three, prompted from the tiny texts (sizes decide how long, not whether)
+    argv = [f"generated:3:{inputs / 'my_texts'}" if a.startswith("generated:") else a for a in argv]
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     lens_words = {"tuned": "logit,tuned:runs/demo", "both": "logit,tuned:runs/demo", "jacobian": "jacobian:runs/jlens",
                   "auto": ALL_LENSES}
