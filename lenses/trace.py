@@ -64,15 +64,11 @@ def _named(stats: tuple, targets: dict[str, torch.Tensor]) -> dict:
 
 
 def _stats(z: torch.Tensor, p_final: torch.Tensor, neg_h_final: torch.Tensor, targets: dict[str, torch.Tensor],
-           groups, n_groups: int, top_k: int = 1) -> dict:
+           groups: "vocab.TokenGroups | None", top_k: int = 1) -> dict:
     """Per-row statistics of one layer's logits ``z`` [C, V] (float32) as named columns."""
     t_ids = _target_ids(targets, z.shape[0], z.device)
-    mass = None
-    if groups is not None:
-        mass = torch.zeros(z.shape[0], n_groups + 1, dtype=torch.float32, device=z.device)
-        mass.index_add_(1, groups, torch.softmax(z, -1))  # the last column collects ungrouped tokens
-        mass = mass[:, :n_groups]
-    out = _named((*vocab.row_stats(z, p_final, neg_h_final, t_ids), mass), targets)
+    stats = vocab.row_stats(z, p_final, neg_h_final, t_ids)
+    out = _named((*stats, None if groups is None else groups.mass(z, stats[1])), targets)
     if top_k > 1:  # p_r = p_1 * exp(z_r - z_1): the softmax's normaliser is already in p_1
         values, ids = z.topk(top_k, dim=-1)
         out["top1_id"] = ids[:, 0]  # the same order as the rest of the row, ties included
@@ -127,7 +123,7 @@ def decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targe
                     st = _absent(h.shape[1], list(targets), top_k, len(group_names), h.device)
                 elif half and layer < L and top_k == 1:  # the statistics without making float32 logits
                     stats, n = vocab.rescored_stats(adapter, lens.state(h[layer], layer), dtype, teacher.p,
-                                                    teacher.neg_entropy, t_ids, groups, len(group_names))
+                                                    teacher.neg_entropy, t_ids, groups)
                     st, redone[0] = _named(stats, targets), redone[0] + n
                 elif layer == L and final is not None:  # every lens reads the model's own output there
                     st = final
@@ -137,7 +133,7 @@ def decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targe
                         redone[0] += n
                     else:  # layer L is the model's own output: float32, as the teacher
                         z = lens(h[layer], layer, torch.float32 if half else dtype)
-                    st = _stats(z, teacher.p, teacher.neg_entropy, targets, groups, len(group_names), top_k)
+                    st = _stats(z, teacher.p, teacher.neg_entropy, targets, groups, top_k)
                     if layer == L:
                         final = st
                 frames.append(_rows(st, meta, lens_name, layer, targets, group_names))
@@ -195,6 +191,30 @@ def _hidden_of_batch(adapter, batch: list[tuple[int, torch.Tensor, list]],
     extra = prefix.cache(len(batch)) if prefix else {}
     h_all = adapter.hidden_states(rows[0][None] if len(batch) == 1 else _padded(rows), **extra)
     return [(i, _finite(h_all[:, b, [p - skip for p in pos]], i), pos) for b, (i, _, pos) in enumerate(batch)]
+
+
+PADDING = 0.1  # a batch stops growing where pads would pass this share of its tokens ...
+BUSY_TOKENS = {"cpu": 128, "cuda": 8192}  # ... once it has enough real tokens to keep the device busy
+
+
+def _batches(todo: list, batch_size: int, device: torch.device, skip: int = 0):
+    """Consecutive batches of at most ``batch_size`` prepared texts (sorted longest first): a batch also closes
+    where the next text would make pads more than `PADDING` of its tokens, once it holds `BUSY_TOKENS` real
+    tokens (a CPU is near its matmul limit with one text of ~100 tokens and pays for every pad; a GPU wants
+    big batches). ``skip``: the shared prefix's length, which runs from its cache. The batches never change a
+    real position's states, only how many pads are computed."""
+    busy = BUSY_TOKENS.get(device.type, BUSY_TOKENS["cuda"])
+    batch, real = [], 0
+    for t in todo:
+        n = len(t[1]) - skip
+        if batch and (len(batch) == batch_size or
+                      (real >= busy and (len(batch) + 1) * (len(batch[0][1]) - skip) > (1 + PADDING) * (real + n))):
+            yield batch
+            batch, real = [], 0
+        batch.append(t)
+        real += n
+    if batch:
+        yield batch
 
 
 MIN_PREFIX = 16  # shorter shared prefixes are recomputed: a cache copy per batch would cost about as much
@@ -301,20 +321,26 @@ def trace(
 
     items = list(items)
     if groups is not None:
-        groups = groups.to(adapter.device).long()
-        groups = torch.where(groups < 0, torch.full_like(groups, len(group_names)), groups)
+        groups = vocab.TokenGroups(groups.to(adapter.device), len(group_names))
     target_names = sorted({n for it in items for n in it.targets})
     frames: list[pd.DataFrame] = []
     buf_h, buf_meta, buf_t = [], [], {n: [] for n in target_names}
     redone = [0]  # rows a 16-bit decode redid in float32
 
-    def flush():
+    def flush(last: bool = False):
+        """Decode the buffered positions in chunks of ``chunk``; until the ``last`` call a partial chunk stays
+        in the buffer (small matmuls waste the vocabulary work's best shape)."""
         if not buf_h:
             return
         h_all, meta = torch.cat(buf_h, dim=1), np.concatenate(buf_meta)
         tg_all = {n: torch.cat(v) for n, v in buf_t.items()}
         buf_h.clear(), buf_meta.clear(), [v.clear() for v in buf_t.values()]
-        for s in range(0, h_all.shape[1], chunk):
+        done = h_all.shape[1] if last else h_all.shape[1] // chunk * chunk
+        if done < h_all.shape[1]:
+            buf_h.append(h_all[:, done:].clone()), buf_meta.append(meta[done:])
+            for n, v in tg_all.items():
+                buf_t[n].append(v[done:])
+        for s in range(0, done, chunk):
             tg = {n: v[s : s + chunk].to(adapter.device) for n, v in tg_all.items()}
             frames.extend(decode_chunk(adapter, lenses, h_all[:, s : s + chunk], meta[s : s + chunk], tg, groups,
                                         group_names, dtype, top_k, redone))
@@ -331,8 +357,7 @@ def trace(
         todo.sort(key=lambda t: -len(t[1]))  # by item at the end
     prefix = shared_prefix(adapter, todo) if share_prefix else None
     bar = tqdm(total=len(todo), desc="tracing", unit="text", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
+    for batch in _batches(todo, batch_size, adapter.device, prefix.length if prefix else 0):
         for i, h, pos in _hidden_of_batch(adapter, batch, prefix):
             buf_h.append(h)
             buf_meta.append(np.stack([np.full(len(pos), i), np.asarray(pos)], axis=1))
@@ -342,7 +367,7 @@ def trace(
                 flush()
         bar.update(len(batch))
     bar.close()
-    flush()
+    flush(last=True)
     if not frames:
         return pd.DataFrame(columns=["lens", "item", "position", "layer", "top1_id", "top1_prob", "entropy", "kl"])
     df = pd.concat(frames, ignore_index=True)

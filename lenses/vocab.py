@@ -88,6 +88,37 @@ def _exact(adapter: "ModelAdapter", u: torch.Tensor, ids: torch.Tensor) -> torch
     return finish(adapter, z)
 
 
+TOPK_BLOCK = 64  # `top_ids`: columns per block
+
+
+def top_ids(z: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids [C, k] of the ``k`` highest entries of each row of ``z`` [C, V] (any order, ties broken either
+    way), as ``z.topk(k).indices`` but in two cheap steps on a wide row: the maximum of each block of
+    `TOPK_BLOCK` columns (one compiled pass), then the top ``k`` among the ``k`` best blocks. Exact: each of
+    the ``k`` highest entries lies in a block whose maximum is at least as high, and at most ``k`` blocks
+    have one."""
+    C, V = z.shape
+    B = TOPK_BLOCK
+    if V < 16 * k * B or z.device.type != "cpu":  # narrow rows, and GPUs, where topk itself is fast
+        return z.topk(k, dim=-1).indices
+    best = KERNELS["block_max"](z, B)  # [C, ceil(V / B)]
+    blocks_ = best.topk(k, dim=-1).indices  # [C, k]
+    cols = (blocks_[:, :, None] * B + torch.arange(B, device=z.device)).view(C, -1)  # [C, k * B]
+    vals = z.gather(1, cols.clamp_max(V - 1))
+    if V % B:  # the last, short block: columns past the row are never picked
+        vals = vals.masked_fill(cols >= V, float("-inf"))
+    return cols.gather(1, vals.topk(k, dim=-1).indices)
+
+
+def _block_max(z: torch.Tensor, B: int) -> torch.Tensor:
+    """The maximum of each block of ``B`` columns of ``z`` [C, V] (the last block may be shorter)."""
+    nb = z.shape[1] // B
+    full = z[:, : nb * B].reshape(z.shape[0], nb, B).amax(-1)
+    if z.shape[1] % B:
+        full = torch.cat([full, z[:, nb * B :].amax(-1, keepdim=True)], 1)
+    return full
+
+
 def _rescore(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype, targets: torch.Tensor | None,
              candidates: int):
     """The 16-bit half of `decode_rescored`: ``(z16, u, ids, exact, keep, redo)``. ``z16`` [C, V]: the raw
@@ -98,7 +129,7 @@ def _rescore(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype, targe
     u = adapter.final_norm(x)
     z16 = unembed(adapter, u, dtype)
     k = min(candidates, z16.shape[-1])
-    cand = z16.topk(k, dim=-1).indices
+    cand = top_ids(z16, k)
     rough = finish(adapter, z16.gather(1, cand).float())
     exact_c = _exact(adapter, u, cand)
     # every other token's 16-bit logit is at most rough.min(); its error is bounded by twice the largest error
@@ -134,33 +165,56 @@ def decode_rescored(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype
     return z, n
 
 
+class TokenGroups:
+    """Token groups for the probability mass a distribution puts on each: ``groups`` [V] gives each token's
+    group in ``0..n-1``, or ``n`` (or a negative value) for none. The mass is summed over the tokens outside
+    the largest group (gathered: in the frequency view about 1,000 of 49,152) and the largest group's mass is
+    the rest, so no second pass over a ``[C, V]`` row and no ``[C, V] @ [V, n]`` matmul is needed."""
+
+    def __init__(self, groups: torch.Tensor, n: int):
+        groups = torch.where(groups < 0, torch.full_like(groups, n), groups.long())
+        self.n = n
+        self.onehot = F.one_hot(groups, n + 1).float()  # [V, n + 1]: the last column collects the rest
+        self.big = int(torch.bincount(groups, minlength=n + 1).argmax())
+        self.cols = (groups != self.big).nonzero().flatten()  # [K]
+        self.cols_onehot = self.onehot[self.cols]  # [K, n + 1]
+        self.big_onehot = self.onehot.new_zeros(n + 1)
+        self.big_onehot[self.big] = 1.0
+
+    def of(self, ids: torch.Tensor) -> torch.Tensor:
+        """One-hot groups [*ids.shape, n + 1] of the tokens ``ids``."""
+        return self.onehot[ids.flatten()].view(*ids.shape, -1)
+
+    def mass(self, z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """The mass [C, n] of ``softmax(z)`` (float32 logits [C, V]) per group; ``top_p``: its highest
+        probability [C], i.e. ``1 / sum exp(z - max)``, which `row_stats` computed already."""
+        e = torch.exp(z[:, self.cols] - z.amax(-1, keepdim=True)) * top_p[:, None]  # [C, K] probabilities
+        return (e @ self.cols_onehot + (1 - e.sum(-1))[:, None] * self.big_onehot)[:, : self.n]
+
+
 def rescored_stats(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype, p: torch.Tensor,
-                   neg_entropy: torch.Tensor, t_ids: torch.Tensor, groups: torch.Tensor | None = None,
-                   n_groups: int = 0, candidates: int = RESCORED) -> tuple[tuple, int]:
-    """`row_stats` (plus the probability mass per token group if ``groups`` [V] gives each token's group,
-    ``n_groups`` meaning none) of the logits `decode_rescored` would return, without making them: one
-    compiled pass over the 16-bit logits sums the whole row, and the few re-scored tokens correct the sums
-    (``sum over the row of f(exact) = sum of f(16-bit) - f(16-bit) at the re-scored tokens + f(exact)
-    there``). Equal to ``row_stats(decode_rescored(...))`` within float32 rounding (tests/test_trace.py),
-    without the ``[C, V]`` float32 copy and its passes. Returns ``(stats, rows decoded whole)``; stats are
-    `row_stats`'s tuple with the mass [C, n_groups] (or None) appended."""
+                   neg_entropy: torch.Tensor, t_ids: torch.Tensor, groups: "TokenGroups | None" = None,
+                   candidates: int = RESCORED) -> tuple[tuple, int]:
+    """`row_stats` (plus the probability mass per token group of ``groups``) of the logits `decode_rescored`
+    would return, without making them: one compiled pass over the 16-bit logits sums the whole row, and the
+    few re-scored tokens correct the sums (``sum over the row of f(exact) = sum of f(16-bit) - f(16-bit) at
+    the re-scored tokens + f(exact) there``). Equal to ``row_stats(decode_rescored(...))`` within float32
+    rounding (tests/test_trace.py), without the ``[C, V]`` float32 copy and its passes. Returns ``(stats,
+    rows decoded whole)``; stats are `row_stats`'s tuple with the mass [C, n groups] (or None) appended."""
     z16, _, ids, exact, keep, redo = _rescore(adapter, x, dtype, t_ids, candidates)
     n_t = t_ids.shape[1]
-    onehot = None
-    if groups is not None:
-        onehot = torch.zeros(z16.shape[-1], n_groups + 1, dtype=torch.float32, device=z16.device)
-        onehot[torch.arange(len(groups), device=z16.device), groups] = 1.0
-    out = list(KERNELS["rescored"](z16, ids, exact, keep, p, neg_entropy, n_t, onehot, adapter.logit_scale,
+    g = (groups.cols, groups.cols_onehot, groups.big_onehot, groups.of(ids)) if groups is not None else None
+    out = list(KERNELS["rescored"](z16, ids, exact, keep, p, neg_entropy, n_t, g, adapter.logit_scale,
                                    adapter.softcap or 0.0))
-    if onehot is not None:
-        out[-1] = out[-1][:, :n_groups]
+    if groups is not None:
+        out[-1] = out[-1][:, : groups.n]
     n = int(redo.sum())
     if n:  # these rows the slow way: a float32 decode and the plain kernel
         rows = redo.nonzero().flatten()
         z = decode(adapter, x[rows], torch.float32)
         again = list(row_stats(z, p[rows], neg_entropy[rows], t_ids[rows]))
-        if onehot is not None:
-            again.append((torch.softmax(z, -1) @ onehot)[:, :n_groups])
+        if groups is not None:
+            again.append(groups.mass(z, again[1]))
         for o, a in zip(out, again):
             if o is not None:
                 o[rows] = a.to(o.dtype)
@@ -268,11 +322,12 @@ def _finish_inline(z: torch.Tensor, scale: float, softcap: float) -> torch.Tenso
     return z
 
 
-def _rescored_stats(z16, ids, exact, keep, p, neg_entropy, n_targets: int, onehot, scale: float, softcap: float):
+def _rescored_stats(z16, ids, exact, keep, p, neg_entropy, n_targets: int, groups, scale: float, softcap: float):
     """`_row_stats` of the row ``finish(z16)`` with the entries ``ids`` [C, S] replaced by ``exact`` (where
     ``keep``), by sums over the 16-bit row corrected at those entries (see `rescored_stats`). The first
     ``n_targets`` columns of ``ids`` are the targets. The row maximum is the best exact entry (the caller
-    redoes every row where a token outside ``ids`` could pass it)."""
+    redoes every row where a token outside ``ids`` could pass it). ``groups``: None, or `TokenGroups`'s
+    ``(cols, cols_onehot, big_onehot, one-hot groups of ids)`` for the mass per group."""
     r = _finish_inline(z16.float(), scale, softcap)
     r_s = _finish_inline(z16.gather(1, ids).float(), scale, softcap)
     w = keep.float()
@@ -297,9 +352,12 @@ def _rescored_stats(z16, ids, exact, keep, p, neg_entropy, n_targets: int, oneho
     above = above + (w[:, None, :] * (exact[:, None, :] > zt[:, :, None])).sum(-1).long()
     probs = torch.exp(zt - m) / s[:, None]
     mass = None
-    if onehot is not None:
-        g = onehot[ids.flatten()].view(*ids.shape, -1)  # [C, S, G]
-        mass = (e @ onehot + ((w * (torch.exp(es) - torch.exp(rs)))[:, :, None] * g).sum(1)) / s[:, None]
+    if groups is not None:  # the tokens outside the largest group, gathered; that group's sum is the rest
+        cols, cols_onehot, big_onehot, g = groups
+        e_cols = torch.exp(_finish_inline(z16[:, cols].float(), scale, softcap) - m)  # [C, K]
+        rest = e.sum(-1) - e_cols.sum(-1)
+        fix = ((w * (torch.exp(es) - torch.exp(rs)))[:, :, None] * g).sum(1)  # the re-scored tokens, [C, G]
+        mass = (e_cols @ cols_onehot + rest[:, None] * big_onehot + fix) / s[:, None]
     return top_id, 1.0 / s, entropy, kl, above + 1, probs, mass
 
 
@@ -326,7 +384,7 @@ class maybe_compiled:
 
 
 KERNELS = {"kl": maybe_compiled(_kl_and_dz), "stats": maybe_compiled(_row_stats),
-           "rescored": maybe_compiled(_rescored_stats)}
+           "rescored": maybe_compiled(_rescored_stats), "block_max": maybe_compiled(_block_max)}
 
 
 def kl_rows(adapter: "ModelAdapter", h: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor,

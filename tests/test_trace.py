@@ -150,9 +150,9 @@ def test_rescored_decode_redoes_a_row_whose_top_the_16bit_error_could_hide():
     torch.testing.assert_close(every, exact, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family,skewed", [("llama", False), ("gemma2", True)])
 @pytest.mark.parametrize("candidates", [1, vocab.RESCORED])  # 1: many rows decoded whole in float32
-def test_rescored_stats_equal_the_statistics_of_the_rescored_logits(family, candidates):
+def test_rescored_stats_equal_the_statistics_of_the_rescored_logits(family, skewed, candidates):
     """`vocab.rescored_stats` (sums over the 16-bit row, corrected at the re-scored tokens, no float32 logits)
     against `row_stats` of `decode_rescored`'s logits and the group mass of their softmax: the same ids and
     ranks, the same values within float32 rounding; targets that repeat each other or a candidate included."""
@@ -162,13 +162,16 @@ def test_rescored_stats_equal_the_statistics_of_the_rescored_logits(family, cand
     top = vocab.decode(adapter, x).argmax(-1)
     t_ids = torch.stack([top, torch.randint(0, 3000, (24,), generator=g), top], 1)  # top-1 twice
     groups = torch.randint(0, 4, (3000,), generator=g)
+    if skewed:  # as token-frequency buckets: small groups, one large group, tokens in none (-1)
+        groups = torch.where(torch.rand(3000, generator=g) < 0.9, 3, groups)
+        groups[torch.randperm(3000, generator=g)[:200]] = -1
     p = torch.softmax(torch.randn(24, 3000, generator=g), -1)
     neg_h = (p * p.log()).sum(-1)
     with torch.no_grad():
         z, redone = vocab.decode_rescored(adapter, x, torch.bfloat16, t_ids, candidates=candidates)
         want = (*vocab.row_stats(z, p, neg_h, t_ids),
-                torch.zeros(24, 4).index_add_(1, groups, torch.softmax(z, -1)))
-        got, redone2 = vocab.rescored_stats(adapter, x, torch.bfloat16, p, neg_h, t_ids, groups, 4,
+                torch.zeros(24, 5).index_add_(1, groups % 5, torch.softmax(z, -1))[:, :4])
+        got, redone2 = vocab.rescored_stats(adapter, x, torch.bfloat16, p, neg_h, t_ids, vocab.TokenGroups(groups, 4),
                                             candidates=candidates)
     assert redone2 == redone and (redone > 0) == (candidates == 1)
     names = ["top1_id", "top1_prob", "entropy", "kl", "ranks", "probs", "mass"]
@@ -177,6 +180,20 @@ def test_rescored_stats_equal_the_statistics_of_the_rescored_logits(family, cand
             assert torch.equal(a, b), name
         else:
             torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("V", [49152, 50257, 3000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_top_ids_are_the_highest_entries(V, dtype):
+    """`vocab.top_ids` (block maxima, then the best blocks) picks entries whose values are exactly topk's,
+    for rows that are and are not a whole number of blocks, with ties (bfloat16 rounds many values alike)."""
+    g = torch.Generator().manual_seed(V)
+    z = (torch.randn(19, V, generator=g) * 4).to(dtype)
+    z[3, 100:140] = z[3].max()  # a 40-way tie at the top
+    for k in (1, 2, 32):
+        got = vocab.top_ids(z, k)
+        assert got.shape == (19, k) and all(len(set(r)) == k for r in got.tolist())
+        assert torch.equal(z.gather(1, got).sort(-1).values, z.topk(k, -1).values.sort(-1).values)
 
 
 # ---- hand-built trajectories ----------------------------------------------------------------
@@ -334,3 +351,25 @@ def test_a_shared_prefix_runs_once_and_changes_nothing(family):
         np.testing.assert_allclose(shared[col], full[col], atol=1e-5)
     early = [TraceItem(it.ids, [5], {"next": [1]}) for it in items]  # a position inside the common part
     assert shared_prefix(adapter, _prepared(early, ["next"])) is None  # shorter than MIN_PREFIX: recomputed
+
+
+def test_batches_close_where_pads_would_pass_a_tenth_of_a_busy_batch():
+    """Worked by hand: on CPU a batch stops growing once it holds 128 real tokens and the next text would make
+    pads more than 10% of it; below 128 tokens (and on a GPU, below 8,192) only the batch size closes it."""
+    from lenses.trace import _batches
+
+    lengths = [300, 290, 200, 199, 198, 50, 10, 9]
+    todo = [(i, torch.zeros(n, dtype=torch.long), [0]) for i, n in enumerate(lengths)]
+
+    def sizes(device, batch_size=4, skip=0):
+        return [[len(t[1]) for t in b] for b in _batches(todo, batch_size, torch.device(device), skip)]
+
+    # 3 x 300 = 900 > 1.1 x 790; 4 x 200 = 800 > 1.1 x 647; 50 + 10 + 9 < 128 tokens
+    assert sizes("cpu") == [[300, 290], [200, 199, 198], [50, 10, 9]]
+    assert sizes("cuda") == [[300, 290, 200, 199], [198, 50, 10, 9]]
+    assert sizes("cpu", batch_size=1) == [[n] for n in lengths]
+    # a shared prefix runs from its cache, so only what follows it counts: texts of 300 and 265 tokens share a
+    # batch (600 <= 1.1 x 565), but not after a prefix of 150 (2 x 150 > 1.1 x 265)
+    todo[:] = [(i, torch.zeros(n, dtype=torch.long), [0]) for i, n in enumerate([300, 265])]
+    assert sizes("cpu") == [[300, 265]]
+    assert sizes("cpu", skip=150) == [[300], [265]]
