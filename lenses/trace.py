@@ -115,7 +115,7 @@ def decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targe
     half = dtype in (torch.bfloat16, torch.float16)
     t_ids = _target_ids(targets, h.shape[1], h.device)
     with torch.no_grad():
-        teacher = vocab.Teacher(adapter, h[L], torch.float32 if half else dtype)  # once per chunk: exact
+        teacher = vocab.Teacher(adapter, h[L], torch.float32 if half else dtype, keep_logits=True)  # exact
         final = None  # layer L's statistics: the same for every lens (`Lens.state` is h itself there)
         for lens_name, lens in lenses.items():
             for layer in range(L + 1):
@@ -128,11 +128,13 @@ def decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targe
                 elif layer == L and final is not None:  # every lens reads the model's own output there
                     st = final
                 else:
-                    if half and layer < L:
+                    if layer == L:  # the model's own output (`Lens.state` is h there), decoded for the teacher
+                        z = teacher.logits
+                    elif half:
                         z, n = vocab.decode_rescored(adapter, lens.state(h[layer], layer), dtype, t_ids)
                         redone[0] += n
-                    else:  # layer L is the model's own output: float32, as the teacher
-                        z = lens(h[layer], layer, torch.float32 if half else dtype)
+                    else:
+                        z = lens(h[layer], layer, dtype)
                     st = _stats(z, teacher.p, teacher.neg_entropy, targets, groups, top_k)
                     if layer == L:
                         final = st

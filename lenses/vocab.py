@@ -225,9 +225,12 @@ class Teacher:
     """The model's own output distribution for a block of positions: probabilities ``p`` [P, V]
     and ``neg_entropy`` = sum p log p [P], both float32. Rows are sliced per chunk."""
 
-    def __init__(self, adapter: "ModelAdapter", h_last: torch.Tensor, dtype: torch.dtype | None = None):
+    def __init__(self, adapter: "ModelAdapter", h_last: torch.Tensor, dtype: torch.dtype | None = None,
+                 keep_logits: bool = False):
         with torch.no_grad():
-            logp = torch.log_softmax(decode(adapter, h_last, dtype), dim=-1)
+            z = decode(adapter, h_last, dtype)
+            self.logits = z if keep_logits else None  # [P, V]: the model's own logits, for whoever reads them
+            logp = torch.log_softmax(z, dim=-1)
             self.p = logp.exp()
             self.neg_entropy = (self.p * logp).sum(-1)
 
