@@ -117,6 +117,7 @@ def decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targe
     with torch.no_grad():
         teacher = vocab.Teacher(adapter, h[L], torch.float32 if half else dtype, keep_logits=True)  # exact
         final = None  # layer L's statistics: the same for every lens (`Lens.state` is h itself there)
+        buf = None
         for lens_name, lens in lenses.items():
             for layer in range(L + 1):
                 if not lens.has_layer(layer):
@@ -133,8 +134,9 @@ def decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targe
                     elif half:
                         z, n = vocab.decode_rescored(adapter, lens.state(h[layer], layer), dtype, t_ids)
                         redone[0] += n
-                    else:
-                        z = lens(h[layer], layer, dtype)
+                    else:  # into one buffer for the chunk (`vocab.unembed`)
+                        z = vocab.decode(adapter, lens.state(h[layer], layer), dtype, out=buf)
+                        buf = z if buf is None and z.dtype == torch.float32 else buf
                     st = _stats(z, teacher.p, teacher.neg_entropy, targets, groups, top_k)
                     if layer == L:
                         final = st

@@ -47,15 +47,34 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # --------------------------------------------------------------------------- decoding
 
 
-def unembed(adapter: "ModelAdapter", u: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+VOCAB_BLOCK = 2048  # CPU float32: vocabulary columns per matmul (see `unembed`)
+
+
+def unembed(adapter: "ModelAdapter", u: torch.Tensor, dtype: torch.dtype | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """Raw unembedding output (no scale, no soft-cap) of normalised states ``u`` [..., d] in ``dtype``
-    (default: the unembedding's own dtype)."""
+    (default: the unembedding's own dtype). ``out`` [N, V]: a buffer to write the CPU float32 output into
+    (a fresh 50 MB tensor costs ~14 ms of page faults here: a caller decoding many chunks reuses one)."""
     dtype = dtype or adapter.unembed.weight.dtype
     bias = adapter.unembed.bias
+    bias = None if bias is None else bias.to(dtype)
     # Flatten first: a strided [G, C, d] slice would otherwise run as G small batched matmuls,
     # each streaming the whole unembedding from memory (measured 4x slower in float32).
     flat = u.to(dtype).reshape(-1, u.shape[-1])
-    z = F.linear(flat, adapter.unembed_weight(dtype), None if bias is None else bias.to(dtype))
+    w = adapter.unembed_weight(dtype)
+    tracked = torch.is_grad_enabled() and (flat.requires_grad or w.requires_grad)
+    if flat.device.type == "cpu" and dtype == torch.float32 and w.shape[0] > 2 * VOCAB_BLOCK and not tracked:
+        # float32 on CPU: `VOCAB_BLOCK` columns at a time, each block's output still in cache when it is
+        # stored (1.3x faster than one matmul for SmolLM2's 49,152 columns; bfloat16 gains nothing)
+        z = out if out is not None and out.shape == (flat.shape[0], w.shape[0]) else flat.new_empty(
+            flat.shape[0], w.shape[0])
+        for s, e in blocks(0, w.shape[0], VOCAB_BLOCK):
+            if bias is None:
+                torch.mm(flat, w[s:e].t(), out=z[:, s:e])
+            else:
+                torch.addmm(bias[s:e], flat, w[s:e].t(), out=z[:, s:e])
+    else:
+        z = F.linear(flat, w, bias)
     return z.view(*u.shape[:-1], -1)
 
 
@@ -68,11 +87,12 @@ def finish(adapter: "ModelAdapter", z: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def decode(adapter: "ModelAdapter", h: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def decode(adapter: "ModelAdapter", h: torch.Tensor, dtype: torch.dtype | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (float32, or float64 for a float64 model) for residual-stream states ``h`` [..., d]: final
-    norm, unembedding (matmul in ``dtype``), scale and soft-cap. ``decode(adapter, hidden[L])`` equals
-    the model's logits."""
-    z = unembed(adapter, adapter.final_norm(h), dtype)
+    norm, unembedding (matmul in ``dtype``; ``out``: see `unembed`), scale and soft-cap.
+    ``decode(adapter, hidden[L])`` equals the model's logits."""
+    z = unembed(adapter, adapter.final_norm(h), dtype, out)
     return finish(adapter, z.to(torch.promote_types(z.dtype, torch.float32)))
 
 

@@ -196,6 +196,26 @@ def test_top_ids_are_the_highest_entries(V, dtype):
         assert torch.equal(z.gather(1, got).sort(-1).values, z.topk(k, -1).values.sort(-1).values)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_float32_unembedding_in_vocabulary_blocks_equals_a_float64_matmul(bias):
+    """On CPU a float32 unembedding of more than two `vocab.VOCAB_BLOCK`s runs block by block (into ``out``
+    when given): the logits equal a float64 matmul, with and without a bias, and the last, short block too."""
+    V = 2 * vocab.VOCAB_BLOCK + 777
+    adapter = ModelAdapter.from_model(tiny_model("llama", vocab_size=V))
+    if bias:
+        adapter.unembed.bias = torch.nn.Parameter(torch.randn(V))
+    u = torch.randn(5, 3, adapter.d_model)
+    w = adapter.unembed.weight.double()
+    want = u.double() @ w.T + (adapter.unembed.bias.double() if bias else 0)
+    with torch.no_grad():
+        got = vocab.unembed(adapter, u, torch.float32)
+        buf = torch.empty(15, V)
+        into = vocab.unembed(adapter, u, torch.float32, out=buf)
+    assert got.shape == (5, 3, V) and into.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(into.double(), want, rtol=1e-5, atol=1e-5)
+
+
 # ---- hand-built trajectories ----------------------------------------------------------------
 
 
