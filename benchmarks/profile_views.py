@@ -28,7 +28,9 @@ from views import ROOT, SAMPLE, worktree  # noqa: E402
 RATE = 50  # samples per second
 # the first rule that a sample's stack matches names its part (stacks are "frame;frame;..." from py-spy)
 PARTS = [
-    ("model forward", r"/modeling_|hidden_states \(lenses/models\.py"),
+    ("compiling kernels (first use)", r"convert_frame\.py"),
+    ("model forward: linear layers", r"(/modeling_|hidden_states \(lenses/models\.py).*torch/nn/modules/linear\.py"),
+    ("model forward: the rest", r"/modeling_|hidden_states \(lenses/models\.py"),
     ("vocabulary matmul", r"unembed \(lenses/vocab\.py|\bdecode \(lenses/vocab\.py"),
     ("re-scoring: top-k and exact logits", r"_rescore \(|_exact \(|top_ids \("),
     ("statistics kernels", r"row_stats|rescored_stats|_stats \(lenses/trace\.py|Teacher|mass \(lenses"),

@@ -185,6 +185,29 @@ def decode_rescored(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype
     return z, n
 
 
+def _two_or_more(t_ids: torch.Tensor) -> torch.Tensor:
+    """Target ids [C, n] padded with token 0 to at least two columns: the compiled kernels then run one graph
+    for any number of targets (``torch.compile`` specialises sizes 0 and 1, each a compile of its own, ~10 s
+    on a fresh machine). The padding's columns are dropped from the results; a repeated id is re-scored once."""
+    if t_ids.shape[1] >= 2:
+        return t_ids
+    return torch.cat([t_ids, t_ids.new_zeros(t_ids.shape[0], 2 - t_ids.shape[1])], 1)
+
+
+class _NoGroups:
+    """`TokenGroups`'s kernel inputs when no groups are asked for, whose mass is dropped: 3 tokens in 2 groups
+    of zeros, shaped as `TokenGroups`'s (no size 0 or 1, no view where it has none: the compiled kernel keeps
+    one graph; see `_two_or_more`)."""
+
+    def __init__(self, device):
+        self.cols = torch.arange(3, device=device)
+        self.cols_onehot = torch.zeros(3, 2, device=device)
+        self.big_onehot = torch.zeros(2, device=device)
+
+    def of(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.cols_onehot.new_zeros(ids.numel(), 2).view(*ids.shape, 2)  # a view, as `TokenGroups.of`'s
+
+
 class TokenGroups:
     """Token groups for the probability mass a distribution puts on each: ``groups`` [V] gives each token's
     group in ``0..n-1``, or ``n`` (or a negative value) for none. The mass is summed over the tokens outside
@@ -196,7 +219,7 @@ class TokenGroups:
         self.n = n
         self.onehot = F.one_hot(groups, n + 1).float()  # [V, n + 1]: the last column collects the rest
         self.big = int(torch.bincount(groups, minlength=n + 1).argmax())
-        self.cols = (groups != self.big).nonzero().flatten()  # [K]
+        self.cols = (groups != self.big).nonzero().flatten().clone()  # [K] (not a view: see `_NoGroups`)
         self.cols_onehot = self.onehot[self.cols]  # [K, n + 1]
         self.big_onehot = self.onehot.new_zeros(n + 1)
         self.big_onehot[self.big] = 1.0
@@ -221,13 +244,15 @@ def rescored_stats(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype,
     the re-scored tokens + f(exact) there``). Equal to ``row_stats(decode_rescored(...))`` within float32
     rounding (tests/test_trace.py), without the ``[C, V]`` float32 copy and its passes. Returns ``(stats,
     rows decoded whole)``; stats are `row_stats`'s tuple with the mass [C, n groups] (or None) appended."""
-    z16, _, ids, exact, keep, redo = _rescore(adapter, x, dtype, t_ids, candidates)
     n_t = t_ids.shape[1]
-    g = (groups.cols, groups.cols_onehot, groups.big_onehot, groups.of(ids)) if groups is not None else None
-    out = list(KERNELS["rescored"](z16, ids, exact, keep, p, neg_entropy, n_t, g, adapter.logit_scale,
+    z16, _, ids, exact, keep, redo = _rescore(adapter, x, dtype, t_ids, candidates)
+    g = groups if groups is not None else _NoGroups(ids.device)
+    g = (g.cols, g.cols_onehot, g.big_onehot, g.of(ids))
+    # n_targets of at least 2 (the candidates' extra columns dropped below): one compiled graph (see `_two_or_more`)
+    out = list(KERNELS["rescored"](z16, ids, exact, keep, p, neg_entropy, max(n_t, 2), g, adapter.logit_scale,
                                    adapter.softcap or 0.0))
-    if groups is not None:
-        out[-1] = out[-1][:, : groups.n]
+    out[4], out[5] = out[4][:, :n_t], out[5][:, :n_t]
+    out[-1] = out[-1][:, : groups.n] if groups is not None else None
     n = int(redo.sum())
     if n:  # these rows the slow way: a float32 decode and the plain kernel
         rows = redo.nonzero().flatten()
@@ -348,9 +373,10 @@ def _finish_inline(z: torch.Tensor, scale: float, softcap: float) -> torch.Tenso
 def _rescored_stats(z16, ids, exact, keep, p, neg_entropy, n_targets: int, groups, scale: float, softcap: float):
     """`_row_stats` of the row ``finish(z16)`` with the entries ``ids`` [C, S] replaced by ``exact`` (where
     ``keep``), by sums over the 16-bit row corrected at those entries (see `rescored_stats`). The first
-    ``n_targets`` columns of ``ids`` are the targets. The row maximum is the best exact entry (the caller
-    redoes every row where a token outside ``ids`` could pass it). ``groups``: None, or `TokenGroups`'s
-    ``(cols, cols_onehot, big_onehot, one-hot groups of ids)`` for the mass per group."""
+    ``n_targets`` columns of ``ids`` are the targets (or more: the ranks and probabilities of the extra columns
+    are dropped by the caller). The row maximum is the best exact entry (the caller
+    redoes every row where a token outside ``ids`` could pass it). ``groups``: `TokenGroups`'s (or
+    `_NoGroups`'s) ``(cols, cols_onehot, big_onehot, one-hot groups of ids)`` for the mass per group."""
     r = _finish_inline(z16.float(), scale, softcap)
     r_s = _finish_inline(z16.gather(1, ids).float(), scale, softcap)
     w = keep.float()
@@ -374,13 +400,12 @@ def _rescored_stats(z16, ids, exact, keep, p, neg_entropy, n_targets: int, group
     above = above - (w[:, None, :] * (r_s[:, None, :] > zt[:, :, None])).sum(-1).long()
     above = above + (w[:, None, :] * (exact[:, None, :] > zt[:, :, None])).sum(-1).long()
     probs = torch.exp(zt - m) / s[:, None]
-    mass = None
-    if groups is not None:  # the tokens outside the largest group, gathered; that group's sum is the rest
-        cols, cols_onehot, big_onehot, g = groups
-        e_cols = torch.exp(_finish_inline(z16[:, cols].float(), scale, softcap) - m)  # [C, K]
-        rest = e.sum(-1) - e_cols.sum(-1)
-        fix = ((w * (torch.exp(es) - torch.exp(rs)))[:, :, None] * g).sum(1)  # the re-scored tokens, [C, G]
-        mass = (e_cols @ cols_onehot + rest[:, None] * big_onehot + fix) / s[:, None]
+    # the mass per group: the tokens outside the largest group, gathered; that group's sum is the rest
+    cols, cols_onehot, big_onehot, g = groups
+    e_cols = torch.exp(_finish_inline(z16[:, cols].float(), scale, softcap) - m)  # [C, K]
+    rest = e.sum(-1) - e_cols.sum(-1)
+    fix = ((w * (torch.exp(es) - torch.exp(rs)))[:, :, None] * g).sum(1)  # the re-scored tokens, [C, G]
+    mass = (e_cols @ cols_onehot + rest[:, None] * big_onehot + fix) / s[:, None]
     return top_id, 1.0 / s, entropy, kl, above + 1, probs, mass
 
 
@@ -464,7 +489,9 @@ def kl_backward(adapter: "ModelAdapter", h: torch.Tensor, h_last: torch.Tensor, 
 
 def row_stats(z: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor, t_ids: torch.Tensor):
     """`_row_stats` through the compiled kernel (see there)."""
-    return KERNELS["stats"](z, p, neg_entropy, t_ids)
+    n_t = t_ids.shape[1]
+    out = KERNELS["stats"](z, p, neg_entropy, _two_or_more(t_ids))
+    return (*out[:4], out[4][:, :n_t], out[5][:, :n_t])
 
 
 # --------------------------------------------------------------------------- policies

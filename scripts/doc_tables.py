@@ -146,6 +146,26 @@ def views_benchmark(src: str = "benchmarks/views.csv") -> tuple[str, str]:
     return src, markdown(out, "llrr") + where
 
 
+def views_profile(src: str = "benchmarks/views-profile.csv") -> tuple[str, str]:
+    """Where the main command's time goes, per part, before and now (benchmarks/profile_views.py)."""
+    r = pd.read_csv(ROOT / src)
+    codes = list(dict.fromkeys(r.code))
+    by_part = r.pivot_table(index="part", columns="code", values="seconds", aggfunc="sum", sort=False)
+    by_part = by_part.reindex(columns=codes).fillna(0.0)
+    out = pd.DataFrame({"part": by_part.index})
+    for c in codes:
+        out[f"{c} (s)"] = [fmt(v, ".1f") for v in by_part[c]]
+        out[f"{c} share"] = [fmt(100 * v / by_part[c].sum(), ".0f") + "%" for v in by_part[c]]
+    by_view = r.pivot_table(index="view", columns="code", values="seconds", aggfunc="sum", sort=False).fillna(0.0)
+    views = "; ".join(f"{v} " + " -> ".join(f"{by_view.loc[v, c]:.0f}" for c in codes) + " s" for v in by_view.index)
+    totals = ", ".join(f"{c} {by_part[c].sum():.0f} s" for c in codes)
+    before = r.get("before", pd.Series([""])).fillna("").iloc[0]
+    where = (f"\nSampled in total: {totals}; per view ({' -> '.join(codes)}): {views}. {r.machine.iloc[0]}, "
+             f"{r.date.iloc[0]}; samples: {r.scale.iloc[0]} of the main command's"
+             + (f"; `before` is revision {before}" if before else "") + ".\n")
+    return src, markdown(out, "l" + "rr" * len(codes)) + where
+
+
 def benchmark_machine() -> tuple[str, str]:
     """Where and how the benchmark table was measured (benchmarks/results.json, written beside the CSV)."""
     src = "benchmarks/results.json"
@@ -352,6 +372,7 @@ TABLES = {
     "benchmark-load": benchmark_load,
     "views-batched": views_benchmark,
     "views-avx2": lambda: views_benchmark("benchmarks/views-avx2.csv"),
+    "views-profile": views_profile,
     "plan-published": plan_published,
     "plan-check": plan_check,
     "smollm2-views": lambda: view_summaries("smollm2-all"),

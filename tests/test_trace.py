@@ -182,6 +182,44 @@ def test_rescored_stats_equal_the_statistics_of_the_rescored_logits(family, skew
             torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_the_statistics_kernels_compile_one_graph_for_any_targets_and_groups(monkeypatch):
+    """``torch.compile`` gives sizes 0 and 1 graphs of their own (~10 s each on a fresh machine, once per view),
+    so the kernels see at least two target columns and "no groups" shaped as groups: 0, 1 and 3 targets, with
+    and without groups, compile once per kernel, and each call's statistics are the 3-target call's columns."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("LENSES_COMPILE", "1")
+    torch._dynamo.reset()  # graphs earlier tests compiled would be reused, not counted
+    monkeypatch.setitem(vocab.KERNELS, "rescored", vocab.maybe_compiled(vocab._rescored_stats))
+    monkeypatch.setitem(vocab.KERNELS, "stats", vocab.maybe_compiled(vocab._row_stats))
+    adapter = ModelAdapter.from_model(tiny_model("llama", vocab_size=3000))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(24, adapter.d_model, generator=g) * 3
+    t3 = torch.randint(0, 3000, (24, 3), generator=g)
+    groups = vocab.TokenGroups(torch.randint(-1, 4, (3000,), generator=g), 4)
+    p = torch.softmax(torch.randn(24, 3000, generator=g), -1)
+    neg_h = (p * p.log()).sum(-1)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        full, _ = vocab.rescored_stats(adapter, x, torch.bfloat16, p, neg_h, t3, groups)
+        if vocab.KERNELS["rescored"].compiled is vocab._rescored_stats:
+            pytest.skip("torch.compile is not available here")
+        for n, gr in [(1, None), (0, groups), (1, groups), (3, None), (0, None)]:
+            got, _ = vocab.rescored_stats(adapter, x, torch.bfloat16, p, neg_h, t3[:, :n], gr)
+            assert got[4].shape == (24, n) and got[5].shape == (24, n) and (got[6] is None) == (gr is None)
+            assert torch.equal(got[0], full[0]) and torch.equal(got[4], full[4][:, :n])
+            for a, b in zip(got[1:4] + got[5:6] + (got[6:] if gr is not None else ()),
+                            full[1:4] + (full[5][:, :n],) + (full[6:] if gr is not None else ())):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        z = vocab.decode(adapter, x)
+        every = vocab.row_stats(z, p, neg_h, t3)
+        for n in (1, 0, 3):
+            got = vocab.row_stats(z, p, neg_h, t3[:, :n])
+            assert got[4].shape == (24, n) and torch.equal(got[4], every[4][:, :n])
+            torch.testing.assert_close(got[5], every[5][:, :n])
+    assert counters["stats"]["unique_graphs"] - graphs == 2  # the two kernels
+
+
 @pytest.mark.parametrize("V", [49152, 50257, 3000])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_top_ids_are_the_highest_entries(V, dtype):
