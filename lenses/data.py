@@ -6,11 +6,12 @@ described and built in `lenses.corpora`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -102,12 +103,20 @@ def read_texts(source: str | os.PathLike | None = None, field: str = "text") -> 
 # --------------------------------------------------------------------------- tokens
 
 
+def document_ids(texts: Iterable[str], tokenizer, batch: int = 64) -> Iterator[list[int]]:
+    """Each document's token ids (no special tokens), tokenized ``batch`` documents per call (a fast
+    tokenizer works through a batch in parallel: about 3x faster than a call per document)."""
+    texts = iter(texts)
+    while chunk := list(itertools.islice(texts, batch)):
+        yield from tokenizer(chunk, add_special_tokens=False).input_ids
+
+
 def tokenize(texts: Iterable[str], tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     """One token stream: each document's ids followed by EOS (the document separator)."""
     sep = tokenizer.eos_token_id
     ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False).input_ids
+    for doc in document_ids(texts, tokenizer):
+        ids += doc
         if sep is not None:
             ids.append(sep)
         if max_tokens is not None and len(ids) >= max_tokens:
@@ -126,7 +135,8 @@ def split_documents(texts: list[str], tokenizer, eval_fraction: float = 0.1):
     shuffled by a fixed seed (0); ``documents[cut:]`` (about ``eval_fraction`` of the tokens) are held out."""
     docs = list(texts)
     random.Random(0).shuffle(docs)
-    streams = [tokenize([d], tokenizer) for d in docs]
+    sep = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    streams = [torch.tensor(ids + sep, dtype=torch.long) for ids in document_ids(docs, tokenizer)]
     total = sum(len(s) for s in streams)
     held_docs, held_tokens = 0, 0
     while held_docs < len(docs) - 1 and held_tokens < eval_fraction * total:

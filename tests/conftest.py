@@ -25,6 +25,9 @@ class CharTokenizer:
             pass
 
         out = Out()
+        if isinstance(text, list):  # a batch, as a transformers tokenizer takes it
+            out.input_ids = [self(t).input_ids for t in text]
+            return out
         out.input_ids = [1 + (b - 32) % 95 for b in text.encode("utf-8")]  # printable ASCII round-trips
         if return_tensors == "pt":
             out.input_ids = torch.tensor([out.input_ids])
