@@ -101,7 +101,7 @@ def _half_layers(adapter, lenses: dict, item: TraceItem, top_k: int, dtype) -> p
     stack = torch.cat([h[:-1] + parts["attn"][:, 0], h[-1:]])  # layer L stays: the teacher of every row
     targets = {"next": torch.tensor(list(item.targets["next"]), device=stack.device)}
     meta = np.stack([np.zeros(len(item.ids), dtype=int), np.arange(len(item.ids))], 1)
-    rows = pd.concat(decode_chunk(adapter, lenses, stack, meta, targets, None, (), dtype, top_k, [0]))
+    rows = decode_chunk(adapter, lenses, stack, meta, targets, None, (), dtype, top_k, [0])
     rows = rows[rows.layer < adapter.num_layers].copy()
     rows["layer"] = rows.layer + 0.5
     return rows

@@ -166,6 +166,17 @@ def views_profile(src: str = "benchmarks/views-profile.csv") -> tuple[str, str]:
     return src, markdown(out, "l" + "rr" * len(codes)) + where
 
 
+def tracing_benchmark(src: str = "benchmarks/tracing.csv") -> tuple[str, str]:
+    """Tracing tokens/s, one text per pass vs batched (benchmarks/tracing.py)."""
+    r = pd.read_csv(ROOT / src)
+    out = pd.DataFrame({"model": r.model, "setting": r.setting, "tokens/s": [fmt(v, ".3g") for v in r.tokens_per_s],
+                        "vs one text": [fmt(v, ".2f") + "x" for v in r.vs_one_text],
+                        "share of limit": [fmt(100 * v, ".0f") + "%" for v in r.share_of_limit]})
+    where = (f"\n{r.machine.iloc[0]}, {r.date.iloc[0]}; {int(r.tokens.iloc[0])} tokens in {int(r.texts.iloc[0])} texts "
+             "per setting (logit and tuned lens, every position).\n")
+    return src, markdown(out, "llrrr") + where
+
+
 def benchmark_machine() -> tuple[str, str]:
     """Where and how the benchmark table was measured (benchmarks/results.json, written beside the CSV)."""
     src = "benchmarks/results.json"
@@ -373,6 +384,7 @@ TABLES = {
     "views-batched": views_benchmark,
     "views-avx2": lambda: views_benchmark("benchmarks/views-avx2.csv"),
     "views-profile": views_profile,
+    "tracing-batched": tracing_benchmark,
     "plan-published": plan_published,
     "plan-check": plan_check,
     "smollm2-views": lambda: view_summaries("smollm2-all"),
