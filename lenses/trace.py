@@ -26,7 +26,6 @@ import torch
 
 from . import vocab
 from .errors import LensesError
-from .lens import LogitLens
 from .models import ModelAdapter, repeat_cache
 
 ONSET_KS = (1, 10, 100, 1000, 10000)  # the paper's log grid for onset-vs-k curves
@@ -391,31 +390,6 @@ def trace(
     df = df.sort_values(["lens", "item", "position", "layer"], kind="stable").reset_index(drop=True)
     df.attrs.update(decode_dtype=str(dtype).removeprefix("torch."), rows_decoded_whole=redone[0])
     return df
-
-
-def warm_kernels(vocab_size: int = 49_152, groups: int = 4) -> float:
-    """Compile the tracing kernels (`vocab.top_ids`, `vocab.row_stats`, `vocab.rescored_stats`) into torch's
-    compile cache (``TORCHINDUCTOR_CACHE_DIR``) for models of ``vocab_size`` tokens (the default model's), so
-    that a later process loads them in about a second each instead of compiling them (~30 s on a fresh
-    2-core machine; `scripts/setup.sh` runs this once): traces random texts through a two-layer random Llama
-    of that vocabulary as the frequency view does (the decode dtype `auto` picks here, ``groups`` token
-    groups, one target). Returns the seconds taken."""
-    import time
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    t0 = time.perf_counter()
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    with torch.random.fork_rng():  # the caller's random state is left as it was
-        torch.manual_seed(0)
-        adapter = ModelAdapter.from_model(LlamaForCausalLM(config).eval())
-        texts = torch.randint(0, vocab_size, (4, 100)).tolist()
-        buckets = torch.randint(-1, groups, (vocab_size,))
-    items = [TraceItem(ids, list(range(len(ids) - 1)), {"next": ids[1:]}) for ids in texts]
-    trace(adapter, {"logit": LogitLens(adapter)}, items, groups=buckets, group_names=[str(i) for i in range(groups)],
-          dtype=vocab.compute_dtype("auto"), batch_size=4)
-    return time.perf_counter() - t0
 
 
 # ---- depth statistics over a trajectory (arrays [..., layers]) -------------------------------

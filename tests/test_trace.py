@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lenses import trace as trace_mod, vocab
+from lenses import vocab
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -218,17 +218,6 @@ def test_the_statistics_kernels_compile_one_graph_for_any_targets_and_groups(mon
             assert got[4].shape == (24, n) and torch.equal(got[4], every[4][:, :n])
             torch.testing.assert_close(got[5], every[5][:, :n])
     assert counters["stats"]["unique_graphs"] - graphs == 2  # the two kernels
-
-
-def test_warm_kernels_runs_every_tracing_kernel_the_views_use(monkeypatch):
-    """`trace.warm_kernels` (run by scripts/setup.sh) must reach the compiled kernels a view's trace calls, or
-    the first view still compiles them: each is called (compiled, where a compiler is available)."""
-    monkeypatch.setenv("LENSES_COMPILE", "1")
-    names = ["stats", "rescored", "block_max"] if vocab.compute_dtype("auto") == torch.bfloat16 else ["stats"]
-    for name in names:
-        monkeypatch.setitem(vocab.KERNELS, name, vocab.maybe_compiled(vocab.KERNELS[name].fn))
-    assert trace_mod.warm_kernels() > 0
-    assert all(vocab.KERNELS[n].compiled is not None for n in names), "a kernel the views use was never called"
 
 
 @pytest.mark.parametrize("V", [49152, 50257, 3000])
