@@ -424,12 +424,7 @@ class maybe_compiled:
                 self.compiled = torch.compile(self.fn, dynamic=True)
         if self.compiled is not self.fn:
             try:
-                if "TORCHINDUCTOR_COMPILE_THREADS" in os.environ:
-                    return self.compiled(*args)
-                from torch._inductor import config
-
-                with config.patch(compile_threads=1):  # compile in this process: a pool of compile workers
-                    return self.compiled(*args)  # takes longer to start (~6 s) than our small kernels to build
+                return self.compiled(*args)
             except Exception as e:
                 warnings.warn(f"torch.compile unavailable ({type(e).__name__}); using the slower eager kernel")
                 self.compiled = self.fn
