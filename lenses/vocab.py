@@ -186,9 +186,10 @@ def decode_rescored(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype
 
 
 def _two_or_more(t_ids: torch.Tensor) -> torch.Tensor:
-    """Target ids [C, n] padded with token 0 to at least two columns: the compiled kernels then run one graph
-    for any number of targets (``torch.compile`` specialises sizes 0 and 1, each a compile of its own, ~10 s
-    on a fresh machine). The padding's columns are dropped from the results; a repeated id is re-scored once."""
+    """Target ids [C, n] padded with token 0 to at least two columns, for `row_stats`'s compiled kernel: one
+    graph for any number of targets (``torch.compile`` specialises sizes 0 and 1, each a compile of its own,
+    ~10 s on a fresh machine); the padding's columns are dropped from the results. (`rescored_stats` passes
+    a target count of at least 2 instead: its extra columns are candidates, whose results it drops.)"""
     if t_ids.shape[1] >= 2:
         return t_ids
     return torch.cat([t_ids, t_ids.new_zeros(t_ids.shape[0], 2 - t_ids.shape[1])], 1)
