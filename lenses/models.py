@@ -166,10 +166,15 @@ class ModelAdapter:
             self._weight_cache[key] = plain(w.detach()).to(dtype)
         return self._weight_cache[key]
 
+    def unembed_plain(self) -> torch.Tensor:
+        """The unembedding ``[V, d]`` as a plain tensor in its own dtype (no copy), or dequantized to float32
+        (the cached copy of `unembed_weight`) where it is quantized."""
+        w = self.unembed.weight
+        return self.unembed_weight(torch.float32) if is_quantized(w) else w.detach()
+
     def unembed_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the unembedding in float32 (no full copy unless the weight is quantized)."""
-        w = self.unembed.weight
-        return (self.unembed_weight(torch.float32) if is_quantized(w) else w.detach())[ids].float()
+        return self.unembed_plain()[ids].float()
 
     # ---- hidden states
     def hook_stream(self, layer: int, fn) -> list:

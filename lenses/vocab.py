@@ -28,11 +28,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 import warnings
 from typing import TYPE_CHECKING
 
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
 from .errors import LensesError
@@ -101,11 +103,19 @@ RESCORED = 32  # candidates per row re-scored in float32 by `decode_rescored`
 
 def _exact(adapter: "ModelAdapter", u: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """float32 logits (scaled, soft-capped) of normalised states ``u`` [C, d] for the tokens ``ids`` [C, k]."""
-    w = adapter.unembed_rows(ids)  # [C, k, d]
-    z = torch.bmm(w, u.float()[:, :, None]).squeeze(-1)
+    z = KERNELS["gather_dot"](adapter.unembed_plain(), u.float(), ids)
     if adapter.unembed.bias is not None:
         z = z + adapter.unembed.bias[ids].float()
     return finish(adapter, z)
+
+
+def _gather_dot(w: torch.Tensor, u: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[C, k]: the dot products of rows ``ids`` [C, k] of ``w`` [V, d] (in float32) with ``u`` [C, d] (float32).
+    Compiled, the rows are read where they lie (a [C, k, d] copy and a batched matmul took 4x as long)."""
+    rows = w[ids].float()
+    if torch.compiler.is_compiling():
+        return (rows * u[:, None, :]).sum(-1)
+    return torch.bmm(rows, u[:, :, None]).squeeze(-1)
 
 
 TOPK_BLOCK = 64  # `top_ids`: columns per block
@@ -113,30 +123,32 @@ TOPK_BLOCK = 64  # `top_ids`: columns per block
 
 def top_ids(z: torch.Tensor, k: int) -> torch.Tensor:
     """The ids [C, k] of the ``k`` highest entries of each row of ``z`` [C, V] (any order, ties broken either
-    way), as ``z.topk(k).indices`` but in two cheap steps on a wide row: the maximum of each block of
-    `TOPK_BLOCK` columns (one compiled pass), then the top ``k`` among the ``k`` best blocks. Exact: each of
-    the ``k`` highest entries lies in a block whose maximum is at least as high, and at most ``k`` blocks
-    have one."""
+    way), as ``z.topk(k).indices`` but in two cheap steps on a wide row: a bound on each block of `TOPK_BLOCK`
+    columns (`_block_max`, one compiled pass), then the top ``k`` among the ``k + 1`` best blocks. Exact: each of
+    the ``k`` highest entries lies in a block whose bound is at least as high, at most ``k`` blocks have one,
+    and only one bound (the last block's) can be higher than its own columns, taking one place."""
     C, V = z.shape
     B = TOPK_BLOCK
     if V < 16 * k * B or z.device.type != "cpu":  # narrow rows, and GPUs, where topk itself is fast
         return z.topk(k, dim=-1).indices
-    best = KERNELS["block_max"](z, B)  # [C, ceil(V / B)]
-    blocks_ = best.topk(k, dim=-1).indices  # [C, k]
-    cols = (blocks_[:, :, None] * B + torch.arange(B, device=z.device)).view(C, -1)  # [C, k * B]
+    if C == 1:  # a graph of its own for one row (see `_two_or_more`): the row twice
+        return top_ids(_twice(z), k)[:1]
+    best = KERNELS["block_max"](z, B)  # [C, V // B + 1]
+    blocks_ = best.topk(k + 1, dim=-1).indices  # [C, k + 1]
+    cols = (blocks_[:, :, None] * B + torch.arange(B, device=z.device)).view(C, -1)  # [C, (k + 1) * B]
     vals = z.gather(1, cols.clamp_max(V - 1))
-    if V % B:  # the last, short block: columns past the row are never picked
-        vals = vals.masked_fill(cols >= V, float("-inf"))
+    vals = vals.masked_fill(cols >= V, float("-inf"))  # columns past the row (the last block's) are never picked
     return cols.gather(1, vals.topk(k, dim=-1).indices)
 
 
 def _block_max(z: torch.Tensor, B: int) -> torch.Tensor:
-    """The maximum of each block of ``B`` columns of ``z`` [C, V] (the last block may be shorter)."""
+    """[C, V // B + 1]: the maximum of each whole block of ``B`` columns of ``z`` [C, V] (V >= B), then of the
+    last ``B`` columns as the bound of the last block (columns ``V // B * B`` on; empty when B divides V): they
+    hold its columns and overlap the block before, so the bound can exceed its own maximum, which `top_ids`
+    allows for. No branch on ``V % B``: one compiled graph for every vocabulary size."""
     nb = z.shape[1] // B
     full = z[:, : nb * B].reshape(z.shape[0], nb, B).amax(-1)
-    if z.shape[1] % B:
-        full = torch.cat([full, z[:, nb * B :].amax(-1, keepdim=True)], 1)
-    return full
+    return torch.cat([full, z[:, -B:].amax(-1, keepdim=True)], 1)
 
 
 def _rescore(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype, targets: torch.Tensor | None,
@@ -151,15 +163,15 @@ def _rescore(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype, targe
     k = min(candidates, z16.shape[-1])
     cand = top_ids(z16, k)
     rough = finish(adapter, z16.gather(1, cand).float())
-    exact_c = _exact(adapter, u, cand)
+    n_t = 0 if targets is None else targets.shape[1]
+    ids = torch.cat([targets, cand], 1) if n_t else cand  # type: ignore[list-item]
+    exact = _exact(adapter, u, ids)  # one call for targets and candidates: at least k columns, one kernel graph
+    exact_c = exact[:, n_t:]
     # every other token's 16-bit logit is at most rough.min(); its error is bounded by twice the largest error
     # seen on this row's candidates plus the 16-bit output rounding (2^-8 relative)
     bound = 2 * (exact_c - rough).abs().amax(1) + 2**-8 * exact_c.abs().amax(1)
     redo = (exact_c.amax(1) - bound <= rough.amin(1) if k < z16.shape[-1]
             else torch.zeros_like(bound, dtype=torch.bool))
-    ids, exact = cand, exact_c
-    if targets is not None and targets.numel():
-        ids, exact = torch.cat([targets, cand], 1), torch.cat([_exact(adapter, u, targets), exact_c], 1)
     same = ids[:, :, None] == ids[:, None, :]  # [C, S, S]: keep an id where no earlier column holds it
     keep = ~torch.tril(same, diagonal=-1).any(-1)
     return z16, u, ids, exact, keep, redo
@@ -193,6 +205,11 @@ def _two_or_more(t_ids: torch.Tensor) -> torch.Tensor:
     if t_ids.shape[1] >= 2:
         return t_ids
     return torch.cat([t_ids, t_ids.new_zeros(t_ids.shape[0], 2 - t_ids.shape[1])], 1)
+
+
+def _twice(t: torch.Tensor) -> torch.Tensor:
+    """A one-row tensor's row twice (see `rescored_stats`)."""
+    return t.expand(2, *t.shape[1:]).contiguous()
 
 
 class _NoGroups:
@@ -245,6 +262,10 @@ def rescored_stats(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype,
     the re-scored tokens + f(exact) there``). Equal to ``row_stats(decode_rescored(...))`` within float32
     rounding (tests/test_trace.py), without the ``[C, V]`` float32 copy and its passes. Returns ``(stats,
     rows decoded whole)``; stats are `row_stats`'s tuple with the mass [C, n groups] (or None) appended."""
+    if x.shape[0] == 1:  # one row: twice (the kernel would compile a graph for one row, see `_two_or_more`)
+        x2, p2, neg2, t2 = map(_twice, (x, p, neg_entropy, t_ids))
+        stats, n = rescored_stats(adapter, x2, dtype, p2, neg2, t2, groups, candidates)
+        return tuple(None if s is None else s[:1] for s in stats), n // 2
     n_t = t_ids.shape[1]
     z16, _, ids, exact, keep, redo = _rescore(adapter, x, dtype, t_ids, candidates)
     g = groups if groups is not None else _NoGroups(ids.device)
@@ -412,28 +433,104 @@ def _rescored_stats(z16, ids, exact, keep, p, neg_entropy, n_targets: int, group
 
 class maybe_compiled:
     """``fn`` compiled with ``torch.compile`` on first use if possible, else (no C++ compiler,
-    unsupported platform, ``LENSES_COMPILE=0``) the same function run eagerly, for good."""
+    unsupported platform, ``LENSES_COMPILE=0``) the same function run eagerly, for good.
+
+    One graph serves every call (a compile costs ~10 s on a fresh machine): shapes are dynamic and not
+    duck-typed (torch would otherwise give two sizes that happen to be equal on the first call, a 5-row chunk
+    and 5 token groups, one symbol, and compile again when they differ), and tensors are passed detached
+    (whether an argument is a view of another tensor would otherwise choose the graph)."""
 
     def __init__(self, fn):
         self.fn = fn
         self.compiled = None
+        self.lock = threading.Lock()  # one compile at a time (`warm_up_in_background`)
 
     def __call__(self, *args):
+        with self.lock:
+            return self._call(*args)
+
+    def _call(self, *args):
         if self.compiled is None:
             self.compiled = self.fn
             if os.environ.get("LENSES_COMPILE", "1") != "0":
                 self.compiled = torch.compile(self.fn, dynamic=True)
         if self.compiled is not self.fn:
             try:
-                return self.compiled(*args)
+                with fx_config.patch(use_duck_shape=False):
+                    return self.compiled(*_detached(args))
             except Exception as e:
                 warnings.warn(f"torch.compile unavailable ({type(e).__name__}); using the slower eager kernel")
                 self.compiled = self.fn
         return self.fn(*args)
 
 
+def _detached(args):
+    """``args`` with every tensor (in tuples too) detached: not a view, whatever it was (see `maybe_compiled`)."""
+    if isinstance(args, tuple):
+        return tuple(_detached(a) for a in args)
+    return args.detach() if isinstance(args, torch.Tensor) else args
+
+
 KERNELS = {"kl": maybe_compiled(_kl_and_dz), "stats": maybe_compiled(_row_stats),
-           "rescored": maybe_compiled(_rescored_stats), "block_max": maybe_compiled(_block_max)}
+           "rescored": maybe_compiled(_rescored_stats), "block_max": maybe_compiled(_block_max),
+           "gather_dot": maybe_compiled(_gather_dot)}
+
+
+class _StandIn:
+    """What `rescored_stats` and `Teacher` read of a model, for `warm_up`: an unembedding of random rows (16
+    wide) in the model's dtype, no final norm, no logit scale or soft-cap."""
+
+    logit_scale, softcap = 1.0, None
+
+    def __init__(self, vocab_size: int, device, dtype: torch.dtype):
+        self.unembed = torch.nn.Linear(16, vocab_size, bias=False, device=device, dtype=dtype)
+
+    def final_norm(self, h):
+        return h
+
+    def unembed_weight(self, dtype):
+        return self.unembed.weight.detach().to(dtype)
+
+    def unembed_plain(self):
+        return self.unembed.weight.detach()
+
+
+WARM_VOCAB = 33_000  # `warm_up`'s vocabulary: wide enough for `top_ids`'s blocks (any size compiles the same graphs)
+
+
+def warm_up(dtype: torch.dtype, device="cpu", model_dtype: torch.dtype = torch.float32) -> None:
+    """Compile the kernels a trace calls when it decodes in ``dtype`` on ``device`` a model whose weights are
+    ``model_dtype`` (`row_stats`'s, and for a 16-bit ``dtype`` `rescored_stats`', `top_ids`'s and `_exact`'s), on
+    three random rows through the same functions tracing calls, so that the same graphs are made: tracing then
+    compiles nothing (tests/test_trace.py counts the graphs)."""
+    with torch.no_grad():
+        ad = _StandIn(WARM_VOCAB, device, model_dtype)
+        x = torch.randn(3, 16, device=device)
+        teacher = Teacher(ad, x, torch.float32, keep_logits=True)  # type: ignore[arg-type]
+        t_ids = torch.zeros(3, 1, dtype=torch.long, device=device)
+        row_stats(teacher.logits, teacher.p, teacher.neg_entropy, t_ids)
+        if dtype in (torch.bfloat16, torch.float16):
+            # 1 token in 50 outside group 0 (as the frequency view's ~1,000: inductor lays out sums of 4,097+ apart)
+            groups = TokenGroups((torch.arange(WARM_VOCAB, device=device) % 50 == 0) * 7, 8)
+            rescored_stats(ad, x, dtype, teacher.p, teacher.neg_entropy, t_ids, groups)  # type: ignore[arg-type]
+
+
+def warm_up_in_background(dtype: torch.dtype, device="cpu", model_dtype: torch.dtype = torch.float32
+                          ) -> threading.Thread | None:
+    """`warm_up` in a daemon thread, started before the model loads (a first run compiles for ~20 s, mostly on one
+    core, while loading leaves the other idle); a kernel called while it runs waits for it (`maybe_compiled`'s
+    lock) rather than compiling twice. None where kernels are not compiled (``LENSES_COMPILE=0``)."""
+    if os.environ.get("LENSES_COMPILE", "1") == "0":
+        return None
+    def run():
+        try:
+            warm_up(dtype, device, model_dtype)
+        except Exception:  # only a head start: whatever failed here fails, with its message, where tracing calls it
+            pass
+
+    thread = threading.Thread(target=run, name="lenses-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def kl_rows(adapter: "ModelAdapter", h: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor,
@@ -490,6 +587,8 @@ def kl_backward(adapter: "ModelAdapter", h: torch.Tensor, h_last: torch.Tensor, 
 
 def row_stats(z: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor, t_ids: torch.Tensor):
     """`_row_stats` through the compiled kernel (see there)."""
+    if z.shape[0] == 1:  # one row: twice (see `rescored_stats`)
+        return tuple(s[:1] for s in row_stats(*map(_twice, (z, p, neg_entropy, t_ids))))
     n_t = t_ids.shape[1]
     out = KERNELS["stats"](z, p, neg_entropy, _two_or_more(t_ids))
     return (*out[:4], out[4][:, :n_t], out[5][:, :n_t])

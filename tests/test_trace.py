@@ -184,14 +184,16 @@ def test_rescored_stats_equal_the_statistics_of_the_rescored_logits(family, skew
 
 def test_the_statistics_kernels_compile_one_graph_for_any_targets_and_groups(monkeypatch):
     """``torch.compile`` gives sizes 0 and 1 graphs of their own (~10 s each on a fresh machine, once per view),
-    so the kernels see at least two target columns and "no groups" shaped as groups: 0, 1 and 3 targets, with
-    and without groups, compile once per kernel, and each call's statistics are the 3-target call's columns."""
+    so the kernels see at least two target columns and rows, and "no groups" shaped as groups: 0, 1 and 3
+    targets, with and without groups, 1, 5 and 24 rows, compile once per kernel, and each call's statistics are
+    the 3-target call's columns."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("LENSES_COMPILE", "1")
     torch._dynamo.reset()  # graphs earlier tests compiled would be reused, not counted
     monkeypatch.setitem(vocab.KERNELS, "rescored", vocab.maybe_compiled(vocab._rescored_stats))
     monkeypatch.setitem(vocab.KERNELS, "stats", vocab.maybe_compiled(vocab._row_stats))
+    monkeypatch.setitem(vocab.KERNELS, "gather_dot", vocab.maybe_compiled(vocab._gather_dot))
     adapter = ModelAdapter.from_model(tiny_model("llama", vocab_size=3000))
     g = torch.Generator().manual_seed(4)
     x = torch.randn(24, adapter.d_model, generator=g) * 3
@@ -201,6 +203,8 @@ def test_the_statistics_kernels_compile_one_graph_for_any_targets_and_groups(mon
     neg_h = (p * p.log()).sum(-1)
     graphs = counters["stats"]["unique_graphs"]
     with torch.no_grad():
+        # first, 5 rows and 5 group columns (4 groups + the rest): sizes that differ later must not share a symbol
+        vocab.rescored_stats(adapter, x[:5], torch.bfloat16, p[:5], neg_h[:5], t3[:5], groups)
         full, _ = vocab.rescored_stats(adapter, x, torch.bfloat16, p, neg_h, t3, groups)
         if vocab.KERNELS["rescored"].compiled is vocab._rescored_stats:
             pytest.skip("torch.compile is not available here")
@@ -211,13 +215,50 @@ def test_the_statistics_kernels_compile_one_graph_for_any_targets_and_groups(mon
             for a, b in zip(got[1:4] + got[5:6] + (got[6:] if gr is not None else ()),
                             full[1:4] + (full[5][:, :n],) + (full[6:] if gr is not None else ())):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        one, _ = vocab.rescored_stats(adapter, x[7:8], torch.bfloat16, p[7:8], neg_h[7:8], t3[7:8], groups)  # one row
+        assert one[0].shape == (1,) and torch.equal(one[0], full[0][7:8]) and torch.equal(one[4], full[4][7:8])
+        for a, b in zip(one[1:4] + one[5:], full[1:4] + full[5:]):
+            torch.testing.assert_close(a, b[7:8], rtol=1e-5, atol=1e-6)
         z = vocab.decode(adapter, x)
         every = vocab.row_stats(z, p, neg_h, t3)
         for n in (1, 0, 3):
             got = vocab.row_stats(z, p, neg_h, t3[:, :n])
             assert got[4].shape == (24, n) and torch.equal(got[4], every[4][:, :n])
             torch.testing.assert_close(got[5], every[5][:, :n])
-    assert counters["stats"]["unique_graphs"] - graphs == 2  # the two kernels
+        got = vocab.row_stats(z[2:3], p[2:3], neg_h[2:3], t3[2:3])
+        assert got[0].shape == (1,) and torch.equal(got[4], every[4][2:3])
+        torch.testing.assert_close(got[3], every[3][2:3])
+    assert counters["stats"]["unique_graphs"] - graphs == 3  # the two statistics kernels and `_exact`'s
+
+
+def test_kernels_warmed_up_in_the_background_are_the_ones_tracing_uses(monkeypatch):
+    """`vocab.warm_up_in_background` (the analysis CLI starts it before the model loads) compiles every kernel
+    a bfloat16 trace calls, for any vocabulary: after it, tracing a model of another vocabulary size (not a
+    multiple of the top-k block), with and without token groups, down to a one-row chunk, compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("LENSES_COMPILE", "1")
+    torch._dynamo.reset()
+    for name, fn in [("rescored", vocab._rescored_stats), ("stats", vocab._row_stats), ("block_max", vocab._block_max),
+                     ("gather_dot", vocab._gather_dot)]:
+        monkeypatch.setitem(vocab.KERNELS, name, vocab.maybe_compiled(fn))
+    thread = vocab.warm_up_in_background(torch.bfloat16)
+    model = tiny_model("llama", vocab_size=40_007)  # built while the kernels compile
+    adapter, lens = ModelAdapter.from_model(model), {"logit": None}
+    lens["logit"] = LogitLens(adapter)
+    thread.join()
+    if vocab.KERNELS["rescored"].compiled is vocab._rescored_stats:
+        pytest.skip("torch.compile is not available here")
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 4
+    g = torch.Generator().manual_seed(5)
+    items = [TraceItem(torch.randint(0, 40_007, (n,), generator=g).tolist(), [n - 2, n - 1], {"next": [1, 2]})
+             for n in (9, 12, 7)]
+    groups = torch.bucketize(torch.randperm(40_007, generator=g), torch.tensor([10, 100, 1000]))  # frequency buckets
+    for chunk in (4, 5):  # chunks of 4 and 2 rows, 5 and 1
+        trace(adapter, lens, items, chunk=chunk, dtype=torch.bfloat16, groups=groups, group_names=("a", "b", "c", "d"))
+        trace(adapter, lens, items, chunk=chunk, dtype=torch.bfloat16)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("V", [49152, 50257, 3000])
@@ -228,10 +269,16 @@ def test_top_ids_are_the_highest_entries(V, dtype):
     g = torch.Generator().manual_seed(V)
     z = (torch.randn(19, V, generator=g) * 4).to(dtype)
     z[3, 100:140] = z[3].max()  # a 40-way tie at the top
+    # the last block's bound (its last 64 columns) overlaps the block before: rows where it ties the best block
+    # and the second-highest entry sits in another block (a top-k among only k blocks would miss it)
+    last = V // vocab.TOPK_BLOCK * vocab.TOPK_BLOCK - 1 if V % vocab.TOPK_BLOCK else V - 1
+    z[5, last], z[5, 7] = 50, 40
+    z[6, V - 1], z[6, 70] = 50, 40
     for k in (1, 2, 32):
         got = vocab.top_ids(z, k)
         assert got.shape == (19, k) and all(len(set(r)) == k for r in got.tolist())
         assert torch.equal(z.gather(1, got).sort(-1).values, z.topk(k, -1).values.sort(-1).values)
+    assert torch.equal(vocab.top_ids(z[5:6], 2).sort(-1).values, z[5:6].topk(2, -1).indices.sort(-1).values)
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -38,6 +38,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from ..analysis.common import Usage
 from ..analysis import (
     CAUSAL_VIEWS,
@@ -56,6 +58,7 @@ from ..loading import DEFAULT_MODEL
 from ..outdir import check_target, claim
 from ..registry import select_lenses
 from ..report import Report, ViewEntry, analysis_settings, earlier_views
+from ..vocab import DTYPES, compute_dtype, warm_up_in_background
 
 GROUPS = {"model": "model", "lens": "lenses", "runtime": "running", "prompt": "prompt decoding (without --view)",
           "views": "views", "causal": "causal checks (early-exit, patching, layer-skip)"}
@@ -92,6 +95,8 @@ def main(argv=None, prog: str = "analyze.py") -> int:
             if path:
                 check_target(path, cfg.overwrite, option)
         dropped = replaced_views(folder, cfg, names)  # before any model loads
+        if view is not None:
+            warm_up(cfg)
         model, tok, adapter = cfg.load()
         ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict), cfg)
         report = Report(f"lenses analysis: {cfg.model or DEFAULT_MODEL}", analysis_settings(cfg, ctx.lenses, names),
@@ -108,6 +113,14 @@ def main(argv=None, prog: str = "analyze.py") -> int:
             raise
         folder.finish()
     return 0
+
+
+def warm_up(cfg: AnalysisConfig) -> None:
+    """Compile the tracing kernels in the background while the model loads (`lenses.vocab.warm_up_in_background`),
+    for the device the model will be on (a model spread by ``--device-map`` compiles them on first use)."""
+    if cfg.device_map is None:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        warm_up_in_background(compute_dtype(cfg.decode_dtype, device), device, DTYPES[cfg.model_dtype])
 
 
 def run_views(ctx: Context, names: list[str], report: Report) -> None:
