@@ -177,6 +177,20 @@ def tracing_benchmark(src: str = "benchmarks/tracing.csv") -> tuple[str, str]:
     return src, markdown(out, "llrrrrr") + where
 
 
+def views_limit(src: str = "benchmarks/views-limit.csv") -> tuple[str, str]:
+    """The main command's tracing against this machine's matmul limit, per view (benchmarks/views_limit.py)."""
+    r = pd.read_csv(ROOT / src)
+    out = pd.DataFrame({"view": r.view, "forward (s)": [fmt(v, ".1f") for v in r.forward_s],
+                        "decoding (s)": [fmt(v, ".1f") for v in r.decode_s],
+                        "matmul limit (s)": [fmt(v, ".1f") for v in r.limit_s],
+                        "share of limit": [fmt(100 * v, ".0f") + "%" for v in r.share_of_limit]})
+    speeds = ", ".join(f"{c.removeprefix('gflops_').replace('_', ' ')} {r[c].iloc[0]:.0f} GFLOP/s" for c in r.columns
+                       if c.startswith("gflops_"))
+    where = (f"\n{r.machine.iloc[0]}, {r.date.iloc[0]}; samples: {r.scale.iloc[0]:g} of the main command's; "
+             f"matmul speeds measured in the same process: {speeds}.\n")
+    return src, markdown(out, "lrrrr") + where
+
+
 def benchmark_machine() -> tuple[str, str]:
     """Where and how the benchmark table was measured (benchmarks/results.json, written beside the CSV)."""
     src = "benchmarks/results.json"
@@ -385,6 +399,7 @@ TABLES = {
     "views-avx2": lambda: views_benchmark("benchmarks/views-avx2.csv"),
     "views-profile": views_profile,
     "tracing-batched": tracing_benchmark,
+    "views-limit": views_limit,
     "plan-published": plan_published,
     "plan-check": plan_check,
     "smollm2-views": lambda: view_summaries("smollm2-all"),
