@@ -214,8 +214,8 @@ def _twice(t: torch.Tensor) -> torch.Tensor:
 
 class _NoGroups:
     """`TokenGroups`'s kernel inputs when no groups are asked for, whose mass is dropped: 3 tokens in 2 groups
-    of zeros, shaped as `TokenGroups`'s (no size 0 or 1, no view where it has none: the compiled kernel keeps
-    one graph; see `_two_or_more`)."""
+    of zeros, shaped as `TokenGroups`'s (no size 0 or 1: the compiled kernel keeps one graph; see
+    `_two_or_more`)."""
 
     def __init__(self, device):
         self.cols = torch.arange(3, device=device)
@@ -223,7 +223,7 @@ class _NoGroups:
         self.big_onehot = torch.zeros(2, device=device)
 
     def of(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.cols_onehot.new_zeros(ids.numel(), 2).view(*ids.shape, 2)  # a view, as `TokenGroups.of`'s
+        return self.cols_onehot.new_zeros(*ids.shape, 2)
 
 
 class TokenGroups:
@@ -237,7 +237,7 @@ class TokenGroups:
         self.n = n
         self.onehot = F.one_hot(groups, n + 1).float()  # [V, n + 1]: the last column collects the rest
         self.big = int(torch.bincount(groups, minlength=n + 1).argmax())
-        self.cols = (groups != self.big).nonzero().flatten().clone()  # [K] (not a view: see `_NoGroups`)
+        self.cols = (groups != self.big).nonzero().flatten()  # [K]
         self.cols_onehot = self.onehot[self.cols]  # [K, n + 1]
         self.big_onehot = self.onehot.new_zeros(n + 1)
         self.big_onehot[self.big] = 1.0
@@ -522,6 +522,7 @@ def warm_up_in_background(dtype: torch.dtype, device="cpu", model_dtype: torch.d
     lock) rather than compiling twice. None where kernels are not compiled (``LENSES_COMPILE=0``)."""
     if os.environ.get("LENSES_COMPILE", "1") == "0":
         return None
+
     def run():
         try:
             warm_up(dtype, device, model_dtype)
