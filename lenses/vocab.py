@@ -186,6 +186,9 @@ def decode_rescored(adapter: "ModelAdapter", x: torch.Tensor, dtype: torch.dtype
     float32. So top-1 ids and target logits are float32's; every other logit carries the 16-bit matmul's
     error (~2^-8 relative). Returns ``(z, rows decoded whole)``. `rescored_stats` computes the statistics
     of these logits without making them."""
+    if x.shape[0] == 1:  # one row: twice (the kernels would compile graphs for one row, see `rescored_stats`)
+        z, n = decode_rescored(adapter, _twice(x), dtype, None if targets is None else _twice(targets), candidates)
+        return z[:1], n // 2
     z16, _, ids, exact, keep, redo = _rescore(adapter, x, dtype, targets, candidates)
     z = finish(adapter, z16.float())
     n_t = 0 if targets is None else targets.shape[1]
