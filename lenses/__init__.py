@@ -7,6 +7,7 @@ Quick start::
     lens = load_lens("smollm2-135m-instruct", model)   # the shipped tuned lens; or a run folder
 """
 
+from . import convention
 from .errors import CorruptFileError, DataError, LensesError, LensMismatchError, ModelStructureError
 from .jacobian import JacobianLens
 from .lens import Lens, LogitLens, TunedLens

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from . import corpora, schema
+from . import convention, corpora, schema
 from .errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
@@ -124,10 +124,20 @@ def tokenize(texts: Iterable[str], tokenizer, max_tokens: int | None = None) -> 
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
 
 
-def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Cut a token stream into ``[n_blocks, seq_len]`` (the incomplete tail is dropped)."""
-    n = stream.numel() // seq_len
-    return stream[: n * seq_len].view(n, seq_len)
+def pack(stream: torch.Tensor, seq_len: int, prefix: tuple[int, ...] | list[int] = ()) -> torch.Tensor:
+    """Cut a token stream into ``[n_blocks, seq_len]`` (the incomplete tail is dropped), each block starting
+    with ``prefix`` (the tokenizer's own special tokens, `lenses.convention` rule 4) and then
+    ``seq_len - len(prefix)`` tokens of the stream."""
+    width = seq_len - len(prefix)
+    if width < 1:
+        raise DataError(f"a block of {seq_len} tokens has no room for text after the tokenizer's {len(prefix)} "
+                        "special token(s): raise --seq-len.")
+    n = stream.numel() // width
+    body = stream[: n * width].view(n, width)
+    if not prefix:
+        return body
+    head = torch.tensor(list(prefix), dtype=stream.dtype).expand(n, len(prefix))
+    return torch.cat([head, body], dim=1)
 
 
 def split_documents(texts: list[str], tokenizer, eval_fraction: float = 0.1):
@@ -154,17 +164,19 @@ def make_blocks(
     max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train and held-out blocks, split by document: documents are shuffled with a fixed seed (0), the
-    last ones (about ``eval_fraction`` of the tokens) are held out, and each side is packed on its own,
+    last ones (about ``eval_fraction`` of the tokens) are held out, and each side is packed on its own
+    (each block starting as the model expects: the tokenizer's prefix, e.g. BOS, then text),
     so no document (no Wikipedia article) is on both sides and the split never depends on the
     training seed or on ``max_eval_blocks`` (which only caps the blocks evaluated). A corpus of one
     document (or too few to give both sides a block) is split inside its token stream instead: the
     last blocks are held out, at most ``max_eval_blocks``, and the rest is for training."""
+    prefix = convention.of(tokenizer).prefix
     docs, streams, cut = split_documents(texts, tokenizer, eval_fraction)
-    train = pack(torch.cat(streams[:cut]), seq_len) if cut else torch.empty(0, seq_len, dtype=torch.long)
-    held_out = (pack(torch.cat(streams[cut:]), seq_len) if cut < len(docs)
+    train = pack(torch.cat(streams[:cut]), seq_len, prefix) if cut else torch.empty(0, seq_len, dtype=torch.long)
+    held_out = (pack(torch.cat(streams[cut:]), seq_len, prefix) if cut < len(docs)
                 else torch.empty(0, seq_len, dtype=torch.long))
     if len(train) == 0 or len(held_out) == 0:  # too few documents: split the stream
-        blocks = pack(torch.cat(streams) if streams else torch.empty(0, dtype=torch.long), seq_len)
+        blocks = pack(torch.cat(streams) if streams else torch.empty(0, dtype=torch.long), seq_len, prefix)
         if len(blocks) < 2:
             raise DataError(
                 f"the corpus gives {len(blocks)} block(s) of {seq_len} tokens; at least 2 are needed (one to "

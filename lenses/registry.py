@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import convention
 from .errors import LensesError, LensMismatchError
 from .lens import LogitLens
 from .lens_io import load_lens
@@ -38,12 +39,24 @@ def find_for(adapter, kind: str = "tuned") -> str | None:
     return shipped_for(adapter).get(kind)
 
 
-def select_lenses(spec: str | list[str], adapter, strict: bool = True) -> dict:
+def select_lenses(spec: str | list[str], adapter, strict: bool = True, tokenizer=None) -> dict:
     """name -> lens for a lens choice: ``auto`` (the logit lens plus the lenses shipped for this model,
     if any), ``logit``, ``both`` (logit + shipped tuned lens; an error if none is shipped), ``tuned`` or
     ``jacobian`` (the shipped lens of that kind), or lens folders / files / shipped names / hub ids, each
     optionally prefixed by a label (``jacobian:runs/jlens``, ``mine:runs/lens``). A list or a
-    comma-separated string combines them; the logit lens always comes first."""
+    comma-separated string combines them; the logit lens always comes first. With ``tokenizer``, a lens made
+    under another input convention (e.g. trained without the BOS this tokenizer adds) is refused
+    (`lenses.convention.check_lens`; ``strict=False`` reads it as a close variant)."""
+    lenses = _select(spec, adapter, strict)
+    if tokenizer is not None:
+        for name, lens in lenses.items():
+            note = convention.check_lens(lens.config, tokenizer, f"the {name} lens", strict)
+            if note:
+                print(note)
+    return lenses
+
+
+def _select(spec, adapter, strict: bool) -> dict:
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
     if not parts:
         raise LensesError("--lens is empty: use auto, logit, both, tuned, jacobian, or a lens folder or file.")

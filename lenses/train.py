@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from . import vocab
+from . import convention, vocab
 from .cli import option
 from .chat import generated_corpus, is_generated
 from .data import make_blocks, read_texts
@@ -245,7 +245,7 @@ def setup(job: Job, cfg: TrainConfig, lens_class: type[Lens] = TunedLens) -> Run
                         f"{cfg.seq_len} tokens the corpus gives; lower --batch-size or --seq-len, or add text.")
     total = cfg.total_steps()
     freqs = (TokenFrequencies.load(cfg.frequencies) if cfg.frequencies
-             else TokenFrequencies.from_tokens(train_blocks, adapter.vocab_size))
+             else TokenFrequencies.from_tokens(train_blocks[:, convention.of(tokenizer).first:], adapter.vocab_size))
     if len(freqs.counts) < adapter.vocab_size:
         raise DataError(f"--frequencies covers {len(freqs.counts)} tokens but the model has {adapter.vocab_size}: "
                         "it was counted with another tokenizer. Omit --frequencies to count on the corpus.")
@@ -335,10 +335,12 @@ def train_step(run: Run, step: int) -> list[float]:
     cfg, adapter, dp, state = run.cfg, run.adapter, run.dp, run.state
     idx = batch_indices(step, cfg.batch_size, len(run.train_blocks), cfg.seed)
     mine = dp.shard(idx)  # all of idx in a single process
-    hidden = adapter.hidden_states(run.train_blocks[mine]).flatten(1, 2)
+    first = convention.of(run.tokenizer).first  # the tokenizer's special prefix (BOS) is never scored
+    blocks = run.train_blocks[mine]
+    hidden = adapter.hidden_states(blocks)[:, :, first:].flatten(1, 2)
     weights = None
     if not cfg.variant.neutral:  # weights are normalised over the global batch, as in one process
-        tokens = position_tokens(cfg.variant.token, adapter, run.train_blocks[mine], hidden)
+        tokens = position_tokens(cfg.variant.token, adapter, blocks[:, first:], hidden)
         tokens = dp.gather_rows(tokens.view(len(mine), -1).to(hidden.device)).reshape(-1).cpu()
         rng = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # resumable: a function of step
         weights = cfg.variant.weights(tokens, run.freqs, rng)
@@ -420,6 +422,7 @@ def finish(run: Run) -> TrainResult:
             "data": {k: v for k, v in run.data.items() if k != "lines"},
         },
         variant={"name": cfg.label(), **asdict(cfg.variant)},
+        input=convention.of(run.tokenizer).record(run.tokenizer),
         heldout_kl_nats=table[table.lens == lens.kind].kl_nats.round(5).tolist(),
     )
     lens.save_pretrained(out)

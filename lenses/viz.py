@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import convention
 from .errors import LensesError
 from .io import write_text
 from .plots import _pyplot, _save
@@ -52,17 +53,21 @@ def lens_grid(adapter, tokenizer, text: str, lenses: dict, top_k: int = 5, chunk
     """The table behind the grid: one row per (lens, layer, position) of ``text`` (or of the token ``ids``
     given, e.g. a chat turn and its generated answer, `lenses.chat`).
 
-    Columns: lens, layer, position, role (``text`` for raw text, else each token's part of a chat turn:
-    template, system, user, assistant, generated), generated (whether the model generated that token),
+    Columns: lens, layer, position, role (``text`` for raw text, ``special`` for the tokenizer's own prefix
+    such as BOS, else each token's part of a chat turn: template, system, user, assistant, generated), generated (whether the model generated that token),
     input_id, input_token, next_id and next_token (the true next token; -1 and "" at the last position),
     token_r, id_r, prob_r for r = 1..``top_k``, entropy, kl (to the final layer's distribution, nats),
     rank_next and prob_next (NaN at the last position). ``sublayers`` adds the half layers ``l + 0.5``: the
     mid-block state ``hidden[l] + attn[l]`` (`ModelAdapter.residual_parts`), read with layer ``l``'s reading.
     """
-    ids = list(ids) if ids is not None else tokenizer(text, add_special_tokens=False).input_ids
-    if len(ids) == 0:
+    first = 0
+    if ids is None:  # as the model reads it in use: the tokenizer's prefix (BOS), then the text
+        first = convention.of(tokenizer).first
+        ids = convention.encode(tokenizer, text)
+    ids = list(ids)
+    if len(ids) == first:
         raise LensesError(f"the prompt {text!r} has no tokens; give some text (--prompt).")
-    roles = list(roles) if roles is not None else ["text"] * len(ids)
+    roles = list(roles) if roles is not None else ["special"] * first + ["text"] * (len(ids) - first)
     if len(roles) != len(ids):
         raise LensesError(f"{len(roles)} roles for {len(ids)} tokens: give one role per token.")
     if not 1 <= top_k <= adapter.vocab_size:

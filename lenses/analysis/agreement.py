@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .common import Usage, ViewResult, require, table_plot, text_blocks
+from .common import Usage, ViewResult, prefix_note, require, table_plot, text_blocks
 
 
 def agreement_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 1000, seq_len: int = 128,
@@ -24,7 +24,7 @@ def agreement_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posit
     from tqdm.auto import tqdm
 
     require(len(lenses) >= 2, "the agreement view compares lenses: give at least two (e.g. --lens logit,tuned).")
-    chosen, held, available = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "agreement")
+    chosen, held, available, first = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "agreement")
     L, names = adapter.num_layers, list(lenses)
     pairs = list(combinations(names, 2))
     sums = {(a, b): np.zeros((L + 1, 2)) for a, b in pairs}  # [layer, (agree, sym_kl)]
@@ -34,7 +34,7 @@ def agreement_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posit
     with torch.no_grad():
         for group in tqdm(groups, desc="agreement", unit="batch", disable=not progress):
             # blocks of equal length: one forward pass for the batch, no padding
-            hidden = adapter.hidden_states(held[group])[:, :, :-1].flatten(1, 2)  # [L+1, B*(seq-1), d]
+            hidden = adapter.hidden_states(held[group])[:, :, first:-1].flatten(1, 2)  # [L+1, B*(seq-1-first), d]
             hidden = hidden[:, : num_positions - count]
             for s in range(0, hidden.shape[1], chunk):
                 h = hidden[:, s : s + chunk]
@@ -56,7 +56,7 @@ def agreement_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posit
              "sym_kl": v[layer, 1] / count, "n": count} for (a, b), v in sums.items() for layer in range(L + 1)]
     table = pd.DataFrame(rows)
     return ViewResult("agreement", {"layers": table}, _summary(table, L),
-                      usage=[Usage("positions", num_positions, available, count, source)])
+                      usage=[Usage("positions", num_positions, available, count, source, prefix_note(tokenizer))])
 
 
 def _summary(table: pd.DataFrame, L: int) -> list[str]:

@@ -22,7 +22,7 @@ import torch
 
 from ..intervals import describe, sums_interval
 from ..trace import TraceItem, trace, trajectories
-from .common import Usage, ViewResult, table_plot, text_blocks
+from .common import Usage, ViewResult, prefix_note, table_plot, text_blocks
 
 REFERENCES = {"final": "the model's final top-1", "next": "the true next token"}
 
@@ -74,11 +74,11 @@ def calibration_view(adapter, tokenizer, lenses: dict, texts: list[str], num_pos
                      seq_len: int = 128, bins: int = 10, seed: int = 0, progress: bool = False, batch_size: int = 1,
                      dtype: torch.dtype = torch.float32, source: str = "the texts given") -> ViewResult:
     """Run the calibration view on ``num_positions`` positions of blocks of ``seq_len`` tokens of ``texts``."""
-    chosen, blocks, available = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "calibration")
+    chosen, blocks, available, first = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "calibration")
     items, left = [], num_positions
     for b in chosen:
         ids = blocks[b].tolist()
-        positions = list(range(min(len(ids) - 1, left)))
+        positions = list(range(first, min(len(ids) - 1, first + left)))
         items.append(TraceItem(ids, positions, {"next": [ids[p + 1] for p in positions]}))
         left -= len(positions)
     df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size, dtype=dtype)
@@ -86,7 +86,7 @@ def calibration_view(adapter, tokenizer, lenses: dict, texts: list[str], num_pos
     df["correct_final"] = (top1 == top1[:, -1:]).reshape(-1)
     df["correct_next"] = df.rank_next.to_numpy() == 1
     layers, curve = _tables(df, bins, seed)
-    usage = Usage("positions", num_positions, available, num_positions - left, source)
+    usage = Usage("positions", num_positions, available, num_positions - left, source, prefix_note(tokenizer))
     return ViewResult("calibration", {"layers": layers, "bins": curve}, _summary(layers, adapter.num_layers),
                       usage=[usage])
 

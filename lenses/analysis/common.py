@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import plots
+from .. import convention, plots
 from ..data import pack, tokenize
 from ..errors import DataError
 from ..io import write_csv
@@ -83,7 +83,23 @@ def table_plot(figure: str, *tables: str):
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
+    """A prompt or text as the model sees it in use: the tokenizer's prefix (BOS, where it adds one), then
+    the text (`lenses.convention`)."""
+    return convention.encode(tokenizer, text)
+
+
+def plain_ids(tokenizer, text: str) -> list[int]:
+    """A continuation's ids (an answer, an option letter, a label): no special tokens."""
+    return convention.plain_ids(tokenizer, text)
+
+
+def prefix_note(tokenizer) -> list[str]:
+    """The data-accounting note of a view whose texts start with the tokenizer's special prefix."""
+    conv = convention.of(tokenizer)
+    if not conv.first:
+        return []
+    return [f"each text starts with the tokenizer's {tokenizer.decode(list(conv.prefix))!r} as in use; position"
+            f"{'s' if conv.first > 1 else ''} 0{f'-{conv.first - 1}' if conv.first > 1 else ''} (special) not scored"]
 
 
 def early_layers(num_layers: int) -> range:
@@ -115,15 +131,20 @@ def mean_or_nan(values) -> float:
 
 
 def text_blocks(texts: list[str], tokenizer, seq_len: int, num_positions: int, seed: int, view: str):
-    """``(chosen, blocks, available)``: all of ``texts`` packed into blocks of ``seq_len`` tokens, the
+    """``(chosen, blocks, available, first)``: all of ``texts`` packed into blocks of ``seq_len`` tokens, each
+    starting as the model reads text (the tokenizer's ``first`` special tokens, e.g. BOS, then text), the
     indices (in a seeded random order) of as many blocks as ``num_positions`` scored positions need at
-    ``seq_len - 1`` per block, and how many positions the blocks offer. (Which texts a view reads, all
-    of a user's file or the held-out part of a lens's training corpus, is decided by `Context.view_texts`.)"""
+    ``seq_len - 1 - first`` per block (positions ``first .. seq_len - 2``: the special ones are not scored),
+    and how many positions the blocks offer. (Which texts a view reads, all of a user's file or the held-out
+    part of a lens's training corpus, is decided by `Context.view_texts`.)"""
     import random
 
-
-    blocks = pack(tokenize(texts, tokenizer), seq_len)
+    conv = convention.of(tokenizer)
+    require(seq_len - 1 - conv.first >= 1, f"--seq-len {seq_len} leaves no scored position after the tokenizer's "
+                                           f"{conv.first} special token(s); raise --seq-len.")
+    blocks = pack(tokenize(texts, tokenizer), seq_len, conv.prefix)
     require(len(blocks) > 0, f"the text gives no block of {seq_len} tokens for the {view} view; pass more text "
                              "with --corpus.")
-    n_blocks = min(len(blocks), -(-num_positions // (seq_len - 1)))
-    return random.Random(seed).sample(range(len(blocks)), n_blocks), blocks, len(blocks) * (seq_len - 1)
+    per_block = seq_len - 1 - conv.first
+    n_blocks = min(len(blocks), -(-num_positions // per_block))
+    return random.Random(seed).sample(range(len(blocks)), n_blocks), blocks, len(blocks) * per_block, conv.first

@@ -22,7 +22,7 @@ import torch
 
 from ..intervals import describe, mean_interval
 from ..trace import TraceItem, trace, trajectories
-from .common import Usage, ViewResult, table_plot, text_blocks
+from .common import Usage, ViewResult, prefix_note, table_plot, text_blocks
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -31,17 +31,17 @@ def early_exit_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
                     seq_len: int = 128, thresholds=THRESHOLDS, seed: int = 0, progress: bool = False,
                     batch_size: int = 1, dtype: torch.dtype = torch.float32,
                     source: str = "the texts given") -> ViewResult:
-    chosen, held, available = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "early-exit")
-    per_block = seq_len - 1
+    chosen, held, available, first = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "early-exit")
+    per_block = seq_len - 1 - first
     items, left = [], num_positions
     for b in chosen:
         ids = held[b].tolist()
         k = min(per_block, left)
         left -= k
-        items.append(TraceItem(ids, list(range(k)), {"next": ids[1: k + 1]}))
+        items.append(TraceItem(ids, list(range(first, first + k)), {"next": ids[first + 1: first + k + 1]}))
     df = trace(adapter, lenses, items, progress=progress, batch_size=batch_size, dtype=dtype)
     layers, adaptive = _layer_table(df, seed), _adaptive_table(df, thresholds)
-    usage = Usage("positions", num_positions, available, num_positions - left, source)
+    usage = Usage("positions", num_positions, available, num_positions - left, source, prefix_note(tokenizer))
     return ViewResult("early-exit", {"layers": layers, "adaptive": adaptive}, _summary(layers, adaptive),
                       usage=[usage])
 

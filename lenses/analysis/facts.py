@@ -31,7 +31,7 @@ from ..errors import DataError
 from ..intervals import describe, mean_interval, share_interval
 from ..models import ModelAdapter
 from ..trace import TraceItem, depth_summary, onset_curve, trace
-from .common import Usage, ViewResult, encode, keep_where_final, mean_or_nan, nothing_to_score, require, table_plot
+from .common import Usage, ViewResult, encode, plain_ids, keep_where_final, mean_or_nan, nothing_to_score, require, table_plot
 
 
 def default_facts_path() -> Path:
@@ -98,14 +98,14 @@ def fact_items(tokenizer, facts: list[dict], chat: bool = False,
     for i, f in enumerate(facts):
         prompt = f["prompt"].rstrip()
         answer = " " + f["answer"].strip()
-        p_ids, a_ids = encode(tokenizer, prompt), encode(tokenizer, answer)
+        p_ids, a_ids = encode(tokenizer, prompt), plain_ids(tokenizer, answer)
         if not p_ids or not a_ids:
             raise DataError(f"fact {i} ({prompt!r} -> {answer!r}) tokenises to nothing; check the text.")
         if tokenizer.decode(a_ids) != answer:
             raise DataError(f"fact {i}: the answer {answer!r} does not survive tokenisation (decodes to "
                             f"{tokenizer.decode(a_ids)!r}); fix its characters or drop it.")
         if chat:  # the user asks for the sentence; the assistant says it, answer included
-            said = encode(tokenizer, prompt)
+            said = plain_ids(tokenizer, prompt)
             turn = chat_turn(tokenizer, CHAT_REQUEST.format(prompt=prompt), system, said + a_ids)
             ids, start = turn.ids, turn.answer_start + len(said)
         else:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import convention
 from ..data import pack, tokenize
 from ..frequency import BUCKET_NAMES, TokenFrequencies
 from ..intervals import describe, share_interval
@@ -69,12 +70,13 @@ def paragraph_items(tokenizer, documents: list[str], starts: torch.Tensor, num_p
     """One prompt per paragraph of more than ``min_chars`` characters (up to ``num_prompts``, drawn with
     ``seed``), cut at a random word: the marked position is the last token before a word start."""
     rng = random.Random(seed)
+    first = convention.of(tokenizer).first
     paragraphs = paragraphs_of(documents, min_chars)
     rng.shuffle(paragraphs)
     items = []
     for text in paragraphs:
-        ids = encode(tokenizer, text)
-        cuts = [t for t in range(len(ids) - 1) if starts[ids[t + 1]]]
+        ids = encode(tokenizer, text)  # the tokenizer's prefix (BOS) first, as in use; it is never a cut
+        cuts = [t for t in range(first, len(ids) - 1) if starts[ids[t + 1]]]
         if cuts:
             t = rng.choice(cuts)
             items.append(TraceItem(ids[: t + 1], [t], {"next": [ids[t + 1]]}))
@@ -109,7 +111,7 @@ def frequency_view(
         require(bool(items), "no paragraph of more than 200 characters; pass more text with --corpus, or "
                              "use --freq-prompts blocks for text without blank-line paragraphs.")
     else:
-        blocks = pack(tokenize(texts, tokenizer), seq_len)
+        blocks = pack(tokenize(texts, tokenizer), seq_len, convention.of(tokenizer).prefix)
         items = frequency_items(blocks, starts, num_positions, eos=tokenizer.eos_token_id, seed=seed)
         available, unit = len(blocks) * (seq_len - 1), "positions (word boundaries of blocks)"
         require(bool(items), "no word-boundary positions found in the text; pass more text with --corpus.")

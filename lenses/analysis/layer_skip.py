@@ -15,7 +15,7 @@ import torch
 
 from ..intervals import describe, mean_interval
 from ..intervene import skip_block
-from .common import Usage, ViewResult, require, table_plot, text_blocks
+from .common import Usage, ViewResult, prefix_note, require, table_plot, text_blocks
 
 
 def _log_probs(lens, h: torch.Tensor, layer: int) -> torch.Tensor:
@@ -28,14 +28,14 @@ def layer_skip_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
     from tqdm.auto import tqdm
 
     require(mode in ("zero", "mean"), f"unknown skip mode {mode!r}: use zero or mean.")
-    chosen, held, available = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "layer-skip")
+    chosen, held, available, first = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "layer-skip")
     ids = held[sorted(chosen)]
-    targets = ids[:, 1:].reshape(-1)[:num_positions].to(adapter.device)
-    texts_of = (torch.arange(len(targets)) // (seq_len - 1)).numpy()  # which text each position is in
+    targets = ids[:, first + 1:].reshape(-1)[:num_positions].to(adapter.device)
+    texts_of = (torch.arange(len(targets)) // (seq_len - 1 - first)).numpy()  # which text each position is in
     L = adapter.num_layers
 
     def stream(hidden):  # [L+1, B, seq, d] -> [L+1, N, d] at the scored positions
-        return hidden[:, :, :-1].reshape(L + 1, -1, hidden.shape[-1])[:, :num_positions]
+        return hidden[:, :, first:-1].reshape(L + 1, -1, hidden.shape[-1])[:, :num_positions]
 
     base = stream(adapter.hidden_states(ids))
     means = (base[1:] - base[:-1]).mean(1) if mode == "mean" else None  # [L, d] mean update of each block
@@ -64,7 +64,7 @@ def layer_skip_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
     out = pd.DataFrame(outputs)
     out["accuracy_unskipped"] = float((base_top == targets).float().mean())
     effects = pd.DataFrame(effects)
-    usage = Usage("positions", num_positions, available, len(targets), source)
+    usage = Usage("positions", num_positions, available, len(targets), source, prefix_note(tokenizer))
     return ViewResult("layer-skip", {"effects": effects, "output": out}, _summary(out, mode), {"mode": mode},
                       usage=[usage])
 

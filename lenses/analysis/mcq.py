@@ -33,7 +33,7 @@ from ..errors import DataError
 from ..intervals import describe, mean_interval
 from ..models import ModelAdapter
 from ..trace import TraceItem, onset_layer, settled_layer, trace, trajectories
-from .common import Usage, ViewResult, encode, require, table_plot
+from .common import Usage, ViewResult, encode, plain_ids, require, table_plot
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers).\n\n"
@@ -79,7 +79,7 @@ def option_ids(tokenizer, space: str = " ") -> list[int]:
     """The token of each option letter (after a space in raw text; alone as the assistant's first token)."""
     ids = []
     for letter in LETTERS:
-        t = encode(tokenizer, space + letter)
+        t = plain_ids(tokenizer, space + letter)
         if len(t) != 1:
             raise DataError(f"the option {space + letter!r} is {len(t)} tokens for this tokenizer; the MCQ view "
                             "needs each option letter to be one token.")

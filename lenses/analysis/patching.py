@@ -39,7 +39,7 @@ from ..intervals import mean_interval
 from ..intervene import last_stream
 from ..lens import LogitLens
 from ..trace import onset_layer, settled_layer
-from .common import Usage, ViewResult, encode, require, table_plot
+from .common import Usage, ViewResult, encode, plain_ids, require, table_plot
 from .mcq import HEADER, format_question, read_mcq
 
 SHIPPED = ("sentiment", "yesno", "continent", "mcq")
@@ -86,7 +86,7 @@ def read_task(spec: str, tokenizer, first_token: bool = False) -> Task:
     else:
         rows, name = _read_rows(Path(spec)), Path(spec).stem
     label_names = list(dict.fromkeys(x for r in rows for x in r["labels"]))
-    ids = {x: encode(tokenizer, x) for x in label_names}
+    ids = {x: plain_ids(tokenizer, x) for x in label_names}
     multi = [f"{x!r} ({len(t)} tokens)" for x, t in ids.items() if len(t) != 1]
     if multi and not first_token:
         raise DataError(f"task {name}: labels {', '.join(multi)} are not single tokens for this tokenizer. Use "

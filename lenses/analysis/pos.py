@@ -20,6 +20,7 @@ import random
 import pandas as pd
 import torch
 
+from .. import convention
 from ..errors import DataError
 from ..intervals import describe, difference_interval, mean_interval
 from ..models import ModelAdapter
@@ -55,10 +56,13 @@ def pos_items(tokenizer, texts: list[str], tagger, max_tokens: int = 256,
         raise DataError("the POS view aligns words to tokens by character offsets and needs a fast "
                         "(Rust) Hugging Face tokenizer.")
     items, rows = [], []
+    prefix = convention.of(tokenizer).prefix
+    min_context = max(min_context, len(prefix) + 1)  # a special position is never scored
     for doc in tagger.pipe(texts, batch_size=32):
         text = doc.text
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc.input_ids[:max_tokens], enc.offset_mapping[:max_tokens]
+        ids = (list(prefix) + list(enc.input_ids))[:max_tokens]  # the tokenizer's BOS first, as in use
+        offsets = ([(0, 0)] * len(prefix) + list(enc.offset_mapping))[:max_tokens]
         first_token_at = {}
         for j, (a, b) in enumerate(offsets):
             for c in range(a, b):

@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from ..data import read_utf8
+from .. import convention
 from ..errors import DataError
 from ..models import ModelAdapter
 from ..plots import plot_representation
@@ -199,8 +200,10 @@ def representation_view(
     """Per-layer summary (``layer, relative_depth, metric, mean, std, q10, q50, q90, n``) and
     per-prompt values (``prompt_id, layer, metric, value``) of every metric.
 
-    ``drop_first_token`` leaves out position 0, whose residual stream in many models grows a few
-    huge coordinates mid-depth (an attention sink) and then dominates every token-Gram metric.
+    Each prompt is read as in use (the tokenizer's prefix, e.g. BOS, first: `lenses.convention`); those
+    special positions are left out. Without a prefix, ``drop_first_token`` leaves out position 0, whose
+    residual stream in many models grows a few huge coordinates mid-depth (an attention sink) and then
+    dominates every token-Gram metric.
     """
     from tqdm.auto import tqdm
 
@@ -208,10 +211,13 @@ def representation_view(
     rows = []
     pooled = {kind: [] for kind in ("original", *augmentations)}  # each: list of [layers, D]
 
+    conv = convention.of(tokenizer)
+    skip = conv.first or int(drop_first_token)  # the tokenizer's special prefix (BOS) is never a token vector
+
     def run(text: str) -> torch.Tensor:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :max_tokens]
+        ids = torch.tensor([conv.encode(tokenizer, text)[:max_tokens]])
         hidden = adapter.hidden_states(ids)[:, 0].float().cpu()  # [L+1, T, D]
-        return hidden[:, 1:] if drop_first_token else hidden
+        return hidden[:, skip:]
 
     for pid, text in enumerate(tqdm(prompts, desc="representation", disable=not progress)):
         hidden = run(text)

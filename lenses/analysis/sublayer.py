@@ -29,7 +29,7 @@ from .. import vocab
 from ..data import tokenize
 from ..frequency import BUCKET_NAMES, TokenFrequencies
 from ..intervals import describe, share_interval
-from .common import Usage, ViewResult, require, table_plot, text_blocks
+from .common import Usage, ViewResult, prefix_note, require, table_plot, text_blocks
 
 PARTS = ("attention", "mlp", "both")
 
@@ -78,7 +78,7 @@ def sublayer_view(adapter, tokenizer, lenses: dict, texts: list[str], freqs: Tok
     from tqdm.auto import tqdm
 
     adapter.block_parts  # refuses, with the reason, a model whose blocks do not split into two parts
-    chosen, blocks, available = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "sublayer")
+    chosen, blocks, available, first = text_blocks(texts, tokenizer, seq_len, num_positions, seed, "sublayer")
     if freqs is None:
         freqs = TokenFrequencies.from_tokens(tokenize(texts, tokenizer), adapter.vocab_size)
     require(len(freqs.counts) >= adapter.vocab_size, "the frequency counts were made with another tokenizer; "
@@ -90,10 +90,10 @@ def sublayer_view(adapter, tokenizer, lenses: dict, texts: list[str], freqs: Tok
             group = chosen[s : s + step]
             ids = torch.stack([blocks[b] for b in group])
             parts = adapter.residual_parts(ids, with_hidden=True)
-            n = min(ids.shape[0] * (seq_len - 1), num_positions - used)
-            h, attn, mlp = (parts[k][:, :, :-1].flatten(1, 2)[:, :n] for k in ("hidden", "attn", "mlp"))
-            items = np.repeat(np.asarray(group), seq_len - 1)[:n]
-            positions = np.tile(np.arange(seq_len - 1), len(group))[:n]
+            n = min(ids.shape[0] * (seq_len - 1 - first), num_positions - used)
+            h, attn, mlp = (parts[k][:, :, first:-1].flatten(1, 2)[:, :n] for k in ("hidden", "attn", "mlp"))
+            items = np.repeat(np.asarray(group), seq_len - 1 - first)[:n]
+            positions = np.tile(np.arange(first, seq_len - 1), len(group))[:n]
             for name, lens in lenses.items():
                 rows += _events(adapter, lens, name, h, attn, mlp, items, positions, dtype)
             used += n
@@ -106,7 +106,7 @@ def sublayer_view(adapter, tokenizer, lenses: dict, texts: list[str], freqs: Tok
     layers = _shares(events, ["lens", "layer"], seed)
     events["new_bucket"] = pd.Categorical(events.new_bucket, categories=BUCKET_NAMES, ordered=True)
     buckets = _shares(events, ["lens", "new_bucket"], seed)
-    usage = Usage("positions", num_positions, available, used, source)
+    usage = Usage("positions", num_positions, available, used, source, prefix_note(tokenizer))
     return ViewResult("sublayer", {"events": events, "layers": layers, "buckets": buckets},
                       _summary(events, used, seed), usage=[usage])
 

@@ -52,6 +52,7 @@ from ..analysis import (
     view_settings,
 )
 from ..cli import Parser, add_options, from_args
+from .. import convention
 from ..errors import LensesError
 from ..io import write_csv
 from ..loading import DEFAULT_MODEL
@@ -98,7 +99,7 @@ def main(argv=None, prog: str = "analyze.py") -> int:
         if view is not None:
             warm_up(cfg)
         model, tok, adapter = cfg.load()
-        ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict), cfg)
+        ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict, tokenizer=tok), cfg)
         report = Report(f"lenses analysis: {cfg.model or DEFAULT_MODEL}", analysis_settings(cfg, ctx.lenses, names),
                         pending=names, dropped=dropped)
         if view is None:
@@ -176,8 +177,9 @@ def decode_prompt(ctx: Context, report: Report) -> int:
         turn = chat_turn(ctx.tokenizer, cfg.prompt, cfg.system)
         ids, roles = turn.ids, turn.roles
     else:
-        ids = ctx.tokenizer(cfg.prompt, add_special_tokens=False).input_ids
-        roles = ["text"] * len(ids)
+        ids = convention.encode(ctx.tokenizer, cfg.prompt)  # as in use: the tokenizer's BOS where it adds one
+        first = convention.of(ctx.tokenizer).first
+        roles = ["special"] * first + ["text"] * (len(ids) - first)
     at = len(ids) - 1  # the prompt's last position: what the model says next
     said = []
     if cfg.generate:
