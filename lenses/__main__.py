@@ -4,6 +4,7 @@
     lenses fit ...        fit a Jacobian lens (the same as ``lenses train --method jacobian ...``)
     lenses analyze ...    the depth views, causal checks and the layer-by-position grid (``analyze.py``)
     lenses plan ...       each device's peak memory for a job, before any weight loads
+    lenses catalog ...    every published lens we know of, by model and kind (offline)
 
 ``lenses <job> --help`` lists a job's options. Errors are one line on stderr and exit status 2.
 """
@@ -17,6 +18,7 @@ JOBS = {
     "fit": "fit a Jacobian lens (= train --method jacobian)",
     "analyze": "depth views, causal checks and the layer-by-position grid of a prompt",
     "plan": "each device's peak memory for a job, by component, before any weight loads",
+    "catalog": "the published lenses (tuned-lens space, Neuronpedia J-lenses, ours), listed offline",
     "coverage": "check every causal-LM type of transformers as a tiny random model (docs/coverage.md)",
 }
 
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if job not in JOBS:
         print(f"error: unknown job {job!r}; choose one of {', '.join(JOBS)} (see lenses --help)", file=sys.stderr)
         return 2
+    if job == "catalog":
+        from . import catalog
+
+        return run_cli(catalog.main, rest)
     if job == "coverage":
         from . import coverage
 

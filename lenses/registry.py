@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import convention
+from . import catalog, convention
 from .errors import LensesError, LensMismatchError
 from .lens import LogitLens
 from .lens_io import load_lens
@@ -75,7 +75,7 @@ def _select(spec, adapter, strict: bool) -> dict:
                                   f"train_probes.py --model ... {how}--out DIR` and pass --lens DIR.")
             if not kinds:
                 print("note: no shipped lens matches this model; showing the logit lens only "
-                      "(train one with train_probes.py and pass --lens DIR).")
+                      f"(train one with train_probes.py and pass --lens DIR){_published_for(adapter)}.")
             for kind in kinds:
                 lenses[kind if label is None or len(kinds) > 1 else label] = load_lens(shipped[kind], model=adapter,
                                                                                        strict=strict)
@@ -94,3 +94,10 @@ def _labelled(part: str) -> tuple[str | None, str]:
     if sep and rest and "/" not in head and "\\" not in head and len(head) > 1 and not Path(part).exists():
         return head, rest
     return None, part
+
+
+def _published_for(adapter) -> str:
+    """``"; published: ID, ..."`` for the catalog's lenses of this model (by its hub id), or ``""``."""
+    name = str(getattr(adapter.model.config, "_name_or_path", "") or "")
+    found = [e.lens_id for e in catalog.entries() if e.repo != "lenses" and name and e.model.lower() == name.lower()]
+    return f"; published for {name}: {', '.join(found)} (pass it as --lens)" if found else ""

