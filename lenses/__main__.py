@@ -4,6 +4,7 @@
     lenses fit ...        fit a Jacobian lens (the same as ``lenses train --method jacobian ...``)
     lenses analyze ...    the depth views, causal checks and the layer-by-position grid (``analyze.py``)
     lenses plan ...       each device's peak memory for a job, before any weight loads
+    lenses push ...       publish a lens folder with a model card (lenses or tuned-lens format)
     lenses catalog ...    every published lens we know of, by model and kind (offline)
 
 ``lenses <job> --help`` lists a job's options. Errors are one line on stderr and exit status 2.
@@ -18,6 +19,7 @@ JOBS = {
     "fit": "fit a Jacobian lens (= train --method jacobian)",
     "analyze": "depth views, causal checks and the layer-by-position grid of a prompt",
     "plan": "each device's peak memory for a job, by component, before any weight loads",
+    "push": "publish a lens folder to a hub repository with a model card (ours or tuned-lens's format)",
     "catalog": "the published lenses (tuned-lens space, Neuronpedia J-lenses, ours), listed offline",
     "coverage": "check every causal-LM type of transformers as a tiny random model (docs/coverage.md)",
 }
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     if job not in JOBS:
         print(f"error: unknown job {job!r}; choose one of {', '.join(JOBS)} (see lenses --help)", file=sys.stderr)
         return 2
+    if job == "push":
+        from .commands import push
+
+        return run_cli(push.main, rest)
     if job == "catalog":
         from . import catalog
 

@@ -21,7 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import lens_files, vocab
+from . import lens_files, publish, vocab
+from .io import atomic_write, write_json
 from .errors import CorruptFileError, LensesError, LensMismatchError
 from .models import ModelAdapter
 from .sources import resolve_lens_path
@@ -109,6 +110,11 @@ class Lens(nn.Module):
         return self.to(adapter.device)  # a lens lives where the model decodes (a fit accumulates on the CPU)
 
     # ---- files (the folder format: lenses.lens_files)
+    def push_to_hub(self, repo_id: str, subfolder: str = "", revision: str | None = None, format: str = "lenses",
+                    overwrite: bool = False, hub=None) -> str:
+        """Publish this lens with a model card (`lenses.publish.push_to_hub`: ``format`` lenses or tuned-lens)."""
+        return publish.push_to_hub(self, repo_id, subfolder, revision, format, overwrite, hub)
+
     def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the lens folder: its tensors (in `save_dtypes`) and its config. A folder lenses did not
         write is refused unless ``overwrite`` (see `lenses.lens_files.write_folder`)."""
@@ -206,3 +212,19 @@ class TunedLens(Lens):
         flat = h.reshape(h.shape[0], -1, h.shape[-1]).to(self.weight.dtype)
         out = flat + torch.baddbmm(self.bias[:, None, :], flat, self.weight.transpose(1, 2))
         return out.reshape(h.shape).to(h.dtype)
+
+    def save_tuned_lens_format(self, path: str | os.PathLike) -> Path:
+        """Write this lens in the `tuned-lens` package's format (``config.json`` + ``params.pt``), which
+        tuned-lens 0.2's ``TunedLens.from_model_and_pretrained`` and ``from_unembed_and_pretrained`` read."""
+        path = Path(path)
+        params = {}
+        for i in range(self.num_layers):
+            params[f"{i}.weight"] = self.weight[i].detach().cpu().clone()
+            params[f"{i}.bias"] = self.bias[i].detach().cpu().clone()
+        atomic_write(path / "params.pt", lambda tmp: torch.save(params, tmp))
+        write_json(path / lens_files.CONFIG_NAME, {
+            "base_model_name_or_path": self.config.get("model", ""), "d_model": self.d_model,
+            "num_hidden_layers": self.num_layers, "bias": True, "base_model_revision": None,
+            "lens_type": "linear_tuned_lens",
+        })
+        return path

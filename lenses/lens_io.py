@@ -7,11 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 
 from . import lens_files
 from .errors import CorruptFileError, LensesError
-from .io import atomic_write, write_json
 from .jacobian import JacobianLens
 from .lens import Lens, LogitLens, TunedLens
 from .sources import resolve_lens_path
@@ -53,17 +51,6 @@ def load_lens(path: str | os.PathLike, model=None, strict: bool = True, device=N
 
 def export_tuned_lens(lens: TunedLens, path: str | os.PathLike) -> Path:
     """Write ``lens`` in the `tuned-lens` package's format (``config.json`` + ``params.pt``)."""
-    path = Path(path)
-    params = {}
-    for i in range(lens.num_layers):
-        params[f"{i}.weight"] = lens.weight[i].detach().cpu().clone()
-        params[f"{i}.bias"] = lens.bias[i].detach().cpu().clone()
-    atomic_write(path / "params.pt", lambda tmp: torch.save(params, tmp))
-    write_json(path / lens_files.CONFIG_NAME, {
-        "base_model_name_or_path": lens.config.get("model", ""), "d_model": lens.d_model,
-        "num_hidden_layers": lens.num_layers, "bias": True, "base_model_revision": None,
-        "lens_type": "linear_tuned_lens",
-    })
-    return path
+    return lens.save_tuned_lens_format(path)
 
 
