@@ -33,4 +33,5 @@ __all__ = [
     "LensMismatchError",
     "CorruptFileError",
     "DataError",
+    "convention",
 ]

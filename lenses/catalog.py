@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from .errors import LensesError
 from .hub import JACOBIAN_LENSES, JLENS_REPO, TUNED_LENS_REPO
 from .sources import PRETRAINED_DIR, available
 
@@ -81,8 +82,6 @@ def entries() -> list[Entry]:
 
 def find(model: str | None = None, kind: str | None = None) -> list[Entry]:
     """Entries whose model id contains ``model`` (case-insensitive; its short name matches too) and of ``kind``."""
-    from .errors import LensesError
-
     if kind is not None and kind not in KINDS:
         raise LensesError(f"unknown --kind {kind!r}: use {' or '.join(KINDS)}.")
     needle = (model or "").lower()

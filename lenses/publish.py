@@ -96,8 +96,10 @@ def card(lens, fmt: str) -> str:
             f"- **Input convention**: {prefix}.\n"
             f"- **Recipe**: {recipe or 'not recorded'}.\n"
             f"- **Format**: {fmt}; load with {load}.\n\n"
-            + (f"Held-out KL(final || lens), nats per token:\n\n| layer | KL |\n|---:|---:|\n{rows}\n\n" if rows else "")
-            + (f"## Licence\n\n{notice}\n" if notice else ""))
+            + (f"Held-out KL(final || lens), nats per token:\n\n| layer | KL |\n|---:|---:|\n{rows}\n\n"
+               if rows else "")
+            + (f"## Licence\n\n{notice}\n" if notice else "")
+            )
 
 
 def _check_target(hub, repo_id: str, subfolder: str, revision: str, lens, overwrite: bool) -> None:
@@ -123,7 +125,8 @@ def push_to_hub(lens, repo_id: str, subfolder: str = "", revision: str | None = 
     if format not in FORMATS:
         raise LensesError(f"unknown format {format!r}: use {' or '.join(FORMATS)}.")
     if format == "tuned-lens" and lens.kind != "tuned":
-        raise LensesError(f"the tuned-lens format holds tuned lenses only, not a {lens.kind} lens: use format='lenses'.")
+        raise LensesError(f"the tuned-lens format holds tuned lenses only, not a {lens.kind} lens: use "
+                          "format='lenses'.")
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise LensesError(f"repo_id {repo_id!r} is not owner/name: e.g. me/gemma-3-270m-lenses.")
     hub, revision, subfolder = hub or HubRepo(), revision or "main", subfolder.strip("/")

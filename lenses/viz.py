@@ -54,8 +54,9 @@ def lens_grid(adapter, tokenizer, text: str, lenses: dict, top_k: int = 5, chunk
     given, e.g. a chat turn and its generated answer, `lenses.chat`).
 
     Columns: lens, layer, position, role (``text`` for raw text, ``special`` for the tokenizer's own prefix
-    such as BOS, else each token's part of a chat turn: template, system, user, assistant, generated), generated (whether the model generated that token),
-    input_id, input_token, next_id and next_token (the true next token; -1 and "" at the last position),
+    such as BOS, else each token's part of a chat turn: template, system, user, assistant, generated), generated
+    (whether the model generated that token), input_id, input_token, next_id and next_token (the true next
+    token; -1 and "" at the last position),
     token_r, id_r, prob_r for r = 1..``top_k``, entropy, kl (to the final layer's distribution, nats),
     rank_next and prob_next (NaN at the last position). ``sublayers`` adds the half layers ``l + 0.5``: the
     mid-block state ``hidden[l] + attn[l]`` (`ModelAdapter.residual_parts`), read with layer ``l``'s reading.

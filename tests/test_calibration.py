@@ -56,7 +56,7 @@ def test_calibration_view_matches_a_float64_recomputation():
     result = calibration_view(adapter, tok, lenses, texts, num_positions=90, seq_len=32, seed=4)
     layers = result.tables["layers"]
     assert result.usage[0].used == 90
-    chosen, blocks, _ = text_blocks(texts, tok, 32, 90, 4, "calibration")
+    chosen, blocks, _, _ = text_blocks(texts, tok, 32, 90, 4, "calibration")
     ids = torch.stack([blocks[b] for b in chosen])  # [3, 32]: 31 positions each, 90 used
     ad64 = ModelAdapter.from_model(tiny_model("llama", vocab_size=257).double())
     with torch.no_grad():

@@ -19,7 +19,8 @@ def test_readme_is_a_door_that_opens_with_the_two_commands():
     assert lines[fence + 2] == "bash scripts/setup.sh --model gemma-3-270m && .venv/bin/python -m pytest -q"
     assert fence <= 3  # first thing after the title
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "bash scripts/setup.sh --model gemma-3-270m && .venv/bin/python -m pytest -q" in ci  # CI runs the README's test command
+    # CI runs the README's test command
+    assert "bash scripts/setup.sh --model gemma-3-270m && .venv/bin/python -m pytest -q" in ci
 
 
 def test_readme_links_resolve():

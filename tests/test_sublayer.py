@@ -29,7 +29,7 @@ def test_sublayer_events_parts_and_margins_match_a_float64_recomputation():
     events = result.tables["events"]
     assert result.usage[0].used == 60 and len(events) > 20
 
-    chosen, blocks, _ = text_blocks([TEXT], tok, 32, 60, 2, "sublayer")
+    chosen, blocks, _, _ = text_blocks([TEXT], tok, 32, 60, 2, "sublayer")
     ids = torch.stack([blocks[b] for b in chosen])
     ad64 = ModelAdapter.from_model(tiny_model("llama", vocab_size=257).double())
     tuned = lenses["tuned"].double()

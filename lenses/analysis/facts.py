@@ -31,7 +31,8 @@ from ..errors import DataError
 from ..intervals import describe, mean_interval, share_interval
 from ..models import ModelAdapter
 from ..trace import TraceItem, depth_summary, onset_curve, trace
-from .common import Usage, ViewResult, encode, plain_ids, keep_where_final, mean_or_nan, nothing_to_score, require, table_plot
+from .common import (Usage, ViewResult, encode, keep_where_final, mean_or_nan, nothing_to_score, plain_ids, require,
+                     table_plot)
 
 
 def default_facts_path() -> Path:
