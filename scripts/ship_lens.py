@@ -104,6 +104,25 @@ def kept_part(path: Path) -> str:
     return "\n" + text[text.index(KEEP_MARK):] if KEEP_MARK in text else ""
 
 
+def input_note(config: dict) -> str:
+    """How the lens's blocks began (`lenses.convention`), in words."""
+    conv = config.get("input") or {}
+    if conv.get("prefix"):
+        return (f"each block starts with the tokenizer's `{conv.get('prefix_text') or conv['prefix']}`, as the model "
+                "reads text (`tokenizer(text)`'s defaults); that position is not scored; the lens is refused under "
+                "another input convention")
+    return "the tokenizer's defaults, which add no special token" if "prefix" in conv else "not recorded"
+
+
+def licence_note(config: dict) -> str:
+    """The licence notice that travels with a lens derived from a model whose licence asks for one."""
+    from lenses.publish import NOTICES
+
+    model = str(config.get("model") or "").lower()
+    text = next((t for key, t in NOTICES.items() if key in model), "")
+    return f"\n## Licence\n\n{text}\n" if text else ""
+
+
 def card(name: str, config: dict, wide: pd.DataFrame, eval_tokens: int, fp16: bool, corpus_tokens: int) -> str:
     t = config["training"]
     passes = t["train_tokens"] / corpus_tokens
@@ -128,6 +147,7 @@ For **{config.get("model", "")}** ({config["num_layers"]} layers, d = {config["d
   (lr {lr}, weight decay {t["weight_decay"]}, linear decay to 0, gradient clip {t["clip"]}), seed {t["seed"]},
   loss KL(final || lens) summed over layers, vocabulary matmuls in {t.get("compute_dtype_used")},
   {t.get("tokens_per_second") or 0:,.0f} training tokens/s on {t.get("machine") or "a 2-core CPU"}.
+- **Input**: {input_note(config)}.
 - **Stored** in {FP16_NOTE if fp16 else "float32"}.
 
 Held-out KL(final || lens) in nats per token, float32 evaluation (layer 0 = embeddings; layer
@@ -136,7 +156,7 @@ Held-out KL(final || lens) in nats per token, float32 evaluation (layer 0 = embe
 | layer | logit lens | tuned lens | ratio |
 |---:|---:|---:|---:|
 {rows}
-"""
+{licence_note(config)}"""
 
 
 if __name__ == "__main__":
