@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 
-from . import lens_files
+from . import convention, lens_files
 from .errors import CorruptFileError, LensesError
 from .jacobian import JacobianLens
 from .lens import Lens, LogitLens, TunedLens
@@ -30,14 +30,24 @@ def save_lens(lens: Lens, path: str | os.PathLike, overwrite: bool = False) -> P
     return lens.save_pretrained(path, overwrite=overwrite)
 
 
-def load_lens(path: str | os.PathLike, model=None, strict: bool = True, device=None) -> Lens:
+def load_lens(path: str | os.PathLike, model=None, strict: bool = True, device=None, tokenizer=None) -> Lens:
     """Load any lens: a folder (ours of any kind in `KINDS`, or tuned-lens's), a Jacobian-lens file
     (published format or fit checkpoint, `lenses.jacobian`), a shipped lens's name or a hub id.
 
     With ``model`` (a HF model or `ModelAdapter`) the lens is attached and checked against it; a lens
-    made for another model is refused (``strict=False`` relaxes the weight check only).
+    made for another model is refused (``strict=False`` relaxes the weight check only). With ``tokenizer``,
+    a lens made under another input convention (e.g. without the BOS this tokenizer adds) is refused too
+    (`lenses.convention.check_lens`).
     """
-    path = resolve_lens_path(path)
+    lens = _load(resolve_lens_path(path), model, strict, device)
+    if tokenizer is not None:
+        note = convention.check_lens(lens.config, tokenizer, f"the lens {path}", strict)
+        if note:
+            print(note)
+    return lens
+
+
+def _load(path: Path, model, strict: bool, device) -> Lens:
     if path.is_file():
         return JacobianLens.from_pretrained(path, model, strict, device)
     kind, config, tensors = lens_files.read_folder(path)

@@ -160,3 +160,16 @@ def test_select_lenses_checks_the_convention(tmp_path):
     assert set(select_lenses(str(tmp_path / "lens"), adapter, tokenizer=BosCharTokenizer())) == {"logit", "tuned"}
     with pytest.raises(LensMismatchError):
         select_lenses(str(tmp_path / "lens"), adapter, tokenizer=CharTokenizer())
+
+
+def test_load_lens_with_a_tokenizer_checks_the_convention(tmp_path):
+    from lenses import load_lens
+
+    adapter = tiny_adapter("llama", vocab_size=97)
+    lens = TunedLens.for_model(adapter)
+    lens.config["input"] = convention.InputConvention((BOS,)).record()
+    lens.save_pretrained(tmp_path / "lens")
+    assert load_lens(tmp_path / "lens", adapter, tokenizer=BosCharTokenizer()).config["input"]["prefix"] == [BOS]
+    with pytest.raises(LensMismatchError, match="prefix"):
+        load_lens(tmp_path / "lens", adapter, tokenizer=CharTokenizer())
+    assert load_lens(tmp_path / "lens", adapter, strict=False, tokenizer=CharTokenizer()) is not None
