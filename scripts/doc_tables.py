@@ -373,6 +373,29 @@ def chat_lens_table() -> tuple[str, str]:
     return src, markdown(pd.DataFrame(rows), "ll" + "r" * (len(show) + 1))
 
 
+def facts_two_models(runs=(("SmolLM2-135M-Instruct", 30, "smollm2-all", "raw text; its tokenizer adds nothing"),
+                            ("Gemma-3-270m", 18, "gemma-facts", "`<bos>` first, as its tokenizer adds it"),
+                            ("Gemma-3-270m", 18, "gemma-facts-nobos", "without `<bos>` (lenses before the fix)"))):
+    """Fact recall and per-token depth (logit lens) on both real models, each run's facts_by_index.csv and
+    its recall line in report.json; depth also as a share of the model's layers."""
+    rows, srcs = [], []
+    for model, layers, run, how in runs:
+        src = f"docs/data/{run}"
+        srcs.append(src)
+        report = json.loads((ROOT / src / "report.json").read_text(encoding="utf-8"))
+        facts = next(v for v in report["views"] if v["name"] == "facts")
+        recall = next(line for line in facts["summary"] if line.startswith("model recalls")).split(" of ")[0]
+        t = pd.read_csv(ROOT / src / "facts_by_index.csv")
+        for r in t[t.lens == "logit"].itertuples():
+            rows.append({"model": model, "input": how, "recall": recall.removeprefix("model recalls "),
+                         "answer token": r.token_index, "correct / tokens": f"{r.n_correct} / {r.n_tokens}",
+                         "first correct": f"{fmt(r.mean_first_correct, '.1f')} [{fmt(r.first_correct_ci_low, '.1f')}, "
+                                          f"{fmt(r.first_correct_ci_high, '.1f')}]",
+                         "share of depth": fmt(r.mean_first_correct / layers, ".2f"),
+                         "settled": fmt(r.mean_settled, ".1f")})
+    return ", ".join(srcs), markdown(pd.DataFrame(rows), "lllrrrrr")
+
+
 def keep_run(out: Path, name: str) -> None:
     """Copy the small summary files of an analysis folder into docs/data/<name>/ (what the tables read)."""
     import shutil
@@ -412,6 +435,7 @@ TABLES = {
     "smollm2-sublayer": lambda: sublayer_table("smollm2-calibration"),
     "smollm2-chat": lambda: view_summaries("smollm2-chat"),
     "chat-lens": chat_lens_table,
+    "facts-two-models": facts_two_models,
 }
 
 
