@@ -173,3 +173,23 @@ def test_load_lens_with_a_tokenizer_checks_the_convention(tmp_path):
     with pytest.raises(LensMismatchError, match="prefix"):
         load_lens(tmp_path / "lens", adapter, tokenizer=CharTokenizer())
     assert load_lens(tmp_path / "lens", adapter, strict=False, tokenizer=CharTokenizer()) is not None
+
+
+def test_training_blocks_start_with_bos_which_is_never_in_the_loss(tmp_path, eager_kl, monkeypatch):
+    from lenses import train as train_module
+    from lenses.train import TrainConfig, train
+
+    seen = []
+    real = train_module.lens_kl_backward
+
+    def spy(lens, hidden, *args, **kwargs):
+        seen.append(hidden.shape[1])
+        return real(lens, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "lens_kl_backward", spy)
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    cfg = TrainConfig(corpus=str(tmp_path / "corpus.txt"), out=str(tmp_path / "run"), seq_len=16, batch_size=4,
+                      steps=2, optimizer="adam", lr=1e-2, compute_dtype="float32", progress=False, max_eval_tokens=64)
+    result = train(cfg, model=tiny_adapter("llama", vocab_size=97).model, tokenizer=BosCharTokenizer())
+    assert seen == [4 * 15, 4 * 15]  # 4 blocks of 16 tokens, position 0 (<bos>) left out of the loss
+    assert result.lens.config["input"]["prefix"] == [BOS]
