@@ -51,10 +51,14 @@ def main() -> int:
     p.add_argument("run", help="a train_probes.py --out folder")
     p.add_argument("--name", required=True, help="short registry name")
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for the float32 evaluation")
+    p.add_argument("--machine", default=None, help="where it was trained, for the card (e.g. 'a 2-core AMD EPYC')")
+    p.add_argument("--hours", type=float, default=None, help="wall-clock hours the training took, for the card")
     a = p.parse_args()
     run = Path(a.run)
     lens = TunedLens.from_pretrained(run)
     t = lens.config["training"]
+    if a.machine:
+        t["machine"] = a.machine + (f", {a.hours:.2f} h of training" if a.hours else "")
     model, tok = load_model(t.get("model"))
     adapter = ModelAdapter.from_model(model)
     lens.attach(adapter)
