@@ -59,3 +59,20 @@ def test_gemma_fact_recall_equals_a_teacher_forced_count(gemma, eager_kl):
     without = [_teacher_forced_recall(model, tok, f, False) for f in facts]
     assert ours == with_bos
     assert sum(with_bos) > sum(without)  # without its BOS Gemma is another model (0 of 100 shipped facts)
+
+
+def test_gemma_shipped_lens_beats_the_logit_lens_at_every_layer(gemma):
+    from lenses import TunedLens
+    from lenses.evaluate import cross_domain
+    from lenses.registry import available, select_lenses
+
+    if "gemma-3-270m" not in available():
+        pytest.skip("no tuned lens shipped for gemma-3-270m in this checkout")
+    model, tok = gemma
+    adapter = ModelAdapter.from_model(model, verify=False)
+    lens = TunedLens.from_pretrained("gemma-3-270m", model=adapter)
+    assert lens.config["input"]["prefix"] == [tok.bos_token_id]  # trained on blocks that start as Gemma reads text
+    table = cross_domain(adapter, tok, {"logit": LogitLens(adapter), "tuned": lens}, ["wikipedia"], max_tokens=512)
+    kl = table.pivot_table(index="layer", columns="lens", values="kl_nats")
+    assert len(kl) == 18 and (kl.tuned < kl.logit).all()
+    assert set(select_lenses("auto", adapter, tokenizer=tok)) >= {"logit", "tuned"}  # the default picks it up
