@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import door
 from .data import read_texts
 from .errors import LensesError
 from .io import cache_dir
@@ -95,15 +96,43 @@ def chat_turn(tokenizer, user: str, system: str | None = None, answer_ids: list[
     return ChatTurn(list(enc.input_ids) + answer_ids, roles + ["assistant"] * len(answer_ids))
 
 
-def generate(model, ids: list[int], n: int, sample: bool = False, seed: int = 0, eos: int | None = None) -> list[int]:
+MAX_GENERATE = 4096  # the most tokens --generate / `generate` writes in one call
+
+
+def generation_bound(model, prompt_len: int) -> int:
+    """How many tokens may follow a prompt of ``prompt_len``: `MAX_GENERATE`, and no further than the
+    positions the model's config states (``max_position_embeddings``, ``n_positions``, ``n_ctx``)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    stated = [getattr(config, a) for a in ("max_position_embeddings", "n_positions", "n_ctx")
+              if isinstance(getattr(config, a, None), int)]
+    return min([MAX_GENERATE] + [s - prompt_len for s in stated])
+
+
+def generate(model, ids: list[int], n: int, sample: bool = False, seed: int = 0, eos: int | None = None,
+             progress: bool = False) -> list[int]:
     """``n`` tokens after ``ids`` (fewer if ``eos`` comes first): the top-1 of the model's logits, or with
     ``sample`` a draw from their softmax (a generator seeded with ``seed``). One pass over the prompt, then one
-    token at a time from the model's KV cache (a full pass per token for a model that returns no cache)."""
-    if not isinstance(n, int) or n < 1:
-        raise LensesError(f"--generate needs a positive number of tokens (got {n!r}).")
+    token at a time from the model's KV cache (a full pass per token for a model that returns no cache).
+    ``n`` is bounded by `generation_bound` (checked before the model runs)."""
+    from tqdm.auto import tqdm
+
+    door.module("model", model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = door.token_ids("ids", ids, vocab, dims=1).tolist()
+    if not ids:
+        raise door.ArgumentError("ids must hold at least one token (the prompt); tokenize a text first.")
+    bound = generation_bound(model, len(ids))
+    if bound < 1:
+        raise door.ArgumentError(f"a prompt of {len(ids)} tokens leaves no room to generate: the model has "
+                                 f"{bound + len(ids)} positions; shorten the prompt.")
+    n = door.integer("n (--generate)", n, 1, bound)
+    sample, seed = door.boolean("sample", sample), door.integer("seed", seed)
+    eos = door.optional_int("eos", eos)
     device = next(model.parameters()).device
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = list(ids)
+    bar = tqdm(total=n, desc="generating", unit="token", disable=not progress or n < 64)
     with torch.no_grad():
         res = model(input_ids=torch.tensor([out], device=device), use_cache=True)
         for _ in range(n):
@@ -111,6 +140,7 @@ def generate(model, ids: list[int], n: int, sample: bool = False, seed: int = 0,
             nxt = (int(torch.multinomial(torch.softmax(logits.cpu(), -1), 1, generator=g)) if sample
                    else int(logits.argmax()))
             out.append(nxt)
+            bar.update(1)
             if (eos is not None and nxt == eos) or len(out) - len(ids) == n:
                 break
             cache = getattr(res, "past_key_values", None)
@@ -118,6 +148,7 @@ def generate(model, ids: list[int], n: int, sample: bool = False, seed: int = 0,
                 res = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=cache, use_cache=True)
             else:
                 res = model(input_ids=torch.tensor([out], device=device), use_cache=False)
+    bar.close()
     return out[len(ids):]
 
 
@@ -171,16 +202,19 @@ def generated_corpus(adapter, tokenizer, corpus: str, seed: int = 0, system: str
     prompt is the start of a document of SOURCE (`PROMPT_CHARS`, drawn with ``seed``) as the user turn of
     the chat template; the model answers greedily (`ANSWER_TOKENS` tokens, or to its end-of-turn); the
     document is the rendered template with the answer. Cached in the lenses cache folder, one JSON line per
-    transcript, keyed by the model's fingerprint and the settings: an interrupted run resumes at the
-    first missing transcript, and a cache made by another model or other settings is never read."""
+    transcript, keyed by the model's fingerprint, the settings and the source's contents (not its name): an
+    interrupted run resumes at the first missing transcript, and a cache made by another model, other settings
+    or an edited source is never read."""
     from tqdm.auto import tqdm
 
     n, source = parse_generated(corpus)
     if not has_template(tokenizer):
         raise LensesError(f"--corpus {corpus}: the model's tokenizer has no chat template, so there is no chat to "
                           "generate; train on text (--corpus wikipedia) instead.")
-    key = {"fingerprint": adapter.fingerprint(), "source": source or "wikipedia", "seed": seed, "system": system,
-           "answer_tokens": ANSWER_TOKENS, "prompt_chars": PROMPT_CHARS, "batch": GENERATE_BATCH}
+    docs = [d for d in read_texts(source) if len(d.strip()) >= 40]
+    contents = hashlib.sha256("\0".join(docs).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    key = {"fingerprint": adapter.fingerprint(), "source": source or "wikipedia", "contents": contents, "seed": seed,
+           "system": system, "answer_tokens": ANSWER_TOKENS, "prompt_chars": PROMPT_CHARS, "batch": GENERATE_BATCH}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "generated" / f"{digest}.jsonl"
     done = []
@@ -192,7 +226,6 @@ def generated_corpus(adapter, tokenizer, corpus: str, seed: int = 0, system: str
                 break  # a line cut by an interruption: made again from here
     if len(done) < n:
         done = done[:len(done) - len(done) % GENERATE_BATCH]  # batches start at multiples: the same text as unbroken
-        docs = [d for d in read_texts(source) if len(d.strip()) >= 40]
         random.Random(seed).shuffle(docs)
         if len(docs) < n:
             raise LensesError(f"--corpus {corpus}: {source or 'wikipedia'} gives {len(docs)} documents, fewer than "

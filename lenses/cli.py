@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import lifecycle
 from .errors import LensesError
 from .io import cache_dir
 
@@ -236,46 +237,52 @@ class Parser(argparse.ArgumentParser):
         raise LensesError(f"{message} (see {self.prog} --help)")
 
 
-INTERNAL_ERROR = 3  # exit status of a bug (anything escaping that is not a LensesError)
+INTERNAL_ERROR = lifecycle.EXIT["bug"]  # exit status of a bug (anything escaping that is not a LensesError)
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run ``main``; our errors print one line ``error: ...`` on stderr and return status 2. Anything
-    else is a bug: one line ``error: internal error (...)``, the traceback saved to a crash log (in
-    ``--out`` when that folder exists, else in the lenses cache folder), status `INTERNAL_ERROR`.
-    SIGTERM (what ``timeout`` and schedulers send) is handled like Ctrl-C: one line, status 130."""
-    import signal
-    import threading
+    """Run ``main`` and end through one exit path (`lenses.lifecycle`): background work joined, and the
+    outcome mapped to a documented status. Our errors print one line ``error: ...`` on stderr and return
+    2. Anything else is a bug: one line ``error: internal error (...)``, the traceback saved to a crash
+    log (in ``--out`` when that folder exists, else in the lenses cache folder), status 3. Ctrl-C and
+    SIGTERM (what ``timeout`` and schedulers send): one line, status 130, also when the interrupt was
+    swallowed on its way (a signal sets a flag that this function reads last)."""
+    with lifecycle.Signals(raise_at_once=True):
+        try:
+            code = _outcome(main, argv)
+        finally:
+            lifecycle.join_background()
+        if lifecycle.stop_requested() and code in (0, 2):
+            if code == 0:
+                print(INTERRUPTED, file=sys.stderr)
+            code = lifecycle.EXIT["interrupted"]
+    return code
 
-    def terminated(signum, frame):
-        raise KeyboardInterrupt
 
-    old = None
-    if threading.current_thread() is threading.main_thread():
-        old = signal.signal(signal.SIGTERM, terminated)
+INTERRUPTED = "interrupted: nothing finished was lost; run the same command again (training: add --resume)"
+
+
+def _outcome(main, argv) -> int:
     try:
+        lifecycle.check_stop()
         return int(main(argv) or 0)
     except LensesError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return lifecycle.EXIT["input"]
     except BrokenPipeError:  # the reader of our output went away (`lenses plan --json | head`): not an error of ours
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second complaint at exit
-        return 141
+        return lifecycle.EXIT["broken pipe"]
     except KeyboardInterrupt:
-        print("interrupted: nothing finished was lost; run the same command again (training: add --resume)",
-              file=sys.stderr)
-        return 130
+        print(INTERRUPTED, file=sys.stderr)
+        return lifecycle.EXIT["interrupted"]
     except Exception as e:  # noqa: BLE001 - the one place where a bug becomes a line and a log
         log = _crash_log(argv if argv is not None else sys.argv[1:])
         first = " ".join(str(e).split())[:200]
         print(f"error: internal error ({type(e).__name__}: {first}); this is a bug. The traceback is in {log}; "
               "please report it with that file.", file=sys.stderr)
         return INTERNAL_ERROR
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
 
 
 def _crash_log(argv: list[str]) -> str:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import lens_files, publish, vocab
+from . import door, lens_files, publish, vocab
 from .io import atomic_write, write_json
 from .errors import CorruptFileError, LensesError, LensMismatchError
 from .models import ModelAdapter
@@ -31,7 +31,7 @@ from .sources import resolve_lens_path
 def as_adapter(model) -> ModelAdapter | None:
     if model is None or isinstance(model, ModelAdapter):
         return model
-    return ModelAdapter.from_model(model)
+    return ModelAdapter.from_model(door.module("model", model))
 
 
 class Lens(nn.Module):
@@ -70,9 +70,10 @@ class Lens(nn.Module):
                 "this lens has no model attached: call lens.attach(model) or load it with "
                 "load_lens(path, model=model)."
             )
-        if not 0 <= layer <= self.num_layers:
-            raise LensesError(f"layer {layer} is out of range: this lens reads layers 0..{self.num_layers}.")
-        return vocab.decode(self.adapter, self.state(h, layer), dtype)
+        h = door.tensor("h", h, last=self.d_model)
+        layer = door.integer("layer", layer, 0, self.num_layers)
+        dtype = door.dtype("dtype", dtype, optional=True)
+        return vocab.decode(self.adapter, self.state(h.to(self.adapter.device), layer), dtype)
 
     def state(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """What the final norm and unembedding read for ``hidden[layer]`` states ``h``: ``transform(h, layer)``,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-from . import convention, lens_files
+from . import convention, door, lens_files
 from .errors import CorruptFileError, LensesError
 from .jacobian import JacobianLens
 from .lens import Lens, LogitLens, TunedLens
+from .models import ModelAdapter
 from .sources import resolve_lens_path
 
 KINDS: dict[str, type[Lens]] = {"logit": LogitLens, "tuned": TunedLens, "jacobian": JacobianLens}
@@ -39,6 +39,10 @@ def load_lens(path: str | os.PathLike, model=None, strict: bool = True, device=N
     a lens made under another input convention (e.g. without the BOS this tokenizer adds) is refused too
     (`lenses.convention.check_lens`).
     """
+    path, strict = door.path("path", path), door.boolean("strict", strict)
+    device = door.device("device", device, optional=True)
+    if model is not None and not isinstance(model, ModelAdapter):
+        door.module("model", model)
     lens = _load(resolve_lens_path(path), model, strict, device)
     if tokenizer is not None:
         note = convention.check_lens(lens.config, tokenizer, f"the lens {path}", strict)

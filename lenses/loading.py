@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import door
 from .cli import Options, check_device, option, parse_max_memory
 from .errors import LensesError
 from .io import cache_dir
@@ -162,12 +163,12 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype is None:
-        dtype = torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    door.path("name", name, optional=True)
+    device = door.device("device", device, optional=True) or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = door.dtype("dtype", dtype, optional=True) or torch.float32
+    if device_map is not None and not isinstance(device_map, dict):
+        door.choice("device_map", device_map, ("auto", "balanced", "balanced_low_0", "sequential"))
+    door.choice("quantize", quantize, QUANTIZE, optional=True)
     if max_memory and device_map is None:
         raise LensesError("--max-memory caps the devices of a --device-map; add --device-map auto.")
     path = resolve_model_path(name, dtype)

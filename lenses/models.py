@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import door
 from .discovery import (  # noqa: F401  (HeadChain, StreamHead: the part types a search may return)
     BlockParts,
     find_block_parts,
@@ -121,6 +122,10 @@ class ModelAdapter:
     ) -> "ModelAdapter":
         """Find the parts by structure (`lenses.discovery.find_parts`: its rules, in order); dotted paths
         override the search for any of them. ``verify`` then proves them numerically."""
+        door.module("model", model)
+        for name, value in (("layers", layers), ("final_norm", final_norm), ("unembed", unembed)):
+            door.text(name, value, optional=True)
+        door.boolean("verify", verify)
         parts = find_parts(model, layers, final_norm, unembed)
         adapter = cls(model, parts.layers, parts.final_norm, parts.unembed, parts.softcap, parts.logit_scale,
                       parts.final_norm_path, parts.stream_shape)

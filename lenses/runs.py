@@ -10,8 +10,6 @@ Jacobian-lens fit (`lenses.jacobian_fit`) are each setup / step / finish over it
 
 from __future__ import annotations
 
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import lifecycle
 from .distributed import DataParallel
 from .errors import CorruptFileError, LensesError
 from .models import ModelAdapter
@@ -62,28 +61,12 @@ def open_job(cfg, kind: str, model=None, tokenizer=None, owned: tuple[str, ...] 
                 folder.release()
 
 
-class stop_on_signal:
-    """Turn the first Ctrl-C or SIGTERM into a request to stop at the next step boundary
-    (checkpointed); a second one interrupts at once (the last periodic checkpoint still holds)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self):
-        self.requested = False
-        self.old = {}
-        if threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return lambda: self.requested
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for s, old in self.old.items():
-            signal.signal(s, old)
-        return False
+@contextmanager
+def stop_on_signal() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C or SIGTERM into a request to stop at the next step boundary (checkpointed);
+    a second one interrupts at once (the last periodic checkpoint still holds). `lenses.lifecycle`."""
+    with lifecycle.Signals(raise_at_once=False):
+        yield lifecycle.stop_requested
 
 
 def read_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import vocab
+from . import door, lifecycle, vocab
 from .errors import LensesError
 from .models import ModelAdapter, repeat_cache
 
@@ -156,14 +156,18 @@ def decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targe
     return _table(frames)
 
 
-def _checked_positions(item: TraceItem, i: int, target_names) -> list[int]:
-    """The item's positions (negative ones from the end), checked against its length and its targets."""
-    n = len(item.ids)
-    pos = [p % n for p in item.positions]
-    if len(set(pos)) != len(pos):
-        raise ValueError(f"item {i} lists a position twice: {list(item.positions)}")
-    if set(item.targets) != set(target_names):
-        raise ValueError(f"item {i} has targets {sorted(item.targets)}, others have {target_names}")
+def _checked_positions(item: TraceItem, i: int, target_names, vocab: int) -> list[int]:
+    """The item's positions (negative ones from the end), checked against its length, and its targets
+    (one in-vocabulary id per position, the same names as the other items'): `lenses.door`."""
+    n = len(door.token_ids(f"items[{i}].ids", item.ids, vocab, dims=1))
+    pos = door.positions(f"items[{i}].positions", item.positions, n)
+    if not isinstance(item.targets, dict) or set(item.targets) != set(target_names):
+        raise door.ArgumentError(f"items[{i}] has targets {sorted(item.targets)}, others have {target_names}; "
+                                 "give every item the same target names.")
+    for name, ids in item.targets.items():
+        if len(door.token_ids(f"items[{i}].targets[{name!r}]", ids, vocab, dims=1)) != len(pos):
+            raise door.ArgumentError(f"items[{i}].targets[{name!r}] has {len(ids)} ids for {len(pos)} positions; "
+                                     "give one target id per position.")
     return pos
 
 
@@ -187,12 +191,12 @@ def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
     return ids
 
 
-def _prepared(items: list[TraceItem], target_names) -> list[tuple[int, torch.Tensor, list[int]]]:
+def _prepared(items: list[TraceItem], target_names, vocab: int | None = None) -> list[tuple[int, torch.Tensor, list[int]]]:
     """``(index, token ids, positions)`` of each item with positions, checked; the ids end at the last
     position asked for (a causal model's states there do not depend on later tokens)."""
     out = []
     for i, it in enumerate(items):
-        pos = _checked_positions(it, i, target_names)
+        pos = _checked_positions(it, i, target_names, vocab)
         if pos:
             out.append((i, torch.as_tensor(list(it.ids), dtype=torch.long)[: max(pos) + 1], pos))
     return out
@@ -302,6 +306,19 @@ def padding_check(adapter, rows: list[torch.Tensor]) -> str | None:
     return reason
 
 
+def _check_arguments(adapter, lenses, chunk, dtype, top_k, batch_size) -> torch.dtype:
+    """`trace`'s door (`lenses.door`): one line naming the argument, before any kernel runs."""
+    if not isinstance(adapter, ModelAdapter):
+        raise door.fail("adapter", adapter, "a ModelAdapter (lenses.ModelAdapter.from_model(model))")
+    if not isinstance(lenses, dict) or not all(isinstance(k, str) and callable(getattr(v, "state", None))
+                                               for k, v in lenses.items()):
+        raise door.fail("lenses", lenses, "a dict of name -> Lens")
+    door.integer("chunk", chunk, 1)
+    door.integer("top_k", top_k, 1, adapter.vocab_size)
+    door.integer("batch_size", batch_size, 1)
+    return door.dtype("dtype", dtype)
+
+
 def trace(
     adapter: ModelAdapter,
     lenses: dict,
@@ -335,7 +352,13 @@ def trace(
     """
     from tqdm.auto import tqdm
 
+    dtype = _check_arguments(adapter, lenses, chunk, dtype, top_k, batch_size)
+    if isinstance(items, (str, bytes, TraceItem)) or not hasattr(items, "__iter__"):
+        raise door.fail("items", items, "an iterable of TraceItem")
     items = list(items)
+    for i, item in enumerate(items):
+        if not isinstance(item, TraceItem):
+            raise door.fail(f"items[{i}]", item, "a TraceItem(ids, positions, targets)")
     if groups is not None:
         groups = vocab.TokenGroups(groups.to(adapter.device), len(group_names))
     target_names = sorted({n for it in items for n in it.targets})
@@ -361,9 +384,7 @@ def trace(
             frames.append(decode_chunk(adapter, lenses, h_all[:, s : s + chunk], meta[s : s + chunk], tg, groups,
                                         group_names, dtype, top_k, redone))
 
-    if batch_size < 1:
-        raise LensesError(f"batch_size must be at least 1 (got {batch_size}).")
-    todo = _prepared(items, target_names)
+    todo = _prepared(items, target_names, adapter.vocab_size)
     if batch_size > 1 and len(todo) > 1:
         reason = padding_check(adapter, [ids for _, ids, _ in todo])
         if reason:
@@ -374,6 +395,7 @@ def trace(
     prefix = shared_prefix(adapter, todo) if share_prefix else None
     bar = tqdm(total=len(todo), desc="tracing", unit="text", disable=not progress)
     for batch in _batches(todo, batch_size, adapter.device, prefix.length if prefix else 0):
+        lifecycle.check_stop()  # a signal swallowed on its way (e.g. inside a __del__) still stops here
         for i, h, pos in _hidden_of_batch(adapter, batch, prefix):
             buf_h.append(h)
             buf_meta.append(np.stack([np.full(len(pos), i), np.asarray(pos)], axis=1))

@@ -37,6 +37,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
+from . import lifecycle
 from .errors import LensesError
 from .io import cache_dir
 
@@ -520,7 +521,7 @@ def warm_up(dtype: torch.dtype, device="cpu", model_dtype: torch.dtype = torch.f
 
 def warm_up_in_background(dtype: torch.dtype, device="cpu", model_dtype: torch.dtype = torch.float32
                           ) -> threading.Thread | None:
-    """`warm_up` in a daemon thread, started before the model loads (a first run compiles for ~20 s, mostly on one
+    """`warm_up` in a background thread, started before the model loads (a first run compiles for ~20 s, mostly on one
     core, while loading leaves the other idle); a kernel called while it runs waits for it (`maybe_compiled`'s
     lock) rather than compiling twice. None where kernels are not compiled (``LENSES_COMPILE=0``)."""
     if os.environ.get("LENSES_COMPILE", "1") == "0":
@@ -532,9 +533,7 @@ def warm_up_in_background(dtype: torch.dtype, device="cpu", model_dtype: torch.d
         except Exception:  # only a head start: whatever failed here fails, with its message, where tracing calls it
             pass
 
-    thread = threading.Thread(target=run, name="lenses-warm-up", daemon=True)
-    thread.start()
-    return thread
+    return lifecycle.start_background(run, "lenses-warm-up")  # joined before the process ends
 
 
 def kl_rows(adapter: "ModelAdapter", h: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..chat import generated_corpus, is_generated, parse_generated
+from ..chat import MAX_GENERATE, generated_corpus, is_generated, parse_generated
 from ..cli import option
 from ..corpora import NAMES
 from ..data import read_texts, split_documents, tokenize
@@ -69,8 +69,9 @@ class AnalysisConfig(ModelOptions):
                                 "instruct/chat model whose tokenizer has a template", group="prompt",
                                 choices=("auto", "on", "off"))
     system: str | None = option(None, "a system prompt for the chat template", group="prompt")
-    generate: int | None = option(None, "grid: generate this many tokens after --prompt and trace them too",
-                                  group="prompt", min=1)
+    generate: int | None = option(None, "grid: generate this many tokens after --prompt and trace them too (at "
+                                  f"most {MAX_GENERATE} and the model's positions)", group="prompt", min=1,
+                                  below=MAX_GENERATE + 1)
     sample: bool = option(False, "grid: sample the generated tokens (with --seed) instead of greedy", group="prompt")
     sublayers: bool = option(False, "grid: also the half layers l + 0.5 (after each block's attention, before its "
                              "MLP), read with layer l's reading", group="prompt")

@@ -52,7 +52,7 @@ from ..analysis import (
     view_settings,
 )
 from ..cli import Parser, add_options, from_args
-from .. import convention
+from .. import convention, lifecycle
 from ..errors import LensesError
 from ..io import write_csv
 from ..loading import DEFAULT_MODEL
@@ -99,6 +99,7 @@ def main(argv=None, prog: str = "analyze.py") -> int:
         if view is not None:
             warm_up(cfg)
         model, tok, adapter = cfg.load()
+        lifecycle.check_stop()
         ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict, tokenizer=tok), cfg)
         report = Report(f"lenses analysis: {cfg.model or DEFAULT_MODEL}", analysis_settings(cfg, ctx.lenses, names),
                         pending=names, dropped=dropped)
@@ -128,6 +129,7 @@ def run_views(ctx: Context, names: list[str], report: Report) -> None:
     """Run each view, write its tables and figure, and rewrite the page after each one."""
     cfg = ctx.cfg
     for name in names:
+        lifecycle.check_stop()
         start = time.time()
         result = run_view(name, ctx)
         written = result.write(cfg.out)
@@ -183,7 +185,8 @@ def decode_prompt(ctx: Context, report: Report) -> int:
     at = len(ids) - 1  # the prompt's last position: what the model says next
     said = []
     if cfg.generate:
-        new = generate(ctx.adapter.model, ids, cfg.generate, cfg.sample, cfg.seed, ctx.tokenizer.eos_token_id)
+        new = generate(ctx.adapter.model, ids, cfg.generate, cfg.sample, cfg.seed, ctx.tokenizer.eos_token_id,
+                       progress=cfg.progress)
         ids, roles = ids + new, roles + ["generated"] * len(new)
         said = [f"generated {len(new)} token(s) ({'sampled, seed ' + str(cfg.seed) if cfg.sample else 'greedy'}): "
                 f"{ctx.tokenizer.decode(new)!r}"]
