@@ -5,12 +5,42 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import LensesError
 
 SIGNATURE = "lenses-toolkit"  # in every page (<meta name="generator">) and figure (its metadata) lenses writes
+_OWNER: list[str | None] = [None]  # the run writing now (`owner`): signed into its pages and figures
+
+
+@contextmanager
+def owner(run: str | None):
+    """Within this block, pages and figures are signed as written by ``run`` (a short id, `run_id`), so that a
+    later run replaces only its own (`lenses.outdir.check_target`)."""
+    old, _OWNER[0] = _OWNER[0], run
+    try:
+        yield run
+    finally:
+        _OWNER[0] = old
+
+
+def current_owner() -> str | None:
+    return _OWNER[0]
+
+
+def run_id(kind: str, out: str | os.PathLike) -> str:
+    """The id of a run: its kind and its resolved output folder (a re-run into the same folder is the same
+    run; a run into another folder is another)."""
+    import hashlib
+
+    return hashlib.sha256(f"{kind}:{Path(out).resolve()}".encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def signature() -> str:
+    """What a page or figure carries: `SIGNATURE`, and the run that wrote it where one is set."""
+    return SIGNATURE + (f" run={_OWNER[0]}" if _OWNER[0] else "")
 
 
 def cache_dir() -> Path:
@@ -20,9 +50,11 @@ def cache_dir() -> Path:
 
 
 # The mark of an output folder (`lenses.outdir`): which kind of run made it, its state, and the manifest
-# of every file lenses wrote there. `atomic_write` adds each file it writes to the manifest of the marked
-# folder that holds it (its own folder or the one above), so only files lenses wrote are ever replaced.
+# of every file lenses wrote there. `atomic_write` adds each file it writes to the manifest of the nearest
+# marked folder that holds it (its own folder, else the one above), so only files lenses wrote are ever
+# replaced, and a marked folder nested in another belongs to its own runs alone.
 MARK = ".lenses-out"
+TMP_SUFFIX = ".lenses.tmp"  # our temporary files (`atomic_write`): a killed writer's are removed, nobody else's
 
 
 def read_mark(folder: str | os.PathLike) -> dict:
@@ -39,7 +71,7 @@ def update_mark(folder: str | os.PathLike, change: Callable[[dict], None]) -> di
     folder = Path(folder)
     mark = read_mark(folder)
     change(mark)
-    tmp = folder / f".{MARK}.{os.getpid()}.tmp"
+    tmp = folder / f".{MARK}.{os.getpid()}{TMP_SUFFIX}"
     tmp.write_text(json.dumps(mark, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, folder / MARK)
     return mark
@@ -55,6 +87,7 @@ def _record(path: Path) -> None:
 
             if rel not in read_mark(folder).get("files", []):
                 update_mark(folder, add)
+            return  # the nearest mark only
 
 
 def _umask() -> int:
@@ -68,7 +101,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     except OSError as e:
         raise LensesError(
             f"cannot write to {path.parent}: {e.strerror}. Choose a writable output folder (--out)."

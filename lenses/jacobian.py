@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import outdir
 from .errors import CorruptFileError, LensesError, LensMismatchError
 from .io import atomic_write
 from .lens import Lens, as_adapter
@@ -136,9 +137,11 @@ class JacobianLens(Lens):
         return lens
 
     # ---- the published format
-    def save_published(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
+    def save_published(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16,
+                       overwrite: bool = False) -> Path:
         """Write the reference / TransformerLens lens file (``torch.save``; keys are the reference's
-        layer numbers, our layer - 1)."""
+        layer numbers, our layer - 1). An existing file is replaced only if lenses wrote it there (its folder's
+        manifest lists it: a new folder is marked as ours) or with ``overwrite``."""
         if self.present[0]:
             raise LensesError("this Jacobian lens has a matrix for the embeddings (hidden[0]), which the published "
                               "format cannot hold; save a subset without it: lens.subset(lens.layers[1:]).")
@@ -146,7 +149,8 @@ class JacobianLens(Lens):
         meta = {key: v for key, v in self.config.items() if isinstance(v, (str, int, float, bool)) or v is None}
         payload = {"J": J, "n_prompts": self.n_prompts, "source_layers": sorted(J), "d_model": self.d_model,
                    "metadata": meta}
-        return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        outdir.mark_new(Path(path).parent, "export")
+        return atomic_write(outdir.check_target(path, overwrite, "the file"), lambda tmp: torch.save(payload, tmp))
 
 
 # --------------------------------------------------------------------------- reading the reference formats

@@ -15,21 +15,23 @@ decoded without a transform: it is the model's output.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from . import door, lens_files, publish, vocab
+from . import door, lens_files, outdir, publish, vocab
 from .io import atomic_write, write_json
 from .errors import CorruptFileError, LensesError, LensMismatchError
 from .models import ModelAdapter
 from .sources import resolve_lens_path
 
 
-def as_adapter(model) -> ModelAdapter | None:
-    if model is None or isinstance(model, ModelAdapter):
+def as_adapter(model) -> ModelAdapter:
+    """``model`` (a loaded model or its `ModelAdapter`) as its adapter; anything else is refused."""
+    if isinstance(model, ModelAdapter):
         return model
     return ModelAdapter.from_model(door.module("model", model))
 
@@ -103,7 +105,9 @@ class Lens(nn.Module):
                 f"{adapter.num_layers} layers of width {adapter.d_model}: it was trained for another model."
             )
         if "fingerprint" in self.config:
-            adapter.check_fingerprint(self.config["fingerprint"], strict=strict)
+            note = adapter.check_fingerprint(self.config["fingerprint"], strict=strict)
+            if note:
+                print(note, file=sys.stderr)
         else:
             self.config["fingerprint"] = adapter.fingerprint()
             self.config.setdefault("model", getattr(adapter.model.config, "_name_or_path", ""))
@@ -214,10 +218,14 @@ class TunedLens(Lens):
         out = flat + torch.baddbmm(self.bias[:, None, :], flat, self.weight.transpose(1, 2))
         return out.reshape(h.shape).to(h.dtype)
 
-    def save_tuned_lens_format(self, path: str | os.PathLike) -> Path:
+    def save_tuned_lens_format(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write this lens in the `tuned-lens` package's format (``config.json`` + ``params.pt``), which
-        tuned-lens 0.2's ``TunedLens.from_model_and_pretrained`` and ``from_unembed_and_pretrained`` read."""
-        path = Path(path)
+        tuned-lens 0.2's ``TunedLens.from_model_and_pretrained`` and ``from_unembed_and_pretrained`` read.
+        Files lenses did not write there (a model folder's ``config.json``) are refused unless ``overwrite``;
+        a new folder is marked as ours, so saving there again replaces them."""
+        path = outdir.mark_new(path, "export")
+        for name in ("params.pt", lens_files.CONFIG_NAME):
+            outdir.check_target(path / name, overwrite, "the file")
         params = {}
         for i in range(self.num_layers):
             params[f"{i}.weight"] = self.weight[i].detach().cpu().clone()

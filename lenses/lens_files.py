@@ -20,6 +20,7 @@ import torch
 from . import schema
 from .errors import CorruptFileError, LensesError
 from .io import atomic_write, write_json
+from .outdir import check_target
 from .version import __version__
 
 CONFIG_NAME = "config.json"
@@ -61,6 +62,8 @@ def write_folder(path: str | os.PathLike, tensors: dict[str, torch.Tensor], conf
             raise LensesError(f"{path} already holds a {CONFIG_NAME} that lenses did not write (a model folder?); "
                               "nothing was changed. Save the lens into another folder, or pass overwrite=True to "
                               "replace it.")
+    if (path / WEIGHTS_NAME).exists() and not (path / CONFIG_NAME).exists():
+        check_target(path / WEIGHTS_NAME, overwrite, "the lens file")  # a weights file without our config
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
     write_json(path / CONFIG_NAME, {**config, "lenses_version": __version__})
     return path

@@ -63,8 +63,9 @@ def _load(path: Path, model, strict: bool, device) -> Lens:
     return lens.attach_loaded(path, model, strict, device)
 
 
-def export_tuned_lens(lens: TunedLens, path: str | os.PathLike) -> Path:
-    """Write ``lens`` in the `tuned-lens` package's format (``config.json`` + ``params.pt``)."""
-    return lens.save_tuned_lens_format(path)
+def export_tuned_lens(lens: TunedLens, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``lens`` in the `tuned-lens` package's format (``config.json`` + ``params.pt``); files lenses did
+    not write there (a model folder's config.json) are refused unless ``overwrite``."""
+    return lens.save_tuned_lens_format(path, overwrite)
 
 

@@ -113,6 +113,8 @@ class Signals:
     def __exit__(self, *exc) -> bool:
         if self.old:
             _depth[0] -= 1
+            if not _depth[0]:
+                clear_stop()  # the signal was answered (the CLI's status says so); later calls start afresh
         for s, old in self.old.items():
             signal.signal(s, old)
         return False

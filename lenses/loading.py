@@ -224,11 +224,28 @@ for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).addFilter(_quiet_torchao_import)
 
 
+def as_linear(model) -> int:
+    """Replace every ``Conv1D`` (GPT-2's transposed linear layer, which torchao does not quantize) by the
+    equal ``nn.Linear``; return how many. The model computes the same (``x @ W + b`` = ``x @ (W.T).T + b``)."""
+    swaps = [(name, m) for name, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")]
+    for name, m in swaps:
+        linear = torch.nn.Linear(m.weight.shape[0], m.nf, bias=m.bias is not None, device=m.weight.device,
+                                 dtype=m.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(m.weight.T)
+            if m.bias is not None:
+                linear.bias.copy_(m.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return len(swaps)
+
+
 def quantize_weights(model, scheme: str):
     """Quantize ``model``'s linear layers in place, weight-only, with torchao (CPU and CUDA): ``int8``
     (one scale per output row) or ``int4`` (a scale per group of 128, 64 or 32 inputs, the largest that
     divides every layer's width). Activations and the residual stream stay in the model's dtype, so every
-    lens reads the quantized model as it runs (the adapter checks the logit lens against its logits)."""
+    lens reads the quantized model as it runs (the adapter checks the logit lens against its logits). GPT-2's
+    ``Conv1D`` layers become ``nn.Linear`` first (`as_linear`), so they are quantized too."""
     if scheme not in QUANTIZE:
         raise LensesError(f"unknown --quantize {scheme!r}: use {' or '.join(QUANTIZE)}.")
     try:
@@ -236,6 +253,7 @@ def quantize_weights(model, scheme: str):
         from torchao.quantization.granularity import PerAxis, PerGroup
     except ImportError as e:
         raise LensesError(f"--quantize {scheme} needs torchao: pip install torchao ({e}).") from e
+    as_linear(model)
     if scheme == "int8":
         config = Int8WeightOnlyConfig()
     else:

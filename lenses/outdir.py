@@ -17,7 +17,10 @@ manifest is complete by construction.
 - a lock (``.lenses-lock``, holding the writer's pid and host) is held for the run's lifetime: a
   second run into the same folder is refused while the first lives; the lock of a dead process is
   taken over with a notice (its run is then ``interrupted``);
-- once the lock is ours, any temporary file (``.*.tmp``) left by a killed writer is removed.
+- once the lock is ours, any temporary file of ours (``.*.lenses.tmp``) left by a killed writer is
+  removed (a ``.draft.tmp`` of yours is not ours);
+- a lock that is empty or unreadable for more than `STALE_LOCK_S` seconds (a start that failed while
+  writing it, e.g. on a full disk) is taken over with a notice; a start that fails removes its lock.
 
 `check_target` is the same rule for a single file given by path (``--html``, ``--png``, a save
 function's target): an existing file is replaced only if lenses wrote it (it is in a manifest, or
@@ -39,8 +42,9 @@ from .errors import LensesError
 MARK = io.MARK
 LOCK = ".lenses-lock"
 IGNORED = {MARK, LOCK, ".write-test"}
-ALWAYS_OURS = ("crash-*.log", ".*.tmp")  # crash logs (lenses.cli) and temporary files of atomic writes
+ALWAYS_OURS = ("crash-*.log", f".*{io.TMP_SUFFIX}")  # crash logs (lenses.cli) and temporary files of atomic writes
 SIGNATURE = io.SIGNATURE
+STALE_LOCK_S = 10.0  # an empty lock older than this was left by a failed start, not being written now
 
 
 def _alive(pid: int) -> bool:
@@ -57,6 +61,15 @@ def _alive(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _stale(lock: Path) -> bool:
+    import time
+
+    try:
+        return time.time() - lock.stat().st_mtime > STALE_LOCK_S
+    except OSError:
+        return False
 
 
 def _read_json(file: Path) -> dict:
@@ -133,6 +146,11 @@ class OutputFolder:
                     lock.unlink(missing_ok=True)
                     took_over = True
                     continue
+                if not holder and _stale(lock):
+                    print(f"note: taking over the lock of {self.path}: it is empty (left by a start that failed)",
+                          file=sys.stderr)
+                    lock.unlink(missing_ok=True)
+                    continue
                 if not holder:  # a lock being written right now, or an unreadable one
                     raise LensesError(f"{self.path} is locked ({lock} exists): another run is writing there. "
                                       f"Wait for it, choose another --out, or delete {lock} if no run is using it.")
@@ -141,14 +159,19 @@ class OutputFolder:
             except OSError as e:
                 raise LensesError(f"cannot write to {self.path}: {e.strerror}. Choose a writable output folder "
                                   "(--out).") from e
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError as e:  # e.g. the disk is full: no lock stays behind to block the next run
+                lock.unlink(missing_ok=True)
+                raise LensesError(f"cannot write to {self.path}: {e.strerror}. Free some space or choose another "
+                                  "--out.") from e
             self.locked = True
             return took_over
         raise LensesError(f"could not take the lock {lock}; delete it if no run is using {self.path}.")
 
     def _clean_temporaries(self) -> None:
-        for tmp in self.path.glob(".*.tmp"):
+        for tmp in self.path.glob(f".*{io.TMP_SUFFIX}"):
             try:
                 tmp.unlink()
                 print(f"note: removed {tmp.name}, left by a writer that was killed", file=sys.stderr)
@@ -235,24 +258,53 @@ def claim(out: str | os.PathLike, kind: str, resume: bool = False, overwrite: bo
 
 def written_by_lenses(file: str | os.PathLike) -> bool:
     """Whether ``file`` was written by lenses: listed in its folder's manifest, or carrying our signature."""
-    file = Path(file)
-    mark = read_mark(file.parent)
-    if file.name in mark.get("files", []):
-        return True
+    return _writer(Path(file))[0]
+
+
+def _writer(file: Path) -> tuple[bool, str | None]:
+    """(written by lenses, the run that wrote it where the file says: `lenses.io.signature`)."""
+    import re
+
     try:
         with open(file, "rb") as f:
             head = f.read(1 << 16)
     except OSError:
-        return False
-    return SIGNATURE.encode() in head
+        head = b""
+    m = re.search(rb"lenses-toolkit run=([0-9a-f]{12})", head)
+    listed = file.name in read_mark(file.parent).get("files", [])
+    return listed or SIGNATURE.encode() in head, m[1].decode() if m else None
 
 
 def check_target(file: str | os.PathLike, overwrite: bool = False, option: str = "the target") -> Path:
-    """Refuse to replace an existing ``file`` that lenses did not write, unless ``overwrite``."""
+    """Refuse to replace an existing ``file`` unless ``overwrite`` or it is ours: lenses wrote it, and (where
+    the file names the run that wrote it, and a run is writing now: `lenses.io.owner`) that run is this one."""
     file = Path(file)
     if file.is_dir():
         raise LensesError(f"{option} {file} is a folder; give a file name.")
-    if file.exists() and not overwrite and not written_by_lenses(file):
+    if not file.exists() or overwrite:
+        return file
+    ours, run = _writer(file)
+    if not ours:
         raise LensesError(f"{option} {file} exists and was not written by lenses; nothing was changed. Pass "
                           "--overwrite (overwrite=True in Python) to replace it, or choose another file name.")
+    now = io.current_owner()
+    if run and now and run != now:
+        raise LensesError(f"{option} {file} was written by another lenses run (of another --out); nothing was "
+                          "changed. Pass --overwrite (overwrite=True in Python) to replace it, or choose another "
+                          "file name.")
     return file
+
+
+def mark_new(folder: str | os.PathLike, kind: str) -> Path:
+    """Mark ``folder`` as a lenses folder of ``kind`` if it is new or empty (its files are then recorded as
+    ours, so that saving there again replaces them); a folder with files keeps what it has."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LensesError(f"{folder} is a file; give a folder.")
+    if not _content(folder) and not read_mark(folder):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            io.update_mark(folder, lambda m: m.update(kind=kind, files=[], state="finished"))
+        except OSError as e:
+            raise LensesError(f"cannot write to {folder}: {e.strerror}. Choose a writable folder.") from e
+    return folder

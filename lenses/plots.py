@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import SIGNATURE, atomic_write
+from .io import atomic_write, signature
+from .outdir import check_target
 
 
 def _pyplot():
@@ -28,10 +29,13 @@ def _integer_layers(*axes) -> None:
         ax.grid(alpha=0.3)
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
+def _save(fig, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``fig`` (signed as ours, `lenses.io.signature`); a file lenses did not write, or another run's, is
+    refused unless ``overwrite`` (`lenses.outdir.check_target`)."""
+    path = check_target(path, overwrite, "the figure")
     fmt = path.suffix.lstrip(".").lower() or "png"
-    meta = {"png": {"Software": SIGNATURE}, "pdf": {"Creator": SIGNATURE}, "svg": {"Creator": SIGNATURE}}.get(fmt)
+    sign = signature()
+    meta = {"png": {"Software": sign}, "pdf": {"Creator": sign}, "svg": {"Creator": sign}}.get(fmt)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=130, bbox_inches="tight", metadata=meta))
     _pyplot().close(fig)
     return path

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import write_json, write_text
+from .io import signature, write_json, write_text
 from .loading import DEFAULT_MODEL
 from .version import __version__
 
@@ -59,7 +59,8 @@ class Report:
             parts.append("<pre>" + e("\n".join(v.summary)) + "</pre>")
             parts += [f"<a href='{e(r)}'><img src='{e(r)}' alt='{e(v.name)} figure'></a>" for r in figures]
             parts.append("<p>Tables: " + ", ".join(f"<a href='{e(r)}'>{e(r)}</a>" for r in tables) + "</p></section>")
-        return _PAGE.replace("__TITLE__", e(self.title)).replace("__BODY__", "\n".join(parts))
+        page = _PAGE.replace("__TITLE__", e(self.title)).replace("__SIGNATURE__", signature())
+        return page.replace("__BODY__", "\n".join(parts))
 
     def write(self, folder: str | os.PathLike) -> Path:
         """Write ``index.html`` and ``report.json`` (its record). Views of earlier runs into the same
@@ -101,6 +102,8 @@ def analysis_settings(cfg, lenses: dict, views: list[str]) -> dict[str, object]:
     """The settings block of an analysis report, from `AnalysisConfig` and the lenses used."""
     return {
         "model": cfg.model or DEFAULT_MODEL,
+        "weights": f"{cfg.model_dtype}" + (f", {cfg.quantize}-quantized (weight-only)" if cfg.quantize else ""),
+        "decode dtype": cfg.decode_dtype,
         "lenses": ", ".join(lenses),
         "views": ", ".join(views),
         "corpus": cfg.corpus or "wikipedia (default)",
@@ -115,7 +118,7 @@ def analysis_settings(cfg, lenses: dict, views: list[str]) -> dict[str, object]:
 
 
 _PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="lenses-toolkit"><title>__TITLE__</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="__SIGNATURE__"><title>__TITLE__</title>
 <style>
 body{font:14px/1.45 system-ui,sans-serif;margin:16px auto;max-width:1100px;color:#222;padding:0 12px}
 table.settings{border-collapse:collapse;margin-bottom:12px}

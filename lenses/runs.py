@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from . import lifecycle
+from . import fingerprint, lifecycle
 from .distributed import DataParallel
 from .errors import CorruptFileError, LensesError
+from .io import owner, run_id
 from .models import ModelAdapter
 from .outdir import OutputFolder, claim
 
@@ -46,7 +47,7 @@ def open_job(cfg, kind: str, model=None, tokenizer=None, owned: tuple[str, ...] 
     dp = DataParallel.from_env(cfg.device)
     if check is not None:
         check(dp)
-    with stop_on_signal() as stop_requested:  # from the claim on, a signal stops the job at a step boundary
+    with stop_on_signal() as stop_requested, owner(run_id(kind, cfg.out)):  # a signal: stop at a step boundary
         folder = claim(cfg.out, kind, resume=cfg.resume, overwrite=cfg.overwrite, owned=owned) if dp.main else None
         try:
             if seed is not None:
@@ -97,7 +98,10 @@ def _differences(saved: dict, now: dict, where: str = "") -> list[str]:
         if key not in saved or key not in now:  # recorded by one version only: nothing to compare
             continue
         a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
+        if key == "weights" and isinstance(a, dict) and isinstance(b, dict):  # a model fingerprint: with tolerance
+            if fingerprint.compare(a, b)[0] != "same":
+                out.append(f"{where}{key} (the model's weights) differ")
+        elif isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{where}{key}.")
         elif a != b:
             short = len(repr(a)) + len(repr(b)) < 160

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import CorruptFileError, LensesError
-from .io import _record
+from .io import TMP_SUFFIX, _record
 
 CHECKPOINT = "checkpoint.dcp"
 META = "meta.pt"
@@ -111,7 +111,7 @@ def save(folder: Path, translator: Translator, optimizer, meta: dict, main: bool
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = folder / CHECKPOINT
-    tmp = folder / f".{CHECKPOINT}.tmp"
+    tmp = folder / f".{CHECKPOINT}{TMP_SUFFIX}"
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
@@ -143,7 +143,7 @@ def save_rank_files(final: Path, name: str, write, main: bool) -> None:
     all have written: the files of one folder always belong to the same moment of the run. Collective."""
     import torch.distributed as dist
 
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = final.with_name(f".{final.name}{TMP_SUFFIX}")
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -191,7 +191,8 @@ def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
     return ids
 
 
-def _prepared(items: list[TraceItem], target_names, vocab: int | None = None) -> list[tuple[int, torch.Tensor, list[int]]]:
+def _prepared(items: list[TraceItem], target_names, vocab: int | None = None
+              ) -> list[tuple[int, torch.Tensor, list[int]]]:
     """``(index, token ids, positions)`` of each item with positions, checked; the ids end at the last
     position asked for (a causal model's states there do not depend on later tokens)."""
     out = []
@@ -353,9 +354,12 @@ def trace(
     from tqdm.auto import tqdm
 
     dtype = _check_arguments(adapter, lenses, chunk, dtype, top_k, batch_size)
-    if isinstance(items, (str, bytes, TraceItem)) or not hasattr(items, "__iter__"):
-        raise door.fail("items", items, "an iterable of TraceItem")
-    items = list(items)
+    try:
+        if isinstance(items, (str, bytes, TraceItem)):
+            raise TypeError
+        items = list(items)
+    except TypeError:
+        raise door.fail("items", items, "an iterable of TraceItem") from None
     for i, item in enumerate(items):
         if not isinstance(item, TraceItem):
             raise door.fail(f"items[{i}]", item, "a TraceItem(ids, positions, targets)")

@@ -24,7 +24,8 @@ import torch
 
 from . import convention
 from .errors import LensesError
-from .io import write_text
+from .io import signature, write_text
+from .outdir import check_target
 from .plots import _pyplot, _save
 from .trace import TraceItem, decode_chunk, trace
 
@@ -207,24 +208,28 @@ def grid_html(table: pd.DataFrame, title: str = "lens grid") -> str:
     """A self-contained page (no network) showing the grid of every lens in ``table``."""
     import html
 
-    return (_PAGE.replace("__TITLE__", html.escape(title))
+    return (_PAGE.replace("__TITLE__", html.escape(title)).replace("__SIGNATURE__", signature())
             .replace("__DATA__", _script_json(grid_data(table))))
 
 
-def write_grid_html(table: pd.DataFrame, path: str | os.PathLike, title: str = "lens grid") -> Path:
-    return write_text(path, grid_html(table, title))
+def write_grid_html(table: pd.DataFrame, path: str | os.PathLike, title: str = "lens grid",
+                    overwrite: bool = False) -> Path:
+    """The grid page (`grid_html`) written to ``path``; a file lenses did not write, or another run's, is
+    refused unless ``overwrite`` (`lenses.outdir.check_target`)."""
+    return write_text(check_target(path, overwrite, "the page"), grid_html(table, title))
 
 
 # --------------------------------------------------------------------------- static figure
 
 
 def plot_grid(table: pd.DataFrame, path: str | os.PathLike, stat: str = "top1_prob", lenses=None,
-              max_positions: int = 24) -> Path:
+              max_positions: int = 24, overwrite: bool = False) -> Path:
     """The grid as a figure (one panel per lens, side by side), coloured by ``stat``; prompts longer
-    than ``max_positions`` show their last ``max_positions`` positions (the title says so)."""
+    than ``max_positions`` show their last ``max_positions`` positions (the title says so). A file lenses
+    did not write, or another run's, is refused unless ``overwrite``."""
     from matplotlib.colors import LogNorm, Normalize
 
-
+    check_target(path, overwrite, "the figure")
     _check_table(table)
     if stat not in STATS:
         raise LensesError(f"unknown colour statistic {stat!r}; choose one of {', '.join(STATS)}.")
@@ -275,11 +280,11 @@ def plot_grid(table: pd.DataFrame, path: str | os.PathLike, stat: str = "top1_pr
         ax.set_title(f"{name} lens" + (f" (last {len(shown)} of {len(positions)} positions)"
                                        if len(shown) < len(positions) else ""), fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01).set_label(label, fontsize=7)
-    return _save(fig, path)
+    return _save(fig, path, overwrite)
 
 
 _PAGE = r"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="lenses-toolkit"><title>__TITLE__</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="__SIGNATURE__"><title>__TITLE__</title>
 <style>
 body{font:13px/1.4 system-ui,sans-serif;margin:12px;color:#222}
 h1{font-size:16px;margin:0 0 8px}

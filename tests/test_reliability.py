@@ -88,9 +88,9 @@ def test_a_second_run_into_the_same_folder_is_refused(files, tmp_path, capsys, e
         sleeper.kill()
         sleeper.wait()
     # the holder died: its lock is taken over with a notice, and a stale temporary file is removed
-    (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (out / ".checkpoint.pt.abc123.lenses.tmp").write_bytes(b"half a checkpoint")
     rc, err = cli(train_probes.main, train_args(files, out), capsys)
-    assert rc == 0 and "taking over the lock" in err and "removed .checkpoint.pt.abc123.tmp" in err
+    assert rc == 0 and "taking over the lock" in err and "removed .checkpoint.pt.abc123.lenses.tmp" in err
     assert not (out / ".lenses-lock").exists() and not list(out.glob(".*.tmp"))
 
 

@@ -262,7 +262,8 @@ VIEW_SETTINGS = {
     "calibration": ("corpus", "num_positions"),
     "sublayer": ("corpus", "num_positions", "frequencies"),
 }
-MODEL_SETTINGS = ("model", "model_dtype", "layers", "final_norm", "unembed", "lens", "strict", "seed")
+MODEL_SETTINGS = ("model", "model_dtype", "quantize", "decode_dtype", "layers", "final_norm", "unembed", "lens",
+                  "strict", "seed")  # settings every view's result depends on: a page holds one of each
 
 
 def view_settings(cfg: AnalysisConfig, name: str) -> dict:

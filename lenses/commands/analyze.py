@@ -44,6 +44,7 @@ from ..analysis.common import Usage
 from ..analysis import (
     CAUSAL_VIEWS,
     DEPTH_VIEWS,
+    MODEL_SETTINGS,
     VIEW_NAMES,
     VIEW_SETTINGS,
     AnalysisConfig,
@@ -54,7 +55,7 @@ from ..analysis import (
 from ..cli import Parser, add_options, from_args
 from .. import convention, lifecycle
 from ..errors import LensesError
-from ..io import write_csv
+from ..io import owner, run_id, write_csv
 from ..loading import DEFAULT_MODEL
 from ..outdir import check_target, claim
 from ..registry import select_lenses
@@ -91,7 +92,7 @@ def main(argv=None, prog: str = "analyze.py") -> int:
     """``analyze.py`` / ``lenses analyze``: parse ``argv`` and run the views or the grid."""
     cfg, view = parse_args(argv, prog)
     names = ["grid"] if view is None else list({"all": DEPTH_VIEWS, "causal": CAUSAL_VIEWS}.get(view, (view,)))
-    with claim(cfg.out, "analysis", resumable=False) as folder:
+    with claim(cfg.out, "analysis", resumable=False) as folder, owner(run_id("analysis", cfg.out)):
         for option, path in (("--html", cfg.html), ("--png", cfg.png)):
             if path:
                 check_target(path, cfg.overwrite, option)
@@ -143,28 +144,38 @@ def run_views(ctx: Context, names: list[str], report: Report) -> None:
 
 
 def replaced_views(folder, cfg, names: list[str]) -> set[str]:
-    """Views in ``--out`` made with other settings than this run's: refused unless ``--overwrite``, which
-    deletes their files (so the page never mixes runs). Returns the names of the views dropped."""
-    earlier = earlier_views(folder.path)
-    differ = {}
-    for v in earlier:
+    """The earlier views of ``--out`` this run replaces; checked before any model loads. A view this run redoes
+    with other settings is refused unless ``--overwrite``, which deletes that view's files only. A view it
+    does not redo stays on the page, untouched; if it was made with other model settings (the page would mix
+    two models), the run is refused, with or without ``--overwrite``, so that nothing is lost."""
+    redo, keep = {}, {}
+    for v in earlier_views(folder.path):
         name = v["name"]
-        if name not in VIEW_SETTINGS or not v.get("settings"):
-            differ[name] = "made by an earlier version of lenses (settings not recorded)"
-            continue
-        mine = view_settings(cfg, name)
-        changed = [f"{k}: {v['settings'].get(k)!r} there, {mine[k]!r} now" for k in mine
-                   if v["settings"].get(k) != mine[k]]
-        if changed:
-            differ[name] = "; ".join(changed[:3])
-    if differ and not cfg.overwrite:
-        what = " | ".join(f"{n} ({why})" for n, why in differ.items())
+        keys = view_settings(cfg, name) if name in names else {k: getattr(cfg, k) for k in MODEL_SETTINGS}
+        why = _settings_differ(v, keys)
+        if why:
+            (redo if name in names else keep)[name] = (why, v)
+    if keep:
+        what = " | ".join(f"{n} ({why})" for n, (why, _) in keep.items())
+        raise LensesError(f"--out {folder.path} holds views this run does not redo, made with other model settings: "
+                          f"{what}. Choose another --out (a page never mixes two models; nothing was changed).")
+    if redo and not cfg.overwrite:
+        what = " | ".join(f"{n} ({why})" for n, (why, _) in redo.items())
         raise LensesError(f"--out {folder.path} holds views made with other settings: {what}. Pass --overwrite to "
-                          "replace them, or choose another --out (a page never mixes two runs).")
-    for v in earlier:
-        if v["name"] in differ:
-            folder.forget(v["files"])
-    return set(differ)
+                          "replace them (only these views), or choose another --out (a page never mixes two runs).")
+    for _, v in redo.values():
+        folder.forget(v["files"])
+    return set(redo)
+
+
+def _settings_differ(view: dict, mine: dict) -> str:
+    """Why an earlier ``view`` (its record in report.json) differs from settings ``mine`` ('' if it does not)."""
+    if view["name"] not in VIEW_SETTINGS or not view.get("settings"):
+        return "made by an earlier version of lenses (settings not recorded)"
+    there = view["settings"]
+    changed = [f"{k}: {there[k]!r} there, {mine[k]!r} now" if k in there else f"{k} not recorded there"
+               for k in mine if k not in there or there[k] != mine[k]]
+    return "; ".join(changed[:3])
 
 
 def decode_prompt(ctx: Context, report: Report) -> int:
@@ -207,10 +218,10 @@ def decode_prompt(ctx: Context, report: Report) -> int:
     print(f"wrote {written[0]}")
     title = f"{cfg.model or DEFAULT_MODEL}: {cfg.prompt[:80]}"
     if cfg.html:
-        written.append(write_grid_html(table, cfg.html, title))
+        written.append(write_grid_html(table, cfg.html, title, overwrite=cfg.overwrite))
         print(f"wrote {written[-1]} (open it in a browser)")
     if cfg.png:
-        written.append(plot_grid(table, cfg.png, stat=cfg.color))
+        written.append(plot_grid(table, cfg.png, stat=cfg.color, overwrite=cfg.overwrite))
         print(f"wrote {written[-1]}")
     n = table.position.nunique()
     gen = int(table[table.lens == table.lens.iloc[0]].generated.sum())

@@ -1,0 +1,104 @@
+"""A model's identity to which every weight contributes (what a lens and a checkpoint are checked against).
+
+Per parameter tensor ``w`` (every one the model has, by name; tied weights once): its norm ``‖w‖`` and
+two projections onto fixed ±1 patterns (`_SIGNS`, tiled over the flattened tensor), divided by ``‖w‖``.
+For weights of any structure the projections are O(1) numbers; two different models give unrelated
+ones, a scaled tensor changes its norm, and a dtype cast or quantization moves them a little. The
+rules, comparing a saved fingerprint with the model at hand, per tensor (the largest ``delta`` wins):
+
+1. ``delta = max(|ln(‖a‖ / ‖b‖)|, |proj_a - proj_b|)``; a tensor present in one only is a different model.
+2. ``delta <= SAME`` (0.01): the same weights up to a cast (bfloat16 moves them by ~0.004).
+3. ``delta <= CLOSE`` (0.3): a close variant (int8 ~0.02, int4 in groups ~0.2, a light fine-tune).
+4. above: another model (e.g. one tensor scaled by 1.5 gives 0.41).
+
+Cost: one pass over the weights in float64 chunks (a few seconds per billion parameters on a CPU),
+once per model object (cached on it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+VERSION = 1
+SAME, CLOSE = 0.01, 0.3
+_WIDTH = 4099  # the period of the sign patterns (a prime: no tensor's row length is a multiple of it)
+
+
+def _patterns() -> torch.Tensor:
+    """Two fixed ±1 patterns of `_WIDTH` [2, W], the same on every machine (an integer hash, no RNG)."""
+    i = torch.arange(_WIDTH, dtype=torch.int64)
+    out = []
+    for k in (1, 2):
+        h = (i * 2654435761 + k * 2246822519) % (2**32)
+        h = (h ^ (h >> 13)) * 3266489917 % (2**32)
+        out.append(((h >> 16) & 1).double() * 2 - 1)
+    return torch.stack(out)
+
+
+_SIGNS = _patterns()
+
+
+def _plain(w: torch.Tensor) -> torch.Tensor:
+    return w.dequantize() if type(w) not in (torch.Tensor, torch.nn.Parameter) and hasattr(w, "dequantize") else w
+
+
+def tensor_summary(w: torch.Tensor, chunk: int = 1 << 22) -> list[float]:
+    """``[‖w‖, proj_1 / ‖w‖, proj_2 / ‖w‖]`` of one tensor, in float64 chunks (bounded memory)."""
+    flat = _plain(w.detach()).reshape(-1)
+    signs = _SIGNS.to(flat.device)
+    sq, proj = 0.0, torch.zeros(2, dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), chunk - chunk % _WIDTH):
+        part = flat[start:start + chunk - chunk % _WIDTH].double()
+        sq += float(part.square().sum())
+        pad = -part.numel() % _WIDTH
+        cols = torch.nn.functional.pad(part, (0, pad)).view(-1, _WIDTH).sum(0)
+        proj += signs @ cols
+    norm = math.sqrt(sq)
+    return [round(norm, 6)] + [round(float(p) / norm, 6) if norm else 0.0 for p in proj]
+
+
+def of_model(model: torch.nn.Module) -> dict | None:
+    """``{"version", "tensors": {name: summary}}`` of every materialised parameter, under every name it has
+    (tied weights are summarised once: a quantized copy may untie them; GPT-2's ``Conv1D`` weights as the
+    ``nn.Linear`` they equal, [out, in]). None if any is on the meta device
+    (offloaded weights are not read)."""
+    params = list(model.named_parameters(remove_duplicate=False))
+    if any(p.device.type == "meta" for _, p in params):
+        return None
+    transposed = {id(m.weight) for m in model.modules() if type(m).__name__ == "Conv1D"}  # stored [in, out]
+    done: dict[int, list[float]] = {}
+    with torch.no_grad():
+        for _, p in params:
+            if id(p) not in done:
+                done[id(p)] = tensor_summary(p.T if id(p) in transposed else p)
+    return {"version": VERSION, "tensors": {name: done[id(p)] for name, p in params}}
+
+
+def delta(a: list[float], b: list[float]) -> float:
+    """Rule 1 for one tensor."""
+    na, nb = float(a[0]), float(b[0])
+    if na == 0 or nb == 0:
+        scale = 0.0 if na == nb else math.inf
+    else:
+        scale = abs(math.log(na / nb))
+    return max([scale] + [abs(float(x) - float(y)) for x, y in zip(a[1:], b[1:])])
+
+
+def compare(saved: dict, mine: dict) -> tuple[str, str, float]:
+    """``(verdict, tensor, delta)``: verdict ``same``, ``close`` or ``other`` (rules 2-4), with the tensor
+    that differs most. Raises ValueError on a malformed saved fingerprint."""
+    theirs, ours = saved["tensors"], mine["tensors"]
+    if not isinstance(theirs, dict):
+        raise ValueError("tensors is not a mapping")
+    missing = sorted(set(theirs) ^ set(ours))
+    if missing:
+        return "other", missing[0], math.inf
+    worst, where = 0.0, ""
+    for name, summary in ours.items():
+        d = delta(theirs[name], summary)
+        if d > worst or not where:
+            worst, where = d, name
+    verdict = "same" if worst <= SAME else "close" if worst <= CLOSE else "other"
+    return verdict, where, worst
