@@ -21,7 +21,7 @@ import torch
 
 from . import door
 from .data import read_texts
-from .errors import LensesError
+from .errors import LensesError, first_line
 from .io import cache_dir
 
 CHAT_MODES = ("auto", "on", "off")
@@ -75,7 +75,12 @@ def chat_turn(tokenizer, user: str, system: str | None = None, answer_ids: list[
         raise LensesError("this tokenizer has no chat template; read raw text (--chat-template off).")
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": user}]
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template raises what its author wrote (jinja's TemplateError, ...)
+        fix = "drop --system (system=None)" if system is not None else "read raw text (--chat-template off)"
+        raise LensesError(f"the model's chat template refuses these messages ({type(e).__name__}: "
+                          f"{first_line(e, 160)}); {fix}.") from e
     spans = {"user": rendered.rfind(user)}
     if system is not None:
         spans["system"] = rendered.find(system)

@@ -54,12 +54,20 @@ def _read_jsonl(path: Path, field: str = "text") -> list[str]:
     return texts
 
 
+SAVED_MARKS = ("dataset_info.json", "dataset_dict.json", "state.json")  # the files of a `save_to_disk` folder
+
+
 def _read_saved_dataset(path: Path, field: str = "text") -> list[str]:
     try:
         import datasets
     except ImportError as e:
         raise DataError(f"{path} looks like a saved Hugging Face dataset: `pip install datasets` to read it.") from e
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for a folder it cannot read
+        raise DataError(f"corpus {path} holds {', '.join(n for n in SAVED_MARKS if (path / n).exists())} but is not "
+                        f"a dataset saved with save_to_disk ({type(e).__name__}: {str(e)[:120]}); pass a folder of "
+                        ".txt/.jsonl files without that file, or the dataset's own folder.") from e
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     if field not in ds.column_names:
@@ -81,7 +89,7 @@ def read_texts(source: str | os.PathLike | None = None, field: str = "text") -> 
         raise DataError(f"corpus {path} does not exist: pass a .txt/.jsonl file or a folder, or one of "
                         f"{', '.join(corpora.NAMES)} (--corpus).")
     if path.is_dir():
-        if any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        if any((path / name).exists() for name in SAVED_MARKS):
             texts = _read_saved_dataset(path, field)
         else:
             texts = []

@@ -27,3 +27,9 @@ class CorruptFileError(LensesError):
 
 class DataError(LensesError):
     """Input data is empty, too short, unreadable, or malformed."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """``e``'s message cut to its first line and ``limit`` characters ('' for an exception without one), to
+    quote inside one of our one-line errors."""
+    return (str(e).splitlines() or [""])[0][:limit]

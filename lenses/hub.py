@@ -22,7 +22,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from .errors import LensesError
+from .errors import LensesError, first_line
 
 JLENS_REPO = "neuronpedia/jacobian-lens"
 TUNED_LENS_REPO = "AlignmentResearch/tuned-lens"
@@ -121,5 +121,5 @@ def resolve(spec: str, cache_dir: str | None = None) -> Path:
     except LensesError:
         raise
     except Exception as e:  # repository, revision or file not found, access refused, ...
-        raise LensesError(f"{spec}: the hub refused it ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+        raise LensesError(f"{spec}: the hub refused it ({type(e).__name__}: {first_line(e, 200)}). "
                           "Check the repository, revision (@...) and subfolder (:...).") from e

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import LensesError
+from .errors import LensesError, first_line
 
 SIGNATURE = "lenses-toolkit"  # in every page (<meta name="generator">) and figure (its metadata) lenses writes
 _OWNER: list[str | None] = [None]  # the run writing now (`owner`): signed into its pages and figures
@@ -90,6 +90,13 @@ def _record(path: Path) -> None:
             return  # the nearest mark only
 
 
+def _is_io_failure(e: BaseException) -> bool:
+    """A writer library's own exception for a failed write (safetensors' ``SafetensorError`` on a full disk)."""
+    text = str(e)
+    return isinstance(e, Exception) and ("SafetensorError" in type(e).__name__ or any(
+        w in text for w in ("No space left", "Read-only file system", "Disk quota", "Permission denied")))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -111,14 +118,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except OSError as e:  # disk full, read-only file system, quota: our error, naming the file
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise LensesError(f"could not write {path}: {e.strerror or e}. Free some space or choose another "
-                          "output folder (--out); nothing else was changed.") from e
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if isinstance(e, OSError) or _is_io_failure(e):  # disk full, read-only file system, quota: our error
+            why = getattr(e, "strerror", None) or first_line(e, 160)
+            raise LensesError(f"could not write {path}: {why}. Free some space or choose another output folder "
+                              "(--out); nothing else was changed.") from e
         raise
     try:
         _record(path)

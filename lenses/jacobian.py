@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from . import outdir
-from .errors import CorruptFileError, LensesError, LensMismatchError
+from .errors import CorruptFileError, LensesError, LensMismatchError, first_line
 from .io import atomic_write
 from .lens import Lens, as_adapter
 from .lens_files import check_finite, note_unchecked
@@ -163,16 +163,29 @@ def read_published(file: str | os.PathLike, num_layers: int | None = None) -> Ja
     layer + 2 is assumed (published files hold reference layers 0..L-2).
     """
     file = Path(file)
+    if file.is_file() and file.stat().st_size == 0:
+        raise CorruptFileError(f"{file} is empty (0 bytes): a copy or download that did not finish. Re-download or "
+                               "re-fit it.")
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling refusal (not plain data) or a damaged file
         raise CorruptFileError(f"{file} is not a Jacobian lens file that can be read safely ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200]}); loading never runs code from a file. Re-download "
+                               f"{first_line(e, 200)}); loading never runs code from a file. Re-download "
                                "or re-fit it.") from e
     if not isinstance(payload, dict) or not ({"J", "jacobian_sum"} & set(payload)):
         keys = sorted(map(str, payload))[:6] if isinstance(payload, dict) else type(payload).__name__
         raise CorruptFileError(f"{file} is not a Jacobian lens: a lens file has a 'J' entry and a fit checkpoint a "
                                f"'jacobian_sum' entry; this holds {keys}.")
+    try:
+        return _from_payload(file, payload, num_layers)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as e:
+        raise CorruptFileError(f"{file}: a field of this Jacobian lens file has the wrong type or shape "
+                               f"({type(e).__name__}: {first_line(e, 160)}); the file is "
+                               "damaged or not a lens. Re-download or re-fit it.") from e
+
+
+def _from_payload(file: Path, payload: dict, num_layers: int | None) -> JacobianLens:
+    """`read_published`'s reading of a loaded file's entries (each field's type checked where it is read)."""
     if "J" in payload:
         matrices, n = payload["J"], int(payload.get("n_prompts") or 0)
     else:
@@ -184,7 +197,11 @@ def read_published(file: str | os.PathLike, num_layers: int | None = None) -> Ja
     if not isinstance(matrices, dict) or not matrices or not all(torch.is_tensor(v) for v in matrices.values()):
         raise CorruptFileError(f"{file}: its matrices are not a non-empty {{layer: tensor}} dict.")
     d = payload.get("d_model") or next(iter(matrices.values())).shape[-1]
+    if isinstance(d, bool) or not isinstance(d, int):
+        raise CorruptFileError(f"{file}: its d_model is {d!r}, not a whole number; the file is damaged.")
     try:
+        if any(isinstance(i, bool) or int(i) != i for i in matrices):
+            raise ValueError
         ours = {int(i) + REFERENCE_OFFSET: v for i, v in matrices.items()}
     except (TypeError, ValueError):
         raise CorruptFileError(f"{file}: its layer keys {sorted(map(str, matrices))[:4]} are not layer numbers; "

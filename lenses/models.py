@@ -362,7 +362,7 @@ class ModelAdapter:
         limit = max_positions(getattr(self.model, "config", None))
         if limit and input_ids.shape[1] > limit:
             raise LensesError(f"a sequence of {input_ids.shape[1]} tokens is longer than the model's {limit} "
-                              "positions; cut the text (e.g. --seq-len) to at most that many tokens.")
+                              "positions; cut the text to at most that many tokens (train_probes.py: --seq-len).")
 
     def _input_device(self) -> torch.device:
         """Where the token ids go: the embedding's device (differs from ``device`` under a device map)."""
@@ -473,14 +473,14 @@ class ModelAdapter:
 
     def _check_weights(self, saved: dict, mine: dict, what: str, strict: bool) -> str | None:
         try:
-            verdict, part, d = fingerprint.compare(saved["weights"], mine["weights"])
+            verdict, part, differ = fingerprint.compare(saved["weights"], mine["weights"])
         except (KeyError, TypeError, ValueError, IndexError):
             raise LensMismatchError(f"the fingerprint of this {what} is malformed; re-save it with this version "
                                     "of lenses.") from None
         quantized = mine.get("quantized") if mine.get("quantized") != saved.get("quantized") else None
         if verdict == "same" and not quantized:
             return None
-        how = f"the weights of {part} differ by {d:.3g} (a cast gives < {fingerprint.SAME})"
+        how = f"the weights of {part} differ: {differ}"
         if verdict != "other" and quantized:
             return (f"note: this model is a {quantized}-quantized copy of the {what}'s model ({how}): read as a "
                     "close variant.")

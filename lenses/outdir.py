@@ -84,10 +84,13 @@ read_mark = io.read_mark
 
 
 def _content(path: Path) -> list[str]:
-    """Every file under ``path`` (relative, sorted), our mark and lock left out."""
+    """Every file under ``path`` (relative, sorted), our mark and lock left out, and the files of nested marked
+    folders too: those belong to their own runs (an experiment's variants, an analysis inside a run folder)."""
     if not path.is_dir():
         return []
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in IGNORED)
+    nested = {m.parent for m in path.rglob(MARK) if m.parent != path}
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                  if p.is_file() and p.name not in IGNORED and not nested.intersection(p.parents))
 
 
 class OutputFolder:
@@ -192,7 +195,11 @@ class OutputFolder:
                     self.set_state("interrupted")
                 except OSError:
                     pass
-            (self.path / LOCK).unlink(missing_ok=True)
+            try:
+                (self.path / LOCK).unlink(missing_ok=True)
+            except OSError as e:  # the folder turned read-only: say so, and let the run's own error through
+                print(f"note: could not remove the lock {self.path / LOCK} ({e.strerror}); delete it before the next "
+                      "run into this folder.", file=sys.stderr)
             self.locked = False
 
 
@@ -250,8 +257,10 @@ def claim(out: str | os.PathLike, kind: str, resume: bool = False, overwrite: bo
         if resumable and overwrite and not resume:
             folder.forget([f for f in content if folder.ours(f)])
         folder.set_state("running")
-    except BaseException:
+    except BaseException as e:
         folder.release()
+        if isinstance(e, OSError):
+            raise LensesError(f"cannot write to {path}: {e.strerror}. Choose a writable output folder (--out).") from e
         raise
     return folder
 

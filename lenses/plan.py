@@ -45,7 +45,7 @@ import torch
 
 from .cli import Options, option, parse_devices, parse_max_memory, parse_size  # noqa: F401
 from .discovery import find_parts
-from .errors import LensesError
+from .errors import LensesError, first_line
 from .loading import DEFAULT_MODEL, MODELS, model_file
 
 GiB = 2**30
@@ -95,7 +95,7 @@ def _read_config(source: str | os.PathLike | None):
             return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
         return AutoConfig.from_pretrained(str(source), local_files_only=True)
     except Exception as e:  # transformers raises many types for missing or foreign configs
-        first = (str(e) or " ").splitlines()[0][:160]
+        first = first_line(e, 160)
         raise LensesError(f"plan: {source} has no readable model config ({type(e).__name__}: {first}). Pass a model "
                           "folder or hub id in the local cache, its config.json, or a .gguf file.") from e
 

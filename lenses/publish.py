@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LensesError
+from .errors import LensesError, first_line
 
 FORMATS = ("lenses", "tuned-lens")
 NOTICES = {  # model families whose licence must travel with anything derived from them
@@ -70,7 +70,7 @@ class HubRepo:
                                      revision=revision, commit_message=message)
         except Exception as e:  # network, token, permissions
             raise LensesError(f"the hub refused the upload to {repo_id} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:160] if str(e) else ''}); check the network and your token "
+                              f"{first_line(e, 160)}); check the network and your token "
                               "(huggingface-cli login), or stage it locally with --hub-dir DIR.") from e
         return str(getattr(info, "commit_url", info))
 

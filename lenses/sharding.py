@@ -46,8 +46,13 @@ class Translator(nn.Module):
         return self.lens.transform_stack(h)
 
 
-def check_launch(prog: str = "train_probes.py") -> None:
-    """``--fsdp`` needs processes started by a distributed launcher; say the command if they were not."""
+def check_launch(prog: str = "train_probes.py", quantize: str | None = None) -> None:
+    """``--fsdp`` needs processes started by a distributed launcher (say the command if they were not) and
+    plain weights to shard (a ``--quantize``d model's weights are torchao tensors FSDP cannot split)."""
+    if quantize:
+        raise LensesError(f"--fsdp shards plain weights over processes, and --quantize {quantize} makes them "
+                          "quantized tensors that cannot be sharded: use one of the two (--fsdp spreads the memory "
+                          "too).")
     if "WORLD_SIZE" not in os.environ:
         raise LensesError(f"--fsdp shards over processes started by a distributed launcher; run it as "
                           f"`torchrun --nproc_per_node N {prog} ... --fsdp` (N processes; 1 works too).")

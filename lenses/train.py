@@ -284,7 +284,7 @@ def _check_job(cfg: TrainConfig, preloaded: bool):
     processes, and (for a model loaded here on one device) the memory plan fits."""
     def check(dp: DataParallel) -> None:
         if cfg.fsdp:
-            sharding.check_launch()
+            sharding.check_launch(quantize=cfg.quantize)
         if cfg.batch_size % dp.world:
             raise LensesError(f"--batch-size {cfg.batch_size} does not split evenly over {dp.world} processes; "
                               f"use a multiple of {dp.world}.")

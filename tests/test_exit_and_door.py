@@ -228,8 +228,8 @@ def test_an_edited_generated_corpus_source_is_generated_again(tmp_path, monkeypa
     corpus = tmp_path / "docs.jsonl"
 
     def write(word):
-        corpus.write_text("\n".join(json.dumps({"text": f"Document {i} is about {word} number {i}, and about nothing else at all."})
-                                    for i in range(4)))
+        text = "Document {i} is about {word} number {i}, and about nothing else at all."
+        corpus.write_text("\n".join(json.dumps({"text": text.format(i=i, word=word)}) for i in range(4)))
     write("apples")
     first = generated_corpus(adapter, _tok(), f"generated:2:{corpus}")
     write("pears")  # the same name, other contents
@@ -264,19 +264,22 @@ def _scaled(model, part: str, factor: float):
 
 def test_every_weight_counts_in_the_identity(capsys):
     """The probe case: a lens loaded onto its model with one mlp.down_proj scaled by 1.5 (untouched by the old
-    probes) is refused; a bfloat16 cast is the same model; an int8 copy is read with a note; another seed
-    is refused; strict=False reads anyway, with a note."""
+    probes) is refused, and so is a scale of 1.05; a bfloat16 cast is the same model; int8 and int4 copies
+    are read with a note; another seed is refused; strict=False reads anyway, with a note."""
     from lenses.loading import quantize_weights
 
     model = tiny_model("llama")
     lens = random_lens(ModelAdapter.from_model(model))
     saved = lens.config["fingerprint"]
     for layer in range(3):
-        with pytest.raises(LensMismatchError, match=f"layers.{layer}.mlp.down_proj.weight differ by 0.405"):
+        with pytest.raises(LensMismatchError, match=rf"layers\.{layer}\.mlp\.down_proj\.weight differ: norm x1\.5,"):
             ModelAdapter.from_model(_scaled(model, f"layers.{layer}.mlp.down_proj", 1.5)).check_fingerprint(saved)
+    with pytest.raises(LensMismatchError, match="another model"):
+        ModelAdapter.from_model(_scaled(model, "layers.1.mlp.down_proj", 1.05)).check_fingerprint(saved)
     assert ModelAdapter.from_model(copy.deepcopy(model).to(torch.bfloat16)).check_fingerprint(saved) is None
-    note = ModelAdapter.from_model(quantize_weights(copy.deepcopy(model), "int8")).check_fingerprint(saved)
-    assert note and "int8-quantized copy" in note
+    for scheme in ("int8", "int4"):
+        note = ModelAdapter.from_model(quantize_weights(copy.deepcopy(model), scheme)).check_fingerprint(saved)
+        assert note and f"{scheme}-quantized copy" in note
     with pytest.raises(LensMismatchError, match="another model"):
         ModelAdapter.from_model(tiny_model("llama", seed=3)).check_fingerprint(saved)
     other = ModelAdapter.from_model(tiny_model("llama", seed=3)).check_fingerprint(saved, strict=False)
@@ -307,8 +310,8 @@ def test_shipped_lenses_carry_a_full_weight_fingerprint():
 
 def test_a_whole_model_different_in_every_block_is_another_model():
     a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
-    verdict, _, d = fp.compare(fp.of_model(a), fp.of_model(b))
-    assert verdict == "other" and d > fp.CLOSE
+    verdict, _, how = fp.compare(fp.of_model(a), fp.of_model(b))
+    assert verdict == "other" and float(how.rsplit(" ", 1)[1]) > fp.CLOSE[1]
     assert fp.compare(fp.of_model(a), fp.of_model(a))[0] == "same"
 
 

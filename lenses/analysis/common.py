@@ -140,8 +140,8 @@ def text_blocks(texts: list[str], tokenizer, seq_len: int, num_positions: int, s
     import random
 
     conv = convention.of(tokenizer)
-    require(seq_len - 1 - conv.first >= 1, f"--seq-len {seq_len} leaves no scored position after the tokenizer's "
-                                           f"{conv.first} special token(s); raise --seq-len.")
+    require(seq_len - 1 - conv.first >= 1, f"blocks of {seq_len} tokens leave no scored position after the "
+                                           f"tokenizer's {conv.first} special token(s); use longer blocks.")
     blocks = pack(tokenize(texts, tokenizer), seq_len, conv.prefix)
     require(len(blocks) > 0, f"the text gives no block of {seq_len} tokens for the {view} view; pass more text "
                              "with --corpus.")

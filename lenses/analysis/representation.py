@@ -265,17 +265,27 @@ def read_prompts(source: str | None, texts_of) -> list[str]:
     return [p for t in texts_of() for p in t.split("\n\n") if len(p.split()) >= 30]
 
 
+MIN_TOKENS = 3  # token vectors a prompt needs for every metric (curvature reads two steps)
+
+
 def run(ctx) -> ViewResult:
     cfg = ctx.cfg
     texts, source = ctx.view_texts
     prompts = read_prompts(cfg.corpus, lambda: texts)
     if cfg.corpus and str(cfg.corpus).endswith(".txt") and Path(cfg.corpus).is_file():
         source = f"the lines of {cfg.corpus}"
-    available = len(prompts)
+    skip = convention.of(ctx.tokenizer).first or int(cfg.drop_first_token)
+    long_enough = [p for p in prompts
+                   if len(convention.encode(ctx.tokenizer, p)[:cfg.prompt_tokens]) >= skip + MIN_TOKENS]
+    short = len(prompts) - len(long_enough)
+    prompts, available = long_enough, len(long_enough)
     if len(prompts) < 2:
-        raise DataError("the representation view needs at least 2 prompts of 30+ words (or 2 lines of a .txt "
-                        "file); pass more text with --corpus.")
+        raise DataError(f"the representation view needs at least 2 prompts of {MIN_TOKENS}+ tokens read (30+ words, "
+                        f"or lines of a .txt file); {short} were shorter. Pass more text with --corpus.")
     prompts = prompts[: cfg.num_prompts]
+    notes = [f"first {cfg.prompt_tokens} tokens of each"] + (
+        [f"{short} prompt(s) of fewer than {MIN_TOKENS} tokens after the first {skip} left out (curvature needs "
+         f"{MIN_TOKENS})"] if short else [])
     if cfg.hist_layer is not None and cfg.hist_layer > ctx.adapter.num_layers:
         raise DataError(f"--hist-layer {cfg.hist_layer} is past the last layer ({ctx.adapter.num_layers}).")
     summary, per_prompt = representation_view(ctx.adapter, ctx.tokenizer, prompts, alpha=cfg.alpha,
@@ -285,8 +295,7 @@ def run(ctx) -> ViewResult:
     lines = [f"per-layer means over {len(prompts)} prompts:", wide.to_string(float_format=lambda v: f"{v:.3f}")]
     return ViewResult("representation", {"layers": summary, "prompts": per_prompt}, lines,
                       {"hist_layer": cfg.hist_layer},
-                      usage=[Usage("prompts", cfg.num_prompts, available, len(prompts), source,
-                                   [f"first {cfg.prompt_tokens} tokens of each"])])
+                      usage=[Usage("prompts", cfg.num_prompts, available, len(prompts), source, notes)])
 
 
 def plot(result: ViewResult, path):

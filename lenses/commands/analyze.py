@@ -35,6 +35,7 @@ analyze.py run.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -152,6 +153,11 @@ def replaced_views(folder, cfg, names: list[str]) -> set[str]:
     for v in earlier_views(folder.path):
         name = v["name"]
         keys = view_settings(cfg, name) if name in names else {k: getattr(cfg, k) for k in MODEL_SETTINGS}
+        unrecorded = [k for k in keys if k not in (v.get("settings") or {})]
+        if name not in names and v.get("settings") and unrecorded:  # kept as it is, and said
+            print(f"note: the {name} view in {folder.path} was made by an earlier lenses that did not record "
+                  f"{', '.join(unrecorded)}; it stays on the page as it is.", file=sys.stderr)
+            keys = {k: keys[k] for k in keys if k not in unrecorded}
         why = _settings_differ(v, keys)
         if why:
             (redo if name in names else keep)[name] = (why, v)
