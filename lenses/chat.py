@@ -132,7 +132,7 @@ def generate(model, ids: list[int], n: int, sample: bool = False, seed: int = 0,
         raise door.ArgumentError(f"a prompt of {len(ids)} tokens leaves no room to generate: the model has "
                                  f"{bound + len(ids)} positions; shorten the prompt.")
     n = door.integer("n (--generate)", n, 1, bound)
-    sample, seed = door.boolean("sample", sample), door.integer("seed", seed)
+    sample, seed = door.boolean("sample", sample), door.integer("seed", seed, 0, 2**63 - 1)
     eos = door.optional_int("eos", eos)
     device = next(model.parameters()).device
     g = torch.Generator(device="cpu").manual_seed(seed)

@@ -456,8 +456,18 @@ def trajectories(df: pd.DataFrame, column: str) -> tuple[pd.DataFrame, np.ndarra
     return keys, values
 
 
+def _check_table(df, column: str) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise door.fail("df", df, "a table from trace() (a pandas DataFrame)")
+    missing = [c for c in ("lens", "item", "position", "layer", column) if c not in df.columns]
+    if missing:
+        raise door.ArgumentError(f"the table has no column {missing[0]!r}: pass a table from trace() with that "
+                                 "target.")
+
+
 def depth_summary(df: pd.DataFrame, target: str, ks: Sequence[int] = ONSET_KS) -> pd.DataFrame:
     """One row per (lens, item, position): first_correct, settled and onset_k<k> layers for ``target``."""
+    _check_table(df, f"rank_{target}")
     keys, ranks = trajectories(df, f"rank_{target}")
     out = keys.copy()
     out["num_layers"] = ranks.shape[1] - 1

@@ -22,11 +22,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import convention
+from . import convention, door
 from .errors import LensesError
 from .io import signature, write_text
 from .outdir import check_target
 from .plots import _pyplot, _save
+from .models import ModelAdapter
 from .trace import TraceItem, decode_chunk, trace
 
 # colour statistics: name -> (column of the table, label)
@@ -62,18 +63,22 @@ def lens_grid(adapter, tokenizer, text: str, lenses: dict, top_k: int = 5, chunk
     rank_next and prob_next (NaN at the last position). ``sublayers`` adds the half layers ``l + 0.5``: the
     mid-block state ``hidden[l] + attn[l]`` (`ModelAdapter.residual_parts`), read with layer ``l``'s reading.
     """
+    if not isinstance(adapter, ModelAdapter):
+        raise door.fail("adapter", adapter, "a ModelAdapter (lenses.ModelAdapter.from_model(model))")
     first = 0
     if ids is None:  # as the model reads it in use: the tokenizer's prefix (BOS), then the text
+        door.text("text", text)
         first = convention.of(tokenizer).first
         ids = convention.encode(tokenizer, text)
-    ids = list(ids)
+    ids = door.token_ids("ids", ids, adapter.vocab_size, dims=1).tolist()
     if len(ids) == first:
         raise LensesError(f"the prompt {text!r} has no tokens; give some text (--prompt).")
+    if roles is not None and (not isinstance(roles, (list, tuple)) or not all(isinstance(r, str) for r in roles)):
+        raise door.fail("roles", roles, "a list of strings, one role per token")
     roles = list(roles) if roles is not None else ["special"] * first + ["text"] * (len(ids) - first)
     if len(roles) != len(ids):
         raise LensesError(f"{len(roles)} roles for {len(ids)} tokens: give one role per token.")
-    if not 1 <= top_k <= adapter.vocab_size:
-        raise LensesError(f"top-k must be between 1 and the vocabulary size {adapter.vocab_size} (got {top_k}).")
+    top_k = door.integer("top_k (--top-k)", top_k, 1, adapter.vocab_size)
     n = len(ids)
     next_ids = list(ids[1:]) + [ids[-1]]  # the last position has no next token: masked below
     item = TraceItem(ids, list(range(n)), {"next": next_ids})

@@ -167,8 +167,12 @@ def test_fuzz_the_public_api_only_lenses_errors_or_success():
     """A seeded generator over argument types and ranges of the public functions: every call succeeds or
     raises a LensesError; never another exception (and never an abort: the process lives on)."""
     from lenses import LogitLens, load_model
+    from lenses.trace import depth_summary
+    from lenses.viz import lens_grid
+    from tiny_models import byte_tokenizer
 
-    ad = tiny_adapter()
+    ad = tiny_adapter(vocab_size=257)
+    tok = byte_tokenizer()
     lens = random_lens(ad)
     model = ad.model
     h = torch.randn(2, 32)
@@ -185,6 +189,9 @@ def test_fuzz_the_public_api_only_lenses_errors_or_success():
         lambda a, b: ModelAdapter.from_model(a, layers=b), lambda a, b: LogitLens(a),
         lambda a, b: load_model("x" if a is None else a, device="cpu", dtype=b), lambda a, b: lens.attach(a, strict=b),
         lambda a, b: load_lens("smollm2-135m-instruct", model=a, strict=b),
+        lambda a, b: lens_grid(ad, tok, a, {"l": lens}, top_k=b if isinstance(b, int) else 2),
+        lambda a, b: lens_grid(ad, tok, "ab", {"l": lens}, ids=a, roles=b),
+        lambda a, b: depth_summary(a, b if isinstance(b, str) else "next"),
     ]
     rng = np.random.default_rng(0)
     outcomes = {"ok": 0, "LensesError": 0}
