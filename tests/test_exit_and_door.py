@@ -462,3 +462,95 @@ def test_a_lock_left_empty_by_a_failed_start_does_not_block(tmp_path, capsys, mo
     with pytest.raises(LensesError, match="No space left"):
         outdir.claim(out, "analysis", resumable=False)
     assert not (out / outdir.LOCK).exists()  # nothing left behind to block the next run
+
+
+# ---------------------------------------------------------------------------- 6. readers that never leak
+
+
+def test_a_corpus_folder_with_state_json_that_is_no_dataset(tmp_path):
+    from lenses.data import read_texts
+
+    (tmp_path / "state.json").write_text('{"mine": 1}')
+    (tmp_path / "a.txt").write_text("some text")
+    with pytest.raises(LensesError, match="is not a dataset saved with save_to_disk"):
+        read_texts(tmp_path)
+
+
+@pytest.mark.parametrize("payload, words", [
+    (b"", "empty"),
+    ({"J": {0: torch.eye(32)}, "n_prompts": "x"}, "wrong type"),
+    ({"J": {0: torch.eye(32)}, "d_model": "32"}, "not a whole number"),
+    ({"J": {0.5: torch.eye(32)}}, "not layer numbers"),
+    ({"jacobian_sum": {0: 1}, "n_done": 2}, "wrong type"),
+])
+def test_damaged_jacobian_lens_files_are_one_line(tmp_path, payload, words):
+    file = tmp_path / "lens.pt"
+    if isinstance(payload, bytes):
+        file.write_bytes(payload)
+    else:
+        torch.save(payload, file)
+    for model in (None, tiny_adapter()):
+        with pytest.raises(LensesError, match=words):
+            load_lens(file, model)
+
+
+def test_a_full_disk_inside_safetensors_is_our_error(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                          "message: \"No space left on device\" })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(LensesError, match="could not write .*No space left"):
+        random_lens(tiny_adapter()).save_pretrained(tmp_path / "lens")
+    assert not list((tmp_path / "lens").glob("*.lenses.tmp"))
+
+
+def test_a_chat_template_that_refuses_a_system_message(capsys):
+    from lenses.chat import chat_turn
+    from test_chat import _tok
+
+    tok = _tok()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                         "supported') }}{% endif %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}[assistant]")
+    with pytest.raises(LensesError, match="refuses these messages .*System role not supported.*drop --system"):
+        chat_turn(tok, "hi", system="be brief")
+    assert chat_turn(tok, "hi").ids  # without a system message it reads
+
+
+def test_fsdp_with_quantize_is_refused_before_any_work(inputs, tmp_path, capsys):
+    from lenses.commands import train
+
+    argv = ["--model", inputs / "model", "--corpus", inputs / "my.txt", "--out", tmp_path / "o", "--fsdp",
+            "--quantize", "int8", "--no-progress"]
+    assert run_cli(train.main, [str(a) for a in argv]) == 2
+    assert "--fsdp shards plain weights" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_one_token_prompts_in_the_representation_view(inputs, tmp_path, capsys, eager_kl):
+    (tmp_path / "one.txt").write_text("A\nB\nC\n" + "The quick brown fox jumps over the lazy dog\n" * 3)
+    argv = _views(inputs, tmp_path / "o", "--view", "representation", "--drop-first-token")
+    argv[3] = tmp_path / "one.txt"
+    assert _cli(argv, capsys)[0] == 0
+    line = json.loads((tmp_path / "o" / "report.json").read_text())["views"][0]["summary"][0]
+    assert "3 of 3 prompts" in line and "3 prompt(s) of fewer than 3 tokens" in line
+
+
+def test_an_out_folder_turning_read_only_is_one_line(inputs, tmp_path, capsys, monkeypatch, eager_kl):
+    """Every write into --out fails after the claim (the folder turned read-only), the lock's removal too: the
+    run's own error is the one line, and the stuck lock is named."""
+    import pathlib
+
+    from lenses import io, outdir
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    real_unlink = pathlib.Path.unlink
+    monkeypatch.setattr(io.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda self, *a, **k: denied() if self.name == outdir.LOCK
+                        else real_unlink(self, *a, **k))
+    rc, err = _cli(_views(inputs, tmp_path / "o", "--prompt", "The cat"), capsys)
+    assert rc == 2 and err.count("error:") == 1 and "Permission denied" in err and "Traceback" not in err
+    assert "could not remove the lock" in err
