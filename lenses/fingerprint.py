@@ -112,3 +112,15 @@ def compare(saved: dict, mine: dict) -> tuple[str, str, str]:
             worst = (verdict, name, scale, proj)
     verdict, name, scale, proj = worst
     return verdict, name, f"norm x{math.exp(scale):.3g}, projections moved by {proj:.3g}"
+
+
+def same_model(a: dict | None, b: dict | None) -> bool | None:
+    """Whether two saved model fingerprints (``ModelAdapter.fingerprint``) are of the same weights (rule 2;
+    a cast counts as the same); None where they cannot be compared (one lacks ``weights``)."""
+    wa, wb = (a or {}).get("weights"), (b or {}).get("weights")
+    if not isinstance(wa, dict) or not isinstance(wb, dict):
+        return None
+    try:
+        return compare(wa, wb)[0] == "same"
+    except (KeyError, TypeError, ValueError, IndexError):
+        return False

@@ -482,8 +482,8 @@ class ModelAdapter:
             return None
         how = f"the weights of {part} differ: {differ}"
         if verdict != "other" and quantized:
-            return (f"note: this model is a {quantized}-quantized copy of the {what}'s model ({how}): read as a "
-                    "close variant.")
+            return (f"note: this model is the {what}'s model quantized to {quantized} ({how}): read as a close "
+                    "variant.")
         if not strict:
             return (f"note: the {what} was made for another model ({how}); read anyway, as strict=False "
                     "(--no-strict) asks.")

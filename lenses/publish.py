@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import fingerprint
 from .errors import LensesError, first_line
 
 FORMATS = ("lenses", "tuned-lens")
@@ -111,8 +112,10 @@ def _check_target(hub, repo_id: str, subfolder: str, revision: str, lens, overwr
     except ValueError:
         there = {}
     ours, theirs = lens.config.get("fingerprint"), there.get("fingerprint")
-    same_model = (ours == theirs) if (ours and theirs) else (
-        str(there.get("model") or there.get("base_model_name_or_path") or "") == str(lens.config.get("model") or ""))
+    same_model = fingerprint.same_model(ours, theirs) if isinstance(theirs, dict) else None
+    if same_model is None:
+        named = str(there.get("model") or there.get("base_model_name_or_path") or "")
+        same_model = (ours == theirs) if (ours and theirs) else named == str(lens.config.get("model") or "")
     if not same_model:
         raise LensesError(f"{repo_id}:{subfolder or '(top)'} already holds a lens for another model "
                           f"({there.get('model') or there.get('base_model_name_or_path') or 'unknown'}); push into "

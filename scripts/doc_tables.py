@@ -263,6 +263,36 @@ def view_summaries(run: str) -> tuple[str, str]:
     return src, markdown(pd.DataFrame(rows), "lll")
 
 
+def _summary_lines(run: str) -> dict[tuple[str, str], list[str]]:
+    """(view, lens or data) -> what that view reported for it, from docs/data/<run>/report.json."""
+    report = json.loads((ROOT / "docs" / "data" / run / "report.json").read_text(encoding="utf-8"))
+    out: dict[tuple[str, str], list[str]] = {}
+    for view in report["views"]:
+        for line in view["summary"]:
+            who, sep, said = " ".join(line.split()).partition(": ")
+            out.setdefault((view["name"], who if sep else ""), []).append(said if sep else " ".join(line.split()))
+    return out
+
+
+def two_models(first: tuple[str, ...], second: tuple[str, ...], names: tuple[str, str]) -> tuple[str, str]:
+    """Each view's summary for two models side by side, one row per (view, lens or data) that either reports;
+    ``first`` and ``second`` are the docs/data runs of each model (a later run wins for a view both hold)."""
+    sides = []
+    for runs in (first, second):
+        merged: dict = {}
+        for run in runs:
+            merged.update(_summary_lines(run))
+        sides.append(merged)
+    keys = list(dict.fromkeys([*sides[0], *sides[1]]))
+    order = {v: i for i, v in enumerate(("frequency", "pos", "facts", "mcq", "early-exit", "patching", "layer-skip",
+                                         "calibration", "sublayer"))}
+    keys = sorted(keys, key=lambda k: (order.get(k[0], 99), k[1] != "data", k[1]))
+    rows = [{"view": v, "lens / data": who or "", names[0]: "; ".join(sides[0].get((v, who), ["—"])),
+             names[1]: "; ".join(sides[1].get((v, who), ["—"]))} for v, who in keys]
+    src = ", ".join(f"docs/data/{r}" for r in (*first, *second))
+    return src, markdown(pd.DataFrame(rows), "llll")
+
+
 def pos_first_correct(run: str) -> tuple[str, str]:
     """POS view: mean first-correct layer per universal tag and lens (pos_tags.csv of the run)."""
     src = f"docs/data/{run}/pos_tags.csv"
@@ -436,6 +466,12 @@ TABLES = {
     "smollm2-chat": lambda: view_summaries("smollm2-chat"),
     "chat-lens": chat_lens_table,
     "facts-two-models": facts_two_models,
+    "views-two-models": lambda: two_models(("smollm2-all", "smollm2-causal", "smollm2-calibration"), ("gemma-all",),
+                                           ("SmolLM2-135M-Instruct (30 layers)", "Gemma-3-270m (18 layers)")),
+    "gemma-pos": lambda: pos_first_correct("gemma-all"),
+    "gemma-early-exit": lambda: early_exit_layers("gemma-all"),
+    "gemma-calibration": lambda: calibration_table("gemma-all"),
+    "gemma-sublayer": lambda: sublayer_table("gemma-all"),
 }
 
 
