@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from . import corpora
 from .errors import LensesError
 from .hub import JACOBIAN_LENSES, JLENS_REPO, TUNED_LENS_REPO
 from .sources import PRETRAINED_DIR, available
@@ -63,7 +64,7 @@ def _shipped() -> list[Entry]:
     out = []
     for name in available():
         config = json.loads((PRETRAINED_DIR / name / "config.json").read_text(encoding="utf-8"))
-        corpus = (config.get("training") or {}).get("corpus") or config.get("corpus") or "wikipedia"
+        corpus = (config.get("training") or {}).get("corpus") or config.get("corpus") or corpora.DEFAULT
         model = str(config.get("model") or name)
         out.append(Entry(HUB_IDS.get(model, model), config.get("lens", "tuned"),
                          "lenses", name, corpus=corpus, source="shipped in this package"))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import door
+from . import corpora, door
 from .data import read_texts
 from .errors import LensesError, first_line
 from .io import cache_dir
@@ -218,8 +218,9 @@ def generated_corpus(adapter, tokenizer, corpus: str, seed: int = 0, system: str
                           "generate; train on text (--corpus wikipedia) instead.")
     docs = [d for d in read_texts(source) if len(d.strip()) >= 40]
     contents = hashlib.sha256("\0".join(docs).encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    key = {"fingerprint": adapter.fingerprint(), "source": source or "wikipedia", "contents": contents, "seed": seed,
-           "system": system, "answer_tokens": ANSWER_TOKENS, "prompt_chars": PROMPT_CHARS, "batch": GENERATE_BATCH}
+    key = {"fingerprint": adapter.fingerprint(), "source": source or corpora.DEFAULT, "contents": contents,
+           "seed": seed, "system": system, "answer_tokens": ANSWER_TOKENS, "prompt_chars": PROMPT_CHARS,
+           "batch": GENERATE_BATCH}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "generated" / f"{digest}.jsonl"
     done = []
@@ -233,7 +234,7 @@ def generated_corpus(adapter, tokenizer, corpus: str, seed: int = 0, system: str
         done = done[:len(done) - len(done) % GENERATE_BATCH]  # batches start at multiples: the same text as unbroken
         random.Random(seed).shuffle(docs)
         if len(docs) < n:
-            raise LensesError(f"--corpus {corpus}: {source or 'wikipedia'} gives {len(docs)} documents, fewer than "
+            raise LensesError(f"--corpus {corpus}: {source or corpora.DEFAULT} gives {len(docs)} documents, fewer than "
                               f"the {n} prompts asked for; ask for at most {len(docs)}.")
         path.parent.mkdir(parents=True, exist_ok=True)
         todo = docs[len(done):len(done) + -(-(n - len(done)) // GENERATE_BATCH) * GENERATE_BATCH]

@@ -23,8 +23,6 @@ import time
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("LENSES_COMPILE", "0")  # each forked check would compile the kernels again
-
 import multiprocessing
 import resource
 
@@ -272,7 +270,8 @@ TIMEOUT_S, MEMORY_GB = 90, 6
 
 
 def _limit_memory():
-
+    """The forked child's setup: a memory cap, and eager kernels (each child would compile them again)."""
+    os.environ["LENSES_COMPILE"] = "0"
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_GB * 2**30, MEMORY_GB * 2**30))
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from . import convention, sharding
+from . import convention, corpora, sharding
 from .cli import option
 from .data import make_blocks, read_texts, split_documents
 from .errors import DataError, LensesError
@@ -56,10 +56,6 @@ SKIP_FIRST = 16  # the reference's attention-sink region
 
 
 # --------------------------------------------------------------------------- one prompt
-
-
-def valid_positions(T: int, skip_first: int = SKIP_FIRST) -> range:
-    return range(skip_first, T - 1)
 
 
 def prompt_jacobian(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int], skip_first: int = SKIP_FIRST,
@@ -344,7 +340,7 @@ def fit_setup(job: Job, cfg: FitConfig) -> FitRun:
                         f"{cfg.skip_first + 1} tokens; lower --min-chars or --skip-first, or add text.")
     if dp.main:
         print(f"data: fitting on {len(prompts):,} prompts (asked for {cfg.num_prompts:,}) of up to {cfg.seq_len} "
-              f"tokens from the training side of {cfg.corpus or 'wikipedia'} ({len(texts):,} documents)")
+              f"tokens from the training side of {cfg.corpus or corpora.DEFAULT} ({len(texts):,} documents)")
         if len(prompts) < cfg.num_prompts:
             print(f"note: the corpus gives {len(prompts)} prompts, fewer than --num-prompts {cfg.num_prompts}")
     identity = {"recipe": cfg.recipe(), "prompts": _digest(prompts), "world": dp.world,
@@ -513,7 +509,7 @@ def fit_finish(run: FitRun) -> FitResult:
         dp.sum_(sums, n)
     lens = JacobianLens.from_matrices(
         {k: sums[j] / n.item() for j, k in enumerate(run.layers)}, adapter.num_layers,
-        {"model": cfg.model or DEFAULT_MODEL, "n_prompts": int(n.item()), "corpus": cfg.corpus or "wikipedia",
+        {"model": cfg.model or DEFAULT_MODEL, "n_prompts": int(n.item()), "corpus": cfg.corpus or corpora.DEFAULT,
          "skip_first": cfg.skip_first, "seq_len": cfg.seq_len, "fit_seconds": run.before + run.seconds,
          "final_rel_change": state.log[-1][3] if state.log else None,
          "input": convention.of(run.job.tokenizer).record(run.job.tokenizer)},

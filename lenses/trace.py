@@ -6,7 +6,7 @@ logits plus O(chunk x layers x d) for the buffered hidden states, never layers x
 It returns one tidy row per (lens, item, position, layer).
 
 The per-position depth statistics (onset at k, settled layer, flips) are plain functions of
-those rows, defined in DESIGN.md after Gupta et al. 2025 (arXiv 2510.18871):
+those rows, as Gupta et al. 2025 (arXiv 2510.18871) define them:
 
 - rank of a target = 1 + number of tokens with strictly higher probability;
 - onset at k = first layer where the target's rank <= k (k = 1: "first correct");

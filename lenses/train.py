@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from . import convention, vocab
+from . import convention, corpora, vocab
 from .cli import option
 from .chat import generated_corpus, is_generated
 from .data import make_blocks, read_texts
@@ -48,7 +48,6 @@ from .runs import Job, open_job
 from .train_state import TrainState
 
 CHECKPOINT_NAME = "checkpoint.pt"
-LENS_FILES = ("config.json", "translators.safetensors")
 
 
 def _positive_or_none(v):
@@ -302,7 +301,7 @@ def data_accounting(cfg: TrainConfig, total: int, train_blocks: torch.Tensor, ev
                     n_docs: int, first: int = 0) -> dict[str, Any]:
     """Training and held-out tokens asked for, available and used, and how often the training text
     repeats; ``lines`` says it in words (printed, and kept in the lens's config)."""
-    source = cfg.corpus or "wikipedia"
+    source = cfg.corpus or corpora.DEFAULT
     train_avail, used = int(train_blocks.numel()), total * cfg.tokens_per_step
     asked_eval = max(1, cfg.max_eval_tokens // cfg.seq_len) * cfg.seq_len
     passes = used / max(1, train_avail)

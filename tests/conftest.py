@@ -4,6 +4,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Kernels run eagerly in the tests (the same math; compiling costs ~10 s per graph on a fresh machine). The tests
+# of compiling itself switch it on (monkeypatch.setenv("LENSES_COMPILE", "1")): tests/test_trace.py, test_training.py
+# and the background-compile case of tests/test_exit_and_door.py.
+os.environ.setdefault("LENSES_COMPILE", "0")
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import torch
 
 from ..chat import MAX_GENERATE, generated_corpus, is_generated, parse_generated
 from ..cli import option
+from .. import corpora
 from ..corpora import NAMES
 from ..data import read_texts, split_documents, tokenize
 from ..errors import LensesError
@@ -173,7 +174,7 @@ class Context:
 
     @property
     def corpus_name(self) -> str:
-        return self.cfg.corpus or "wikipedia"
+        return self.cfg.corpus or corpora.DEFAULT
 
     def trained_on(self) -> list[str]:
         """Names of the lenses here that were trained or fitted on ``--corpus``."""
@@ -229,7 +230,7 @@ def _lens_corpus(lens) -> str | None:
     config = getattr(lens, "config", {}) or {}
     training = config.get("training") if isinstance(config.get("training"), dict) else {}
     if "corpus" in training:
-        return training["corpus"] or "wikipedia"
+        return training["corpus"] or corpora.DEFAULT
     corpus = config.get("corpus")
     return corpus if isinstance(corpus, str) else None
 
@@ -242,7 +243,7 @@ def _corpus_key(name: str | None) -> str | None:
     if name is None or name in NAMES:
         return name
     if is_generated(name):  # transcripts i are the same at every N: one corpus per SOURCE
-        return "generated:" + (parse_generated(name)[1] or "wikipedia")
+        return "generated:" + (parse_generated(name)[1] or corpora.DEFAULT)
     return str(Path(name).resolve())
 
 
