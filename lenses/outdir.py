@@ -203,6 +203,15 @@ class OutputFolder:
             self.locked = False
 
 
+def _refuse_if_running(path: Path) -> None:
+    """Refuse ``path`` while a live process on this host holds its lock (naming it); else return."""
+    holder = _read_json(path / LOCK)
+    pid, host = holder.get("pid"), holder.get("host")
+    if isinstance(pid, int) and host == socket.gethostname() and _alive(pid) and pid != os.getpid():
+        raise LensesError(f"another run (process {pid} on {host}) is writing to {path}; wait for it to finish or "
+                          "choose another --out.")
+
+
 def _listing(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
 
@@ -234,6 +243,8 @@ def claim(out: str | os.PathLike, kind: str, resume: bool = False, overwrite: bo
                           "changed, and --overwrite would not touch them either. Move them away or choose another "
                           "--out.")
     state = mark.get("state")
+    if state == "running":  # running now (its lock is held by a live process), or killed while running
+        _refuse_if_running(path)
     if resumable and content:
         if state == "finished" and resume:
             raise LensesError(f"--out {path} holds a finished result (of a {kind} run): there is nothing to resume. "
