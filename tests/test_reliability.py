@@ -105,8 +105,8 @@ def test_two_concurrent_processes_one_wins(files, tmp_path):
     results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
     assert [rc for rc, _ in results] == [0, 2], results
     # refused while the other writes, or (if it started late) because the other already finished: never two runs
-    assert any(why in results[1][1] for why in ("writing to", "locked", "interrupted run", "holds a finished result")), \
-        results[1][1]
+    reasons = ("writing to", "locked", "interrupted run", "holds a finished result")
+    assert any(why in results[1][1] for why in reasons), results[1][1]
 
 
 @pytest.mark.parametrize("change", [
