@@ -38,7 +38,7 @@ import torch
 
 from . import convention, corpora, sharding
 from .cli import option
-from .data import make_blocks, read_texts, split_documents
+from .data import make_blocks, split_documents
 from .errors import DataError, LensesError
 from .evaluate import evaluate
 from .intervene import edit_residual
@@ -47,7 +47,7 @@ from .jacobian import REFERENCE_OFFSET, JacobianLens
 from .lens import LogitLens
 from .loading import DEFAULT_MODEL, ModelOptions
 from .models import ModelAdapter
-from .runs import Job, open_job, read_checkpoint
+from .runs import Job, job_corpus, open_job, read_checkpoint
 
 CHECKPOINT_NAME = "jacobian_checkpoint.pt"
 SHARDS, SHARD_FILE = "jacobian_checkpoint.shards", "jacobian_shard.rank{rank}.pt"  # a sharded fit's checkpoint
@@ -171,7 +171,8 @@ def _check_layer_spec(text: str | None) -> str | None:
 class FitConfig(ModelOptions):
     """A Jacobian-lens fit (``train_probes.py --method jacobian``)."""
 
-    corpus: str | None = option(None, "prompts' text: wikipedia, books, pydocs, or a file/folder (none: wikipedia)",
+    corpus: str | None = option(None, "prompts' text: wikipedia, books, pydocs, a file/folder, or generated:N[:SOURCE] "
+                                "(N chat transcripts the model writes, as training reads them) (none: wikipedia)",
                                 group="recipe")
     out: str = option("runs/jlens", "output folder", group="runtime")
     num_prompts: int = option(100, "prompts to fit (the reference: ~100 usable, 1,000 published)", group="recipe",
@@ -332,7 +333,7 @@ def fit_setup(job: Job, cfg: FitConfig) -> FitRun:
     dp, adapter = job.dp, job.adapter
     layers = check_layers(adapter, None if cfg.source_layers is None else
                           [int(p) for p in cfg.source_layers.split(",") if p.strip()])
-    texts = read_texts(cfg.corpus)
+    texts = job_corpus(job, cfg.corpus, progress=cfg.progress)
     prompts = corpus_prompts(texts, job.tokenizer, cfg.num_prompts, cfg.seq_len, cfg.min_chars)
     prompts = [p for p in prompts if len(p) > cfg.skip_first + 1]
     if not prompts:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from . import fingerprint, lifecycle
+from .chat import generated_corpus, is_generated
+from .data import read_texts
 from .distributed import DataParallel
 from .errors import CorruptFileError, LensesError
 from .io import owner, run_id
@@ -68,6 +70,20 @@ def stop_on_signal() -> Iterator[Callable[[], bool]]:
     a second one interrupts at once (the last periodic checkpoint still holds). `lenses.lifecycle`."""
     with lifecycle.Signals(raise_at_once=False):
         yield lifecycle.stop_requested
+
+
+def job_corpus(job: Job, corpus: str | None, seed: int = 0, progress: bool = False) -> list[str]:
+    """The documents of ``--corpus``, read the same way by every job (training, the J-lens fit):
+    ``generated:N[:SOURCE]`` are chat transcripts the model writes itself (`lenses.chat.generated_corpus`: the
+    first process writes them, the others then read its cache); anything else goes to `lenses.data.read_texts`."""
+    if not is_generated(corpus):
+        return read_texts(corpus)
+    if job.dp.world > 1 and not job.dp.main:
+        job.dp.barrier()
+    texts = generated_corpus(job.adapter, job.tokenizer, corpus, seed=seed, progress=progress)
+    if job.dp.world > 1 and job.dp.main:
+        job.dp.barrier()
+    return texts
 
 
 def read_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:

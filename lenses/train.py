@@ -31,8 +31,7 @@ import torch
 
 from . import convention, corpora, vocab
 from .cli import option
-from .chat import generated_corpus, is_generated
-from .data import make_blocks, read_texts
+from .data import make_blocks
 from .distributed import DataParallel
 from .errors import DataError, LensesError
 from .evaluate import evaluate
@@ -44,7 +43,7 @@ from .models import ModelAdapter
 from .outdir import OutputFolder
 from .plan import PlanOptions, check_fits
 from . import sharding
-from .runs import Job, open_job
+from .runs import Job, job_corpus, open_job
 from .train_state import TrainState
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -218,24 +217,11 @@ def _hash(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def _corpus(job: Job, cfg: TrainConfig) -> list[str]:
-    """The documents of ``--corpus``; ``generated:N[:SOURCE]`` are chat transcripts the model writes itself
-    (`lenses.chat.generated_corpus`: the first process writes them, the others then read its cache)."""
-    if not is_generated(cfg.corpus):
-        return read_texts(cfg.corpus)
-    if job.dp.world > 1 and not job.dp.main:
-        job.dp.barrier()
-    texts = generated_corpus(job.adapter, job.tokenizer, cfg.corpus, seed=cfg.seed, progress=cfg.progress)
-    if job.dp.world > 1 and job.dp.main:
-        job.dp.barrier()
-    return texts
-
-
 def setup(job: Job, cfg: TrainConfig, lens_class: type[Lens] = TunedLens) -> Run:
     """Read the data and build (or resume) the `TrainState` of a job `open_job` started."""
     dp, adapter, tokenizer = job.dp, job.adapter, job.tokenizer
     dtype = vocab.compute_dtype(cfg.compute_dtype, adapter.device)
-    texts = _corpus(job, cfg)
+    texts = job_corpus(job, cfg.corpus, cfg.seed, cfg.progress)
     max_eval_blocks = max(1, cfg.max_eval_tokens // cfg.seq_len)
     _check_seq_len(cfg, adapter)
     train_blocks, eval_blocks = make_blocks(texts, tokenizer, cfg.seq_len, cfg.eval_fraction, max_eval_blocks)

@@ -219,3 +219,26 @@ def test_views_read_generated_transcripts_and_never_a_lens_s_own_training_ones(t
     assert fresh.view_texts[0] == every  # no lens trained on them: all of them
     result = run_view("early-exit", ctx)
     assert any(f"the {len(held)} of 10 transcripts of generated:10" in line for line in result.lines())
+
+
+def test_the_jacobian_fit_reads_a_generated_corpus_as_training_does(tmp_path, monkeypatch):
+    """``--corpus generated:N`` in the J-lens fit: the prompts are the transcripts training would read (the same
+    cache), not a file named 'generated:N' (which was refused before)."""
+    from lenses.chat import generated_corpus
+    from lenses.jacobian_fit import FitConfig, corpus_prompts, fit, fit_prompts
+
+    monkeypatch.setenv("LENSES_CACHE", str(tmp_path / "cache"))
+    model, tok = tiny_model("llama", vocab_size=257), _tok()
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"Document number {i} says something about topic {i}, at length."})
+                                for i in range(12)))
+    spec = f"generated:12:{corpus}"
+    cfg = FitConfig(corpus=spec, out=str(tmp_path / "jl"), num_prompts=3, seq_len=40, min_chars=20, skip_first=2,
+                    eval_tokens=64, progress=False)
+    result = fit(cfg, model=model, tokenizer=tok)
+    texts = generated_corpus(ModelAdapter.from_model(model), tok, spec)
+    expected = corpus_prompts(texts, tok, 3, 40, 20)
+    assert result.lens.n_prompts == len(expected) == 3
+    direct = fit_prompts(ModelAdapter.from_model(model), expected, skip_first=2)  # the same prompts, fitted here
+    for k in direct.layers:
+        assert torch.allclose(result.lens.matrices[k].float(), direct.matrices[k].float(), atol=1e-3)
