@@ -264,13 +264,24 @@ def view_summaries(run: str) -> tuple[str, str]:
 
 
 def _summary_lines(run: str) -> dict[tuple[str, str], list[str]]:
-    """(view, lens or data) -> what that view reported for it, from docs/data/<run>/report.json."""
+    """(view, who) -> what that view reported, from docs/data/<run>/report.json: ``who`` is ``data`` for the data
+    line, ``<name> lens`` for a lens's line (and the indented lines under it), else ``(view)``."""
     report = json.loads((ROOT / "docs" / "data" / run / "report.json").read_text(encoding="utf-8"))
     out: dict[tuple[str, str], list[str]] = {}
     for view in report["views"]:
-        for line in view["summary"]:
-            who, sep, said = " ".join(line.split()).partition(": ")
-            out.setdefault((view["name"], who if sep else ""), []).append(said if sep else " ".join(line.split()))
+        who = "(view)"
+        for raw in view["summary"]:
+            line = " ".join(raw.split())
+            lens = re.match(r"(\w+) lens[: ]", line)
+            if line.startswith("data: "):
+                who, said = "data", line[len("data: "):]
+            elif lens:
+                who, said = f"{lens[1]} lens", line[lens.end():].strip()
+            elif raw[:1].isspace() and who.endswith(" lens"):
+                said = line  # an indented line under the lens's own
+            else:
+                who, said = "(view)", line
+            out.setdefault((view["name"], who), []).append(said)
     return out
 
 
@@ -286,7 +297,7 @@ def two_models(first: tuple[str, ...], second: tuple[str, ...], names: tuple[str
     keys = list(dict.fromkeys([*sides[0], *sides[1]]))
     order = {v: i for i, v in enumerate(("frequency", "pos", "facts", "mcq", "early-exit", "patching", "layer-skip",
                                          "calibration", "sublayer"))}
-    keys = sorted(keys, key=lambda k: (order.get(k[0], 99), k[1] != "data", k[1]))
+    keys = sorted(keys, key=lambda k: (order.get(k[0], 99), k[1] != "data", k[1] != "(view)", k[1]))
     rows = [{"view": v, "lens / data": who or "", names[0]: "; ".join(sides[0].get((v, who), ["—"])),
              names[1]: "; ".join(sides[1].get((v, who), ["—"]))} for v, who in keys]
     src = ", ".join(f"docs/data/{r}" for r in (*first, *second))
@@ -330,7 +341,7 @@ def early_exit_layers(run: str) -> tuple[str, str]:
     src = f"docs/data/{run}/early-exit_layers.csv"
     t = pd.read_csv(ROOT / src)
     L = int(t.layer.max())
-    show = [0, 5, 10, 15, 20, 25, L - 2, L - 1, L]
+    show = sorted({round(f * L) for f in (0, 1 / 6, 1 / 3, 1 / 2, 2 / 3, 5 / 6)} | {L - 2, L - 1, L})  # 0, 5, ..., 30
     out = pd.DataFrame({"exit layer": [f"{lens} lens" for lens in sorted(t.lens.unique())]})
     for layer in show:
         cells = []
@@ -348,7 +359,7 @@ def calibration_table(run: str) -> tuple[str, str]:
     src = f"docs/data/{run}/calibration_layers.csv"
     t = pd.read_csv(ROOT / src)
     L = int(t.layer.max())
-    show = [1, 5, 10, 15, 20, 25, L - 1]
+    show = sorted({1, L - 1} | {round(f * L) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3, 5 / 6)})  # 1, 5, ..., 25, 29
     rows = []
     for (lens, ref), g in t.groupby(["lens", "reference"], sort=True):
         g = g.set_index("layer")

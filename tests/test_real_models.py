@@ -21,12 +21,14 @@ def real(request):
     return request.param, model, tok, ModelAdapter.from_model(model)  # the adapter proves its decoding
 
 
+@pytest.mark.ci
 def test_each_models_own_convention(real):
     name, _, tok, _ = real
     expected = (tok.bos_token_id,) if name == "gemma" else ()  # Gemma adds <bos>; SmolLM2 adds nothing
     assert convention.of(tok).prefix == expected
 
 
+@pytest.mark.ci
 def test_grid_last_layer_is_generates_next_token(real):
     name, model, tok, adapter = real
     for prompt in PROMPTS:

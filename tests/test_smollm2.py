@@ -35,6 +35,7 @@ def test_cached_copy_equals_the_gguf_model(smollm2):
     assert (Path(resolve_model_path(None)) / "model.safetensors").exists()
 
 
+@pytest.mark.ci
 def test_shape_and_last_layer(smollm2):
     model, tok = smollm2
     adapter = ModelAdapter.from_model(model, verify=False)
@@ -63,6 +64,7 @@ def test_short_training_lowers_heldout_kl_at_every_layer(tmp_path, smollm2):
     assert lens.config["training"]["train_tokens"] == 6 * 4 * 64
 
 
+@pytest.mark.ci
 def test_cli_reports_bad_model_path_cleanly(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train_probes.py"), "--model", str(tmp_path / "missing"), "--out",
@@ -236,6 +238,7 @@ def test_bf16_rescored_tracing_agrees_with_float32_on_heldout_text(smollm2):
           f"whole, max relative KL difference {float(((kl_b[inner] - kl_a[inner]) / kl_a[inner]).abs().max()):.2e}")
 
 
+@pytest.mark.ci
 def test_int8_quantized_default_model_is_read_like_any_model(smollm2):
     """SmolLM2 with int8 weight-only quantization (torchao): the adapter's checks pass, the logit lens at
     the last layer is the quantized model's own output, and it still predicts what the float model does."""
@@ -255,6 +258,7 @@ def test_int8_quantized_default_model_is_read_like_any_model(smollm2):
     assert quantized.config.lenses_quantized == "int8"
 
 
+@pytest.mark.ci
 def test_chat_turn_on_the_real_template_and_generation(smollm2):
     """SmolLM2's own template: the user's tokens are the user's text, the markup (with its default system
     prompt) is template, the assistant starts where `apply_chat_template` ends; greedy generation equals
