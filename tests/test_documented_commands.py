@@ -219,7 +219,6 @@ def test_documented_command_runs_on_a_tiny_model(where, cmd, world, tmp_path, mo
 
 
 @pytest.mark.slow
-@pytest.mark.ci
 def test_readme_grid_command_on_the_default_model_with_its_three_lenses(tmp_path, monkeypatch, capsys):
     """The README's grid command, as printed, with --lens auto: the shipped tuned lens and the shipped
     Jacobian lens (no layer 0) next to the logit lens."""
