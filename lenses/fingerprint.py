@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from .errors import LensMismatchError
+
 VERSION = 1
 SAME, CLOSE = (0.01, 0.01), (0.03, 0.6)  # (scale, proj) bounds of rules 2 and 3
 _WIDTH = 4099  # the period of the sign patterns (a prime: no tensor's row length is a multiple of it)
@@ -42,13 +44,14 @@ def _patterns() -> torch.Tensor:
 _SIGNS = _patterns()
 
 
-def _plain(w: torch.Tensor) -> torch.Tensor:
+def plain(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as an ordinary tensor: a quantized weight (a torchao tensor subclass) dequantized."""
     return w.dequantize() if type(w) not in (torch.Tensor, torch.nn.Parameter) and hasattr(w, "dequantize") else w
 
 
 def tensor_summary(w: torch.Tensor, chunk: int = 1 << 22) -> list[float]:
     """``[‖w‖, proj_1 / ‖w‖, proj_2 / ‖w‖]`` of one tensor, in float64 chunks (bounded memory)."""
-    flat = _plain(w.detach()).reshape(-1)
+    flat = plain(w.detach()).reshape(-1)
     signs = _SIGNS.to(flat.device)
     sq, proj = 0.0, torch.zeros(2, dtype=torch.float64, device=flat.device)
     for start in range(0, flat.numel(), chunk - chunk % _WIDTH):
@@ -124,3 +127,94 @@ def same_model(a: dict | None, b: dict | None) -> bool | None:
         return compare(wa, wb)[0] == "same"
     except (KeyError, TypeError, ValueError, IndexError):
         return False
+
+
+# --------------------------------------------------------------------------- a model adapter's identity
+
+
+def _block_probe(block: torch.nn.Module) -> list[float]:
+    """The older probe (lenses saved before `of_model`): 4 evenly spaced values of a block's first, middle and
+    last parameter (empty where the weights are not materialised, e.g. offloaded to the meta device)."""
+    params = [p for p in block.parameters() if p.numel() >= 4]
+    if not params or any(p.device.type == "meta" for p in params):
+        return []
+    out = []
+    for p in dict.fromkeys([params[0], params[len(params) // 2], params[-1]]):
+        flat = plain(p.detach()).reshape(-1)
+        idx = torch.tensor([i * (flat.numel() - 1) // 3 for i in range(4)], device=flat.device)
+        out += [round(float(v), 6) for v in flat[idx].float().cpu()]
+    return out
+
+
+def of_adapter(adapter) -> dict:
+    """A `lenses.models.ModelAdapter`'s fingerprint: its shapes, ``weights`` (`of_model`), whether it was
+    quantized after loading, and the older probes (16 values of the unembedding, 12 of every block)."""
+    w = plain(adapter.unembed.weight.detach()).reshape(-1)
+    idx = torch.tensor([i * (w.numel() - 1) // 15 for i in range(16)], device=w.device)
+    return {
+        "model_type": getattr(adapter.model.config, "model_type", "unknown"),
+        "num_layers": adapter.num_layers,
+        "d_model": adapter.d_model,
+        "vocab_size": adapter.vocab_size,
+        "unembed_probe": [round(float(v), 6) for v in w[idx].float().cpu()],
+        "block_probe": [_block_probe(block) for block in adapter.layers],
+        "weights": of_model(adapter.model),
+        "quantized": getattr(adapter.model.config, "lenses_quantized", None),
+    }
+
+
+def check(saved: dict, mine: dict, what: str = "lens", strict: bool = True) -> str | None:
+    """Refuse (`LensMismatchError`, naming what differs) a ``saved`` fingerprint of another model than ``mine``;
+    return a one-line note where it is read anyway (a quantized copy of its model, or ``strict=False``)."""
+    for key in ("num_layers", "d_model", "vocab_size"):
+        if key in saved and saved[key] != mine[key]:
+            raise LensMismatchError(
+                f"this {what} was trained for a model with {key}={saved[key]}, but the model given has "
+                f"{key}={mine[key]}. Load it onto the model it was trained for (see its config.json), "
+                "or train a new one with train_probes.py.")
+    if isinstance(saved.get("weights"), dict) and mine["weights"]:
+        return _check_weights(saved, mine, what, strict)
+    return None if not strict else _check_probes(saved, mine, what)
+
+
+def _check_weights(saved: dict, mine: dict, what: str, strict: bool) -> str | None:
+    try:
+        verdict, part, differ = compare(saved["weights"], mine["weights"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise LensMismatchError(f"the fingerprint of this {what} is malformed; re-save it with this version "
+                                "of lenses.") from None
+    quantized = mine.get("quantized") if mine.get("quantized") != saved.get("quantized") else None
+    if verdict == "same" and not quantized:
+        return None
+    how = f"the weights of {part} differ: {differ}"
+    if verdict != "other" and quantized:
+        return f"note: this model is the {what}'s model quantized to {quantized} ({how}): read as a close variant."
+    if not strict:
+        return f"note: the {what} was made for another model ({how}); read anyway, as strict=False (--no-strict) asks."
+    if verdict == "close":
+        raise LensMismatchError(f"this model is a close variant of the {what}'s model ({how}, as a quantized or "
+                                "fine-tuned copy gives): if you know it is one, pass --no-strict (strict=False).")
+    raise LensMismatchError(f"this {what} was made for another model with the same shapes ({how}). Load it onto "
+                            "the model it was made for, or pass --no-strict (strict=False) if you know the "
+                            "weights are a close variant.")
+
+
+def _check_probes(saved: dict, mine: dict, what: str) -> None:
+    """The check of fingerprints saved before `of_model` (a few sampled values, 5% tolerance)."""
+    probes = [("unembedding", saved.get("unembed_probe"), mine["unembed_probe"])]
+    blocks = saved.get("block_probe")
+    if isinstance(blocks, list) and len(blocks) == len(mine["block_probe"]):
+        probes += [(f"block {l}", a, b) for l, (a, b) in enumerate(zip(blocks, mine["block_probe"]))]
+    for part, theirs, ours in probes:
+        if not theirs or not ours:  # not recorded (older files), or weights not materialised here
+            continue
+        try:
+            a, b = torch.tensor(theirs, dtype=torch.float32), torch.tensor(ours, dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise LensMismatchError(f"the fingerprint of this {what} is malformed ({part}); re-save it with "
+                                    "this version of lenses.") from None
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().mean()) + 1e-8):
+            raise LensMismatchError(
+                f"this {what} was made for another model with the same shapes (the weights of its {part} "
+                "differ). Load it onto the model it was made for, or pass strict=False "
+                "(analyze.py --no-strict) if you know the weights are a close variant (e.g. a quantised copy).")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import door, fingerprint
+from .fingerprint import plain
 from .discovery import (  # noqa: F401  (HeadChain, StreamHead: the part types a search may return)
     BlockParts,
     find_block_parts,
@@ -34,7 +35,7 @@ from .discovery import (  # noqa: F401  (HeadChain, StreamHead: the part types a
     stream_arg,
     with_stream,
 )
-from .errors import LensesError, LensMismatchError, ModelStructureError, UnsupportedModelError
+from .errors import LensesError, ModelStructureError, UnsupportedModelError
 from .vocab import decode
 
 
@@ -44,52 +45,10 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
     return bool(((a - b).abs().max() <= rel * (1.0 + b.abs().max())).item()) if a.numel() else True
 
 
-def plain(w: torch.Tensor) -> torch.Tensor:
-    """``w`` as an ordinary tensor: a quantized weight (a torchao tensor subclass) dequantized."""
-    if type(w) in (torch.Tensor, torch.nn.Parameter) or not hasattr(w, "dequantize"):
-        return w
-    return w.dequantize()
 
 
 def is_quantized(w: torch.Tensor) -> bool:
     return plain(w) is not w
-
-
-def _block_probe(block: torch.nn.Module) -> list[float]:
-    """12 values of a block's weights: 4 evenly spaced ones from its first, middle and last parameter
-    (empty where the weights are not materialised, e.g. offloaded to the meta device)."""
-    params = [p for p in block.parameters() if p.numel() >= 4]
-    if not params or any(p.device.type == "meta" for p in params):
-        return []
-    out = []
-    for p in dict.fromkeys([params[0], params[len(params) // 2], params[-1]]):
-        flat = plain(p.detach()).reshape(-1)
-        idx = torch.tensor([i * (flat.numel() - 1) // 3 for i in range(4)], device=flat.device)
-        out += [round(float(v), 6) for v in flat[idx].float().cpu()]
-    return out
-
-
-
-def _check_probes(saved: dict, mine: dict, what: str) -> None:
-    """The check of fingerprints saved before `lenses.fingerprint` (a few sampled values, 5% tolerance)."""
-    probes = [("unembedding", saved.get("unembed_probe"), mine["unembed_probe"])]
-    blocks = saved.get("block_probe")
-    if isinstance(blocks, list) and len(blocks) == len(mine["block_probe"]):
-        probes += [(f"block {l}", a, b) for l, (a, b) in enumerate(zip(blocks, mine["block_probe"]))]
-    for part, theirs, ours in probes:
-        if not theirs or not ours:  # not recorded (older files), or weights not materialised here
-            continue
-        try:
-            a, b = torch.tensor(theirs, dtype=torch.float32), torch.tensor(ours, dtype=torch.float32)
-        except (TypeError, ValueError):
-            raise LensMismatchError(f"the fingerprint of this {what} is malformed ({part}); re-save it with "
-                                    "this version of lenses.") from None
-        if a.shape != b.shape or not torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().mean()) + 1e-8):
-            raise LensMismatchError(
-                f"this {what} was made for another model with the same shapes (the weights of its {part} "
-                "differ). Load it onto the model it was made for, or pass strict=False "
-                "(analyze.py --no-strict) if you know the weights are a close variant (e.g. a quantised copy)."
-            )
 
 
 def _flattened(fn, dims: int):
@@ -431,65 +390,20 @@ class ModelAdapter:
                 "unembedding's input: ModelAdapter.from_model(model, final_norm=...) (--final-norm)."
             )
 
-    # ---- identity
+    # ---- identity (`lenses.fingerprint`)
     def fingerprint(self) -> dict[str, Any]:
-        """Shapes, ``weights`` (`lenses.fingerprint`: every parameter contributes), and the older probes (16
-        values of the unembedding, 12 of every block) that lenses saved before read. Computed once per
-        state of the weights (an in-place change recomputes it). A model whose blocks are sharded
-        (`lenses.sharding`) answers with the fingerprint taken before."""
+        """Shapes, ``weights`` (every parameter contributes) and the older probes lenses saved before
+        (`lenses.fingerprint.of_adapter`); computed once per state of the weights (an in-place change
+        recomputes it). A model whose blocks are sharded (`lenses.sharding`) answers with the fingerprint
+        taken before."""
         if getattr(self, "_sharded_fingerprint", None) is not None:
             return self._sharded_fingerprint
         key = tuple((id(p), p._version) for p in self.model.parameters())
         if getattr(self, "_fingerprint_key", None) != key:
-            w = plain(self.unembed.weight.detach()).reshape(-1)
-            idx = torch.tensor([i * (w.numel() - 1) // 15 for i in range(16)], device=w.device)
-            self._fingerprint = {
-                "model_type": getattr(self.model.config, "model_type", "unknown"),
-                "num_layers": self.num_layers,
-                "d_model": self.d_model,
-                "vocab_size": self.vocab_size,
-                "unembed_probe": [round(float(v), 6) for v in w[idx].float().cpu()],
-                "block_probe": [_block_probe(block) for block in self.layers],
-                "weights": fingerprint.of_model(self.model),
-                "quantized": getattr(self.model.config, "lenses_quantized", None),
-            }
-            self._fingerprint_key = key
+            self._fingerprint, self._fingerprint_key = fingerprint.of_adapter(self), key
         return self._fingerprint
 
     def check_fingerprint(self, saved: dict[str, Any], what: str = "lens", strict: bool = True) -> str | None:
         """Refuse a lens made for another model, naming what differs; return a one-line note where it is
-        read anyway (a quantized copy of its model, or ``strict=False``), else None."""
-        mine = self.fingerprint()
-        for key in ("num_layers", "d_model", "vocab_size"):
-            if key in saved and saved[key] != mine[key]:
-                raise LensMismatchError(
-                    f"this {what} was trained for a model with {key}={saved[key]}, but the model given has "
-                    f"{key}={mine[key]}. Load it onto the model it was trained for (see its config.json), "
-                    "or train a new one with train_probes.py."
-                )
-        if isinstance(saved.get("weights"), dict) and mine["weights"]:
-            return self._check_weights(saved, mine, what, strict)
-        return None if not strict else _check_probes(saved, mine, what)
-
-    def _check_weights(self, saved: dict, mine: dict, what: str, strict: bool) -> str | None:
-        try:
-            verdict, part, differ = fingerprint.compare(saved["weights"], mine["weights"])
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise LensMismatchError(f"the fingerprint of this {what} is malformed; re-save it with this version "
-                                    "of lenses.") from None
-        quantized = mine.get("quantized") if mine.get("quantized") != saved.get("quantized") else None
-        if verdict == "same" and not quantized:
-            return None
-        how = f"the weights of {part} differ: {differ}"
-        if verdict != "other" and quantized:
-            return (f"note: this model is the {what}'s model quantized to {quantized} ({how}): read as a close "
-                    "variant.")
-        if not strict:
-            return (f"note: the {what} was made for another model ({how}); read anyway, as strict=False "
-                    "(--no-strict) asks.")
-        if verdict == "close":
-            raise LensMismatchError(f"this model is a close variant of the {what}'s model ({how}, as a quantized or "
-                                    "fine-tuned copy gives): if you know it is one, pass --no-strict (strict=False).")
-        raise LensMismatchError(f"this {what} was made for another model with the same shapes ({how}). Load it onto "
-                                "the model it was made for, or pass --no-strict (strict=False) if you know the "
-                                "weights are a close variant.")
+        read anyway (a quantized copy of its model, or ``strict=False``), else None (`lenses.fingerprint.check`)."""
+        return fingerprint.check(saved, self.fingerprint(), what, strict)
