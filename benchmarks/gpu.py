@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import run as bench  # noqa: E402
+import run as bench  # noqa: E402  (benchmarks/ on the path first)
 from lenses import ModelAdapter  # noqa: E402
 from lenses.plan import PlanOptions, components, model_shapes  # noqa: E402
 

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from lenses import ModelAdapter, load_model
+from lenses.corpora import named_documents
+from lenses.jacobian_fit import corpus_prompts, fit_prompts
+from lenses.loading import resolve_model_path
 
-from lenses import ModelAdapter, load_model  # noqa: E402
-from lenses.corpora import named_documents  # noqa: E402
-from lenses.jacobian_fit import corpus_prompts, fit_prompts  # noqa: E402
-from lenses.loading import resolve_model_path  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def matmul_limit(shapes, repeats: int = 5) -> float:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from views import ROOT, SAMPLE, worktree  # noqa: E402
+from views import ROOT, SAMPLE, worktree
 
 RATE = 50  # samples per second
 # the first rule that a sample's stack matches names its part (stacks are "frame;frame;..." from py-spy)

@@ -40,15 +40,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from machine import describe
+from lenses import LogitLens, ModelAdapter, TunedLens, load_model
+from lenses.data import make_blocks, read_texts
+from lenses.evaluate import evaluate
+from lenses.train import TrainConfig, lens_kl_backward
+from lenses.vocab import compute_dtype
+from lenses.trace import TraceItem, trace
 
-from machine import describe  # noqa: E402
-from lenses import LogitLens, ModelAdapter, TunedLens, load_model  # noqa: E402
-from lenses.data import make_blocks, read_texts  # noqa: E402
-from lenses.evaluate import evaluate  # noqa: E402
-from lenses.train import TrainConfig, lens_kl_backward  # noqa: E402
-from lenses.vocab import compute_dtype  # noqa: E402
-from lenses.trace import TraceItem, trace  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SEQ = 256
 NATIVE_BF16 = True  # set in main (see bf16_is_native)

@@ -27,11 +27,11 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
-from run import ROOT, bf16_is_native, forward_flops, get_model, matmul_samples, sync  # noqa: E402
+from machine import describe
+from run import ROOT, bf16_is_native, forward_flops, get_model, matmul_samples, sync
 
-from lenses import LogitLens, ModelAdapter, TunedLens  # noqa: E402
-from lenses.trace import TraceItem, trace  # noqa: E402
+from lenses import LogitLens, ModelAdapter, TunedLens
+from lenses.trace import TraceItem, trace
 
 LENGTHS = (48, 96, 160, 256)
 SETTINGS = {"one-text": (1, torch.float32), "batched": (16, torch.float32), "batched, bf16": (16, torch.bfloat16)}

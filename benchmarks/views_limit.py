@@ -27,12 +27,12 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
-from run import ROOT, forward_flops  # noqa: E402
-from views import SAMPLE  # noqa: E402
+from machine import describe
+from run import ROOT, forward_flops
+from views import SAMPLE
 
-import lenses.commands.analyze as command  # noqa: E402
-import lenses.trace as T  # noqa: E402
+import lenses.commands.analyze as command
+import lenses.trace as T
 
 
 def name(part) -> str:

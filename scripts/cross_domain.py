@@ -16,12 +16,12 @@ import argparse
 import time
 
 
-from lenses.chat import generated_corpus, is_generated  # noqa: E402
-from lenses.data import read_texts  # noqa: E402
-from lenses.evaluate import cross_domain  # noqa: E402
-from lenses.io import write_csv  # noqa: E402
-from lenses.loading import ModelOptions  # noqa: E402
-from lenses.registry import select_lenses  # noqa: E402
+from lenses.chat import generated_corpus, is_generated
+from lenses.data import read_texts
+from lenses.evaluate import cross_domain
+from lenses.io import write_csv
+from lenses.loading import ModelOptions
+from lenses.registry import select_lenses
 
 
 def main() -> None:

@@ -12,11 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from lenses.loading import ModelOptions
+from lenses.registry import select_lenses
+from lenses.viz import lens_grid, write_grid_html
 
-from lenses.loading import ModelOptions  # noqa: E402
-from lenses.registry import select_lenses  # noqa: E402
-from lenses.viz import lens_grid, write_grid_html  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

@@ -19,14 +19,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from lenses import JacobianLens, LogitLens, ModelAdapter, load_lens, load_model
+from lenses.data import make_blocks, read_texts
+from lenses.evaluate import evaluate
+from lenses.io import write_csv, write_text
+from lenses.plots import plot_convergence
+from lenses.registry import PRETRAINED_DIR, find_for
 
-from lenses import JacobianLens, LogitLens, ModelAdapter, load_lens, load_model  # noqa: E402
-from lenses.data import make_blocks, read_texts  # noqa: E402
-from lenses.evaluate import evaluate  # noqa: E402
-from lenses.io import write_csv, write_text  # noqa: E402
-from lenses.plots import plot_convergence  # noqa: E402
-from lenses.registry import PRETRAINED_DIR, find_for  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:

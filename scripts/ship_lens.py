@@ -19,13 +19,13 @@ import pandas as pd
 import torch
 
 
-from lenses import LogitLens, ModelAdapter, TunedLens, load_model  # noqa: E402
-from lenses.chat import generated_corpus, is_generated  # noqa: E402
-from lenses.data import make_blocks, read_texts  # noqa: E402
-from lenses.frequency import FREQUENCIES_NAME  # noqa: E402
-from lenses.io import write_csv, write_text  # noqa: E402
-from lenses.registry import PRETRAINED_DIR  # noqa: E402
-from lenses.evaluate import evaluate  # noqa: E402
+from lenses import LogitLens, ModelAdapter, TunedLens, load_model
+from lenses.chat import generated_corpus, is_generated
+from lenses.data import make_blocks, read_texts
+from lenses.frequency import FREQUENCIES_NAME
+from lenses.io import write_csv, write_text
+from lenses.registry import PRETRAINED_DIR
+from lenses.evaluate import evaluate
 
 
 CORPUS_NOTES = {  # what the card says of a named corpus

@@ -13,10 +13,10 @@ from pathlib import Path
 
 os.environ.setdefault("LENSES_COMPILE", "0")
 
-from conftest import CharTokenizer  # noqa: E402
-from tiny_models import tiny_model  # noqa: E402
+from conftest import CharTokenizer
+from tiny_models import tiny_model
 
-from lenses.train import TrainConfig, train  # noqa: E402
+from lenses.train import TrainConfig, train
 
 if __name__ == "__main__":
     from lenses.frequency import FrequencyVariant
