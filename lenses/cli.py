@@ -264,7 +264,6 @@ INTERRUPTED = "interrupted: nothing finished was lost; run the same command agai
 
 def _outcome(main, argv) -> int:
     try:
-        lifecycle.check_stop()
         return int(main(argv) or 0)
     except LensesError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

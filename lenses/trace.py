@@ -156,19 +156,19 @@ def decode_chunk(adapter, lenses: dict, h: torch.Tensor, meta: np.ndarray, targe
     return _table(frames)
 
 
-def _checked_positions(item: TraceItem, i: int, target_names, vocab: int) -> list[int]:
-    """The item's positions (negative ones from the end), checked against its length, and its targets
-    (one in-vocabulary id per position, the same names as the other items'): `lenses.door`."""
-    n = len(door.token_ids(f"items[{i}].ids", item.ids, vocab, dims=1))
-    pos = door.positions(f"items[{i}].positions", item.positions, n)
+def _checked_item(item: TraceItem, i: int, target_names, vocab_size: int | None) -> tuple[torch.Tensor, list[int]]:
+    """The item's token ids and positions (negative ones from the end), checked against its length, and its
+    targets (one in-vocabulary id per position, the same names as the other items'): `lenses.door`."""
+    ids = door.token_ids(f"items[{i}].ids", item.ids, vocab_size, dims=1)
+    pos = door.positions(f"items[{i}].positions", item.positions, len(ids))
     if not isinstance(item.targets, dict) or set(item.targets) != set(target_names):
         raise door.ArgumentError(f"items[{i}] has targets {sorted(item.targets)}, others have {target_names}; "
                                  "give every item the same target names.")
-    for name, ids in item.targets.items():
-        if len(door.token_ids(f"items[{i}].targets[{name!r}]", ids, vocab, dims=1)) != len(pos):
-            raise door.ArgumentError(f"items[{i}].targets[{name!r}] has {len(ids)} ids for {len(pos)} positions; "
+    for name, target in item.targets.items():
+        if len(door.token_ids(f"items[{i}].targets[{name!r}]", target, vocab_size, dims=1)) != len(pos):
+            raise door.ArgumentError(f"items[{i}].targets[{name!r}] has {len(target)} ids for {len(pos)} positions; "
                                      "give one target id per position.")
-    return pos
+    return ids, pos
 
 
 def _finite(h: torch.Tensor, i: int) -> torch.Tensor:
@@ -191,15 +191,15 @@ def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
     return ids
 
 
-def _prepared(items: list[TraceItem], target_names, vocab: int | None = None
+def _prepared(items: list[TraceItem], target_names, vocab_size: int | None = None
               ) -> list[tuple[int, torch.Tensor, list[int]]]:
     """``(index, token ids, positions)`` of each item with positions, checked; the ids end at the last
     position asked for (a causal model's states there do not depend on later tokens)."""
     out = []
     for i, it in enumerate(items):
-        pos = _checked_positions(it, i, target_names, vocab)
+        ids, pos = _checked_item(it, i, target_names, vocab_size)
         if pos:
-            out.append((i, torch.as_tensor(list(it.ids), dtype=torch.long)[: max(pos) + 1], pos))
+            out.append((i, ids[: max(pos) + 1], pos))
     return out
 
 
@@ -307,8 +307,18 @@ def padding_check(adapter, rows: list[torch.Tensor]) -> str | None:
     return reason
 
 
-def _check_arguments(adapter, lenses, chunk, dtype, top_k, batch_size) -> torch.dtype:
-    """`trace`'s door (`lenses.door`): one line naming the argument, before any kernel runs."""
+def _check_arguments(adapter, lenses, items, chunk, dtype, top_k, batch_size) -> tuple[list, torch.dtype]:
+    """`trace`'s door (`lenses.door`): one line naming the argument, before any kernel runs; returns the items
+    as a list (each one's ids and positions are checked in `_checked_item`) and the dtype."""
+    try:
+        if isinstance(items, (str, bytes, TraceItem)):
+            raise TypeError
+        items = list(items)
+    except TypeError:
+        raise door.fail("items", items, "an iterable of TraceItem") from None
+    for i, item in enumerate(items):
+        if not isinstance(item, TraceItem):
+            raise door.fail(f"items[{i}]", item, "a TraceItem(ids, positions, targets)")
     if not isinstance(adapter, ModelAdapter):
         raise door.fail("adapter", adapter, "a ModelAdapter (lenses.ModelAdapter.from_model(model))")
     if not isinstance(lenses, dict) or not all(isinstance(k, str) and callable(getattr(v, "state", None))
@@ -317,7 +327,7 @@ def _check_arguments(adapter, lenses, chunk, dtype, top_k, batch_size) -> torch.
     door.integer("chunk", chunk, 1)
     door.integer("top_k", top_k, 1, adapter.vocab_size)
     door.integer("batch_size", batch_size, 1)
-    return door.dtype("dtype", dtype)
+    return items, door.dtype("dtype", dtype)
 
 
 def trace(
@@ -353,16 +363,7 @@ def trace(
     """
     from tqdm.auto import tqdm
 
-    dtype = _check_arguments(adapter, lenses, chunk, dtype, top_k, batch_size)
-    try:
-        if isinstance(items, (str, bytes, TraceItem)):
-            raise TypeError
-        items = list(items)
-    except TypeError:
-        raise door.fail("items", items, "an iterable of TraceItem") from None
-    for i, item in enumerate(items):
-        if not isinstance(item, TraceItem):
-            raise door.fail(f"items[{i}]", item, "a TraceItem(ids, positions, targets)")
+    items, dtype = _check_arguments(adapter, lenses, items, chunk, dtype, top_k, batch_size)
     if groups is not None:
         groups = vocab.TokenGroups(groups.to(adapter.device), len(group_names))
     target_names = sorted({n for it in items for n in it.targets})
