@@ -63,8 +63,8 @@ def main() -> None:
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from lenses.loading import resolve_model_path
-    from lenses.plan import PlanOptions, components, model_shapes
+    from lenses.jobs.plan import PlanOptions, components, model_shapes
+    from lenses.model.loading import resolve_model_path
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from machine import describe

@@ -8,7 +8,7 @@ matmul limit, and the peak memory against the plan, on a random-weight model of 
 Writes benchmarks/gpu.csv (name the device in the docs with the figures). Rows: the bfloat16 matmul limit
 of the lens's shapes measured on the device; training tokens/s (ours, tuned-lens 0.2's own step) with
 their share of that limit; tracing tokens/s; the device's peak memory in training against
-`lenses.plan`'s. Values of the weights do not matter for any of these.
+`lenses.jobs.plan`'s. Values of the weights do not matter for any of these.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import run as bench  # noqa: E402  (benchmarks/ on the path first)
+
 from lenses import ModelAdapter  # noqa: E402
-from lenses.plan import PlanOptions, components, model_shapes  # noqa: E402
+from lenses.jobs.plan import PlanOptions, components, model_shapes  # noqa: E402
 
 
 def main() -> None:

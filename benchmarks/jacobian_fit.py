@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from lenses import ModelAdapter, load_model
-from lenses.corpora import named_documents
-from lenses.jacobian_fit import corpus_prompts, fit_prompts
-from lenses.loading import resolve_model_path
+from lenses.jobs.jlens_estimator import corpus_prompts, fit_prompts
+from lenses.model.loading import resolve_model_path
+from lenses.text.corpora import named_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 

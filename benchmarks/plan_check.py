@@ -6,7 +6,7 @@
 
 For each size, a fresh process builds a random-weight model from the config (values do not matter
 for memory), compiles the vocabulary kernels on a throw-away model, notes its RSS, then runs the real
-job (`lenses.train.train`, one step, and `lenses.trace.trace`) and reads the process's peak RSS. The
+job (`lenses.jobs.train.train`, one step, and `lenses.tracing.trace.trace`) and reads the process's peak RSS. The
 measured figure is the peak minus the RSS before the model was built; the plan's is the sum of its
 components for this machine (without the runtime, which the baseline already holds). Writes
 benchmarks/plan_check.csv (and the docs' table through scripts/doc_tables.py).
@@ -64,7 +64,7 @@ def model_folder(size: str) -> Path:
 
     file, opts = SIZES[size]
     if file is None:
-        from lenses.loading import resolve_model_path
+        from lenses.model.loading import resolve_model_path
 
         return Path(resolve_model_path(None))
     folder = Path(tempfile.gettempdir()) / "lenses-plan-models" / size
@@ -81,11 +81,11 @@ def probe(size: str, job: str) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from lenses import ModelAdapter
-    from lenses.lens import LogitLens, TunedLens
-    from lenses.loading import load_model, resolve_model_path
-    from lenses.plan import PlanOptions, components, model_shapes
-    from lenses.trace import TraceItem, trace
-    from lenses.train import TrainConfig, train
+    from lenses.jobs.plan import PlanOptions, components, model_shapes
+    from lenses.jobs.train import TrainConfig, train
+    from lenses.kinds.lens import LogitLens, TunedLens
+    from lenses.model.loading import load_model, resolve_model_path
+    from lenses.tracing.trace import TraceItem, trace
 
     file, opts = SIZES[size]
     dtype = opts.get("model_dtype", "float32")

@@ -82,7 +82,6 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "views-profile.csv"))
     a = p.parse_args()
     import pandas as pd
-
     from machine import describe
 
     codes = {"now": ROOT}

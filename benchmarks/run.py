@@ -11,7 +11,7 @@ Measures, on the same machine, model, tokens, batch and thread count:
       and of the tuned-lens 0.2 package's own step (its lens and unembedding modules, its loss,
       per-layer backward and `.item()`, with its bfloat16 autocast default and in float32), all with
       the same SGD recipe on the same batches, and the held-out KL each lens reaches;
-  (b) tracing tokens/s (both lenses, every position, `lenses.trace.trace`) vs the plain forward;
+  (b) tracing tokens/s (both lenses, every position, `lenses.tracing.trace.trace`) vs the plain forward;
   (c) the machine's float32 and bfloat16 matmul FLOP/s (median of single GEMMs of the lens's two
       shapes, sampled before and after the work), to express (a) and (b) as a share of the compute limit:
       `share_of_limit` counts the lens matmuls only; `share_of_limit_all_work` also counts the
@@ -39,14 +39,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
 from machine import describe
+
 from lenses import LogitLens, ModelAdapter, TunedLens, load_model
-from lenses.data import make_blocks, read_texts
-from lenses.evaluate import evaluate
-from lenses.train import TrainConfig, lens_kl_backward
-from lenses.vocab import compute_dtype
-from lenses.trace import TraceItem, trace
+from lenses.engine import compute_dtype
+from lenses.jobs.train import TrainConfig, lens_kl_backward
+from lenses.text.data import make_blocks, read_texts
+from lenses.tracing.evaluate import evaluate
+from lenses.tracing.trace import TraceItem, trace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -182,7 +182,6 @@ def bench_training(model, adapter, train_blocks, held_out, tokens: int, steps: i
         methods.pop("ours (float32)")  # the same as the auto row
     try:
         import tuned_lens.model_surgery
-
         from tuned_lens import TunedLens as PackageLens
 
         tuned_lens.model_surgery._transformer_lens_available = False  # it probes TransformerLens 3's HookedTransformer

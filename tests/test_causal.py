@@ -13,8 +13,8 @@ from lenses import DataError, LensesError, LogitLens
 from lenses.analysis.early_exit import early_exit_view
 from lenses.analysis.layer_skip import layer_skip_view
 from lenses.analysis.patching import bootstrap_ci, patching_view, read_task, read_tasks
-from lenses.intervene import edit_residual, final_logits, skip_block
-from lenses.models import ModelAdapter
+from lenses.model.adapter import ModelAdapter
+from lenses.model.intervene import edit_residual, final_logits, skip_block
 
 IDS = torch.tensor([[5, 9, 2, 7, 1, 3, 8, 4]])
 
@@ -212,7 +212,7 @@ def test_cached_prefix_patching_equals_the_full_pass(family):
     """Patching the last position reuses the target prefix's cache for all L+1 rows; it must equal running
     every row in full."""
     from lenses.analysis.patching import _patched_outputs, _writer
-    from lenses.intervene import last_stream
+    from lenses.model.intervene import last_stream
 
     adapter = tiny_adapter(family)
     L = adapter.num_layers

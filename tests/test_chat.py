@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import byte_tokenizer, save_tiny_model, tiny_model
 
 from lenses import LogitLens, ModelAdapter
 from lenses.analysis.facts import facts_view
 from lenses.analysis.mcq import mcq_view
-from lenses.chat import chat_turn, generate, use_template
-from lenses.errors import LensesError
-from lenses.viz import lens_grid
-from tiny_models import byte_tokenizer, save_tiny_model, tiny_model
+from lenses.base.errors import LensesError
+from lenses.pages.grid import lens_grid
+from lenses.text.chat import chat_turn, generate, use_template
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
@@ -101,7 +101,7 @@ def test_facts_and_mcq_score_from_the_assistant_turn():
     (["--system", "be brief", "--chat-template", "off"], "--system needs the chat template"),
     (["--generate", "0"], "--generate"),
     (["--sample"], "--sample draws"),
-    (["--view", "frequency", "--system", "be brief"], "apply to the facts and mcq views"),
+    (["--view", "frequency", "--system", "brief"], "--system is not read by --view frequency; it is read by the grid"),
 ])
 def test_bad_chat_input_is_one_line_and_exit_2(tmp_path, args, words):
     model = save_tiny_model(tmp_path / "model")
@@ -124,7 +124,7 @@ def test_grid_with_a_template_and_generated_tokens_from_the_command_line(tmp_pat
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "generated 6 token(s) (greedy)" in proc.stdout and "chat template on" in proc.stdout
-    from lenses.viz import read_grid
+    from lenses.pages.grid import read_grid
 
     table = read_grid(out / "lens_grid.csv")
     first = table[(table.lens == "logit") & (table.layer == 0)].sort_values("position")
@@ -155,7 +155,7 @@ def test_kv_cache_generation_equals_full_passes_and_sampling_draws_the_same():
 def test_batched_greedy_answers_equal_one_at_a_time():
     """Prompts of different lengths answered together (left-padded) give each prompt's own greedy answer, and
     an answer that reaches the end token stops there."""
-    from lenses.chat import generate_batch
+    from lenses.text.chat import generate_batch
 
     model = tiny_model("llama", vocab_size=257)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20]]
@@ -167,7 +167,7 @@ def test_batched_greedy_answers_equal_one_at_a_time():
 
 
 def test_a_generated_corpus_is_deterministic_cached_and_resumed(tmp_path, monkeypatch):
-    from lenses.chat import generated_corpus
+    from lenses.text.chat import generated_corpus
 
     monkeypatch.setenv("LENSES_CACHE", str(tmp_path / "cache"))
     adapter = ModelAdapter.from_model(tiny_model("llama", vocab_size=257))
@@ -197,8 +197,8 @@ def test_views_read_generated_transcripts_and_never_a_lens_s_own_training_ones(t
     first 4, and all later ones), whatever N they ask for."""
     from lenses import TunedLens
     from lenses.analysis import AnalysisConfig, Context, run_view
-    from lenses.chat import generated_corpus
-    from lenses.data import split_documents
+    from lenses.text.chat import generated_corpus
+    from lenses.text.data import split_documents
 
     monkeypatch.setenv("LENSES_CACHE", str(tmp_path / "cache"))
     adapter, tok = ModelAdapter.from_model(tiny_model("llama", vocab_size=257)), _tok()
@@ -224,8 +224,9 @@ def test_views_read_generated_transcripts_and_never_a_lens_s_own_training_ones(t
 def test_the_jacobian_fit_reads_a_generated_corpus_as_training_does(tmp_path, monkeypatch):
     """``--corpus generated:N`` in the J-lens fit: the prompts are the transcripts training would read (the same
     cache), not a file named 'generated:N' (which was refused before)."""
-    from lenses.chat import generated_corpus
-    from lenses.jacobian_fit import FitConfig, corpus_prompts, fit, fit_prompts
+    from lenses.jobs.jlens_estimator import corpus_prompts, fit_prompts
+    from lenses.jobs.jlens_fit import FitConfig, fit
+    from lenses.text.chat import generated_corpus
 
     monkeypatch.setenv("LENSES_CACHE", str(tmp_path / "cache"))
     model, tok = tiny_model("llama", vocab_size=257), _tok()

@@ -1,24 +1,25 @@
 """Every path reads a model as it is used: what ``tokenizer(text)`` gives with its defaults (BOS where the
-tokenizer adds one), on tokenizers that do and do not add one (`lenses.convention`)."""
+tokenizer adds one), on tokenizers that do and do not add one (`lenses.text.convention`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import CharTokenizer
-from lenses import LensMismatchError, LogitLens, TunedLens, convention
+from tiny_models import TEXT, tiny_adapter
+
+from lenses import LensMismatchError, LogitLens, TunedLens
 from lenses.analysis.calibration import calibration_view
 from lenses.analysis.common import text_blocks
 from lenses.analysis.facts import fact_items
 from lenses.analysis.frequency import paragraph_items, word_starts
 from lenses.analysis.mcq import option_ids
-from lenses.data import make_blocks, pack
-from lenses.evaluate import evaluate
-from lenses.jacobian_fit import corpus_prompts
-from lenses.registry import select_lenses
-from lenses.viz import lens_grid
-from tiny_models import TEXT, tiny_adapter
+from lenses.jobs.jlens_estimator import corpus_prompts
+from lenses.kinds.registry import select_lenses
+from lenses.pages.grid import lens_grid
+from lenses.text import convention
+from lenses.text.data import make_blocks, pack
+from lenses.tracing.evaluate import evaluate
 
 BOS = 96  # a token of its own, outside the characters' ids 1..95 and EOS 0
 
@@ -176,8 +177,8 @@ def test_load_lens_with_a_tokenizer_checks_the_convention(tmp_path):
 
 
 def test_training_blocks_start_with_bos_which_is_never_in_the_loss(tmp_path, eager_kl, monkeypatch):
-    from lenses import train as train_module
-    from lenses.train import TrainConfig, train
+    from lenses.jobs import train as train_module
+    from lenses.jobs.train import TrainConfig, train
 
     seen = []
     real = train_module.lens_kl_backward

@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from lenses import DataError, corpora
-from lenses.data import make_blocks, read_texts
+from lenses import DataError
+from lenses.text import corpora
+from lenses.text.data import make_blocks, read_texts
 
 GUTENBERG = """The Project Gutenberg EBook of A Test Book
 Copyright laws are changing all over the world.

@@ -4,15 +4,13 @@ fix or refusal, each on a tiny random model built from the family's own config c
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 
-
 @pytest.fixture(scope="module")
 def coverage():
-    return __import__("lenses.coverage", fromlist=["main"])
+    return __import__("lenses.jobs.coverage", fromlist=["main"])
 
 
 EXPECTED = {
@@ -74,7 +72,7 @@ def test_bidirectional_model_is_refused_with_the_fix(coverage):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lenses import ModelAdapter
-    from lenses.errors import UnsupportedModelError
+    from lenses.base.errors import UnsupportedModelError
 
     config = AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, vocab_size=64)
@@ -92,7 +90,7 @@ def test_a_layer_between_the_last_block_and_the_norm_is_refused():
     from tiny_models import tiny_model
 
     from lenses import ModelAdapter
-    from lenses.errors import UnsupportedModelError
+    from lenses.base.errors import UnsupportedModelError
 
     model = tiny_model("llama")
     norm = model.model.norm
@@ -105,7 +103,7 @@ def test_modernbert_decoder_chains_its_norm_and_head():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lenses import ModelAdapter
-    from lenses.models import HeadChain
+    from lenses.model.adapter import HeadChain
 
     config = AutoConfig.for_model("modernbert-decoder", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, vocab_size=64, pad_token_id=0, bos_token_id=1,

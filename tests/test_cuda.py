@@ -16,8 +16,8 @@ import torch
 from tiny_models import random_lens, save_tiny_model, tiny_adapter, tiny_model
 
 from lenses import JacobianLens, LogitLens, ModelAdapter, load_lens
-from lenses.evaluate import evaluate
-from lenses.jacobian_fit import fit_prompts
+from lenses.jobs.jlens_estimator import fit_prompts
+from lenses.tracing.evaluate import evaluate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ROOT = Path(__file__).parent.parent

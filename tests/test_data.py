@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lenses import DataError
-from lenses.data import make_blocks, pack, read_texts, tokenize
+from lenses.text.data import make_blocks, pack, read_texts, tokenize
 
 
 def test_reads_txt_jsonl_and_folders(tmp_path):
@@ -82,7 +82,7 @@ def test_split_is_disjoint_and_independent_of_training_seed(char_tokenizer):
 
 def test_unwritable_output_is_reported_before_work(tmp_path):
     from lenses import LensesError
-    from lenses.io import ensure_writable, write_json
+    from lenses.base.io import ensure_writable, write_json
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -97,7 +97,7 @@ def test_atomic_writes_get_normal_permissions_and_leave_nothing_on_failure(tmp_p
     import os
     import stat
 
-    from lenses.io import atomic_write, write_text
+    from lenses.base.io import atomic_write, write_text
 
     old = os.umask(0o022)
     try:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import random_lens, save_tiny_model
 
 from lenses import LensesError, LogitLens, ModelAdapter, load_model
-from lenses.evaluate import evaluate
-from lenses.trace import TraceItem, trace
-from tiny_models import random_lens, save_tiny_model
+from lenses.tracing.evaluate import evaluate
+from lenses.tracing.trace import TraceItem, trace
 
 ROOT = Path(__file__).parent.parent
 SPREAD = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
@@ -53,7 +53,7 @@ def test_max_memory_passes_through_to_accelerate(tmp_path):
         ModelAdapter.from_model(load_model(folder, device_map="auto", max_memory="cpu=20KiB")[0])
     with pytest.raises(LensesError, match="add --device-map auto"):
         load_model(folder, max_memory="cpu=1GiB")
-    from lenses.train import TrainConfig
+    from lenses.jobs.train import TrainConfig
 
     with pytest.raises(LensesError, match="add --device-map auto"):  # refused as the options are made
         TrainConfig(model=str(folder), max_memory="cpu=1GiB", out=str(tmp_path / "never"))

@@ -1,15 +1,15 @@
-"""Each rule of the structural search (`lenses.discovery`), on tiny models of the families its
+"""Each rule of the structural search (`lenses.model.discovery`), on tiny models of the families its
 docstring names; the whole search and its refusals over every causal-LM type are tests/test_coverage.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from torch import nn
 
-from lenses import discovery
-from lenses.errors import LensesError, UnsupportedModelError
-from tiny_models import tiny_model
+from lenses.base.errors import LensesError, UnsupportedModelError
+from lenses.model import discovery
 
 
 @pytest.mark.parametrize("family,path", [("llama", "model.layers"), ("gpt2", "transformer.h"),
@@ -66,7 +66,7 @@ def test_check_placement_refuses_an_offloaded_norm():
 
 
 def test_find_parts_is_what_the_adapter_uses():
-    from lenses.models import ModelAdapter
+    from lenses.model.adapter import ModelAdapter
 
     model = tiny_model("gemma2")
     parts = discovery.find_parts(model)

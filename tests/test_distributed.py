@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from lenses.frequency import FrequencyVariant
-from lenses.train import TrainConfig, train
 from tiny_models import tiny_model
+
+from lenses.jobs.train import TrainConfig, train
+from lenses.text.frequency import FrequencyVariant
 
 HERE = Path(__file__).parent
 TEXT = ("A small corpus: the quick brown fox jumps over the lazy dog, then rests. " * 30 + "\n\n") * 6
@@ -66,7 +66,7 @@ def test_two_processes_match_one(tmp_path, char_tokenizer, eager_kl, variant):
 
 def test_batch_must_split_evenly(tmp_path, char_tokenizer, monkeypatch):
     from lenses import LensesError
-    from lenses.distributed import DataParallel
+    from lenses.jobs.distributed import DataParallel
 
     monkeypatch.setattr(DataParallel, "from_env", classmethod(lambda cls, device=None: cls(0, 3)))
     kw = _kw(tmp_path, "x", {})

@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import TEXT, tiny_inputs
 
+from lenses.base.options import run_cli
 from lenses.commands import analyze
 from lenses.commands import train as train_probes
-from lenses.cli import run_cli
-from tiny_models import TEXT, tiny_inputs
 
 ROOT = Path(__file__).parent.parent
 SCRIPTS = {"analyze.py": analyze, "train_probes.py": train_probes}
@@ -227,7 +227,7 @@ def test_readme_grid_command_on_the_default_model_with_its_three_lenses(tmp_path
     rc = run_cli(analyze.main, shlex.split(cmd)[2:] + ["--no-progress"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    table = __import__("lenses.viz", fromlist=["read_grid"]).read_grid(tmp_path / "out" / "lens_grid.csv")
+    table = __import__("lenses.pages.grid", fromlist=["read_grid"]).read_grid(tmp_path / "out" / "lens_grid.csv")
     assert set(table.lens) == {"logit", "tuned", "jacobian"}
     missing = table[(table.lens == "jacobian") & (table.layer == 0)]
     assert len(missing) and missing.prob_1.isna().all() and (missing.token_1 == "").all()

@@ -1,5 +1,5 @@
-"""Nothing crashes, nothing silent: the one exit path (`lenses.lifecycle`), the door of the Python API
-(`lenses.door`), bounded work, and the identity every weight counts in (`lenses.fingerprint`)."""
+"""Nothing crashes, nothing silent: the one exit path (`lenses.base.lifecycle`), the door of the Python API
+(`lenses.base.door`), bounded work, and the identity every weight counts in (`lenses.model.fingerprint`)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import random_lens, tiny_adapter, tiny_inputs, tiny_model
 
 from lenses import LensesError, LensMismatchError, ModelAdapter, load_lens
-from lenses import fingerprint as fp
-from lenses import lifecycle
-from lenses.chat import generate
-from lenses.cli import run_cli
+from lenses.base import lifecycle
+from lenses.base.options import run_cli
 from lenses.commands import analyze
-from lenses.trace import TraceItem, trace
-from tiny_models import random_lens, tiny_adapter, tiny_inputs, tiny_model
+from lenses.model import fingerprint as fp
+from lenses.text.chat import generate
+from lenses.tracing.trace import TraceItem, trace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,7 @@ def test_a_signal_swallowed_on_its_way_still_ends_with_130(capsys):
 
 def test_sigterm_while_loading_ends_with_130_every_time(inputs, monkeypatch, tmp_path, capsys):
     """20 of 20: SIGTERM at a random moment of a slow model load stops the run with 130, never 0."""
-    from lenses import loading
+    from lenses.model import loading
 
     real = loading.load_model
 
@@ -168,10 +168,11 @@ def _draw(rng: np.random.Generator, pool: list):
 def test_fuzz_the_public_api_only_lenses_errors_or_success():
     """A seeded generator over argument types and ranges of the public functions: every call succeeds or
     raises a LensesError; never another exception (and never an abort: the process lives on)."""
-    from lenses import LogitLens, load_model
-    from lenses.trace import depth_summary
-    from lenses.viz import lens_grid
     from tiny_models import byte_tokenizer
+
+    from lenses import LogitLens, load_model
+    from lenses.pages.grid import lens_grid
+    from lenses.tracing.depth import depth_summary
 
     ad = tiny_adapter(vocab_size=257)
     tok = byte_tokenizer()
@@ -211,7 +212,7 @@ def test_fuzz_the_public_api_only_lenses_errors_or_success():
 
 
 def test_generate_past_its_bound_is_refused_before_the_model_loads(inputs, monkeypatch, capsys):
-    from lenses import loading
+    from lenses.model import loading
 
     monkeypatch.setattr(loading.ModelOptions, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     start = time.perf_counter()
@@ -229,8 +230,9 @@ def test_generation_stops_at_the_model_s_positions():
 
 
 def test_an_edited_generated_corpus_source_is_generated_again(tmp_path, monkeypatch):
-    from lenses.chat import generated_corpus
     from test_chat import _tok
+
+    from lenses.text.chat import generated_corpus
 
     monkeypatch.setenv("LENSES_CACHE", str(tmp_path / "cache"))
     adapter = ModelAdapter.from_model(tiny_model("llama", vocab_size=257))
@@ -247,8 +249,8 @@ def test_an_edited_generated_corpus_source_is_generated_again(tmp_path, monkeypa
 
 
 def test_int8_covers_gpt2_conv1d_layers():
-    from lenses.loading import quantize_weights
-    from lenses.models import is_quantized
+    from lenses.model.adapter import is_quantized
+    from lenses.model.loading import quantize_weights
 
     model = tiny_model("gpt2")
     ids = torch.tensor([[1, 5, 9, 13, 17]])
@@ -275,7 +277,7 @@ def test_every_weight_counts_in_the_identity(capsys):
     """The probe case: a lens loaded onto its model with one mlp.down_proj scaled by 1.5 (untouched by the old
     probes) is refused, and so is a scale of 1.05; a bfloat16 cast is the same model; int8 and int4 copies
     are read with a note; another seed is refused; strict=False reads anyway, with a note."""
-    from lenses.loading import quantize_weights
+    from lenses.model.loading import quantize_weights
 
     model = tiny_model("llama")
     lens = random_lens(ModelAdapter.from_model(model))
@@ -378,8 +380,8 @@ def test_png_and_html_onto_another_run_s_files_are_refused(inputs, tmp_path, cap
 
 
 def test_a_nested_marked_folder_belongs_to_its_own_runs(tmp_path):
-    from lenses import io
-    from lenses.outdir import claim
+    from lenses.base import io
+    from lenses.base.outdir import claim
 
     with claim(tmp_path / "parent", "train") as parent:
         parent.finish()
@@ -391,7 +393,7 @@ def test_a_nested_marked_folder_belongs_to_its_own_runs(tmp_path):
 
 
 def test_a_user_s_tmp_file_is_not_ours(tmp_path, capsys):
-    from lenses.outdir import claim
+    from lenses.base.outdir import claim
 
     out = tmp_path / "out"
     with claim(out, "analysis", resumable=False):
@@ -403,9 +405,11 @@ def test_a_user_s_tmp_file_is_not_ours(tmp_path, capsys):
 
 
 def test_python_writers_refuse_files_they_did_not_write(tmp_path):
-    from lenses.lens_io import export_tuned_lens
-    from lenses.viz import lens_grid, plot_grid, write_grid_html
     from tiny_models import byte_tokenizer
+
+    from lenses.kinds.load import export_tuned_lens
+    from lenses.pages.grid import lens_grid, plot_grid
+    from lenses.pages.grid_page import write_grid_html
 
     model_folder = tmp_path / "model"
     model_folder.mkdir()
@@ -445,7 +449,7 @@ def test_save_published_refuses_a_file_it_did_not_write(tmp_path):
 
 
 def test_a_lock_left_empty_by_a_failed_start_does_not_block(tmp_path, capsys, monkeypatch):
-    from lenses import outdir
+    from lenses.base import outdir
 
     out = tmp_path / "out"
     with outdir.claim(out, "analysis", resumable=False):
@@ -470,7 +474,7 @@ def test_a_lock_left_empty_by_a_failed_start_does_not_block(tmp_path, capsys, mo
 
 
 def test_a_corpus_folder_with_state_json_that_is_no_dataset(tmp_path):
-    from lenses.data import read_texts
+    from lenses.text.data import read_texts
 
     (tmp_path / "state.json").write_text('{"mine": 1}')
     (tmp_path / "a.txt").write_text("some text")
@@ -510,8 +514,9 @@ def test_a_full_disk_inside_safetensors_is_our_error(tmp_path, monkeypatch):
 
 
 def test_a_chat_template_that_refuses_a_system_message(capsys):
-    from lenses.chat import chat_turn
     from test_chat import _tok
+
+    from lenses.text.chat import chat_turn
 
     tok = _tok()
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
@@ -544,7 +549,7 @@ def test_an_out_folder_turning_read_only_is_one_line(inputs, tmp_path, capsys, m
     run's own error is the one line, and the stuck lock is named."""
     import pathlib
 
-    from lenses import io, outdir
+    from lenses.base import io, outdir
 
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")

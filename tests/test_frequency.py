@@ -5,12 +5,12 @@ from collections import Counter
 import pandas as pd
 import pytest
 import torch
+from tiny_models import tiny_adapter, tiny_model
 
 from lenses import TunedLens
-from lenses.experiment import probe_bias_experiment
-from lenses.frequency import BUCKET_NAMES, FrequencyVariant, TokenFrequencies, bucket_shares
-from lenses.train import lens_kl_backward, train
-from tiny_models import tiny_adapter, tiny_model
+from lenses.jobs.experiment import probe_bias_experiment
+from lenses.jobs.train import lens_kl_backward, train
+from lenses.text.frequency import BUCKET_NAMES, FrequencyVariant, TokenFrequencies, bucket_shares
 
 
 def test_counts_ranks_and_buckets_match_an_independent_count(char_tokenizer):
@@ -141,7 +141,7 @@ def test_cli_flags_build_the_variant():
 
 
 def test_position_tokens_sources():
-    from lenses.train import position_tokens
+    from lenses.jobs.train import position_tokens
 
     adapter = tiny_adapter("llama")
     ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))

@@ -15,12 +15,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from lenses.commands import analyze
-from lenses.commands import train as train_probes
-from lenses.cli import run_cli
 from test_reliability import snapshot
 from tiny_models import tiny_inputs
+
+from lenses.base.options import run_cli
+from lenses.commands import analyze
+from lenses.commands import train as train_probes
 
 EXAMPLES = int(os.environ.get("LENSES_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -41,11 +41,11 @@ def world(tmp_path_factory):
 
 def _lenses_of_every_kind(model_dir, folder):
     """A tuned lens and a Jacobian lens without layer 0 (as fitted lenses are) for the tiny model."""
+    from tiny_models import random_lens
     from transformers import AutoModelForCausalLM
 
     from lenses import JacobianLens
-    from lenses.models import ModelAdapter
-    from tiny_models import random_lens
+    from lenses.model.adapter import ModelAdapter
 
     adapter = ModelAdapter.from_model(AutoModelForCausalLM.from_pretrained(model_dir))
     random_lens(adapter).save_pretrained(folder / "tuned")

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from tiny_models import random_lens, tiny_adapter
 
-from lenses.hub import JACOBIAN_LENSES, jacobian_file
-from lenses.jacobian_fit import fit_prompts
-from lenses.lens_io import export_tuned_lens
+from lenses.jobs.jlens_estimator import fit_prompts
+from lenses.kinds.hub import JACOBIAN_LENSES, jacobian_file
+from lenses.kinds.load import export_tuned_lens
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -46,7 +46,7 @@ def test_hub_ids_resolve_through_the_offline_cache(tmp_path):
     script = (
         "import sys, torch\n"
         "from lenses import load_lens\n"
-        "from lenses.errors import LensesError\n"
+        "from lenses.base.errors import LensesError\n"
         "a = load_lens('neuronpedia/jacobian-lens:gpt2-small')\n"
         "b = load_lens('neuronpedia/jacobian-lens:openai-community/gpt2')\n"
         "t = load_lens('AlignmentResearch/tuned-lens:gpt2')\n"
@@ -86,7 +86,7 @@ def test_any_repository_revision_and_subfolder(tmp_path):
     script = (
         "import sys, torch\n"
         "from lenses import load_lens\n"
-        "from lenses.errors import LensesError\n"
+        "from lenses.base.errors import LensesError\n"
         "a = load_lens('someone/community-lenses:gpt2/tiny')\n"
         "b = load_lens('someone/community-lenses@v2:gpt2/tiny')\n"
         f"c = load_lens('someone/community-lenses@{other_sha}:gpt2/tiny')\n"

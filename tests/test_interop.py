@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lenses.lens_io import export_tuned_lens
-from lenses import TunedLens
 from tiny_models import tiny_model
+
+from lenses import TunedLens
+from lenses.kinds.load import export_tuned_lens
 
 FIXTURES = Path(__file__).parent / "fixtures"
 has_tuned_lens = importlib.util.find_spec("tuned_lens") is not None

@@ -1,10 +1,10 @@
-"""The bootstrap by text (`lenses.intervals`): tested as a procedure, on simulated data with known truth."""
+"""The bootstrap by text (`lenses.tracing.intervals`): tested as a procedure, on simulated data with known truth."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from lenses.intervals import describe, difference_interval, mean_interval, share_interval
+from lenses.tracing.intervals import describe, difference_interval, mean_interval, share_interval
 
 
 def _clustered(rng, mu: float, texts: int = 40, between: float = 1.0, within: float = 1.0):

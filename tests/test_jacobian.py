@@ -8,9 +8,9 @@ import torch
 from tiny_models import tiny_adapter, tiny_model
 
 from lenses import JacobianLens, LogitLens, ModelAdapter, load_lens
-from lenses.errors import CorruptFileError, LensesError, LensMismatchError
-from lenses.intervene import edit_residual
-from lenses.jacobian_fit import fit_prompts, prompt_jacobian
+from lenses.base.errors import CorruptFileError, LensesError, LensMismatchError
+from lenses.jobs.jlens_estimator import fit_prompts, prompt_jacobian
+from lenses.model.intervene import edit_residual
 
 
 def brute_force(adapter, ids, k, skip_first):

@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from tiny_models import as_interrupted, save_tiny_model
 
 from lenses import JacobianLens, load_lens
-from tiny_models import as_interrupted, save_tiny_model
 
 ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "LENSES_COMPILE": "0", "TOKENIZERS_PARALLELISM": "false"}

@@ -4,13 +4,11 @@ import json
 
 import pytest
 import torch
-
-from lenses.lens_io import export_tuned_lens
-from lenses import vocab
+from tiny_models import tiny_adapter, tiny_model
 from torch import nn
 
-from lenses import CorruptFileError, LensesError, LensMismatchError, ModelAdapter, TunedLens
-from tiny_models import tiny_adapter, tiny_model
+from lenses import CorruptFileError, LensesError, LensMismatchError, ModelAdapter, TunedLens, engine
+from lenses.kinds.load import export_tuned_lens
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +93,7 @@ def test_reads_tuned_lens_package_layout(tmp_path, llama, prefix):
     h = torch.randn(5, llama.d_model)
     for layer, t in enumerate(translators):
         with torch.no_grad():
-            expected = vocab.decode(llama, h + t(h))  # the tuned-lens package's definition: h + translator(h)
+            expected = engine.decode(llama, h + t(h))  # the tuned-lens package's definition: h + translator(h)
         torch.testing.assert_close(lens(h, layer), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -109,7 +107,7 @@ def test_export_then_import_tuned_lens_format(tmp_path, llama):
 
 
 def test_shipped_lens_loads_by_name_without_a_model():
-    from lenses.registry import available
+    from lenses.kinds.registry import available
 
     assert "smollm2-135m-instruct" in available()
     lens = TunedLens.from_pretrained("smollm2-135m-instruct")

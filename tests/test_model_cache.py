@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from lenses.loading import _dequantise_gguf_to_cache
+from lenses.model.loading import _dequantise_gguf_to_cache
 
 
 class _Tok:
@@ -56,7 +56,7 @@ def test_a_half_precision_request_never_builds_a_float32_model(tmp_path, monkeyp
     model is built in bfloat16, tensor by tensor); a float32 cache already there is reused instead."""
     from safetensors import safe_open
 
-    from lenses.loading import resolve_model_path
+    from lenses.model.loading import resolve_model_path
 
     monkeypatch.setenv("LENSES_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "m.gguf"

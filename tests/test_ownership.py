@@ -19,15 +19,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from tiny_models import TEXT, random_lens, save_tiny_model, tiny_adapter, tiny_inputs, tiny_model
 
+from lenses import LensesError, TunedLens, load_lens
+from lenses.base.errors import CorruptFileError, LensMismatchError
+from lenses.base.options import INTERNAL_ERROR, run_cli
 from lenses.commands import analyze
 from lenses.commands import train as train_probes
-from lenses import LensesError, TunedLens, load_lens
-from lenses.cli import INTERNAL_ERROR, run_cli
-from lenses.errors import CorruptFileError, LensMismatchError
-from lenses.models import ModelAdapter
-from lenses.train import TrainConfig
-from tiny_models import TEXT, random_lens, save_tiny_model, tiny_adapter, tiny_inputs, tiny_model
+from lenses.jobs.train import TrainConfig
+from lenses.model.adapter import ModelAdapter
 
 ROOT = Path(__file__).parent.parent
 
@@ -116,8 +116,9 @@ def test_analysis_of_other_settings_is_refused_then_replaced_with_overwrite(file
 def _lens_folder(files, tmp_path):
     folder = tmp_path / "lens"
     if not folder.exists():
-        from lenses.models import ModelAdapter
         from transformers import AutoModelForCausalLM
+
+        from lenses.model.adapter import ModelAdapter
 
         adapter = ModelAdapter.from_model(AutoModelForCausalLM.from_pretrained(files / "model"))
         random_lens(adapter).save_pretrained(folder)
@@ -170,7 +171,7 @@ def test_a_lens_is_refused_on_a_model_that_shares_only_its_unembedding(tmp_path)
 
 
 def test_a_lens_without_fingerprint_loads_with_one_note(tmp_path, capsys):
-    from lenses.lens_io import export_tuned_lens
+    from lenses.kinds.load import export_tuned_lens
 
     adapter = tiny_adapter("llama")
     export_tuned_lens(random_lens(adapter), tmp_path / "tl")
@@ -212,7 +213,7 @@ def test_a_bug_is_one_line_a_crash_log_and_its_own_status(files, tmp_path, capsy
 
 
 def test_a_full_disk_is_our_error(files, tmp_path, capsys, monkeypatch):
-    from lenses import io
+    from lenses.base import io
 
     real = os.replace
 
@@ -229,7 +230,7 @@ def test_a_full_disk_is_our_error(files, tmp_path, capsys, monkeypatch):
 
 def test_python_configs_validate_on_construction():
     from lenses.analysis import AnalysisConfig
-    from lenses.jacobian_fit import FitConfig
+    from lenses.jobs.jlens_fit import FitConfig
 
     for make in (lambda: TrainConfig(steps=-5), lambda: TrainConfig(optimizer="sgdd"), lambda: TrainConfig(lr=0),
                  lambda: TrainConfig(seq_len=2.5), lambda: FitConfig(num_prompts=0),
@@ -254,8 +255,9 @@ def test_token_ids_are_checked_before_any_kernel():
 
 
 def test_views_read_all_of_a_users_own_text_and_say_how_much(files, tmp_path, capsys, eager_kl):
-    from lenses.data import pack, tokenize
     from transformers import AutoTokenizer
+
+    from lenses.text.data import pack, tokenize
 
     out = tmp_path / "out"
     rc, stdout, err = cli(analyze.main, view_args(files, out, "--view", "early-exit", "--num-positions", "100000"),
@@ -326,12 +328,12 @@ def test_sigterm_in_analysis_is_one_line_releases_the_lock_and_marks_missing_vie
 
 
 def test_every_reader_checks_its_declared_fields(tmp_path):
-    """Facts, tasks, JSONL corpora and lens configs are checked through their schema (lenses.schema)."""
+    """Facts, tasks, JSONL corpora and lens configs are checked through their schema (lenses.base.schema)."""
     from lenses.analysis.facts import read_facts
     from lenses.analysis.patching import _read_rows
-    from lenses.data import read_texts
-    from lenses.errors import DataError
-    from lenses.lens_files import read_config
+    from lenses.base.errors import DataError
+    from lenses.kinds.files import read_config
+    from lenses.text.data import read_texts
 
     cases = [
         (read_facts, "f.jsonl", '{"prompt": "x"}\n', DataError, "has no non-empty string field 'answer'"),

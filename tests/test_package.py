@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 
@@ -34,6 +34,6 @@ def test_the_wheel_installs_the_command_the_lenses_and_the_data(tmp_path):
     for cmd in ([str(target / "bin" / "lenses"), "--help"], [sys.executable, "-m", "lenses", "analyze", "--help"]):
         run = subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0 and "usage: lenses" in run.stdout, run.stderr[-2000:]
-    where = subprocess.run([sys.executable, "-c", "import lenses, lenses.registry as r; print(lenses.__file__); "
+    where = subprocess.run([sys.executable, "-c", "import lenses, lenses.kinds.registry as r; print(lenses.__file__); "
                             "print(r.available())"], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert str(target) in where.stdout and "smollm2-135m-instruct-jacobian" in where.stdout, where.stderr

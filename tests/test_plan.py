@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lenses.errors import LensesError
-from lenses.plan import (PlanOptions, components, model_shapes, parse_devices, parse_max_memory, parse_size, plan)
-
 from tiny_models import save_tiny_model, tiny_model
+
+from lenses.base.errors import LensesError
+from lenses.jobs.plan import PlanOptions, components, model_shapes, parse_devices, parse_max_memory, parse_size, plan
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 ROOT = Path(__file__).parent.parent
@@ -141,8 +140,9 @@ def test_training_refuses_a_plan_that_does_not_fit_before_loading(tmp_path):
 def test_trace_batch_size_follows_the_memory_rule():
     from types import SimpleNamespace
 
-    from lenses.plan import this_machine_cpu, trace_batch_size
     from tiny_models import tiny_adapter
+
+    from lenses.jobs.plan import this_machine_cpu, trace_batch_size
 
     assert trace_batch_size(tiny_adapter("llama")) == 16  # a tiny model: the cap
     budget = this_machine_cpu() // 10

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import random_lens, tiny_adapter, tiny_model
 
 from lenses import Lens, LensesError, LogitLens, load_lens, register_kind
 from lenses.analysis.frequency import frequency_view
-from lenses.evaluate import evaluate
-from lenses.trace import TraceItem, trace
-from lenses.train import TrainConfig, train
-from tiny_models import random_lens, tiny_adapter, tiny_model
+from lenses.jobs.train import TrainConfig, train
+from lenses.tracing.evaluate import evaluate
+from lenses.tracing.trace import TraceItem, trace
 
 PINNED = json.loads((Path(__file__).parent / "fixtures" / "pinned_before_redesign.json").read_text())
 
@@ -159,7 +159,7 @@ def test_a_new_trainable_lens_is_one_class(tmp_path, char_tokenizer, eager_kl, m
     back = ScaleLens.from_pretrained(tmp_path / "run", model=model)
     torch.testing.assert_close(back.gain, result.lens.gain.cpu())
     # killed at step 5 (its last checkpoint is step 4) and resumed: the same lens, bit for bit
-    import lenses.train as train_module
+    import lenses.jobs.train as train_module
 
     real = train_module.batch_indices
 

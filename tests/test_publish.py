@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
+from tiny_models import random_lens, tiny_adapter, tiny_model
 
 from lenses import JacobianLens, LensesError, TunedLens, load_lens
 from lenses.__main__ import main
-from lenses.publish import LocalHub, card
-from tiny_models import random_lens, tiny_adapter, tiny_model
+from lenses.kinds.publish import LocalHub, card
 
 
 @pytest.fixture(autouse=True)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lenses import LensesError, LogitLens, ModelAdapter, TunedLens, vocab
-from lenses.loading import ModelOptions, load_model, quantize_weights
-from lenses.trace import TraceItem, trace
 from tiny_models import tiny_inputs, tiny_model
+
+from lenses import LensesError, LogitLens, ModelAdapter, TunedLens, engine
+from lenses.model.loading import ModelOptions, load_model, quantize_weights
+from lenses.tracing.trace import TraceItem, trace
 
 pytest.importorskip("torchao", reason="torchao is not installed (pip install torchao)")
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def test_logit_lens_at_the_last_layer_is_the_quantized_models_output(family, sch
     assert 0 < (after - before).abs().max() < 0.2 * before.abs().max()  # changed, and only by rounding
     adapter = ModelAdapter.from_model(model)  # verify(): the adapter's own checks pass on the quantized model
     h = adapter.hidden_states(ids)
-    torch.testing.assert_close(vocab.decode(adapter, h[-1]), after, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(engine.decode(adapter, h[-1]), after, rtol=1e-5, atol=1e-5)
     # every lens traces it; the bfloat16 re-scored decode keeps float32's top-1
     lenses = {"logit": LogitLens(adapter), "tuned": TunedLens.for_model(adapter)}
     items = [TraceItem(ids[0].tolist(), list(range(20)), {"next": ids[0, 1:].tolist() + [1]})]
@@ -43,7 +43,7 @@ def test_logit_lens_at_the_last_layer_is_the_quantized_models_output(family, sch
 
 
 def test_a_tuned_lens_trains_on_a_quantized_model(tmp_path):
-    from lenses.train import TrainConfig, train
+    from lenses.jobs.train import TrainConfig, train
 
     inputs = tiny_inputs(tmp_path)
     model, tok = load_model(inputs / "model", quantize="int8")

@@ -5,9 +5,10 @@ Gemma-3-270m's fact recall against a teacher-forced count written here."""
 import pytest
 import torch
 
-from lenses import LogitLens, ModelAdapter, convention
+from lenses import LogitLens, ModelAdapter
 from lenses.analysis.facts import facts_view, read_facts
-from lenses.viz import lens_grid
+from lenses.pages.grid import lens_grid
+from lenses.text import convention
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +66,8 @@ def test_gemma_fact_recall_equals_a_teacher_forced_count(gemma, eager_kl):
 
 def test_gemma_shipped_lens_beats_the_logit_lens_at_every_layer(gemma):
     from lenses import TunedLens
-    from lenses.evaluate import cross_domain
-    from lenses.registry import available, select_lenses
+    from lenses.kinds.registry import available, select_lenses
+    from lenses.tracing.evaluate import cross_domain
 
     if "gemma-3-270m" not in available():
         pytest.skip("no tuned lens shipped for gemma-3-270m in this checkout")

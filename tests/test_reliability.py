@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TEXT, as_interrupted, tiny_inputs
 
+from lenses.base.options import run_cli
 from lenses.commands import analyze
 from lenses.commands import train as train_probes
-from lenses.cli import run_cli
-from tiny_models import TEXT, as_interrupted, tiny_inputs
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -191,7 +192,7 @@ BAD_OPTIONS = [  # (which CLI, options, what the one line must say)
 @pytest.mark.parametrize("which,bad,message", BAD_OPTIONS, ids=lambda x: str(x)[:40])
 def test_options_are_checked_before_any_work(which, bad, message, capsys, monkeypatch, tmp_path):
     main = {"train": train_probes.main, "analyze": analyze.main}[which]
-    monkeypatch.setattr("lenses.loading.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("lenses.model.loading.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     rc, err = cli(main, ["--out", str(tmp_path / "o"), *bad], capsys)
     assert rc == 2 and message in err, err
     assert not (tmp_path / "o").exists()

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_adapter
 
 from lenses.analysis.representation import (
     augment,
@@ -16,7 +17,6 @@ from lenses.analysis.representation import (
     normalised_entropy,
     representation_view,
 )
-from tiny_models import tiny_adapter
 
 
 def _orthonormal_rows(t, d, seed=0):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lenses import ModelAdapter
-from lenses.errors import UnsupportedModelError
-from tiny_models import tiny_model
+from lenses.base.errors import UnsupportedModelError
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 # model type -> (config beyond the small sizes, or None for tests/tiny_models.py's, the module names each

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import tiny_model
 
 from lenses import LensesError
-from lenses.frequency import FrequencyVariant
-from lenses.outdir import _alive
-from lenses.train import TrainConfig, train
-from tiny_models import tiny_model
+from lenses.base.outdir import _alive
+from lenses.jobs.train import TrainConfig, train
+from lenses.text.frequency import FrequencyVariant
 
 HERE = Path(__file__).parent
 TEXT = ("A small corpus: the quick brown fox jumps over the lazy dog, then rests. " * 30 + "\n\n") * 6

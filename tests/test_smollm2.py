@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lenses import LogitLens, ModelAdapter, TunedLens
-from lenses.loading import default_gguf_path, resolve_model_path
-from lenses.viz import read_grid
+from lenses.model.loading import default_gguf_path, resolve_model_path
+from lenses.pages.grid import read_grid
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +160,8 @@ def test_views_reject_bad_input_cleanly(tmp_path):
 def test_shipped_lens_offline_attached_and_better_than_logit_lens(smollm2):
     import os
 
-    from lenses.evaluate import cross_domain
-    from lenses.registry import select_lenses
+    from lenses.kinds.registry import select_lenses
+    from lenses.tracing.evaluate import cross_domain
 
     code = "from lenses import TunedLens; l = TunedLens.from_pretrained('smollm2-135m-instruct'); print(l.num_layers)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -174,7 +174,7 @@ def test_shipped_lens_offline_attached_and_better_than_logit_lens(smollm2):
                          max_tokens=512)
     kl = table.pivot_table(index=["corpus", "layer"], columns="lens", values="kl_nats")
     assert len(kl) == 2 * 30 and (kl.tuned < kl.logit).all()  # every layer, held-out Wikipedia and books
-    from lenses.registry import available
+    from lenses.kinds.registry import available
 
     shipped = {"tuned"} | ({"jacobian"} if "smollm2-135m-instruct-jacobian" in available() else set())
     assert set(select_lenses("auto", adapter)) == {"logit"} | shipped  # the default picks them up
@@ -184,8 +184,8 @@ def test_shipped_jacobian_lens(smollm2):
     """The shipped J-lens: layers 1..29 (the embeddings absent), the model's logits at layer 30, a real
     transport (not the identity), and finite held-out KL at every layer it reads."""
     from lenses import JacobianLens, load_lens
-    from lenses.evaluate import cross_domain
-    from lenses.registry import PRETRAINED_DIR, available
+    from lenses.kinds.registry import PRETRAINED_DIR, available
+    from lenses.tracing.evaluate import cross_domain
 
     assert "smollm2-135m-instruct-jacobian" in available()  # shipped in the package
     model, tok = smollm2
@@ -213,11 +213,11 @@ def test_shipped_jacobian_lens(smollm2):
 
 
 def test_bf16_rescored_tracing_agrees_with_float32_on_heldout_text(smollm2):
-    """The views' bfloat16 decoding (`vocab.decode_rescored`) against float32 on held-out Wikipedia, every
+    """The views' bfloat16 decoding (`engine.decode_rescored`) against float32 on held-out Wikipedia, every
     layer of the logit and shipped tuned lens: top-1 identical on >= 99.99% of rows, mean KL per layer
     within 1%, ranks of the true next token identical wherever float32 puts it in the top 10."""
-    from lenses.data import make_blocks, read_texts
-    from lenses.trace import TraceItem, trace
+    from lenses.text.data import make_blocks, read_texts
+    from lenses.tracing.trace import TraceItem, trace
 
     model, tok = smollm2
     adapter = ModelAdapter.from_model(model, verify=False)
@@ -243,8 +243,8 @@ def test_int8_quantized_default_model_is_read_like_any_model(smollm2):
     """SmolLM2 with int8 weight-only quantization (torchao): the adapter's checks pass, the logit lens at
     the last layer is the quantized model's own output, and it still predicts what the float model does."""
     pytest.importorskip("torchao")
-    from lenses import vocab
-    from lenses.loading import load_model
+    from lenses import engine
+    from lenses.model.loading import load_model
 
     model, tok = smollm2
     quantized, _ = load_model(None, quantize="int8")
@@ -253,7 +253,7 @@ def test_int8_quantized_default_model_is_read_like_any_model(smollm2):
     with torch.no_grad():
         own = quantized(ids).logits[0]
         full = model(ids).logits[0]
-    torch.testing.assert_close(vocab.decode(adapter, adapter.hidden_states(ids)[-1, 0]), own, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(engine.decode(adapter, adapter.hidden_states(ids)[-1, 0]), own, rtol=1e-4, atol=1e-4)
     assert (own.argmax(-1) == full.argmax(-1)).float().mean() >= 0.8  # int8 keeps most of the float model's guesses
     assert quantized.config.lenses_quantized == "int8"
 
@@ -263,7 +263,7 @@ def test_chat_turn_on_the_real_template_and_generation(smollm2):
     """SmolLM2's own template: the user's tokens are the user's text, the markup (with its default system
     prompt) is template, the assistant starts where `apply_chat_template` ends; greedy generation equals
     `model.generate`."""
-    from lenses.chat import chat_turn, generate
+    from lenses.text.chat import chat_turn, generate
 
     model, tok = smollm2
     question = "What is the capital of France?"
@@ -284,11 +284,11 @@ def test_chat_turn_on_the_real_template_and_generation(smollm2):
 def test_shipped_chat_lens_reads_chat_transcripts_better_and_is_not_the_default(smollm2):
     """The chat lens (trained on the model's own chat answers) against the Wikipedia lens on 12 held-out
     transcripts of its corpus (tests/data/chat_transcripts.jsonl, never trained on; generated 2026-11-30 by
-    `lenses.chat.generated_corpus`): lower KL in the mean over layers 1-28, as docs/results.md reports on
+    `lenses.text.chat.generated_corpus`): lower KL in the mean over layers 1-28, as docs/results.md reports on
     8,192 tokens; `--lens auto` still picks the Wikipedia lens, and each loads by its name."""
-    from lenses.data import pack, read_texts, tokenize
-    from lenses.evaluate import evaluate
-    from lenses.registry import select_lenses, shipped_for
+    from lenses.kinds.registry import select_lenses, shipped_for
+    from lenses.text.data import pack, read_texts, tokenize
+    from lenses.tracing.evaluate import evaluate
 
     model, tok = smollm2
     adapter = ModelAdapter.from_model(model, verify=False)

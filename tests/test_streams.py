@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from lenses import LogitLens, ModelAdapter
-from lenses.intervene import edit_residual, final_logits
-from lenses.jacobian_fit import prompt_jacobian
-from lenses.vocab import decode
+from lenses.engine import decode
+from lenses.jobs.jlens_estimator import prompt_jacobian
+from lenses.model.intervene import edit_residual, final_logits
+
 
 def tiny(model_type: str):
-    sweep = __import__("lenses.coverage", fromlist=["main"])
+    sweep = __import__("lenses.jobs.coverage", fromlist=["main"])
     torch.manual_seed(0)
     return sweep.build(model_type, sweep.tiny_config(model_type)).eval()
 
@@ -108,7 +109,7 @@ def test_a_given_final_module_reads_the_stream_in_the_models_shape(model_type, g
     """The user names the mixer (as the width refusal tells them to): it gets the stream in the model's own
     layout, and decoding reproduces the logits where that module is all the model runs (Qwen4-Exp); where
     the model runs a norm after it (DeepSeek-V4), the numeric check says so."""
-    from lenses.errors import ModelStructureError
+    from lenses.base.errors import ModelStructureError
 
     model = tiny(model_type)
     if model_type == "deepseek_v4":

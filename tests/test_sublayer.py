@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import TEXT, byte_tokenizer, random_lens, tiny_model
 
-from lenses import LogitLens, ModelAdapter, vocab
+from lenses import LogitLens, ModelAdapter, engine
 from lenses.analysis.common import text_blocks
 from lenses.analysis.sublayer import sublayer_view
-from lenses.errors import UnsupportedModelError
-from tiny_models import TEXT, byte_tokenizer, random_lens, tiny_model
+from lenses.base.errors import UnsupportedModelError
 
 
 def _rms_jvp(norm, x, v):
@@ -46,11 +46,11 @@ def test_sublayer_events_parts_and_margins_match_a_float64_recomputation():
     want = []
     with torch.no_grad():
         for name in lenses:
-            top = [vocab.decode(ad64, state(name, h[layer], layer)).argmax(-1) for layer in range(L + 1)]
+            top = [engine.decode(ad64, state(name, h[layer], layer)).argmax(-1) for layer in range(L + 1)]
             for layer in range(L):
                 for i in (top[layer + 1] != top[layer]).nonzero().flatten().tolist():
                     old, new = int(top[layer][i]), int(top[layer + 1][i])
-                    mid = int(vocab.decode(ad64, state(name, h[layer, i] + attn[layer, i], layer)).argmax())
+                    mid = int(engine.decode(ad64, state(name, h[layer, i] + attn[layer, i], layer)).argmax())
                     x = state(name, h[layer + 1, i], layer + 1)
                     m = [float((W[new] - W[old]) @ _rms_jvp(ad64.final_norm, x, linear(name, v[layer, i], layer + 1)))
                          for v in (attn, mlp)]
@@ -75,7 +75,8 @@ def test_sublayer_view_refuses_a_model_without_parts_in_one_line():
 
 
 def test_the_grid_shows_half_layers_read_at_the_mid_block_state(tmp_path):
-    from lenses.viz import grid_html, lens_grid, plot_grid
+    from lenses.pages.grid import lens_grid, plot_grid
+    from lenses.pages.grid_page import grid_html
 
     adapter = ModelAdapter.from_model(tiny_model("llama", vocab_size=257))
     tok = byte_tokenizer()
@@ -91,7 +92,7 @@ def test_the_grid_shows_half_layers_read_at_the_mid_block_state(tmp_path):
         for layer in range(L):
             mid = parts["hidden"][layer, 0] + parts["attn"][layer, 0]
             for name, x in (("logit", mid), ("tuned", tuned.transform(mid, layer))):
-                p = torch.softmax(vocab.decode(ad64, x), -1)
+                p = torch.softmax(engine.decode(ad64, x), -1)
                 rows = table[(table.lens == name) & (table.layer == layer + 0.5)].sort_values("position")
                 assert rows.id_1.tolist() == p.argmax(-1).tolist()
                 np.testing.assert_allclose(rows.prob_1, p.max(-1).values.numpy(), rtol=1e-4)

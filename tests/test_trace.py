@@ -8,14 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from lenses import vocab
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from lenses import LogitLens, ModelAdapter
-from lenses.trace import TraceItem, depth_summary, flipped, onset_curve, onset_layer, settled_layer, trace
 from tiny_models import VOCAB, random_lens, tiny_adapter, tiny_model
+
+from lenses import LogitLens, ModelAdapter, engine
+from lenses.engine import kernels
+from lenses.tracing.depth import depth_summary, flipped, onset_curve, onset_layer, settled_layer
+from lenses.tracing.trace import TraceItem, trace
 
 
 def _brute_force(family, lens, ids, positions, target, groups):
@@ -36,7 +36,7 @@ def _brute_force_layers(adapter, lens, hidden, target, groups, rows):
             h = hidden[layer]
             if name == "tuned" and layer < L:
                 h = h + h @ lens.weight[layer].double().T + lens.bias[layer].double()
-            logits.append(vocab.decode(adapter, h))
+            logits.append(engine.decode(adapter, h))
         z = torch.stack(logits)  # [L+1, P, V]
         p = torch.softmax(z, -1)
         logp_final = torch.log_softmax(z[-1], -1)
@@ -102,14 +102,14 @@ def test_trace_bf16_unembedding_stays_close():
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: soft-capped, (1 + w) final norm
 def test_bf16_rescored_trace_keeps_top1_and_near_ranks_exact(family):
-    """A 16-bit vocabulary matmul re-scored in float32 (`vocab.decode_rescored`) against a float64 decode of
+    """A 16-bit vocabulary matmul re-scored in float32 (`engine.decode_rescored`) against a float64 decode of
     the same states: top-1 ids and ranks up to the number of re-scored candidates identical, target
     probabilities and KL within the 16-bit error."""
     adapter = ModelAdapter.from_model(tiny_model(family, vocab_size=3000))
     lens = random_lens(adapter, scale=0.1)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(1, 3000, (40,), generator=g).tolist()
-    final = vocab.decode(adapter, adapter.hidden_states(torch.tensor([ids]))[-1, 0, :39])
+    final = engine.decode(adapter, adapter.hidden_states(torch.tensor([ids]))[-1, 0, :39])
     tenth = final.topk(10, dim=-1).indices[:, -1].tolist()  # rank 10 at the last layer: near the top somewhere
     items = [TraceItem(ids, list(range(39)), {"next": tenth})]
     lenses = {"logit": LogitLens(adapter), "tuned": lens}
@@ -125,7 +125,7 @@ def test_bf16_rescored_trace_keeps_top1_and_near_ranks_exact(family):
         r = {k: v.transpose(0, 1).reshape(-1).numpy() for k, v in ref[name].items() if k not in ("mass_g0", "mass_g1")}
         clear = r["gap"] > 1e-4
         np.testing.assert_array_equal(got.top1_id.to_numpy(), r["top1_id"])
-        near = clear & (r["rank"] <= vocab.RESCORED)
+        near = clear & (r["rank"] <= engine.RESCORED)
         assert near.sum() > 0
         np.testing.assert_array_equal(got.rank_next.to_numpy()[near], r["rank"][near])
         np.testing.assert_allclose(got.prob_next, r["prob"], rtol=2e-2, atol=1e-7)
@@ -140,26 +140,26 @@ def test_rescored_decode_redoes_a_row_whose_top_the_16bit_error_could_hide():
     whole in float32; with clearly separated logits it is not."""
     adapter = tiny_adapter("llama")
     x = torch.randn(6, adapter.d_model)
-    exact = vocab.decode(adapter, x)
-    z, redone = vocab.decode_rescored(adapter, x, torch.bfloat16, candidates=1)
+    exact = engine.decode(adapter, x)
+    z, redone = engine.decode_rescored(adapter, x, torch.bfloat16, candidates=1)
     assert torch.equal(z.argmax(-1), exact.argmax(-1))
     tight = (exact.topk(2).values[:, 0] - exact.topk(2).values[:, 1]) < 0.05
     assert redone >= int(tight.sum())
-    every, none = vocab.decode_rescored(adapter, x, torch.bfloat16, candidates=exact.shape[-1])
+    every, none = engine.decode_rescored(adapter, x, torch.bfloat16, candidates=exact.shape[-1])
     assert none == 0  # every token re-scored: nothing left to doubt, and every logit is float32's
     torch.testing.assert_close(every, exact, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family,skewed", [("llama", False), ("gemma2", True)])
-@pytest.mark.parametrize("candidates", [1, vocab.RESCORED])  # 1: many rows decoded whole in float32
+@pytest.mark.parametrize("candidates", [1, engine.RESCORED])  # 1: many rows decoded whole in float32
 def test_rescored_stats_equal_the_statistics_of_the_rescored_logits(family, skewed, candidates):
-    """`vocab.rescored_stats` (sums over the 16-bit row, corrected at the re-scored tokens, no float32 logits)
+    """`engine.rescored_stats` (sums over the 16-bit row, corrected at the re-scored tokens, no float32 logits)
     against `row_stats` of `decode_rescored`'s logits and the group mass of their softmax: the same ids and
     ranks, the same values within float32 rounding; targets that repeat each other or a candidate included."""
     adapter = ModelAdapter.from_model(tiny_model(family, vocab_size=3000))
     g = torch.Generator().manual_seed(2)
     x = torch.randn(24, adapter.d_model, generator=g) * 3
-    top = vocab.decode(adapter, x).argmax(-1)
+    top = engine.decode(adapter, x).argmax(-1)
     t_ids = torch.stack([top, torch.randint(0, 3000, (24,), generator=g), top], 1)  # top-1 twice
     groups = torch.randint(0, 4, (3000,), generator=g)
     if skewed:  # as token-frequency buckets: small groups, one large group, tokens in none (-1)
@@ -168,10 +168,10 @@ def test_rescored_stats_equal_the_statistics_of_the_rescored_logits(family, skew
     p = torch.softmax(torch.randn(24, 3000, generator=g), -1)
     neg_h = (p * p.log()).sum(-1)
     with torch.no_grad():
-        z, redone = vocab.decode_rescored(adapter, x, torch.bfloat16, t_ids, candidates=candidates)
-        want = (*vocab.row_stats(z, p, neg_h, t_ids),
+        z, redone = engine.decode_rescored(adapter, x, torch.bfloat16, t_ids, candidates=candidates)
+        want = (*engine.row_stats(z, p, neg_h, t_ids),
                 torch.zeros(24, 5).index_add_(1, groups % 5, torch.softmax(z, -1))[:, :4])
-        got, redone2 = vocab.rescored_stats(adapter, x, torch.bfloat16, p, neg_h, t_ids, vocab.TokenGroups(groups, 4),
+        got, redone2 = engine.rescored_stats(adapter, x, torch.bfloat16, p, neg_h, t_ids, engine.TokenGroups(groups, 4),
                                             candidates=candidates)
     assert redone2 == redone and (redone > 0) == (candidates == 1)
     names = ["top1_id", "top1_prob", "entropy", "kl", "ranks", "probs", "mass"]
@@ -191,63 +191,62 @@ def test_the_statistics_kernels_compile_one_graph_for_any_targets_and_groups(mon
 
     monkeypatch.setenv("LENSES_COMPILE", "1")
     torch._dynamo.reset()  # graphs earlier tests compiled would be reused, not counted
-    monkeypatch.setitem(vocab.KERNELS, "rescored", vocab.maybe_compiled(vocab._rescored_stats))
-    monkeypatch.setitem(vocab.KERNELS, "stats", vocab.maybe_compiled(vocab._row_stats))
-    monkeypatch.setitem(vocab.KERNELS, "gather_dot", vocab.maybe_compiled(vocab._gather_dot))
+    monkeypatch.setitem(kernels.KERNELS, "rescored", kernels.KERNELS["rescored"].fresh())
+    monkeypatch.setitem(kernels.KERNELS, "stats", kernels.KERNELS["stats"].fresh())
+    monkeypatch.setitem(kernels.KERNELS, "gather_dot", kernels.KERNELS["gather_dot"].fresh())
     adapter = ModelAdapter.from_model(tiny_model("llama", vocab_size=3000))
     g = torch.Generator().manual_seed(4)
     x = torch.randn(24, adapter.d_model, generator=g) * 3
     t3 = torch.randint(0, 3000, (24, 3), generator=g)
-    groups = vocab.TokenGroups(torch.randint(-1, 4, (3000,), generator=g), 4)
+    groups = engine.TokenGroups(torch.randint(-1, 4, (3000,), generator=g), 4)
     p = torch.softmax(torch.randn(24, 3000, generator=g), -1)
     neg_h = (p * p.log()).sum(-1)
     graphs = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         # first, 5 rows and 5 group columns (4 groups + the rest): sizes that differ later must not share a symbol
-        vocab.rescored_stats(adapter, x[:5], torch.bfloat16, p[:5], neg_h[:5], t3[:5], groups)
-        full, _ = vocab.rescored_stats(adapter, x, torch.bfloat16, p, neg_h, t3, groups)
-        if vocab.KERNELS["rescored"].compiled is vocab._rescored_stats:
+        engine.rescored_stats(adapter, x[:5], torch.bfloat16, p[:5], neg_h[:5], t3[:5], groups)
+        full, _ = engine.rescored_stats(adapter, x, torch.bfloat16, p, neg_h, t3, groups)
+        if kernels.KERNELS["rescored"].compiled is kernels._rescored_stats:
             pytest.skip("torch.compile is not available here")
         for n, gr in [(1, None), (0, groups), (1, groups), (3, None), (0, None)]:
-            got, _ = vocab.rescored_stats(adapter, x, torch.bfloat16, p, neg_h, t3[:, :n], gr)
+            got, _ = engine.rescored_stats(adapter, x, torch.bfloat16, p, neg_h, t3[:, :n], gr)
             assert got[4].shape == (24, n) and got[5].shape == (24, n) and (got[6] is None) == (gr is None)
             assert torch.equal(got[0], full[0]) and torch.equal(got[4], full[4][:, :n])
             for a, b in zip(got[1:4] + got[5:6] + (got[6:] if gr is not None else ()),
                             full[1:4] + (full[5][:, :n],) + (full[6:] if gr is not None else ())):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        one, _ = vocab.rescored_stats(adapter, x[7:8], torch.bfloat16, p[7:8], neg_h[7:8], t3[7:8], groups)  # one row
+        one, _ = engine.rescored_stats(adapter, x[7:8], torch.bfloat16, p[7:8], neg_h[7:8], t3[7:8], groups)  # one row
         assert one[0].shape == (1,) and torch.equal(one[0], full[0][7:8]) and torch.equal(one[4], full[4][7:8])
         for a, b in zip(one[1:4] + one[5:], full[1:4] + full[5:]):
             torch.testing.assert_close(a, b[7:8], rtol=1e-5, atol=1e-6)
-        z = vocab.decode(adapter, x)
-        every = vocab.row_stats(z, p, neg_h, t3)
+        z = engine.decode(adapter, x)
+        every = engine.row_stats(z, p, neg_h, t3)
         for n in (1, 0, 3):
-            got = vocab.row_stats(z, p, neg_h, t3[:, :n])
+            got = engine.row_stats(z, p, neg_h, t3[:, :n])
             assert got[4].shape == (24, n) and torch.equal(got[4], every[4][:, :n])
             torch.testing.assert_close(got[5], every[5][:, :n])
-        got = vocab.row_stats(z[2:3], p[2:3], neg_h[2:3], t3[2:3])
+        got = engine.row_stats(z[2:3], p[2:3], neg_h[2:3], t3[2:3])
         assert got[0].shape == (1,) and torch.equal(got[4], every[4][2:3])
         torch.testing.assert_close(got[3], every[3][2:3])
     assert counters["stats"]["unique_graphs"] - graphs == 3  # the two statistics kernels and `_exact`'s
 
 
 def test_kernels_warmed_up_in_the_background_are_the_ones_tracing_uses(monkeypatch):
-    """`vocab.warm_up_in_background` (the analysis CLI starts it before the model loads) compiles every kernel
+    """`engine.warm_up_in_background` (the analysis CLI starts it before the model loads) compiles every kernel
     a bfloat16 trace calls, for any vocabulary: after it, tracing a model of another vocabulary size (not a
     multiple of the top-k block), with and without token groups, down to a one-row chunk, compiles nothing."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("LENSES_COMPILE", "1")
     torch._dynamo.reset()
-    for name, fn in [("rescored", vocab._rescored_stats), ("stats", vocab._row_stats), ("block_max", vocab._block_max),
-                     ("gather_dot", vocab._gather_dot)]:
-        monkeypatch.setitem(vocab.KERNELS, name, vocab.maybe_compiled(fn))
-    thread = vocab.warm_up_in_background(torch.bfloat16)
+    for name in ("rescored", "stats", "block_max", "gather_dot"):
+        monkeypatch.setitem(kernels.KERNELS, name, kernels.KERNELS[name].fresh())
+    thread = engine.warm_up_in_background(torch.bfloat16)
     model = tiny_model("llama", vocab_size=40_007)  # built while the kernels compile
     adapter, lens = ModelAdapter.from_model(model), {"logit": None}
     lens["logit"] = LogitLens(adapter)
     thread.join()
-    if vocab.KERNELS["rescored"].compiled is vocab._rescored_stats:
+    if kernels.KERNELS["rescored"].compiled is kernels._rescored_stats:
         pytest.skip("torch.compile is not available here")
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 4
@@ -264,28 +263,28 @@ def test_kernels_warmed_up_in_the_background_are_the_ones_tracing_uses(monkeypat
 @pytest.mark.parametrize("V", [49152, 50257, 3000])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_top_ids_are_the_highest_entries(V, dtype):
-    """`vocab.top_ids` (block maxima, then the best blocks) picks entries whose values are exactly topk's,
+    """`engine.top_ids` (block maxima, then the best blocks) picks entries whose values are exactly topk's,
     for rows that are and are not a whole number of blocks, with ties (bfloat16 rounds many values alike)."""
     g = torch.Generator().manual_seed(V)
     z = (torch.randn(19, V, generator=g) * 4).to(dtype)
     z[3, 100:140] = z[3].max()  # a 40-way tie at the top
     # the last block's bound (its last 64 columns) overlaps the block before: rows where it ties the best block
     # and the second-highest entry sits in another block (a top-k among only k blocks would miss it)
-    last = V // vocab.TOPK_BLOCK * vocab.TOPK_BLOCK - 1 if V % vocab.TOPK_BLOCK else V - 1
+    last = V // engine.TOPK_BLOCK * engine.TOPK_BLOCK - 1 if V % engine.TOPK_BLOCK else V - 1
     z[5, last], z[5, 7] = 50, 40
     z[6, V - 1], z[6, 70] = 50, 40
     for k in (1, 2, 32):
-        got = vocab.top_ids(z, k)
+        got = engine.top_ids(z, k)
         assert got.shape == (19, k) and all(len(set(r)) == k for r in got.tolist())
         assert torch.equal(z.gather(1, got).sort(-1).values, z.topk(k, -1).values.sort(-1).values)
-    assert torch.equal(vocab.top_ids(z[5:6], 2).sort(-1).values, z[5:6].topk(2, -1).indices.sort(-1).values)
+    assert torch.equal(engine.top_ids(z[5:6], 2).sort(-1).values, z[5:6].topk(2, -1).indices.sort(-1).values)
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_float32_unembedding_in_vocabulary_blocks_equals_a_float64_matmul(bias):
-    """On CPU a float32 unembedding of more than two `vocab.VOCAB_BLOCK`s runs block by block (into ``out``
+    """On CPU a float32 unembedding of more than two `engine.VOCAB_BLOCK`s runs block by block (into ``out``
     when given): the logits equal a float64 matmul, with and without a bias, and the last, short block too."""
-    V = 2 * vocab.VOCAB_BLOCK + 777
+    V = 2 * engine.VOCAB_BLOCK + 777
     adapter = ModelAdapter.from_model(tiny_model("llama", vocab_size=V))
     if bias:
         adapter.unembed.bias = torch.nn.Parameter(torch.randn(V))
@@ -293,9 +292,9 @@ def test_float32_unembedding_in_vocabulary_blocks_equals_a_float64_matmul(bias):
     w = adapter.unembed.weight.double()
     want = u.double() @ w.T + (adapter.unembed.bias.double() if bias else 0)
     with torch.no_grad():
-        got = vocab.unembed(adapter, u, torch.float32)
+        got = engine.unembed(adapter, u, torch.float32)
         buf = torch.empty(15, V)
-        into = vocab.unembed(adapter, u, torch.float32, out=buf)
+        into = engine.unembed(adapter, u, torch.float32, out=buf)
     assert got.shape == (5, 3, V) and into.data_ptr() == buf.data_ptr()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(into.double(), want, rtol=1e-5, atol=1e-5)
@@ -384,7 +383,7 @@ BATCH_FAMILIES = {  # model_type -> what it adds to the check
 
 @pytest.mark.parametrize("model_type", sorted(BATCH_FAMILIES))
 def test_batched_trace_equals_one_text_at_a_time(model_type):
-    from lenses.coverage import build, tiny_config
+    from lenses.jobs.coverage import build, tiny_config
 
     config = tiny_config(model_type)
     if model_type in ("mistral", "gemma2"):
@@ -439,7 +438,8 @@ def test_a_shared_prefix_runs_once_and_changes_nothing(family):
     """Texts that start alike (a few-shot header, a chat template's system turn): the prefix runs once and each
     batch continues from its cache; the table equals the one made without sharing (top-1 ids identical,
     probabilities and KL within 1e-5), positions inside the prefix stay out of it."""
-    from lenses.trace import _prepared, shared_prefix
+    from lenses.tracing.batching import shared_prefix
+    from lenses.tracing.trace import _prepared
 
     adapter = tiny_adapter(family)
     g = torch.Generator().manual_seed(0)
@@ -461,13 +461,13 @@ def test_a_shared_prefix_runs_once_and_changes_nothing(family):
 def test_batches_close_where_pads_would_pass_a_tenth_of_a_busy_batch():
     """Worked by hand: on CPU a batch stops growing once it holds 128 real tokens and the next text would make
     pads more than 10% of it; below 128 tokens (and on a GPU, below 8,192) only the batch size closes it."""
-    from lenses.trace import _batches
+    from lenses.tracing.batching import batches
 
     lengths = [300, 290, 200, 199, 198, 50, 10, 9]
     todo = [(i, torch.zeros(n, dtype=torch.long), [0]) for i, n in enumerate(lengths)]
 
     def sizes(device, batch_size=4, skip=0):
-        return [[len(t[1]) for t in b] for b in _batches(todo, batch_size, torch.device(device), skip)]
+        return [[len(t[1]) for t in b] for b in batches(todo, batch_size, torch.device(device), skip)]
 
     # 3 x 300 = 900 > 1.1 x 790; 4 x 200 = 800 > 1.1 x 647; 50 + 10 + 9 < 128 tokens
     assert sizes("cpu") == [[300, 290], [200, 199, 198], [50, 10, 9]]

@@ -5,14 +5,13 @@ import signal
 import pandas as pd
 import pytest
 import torch
-
-from lenses import vocab
-
-from lenses import LensesError, LogitLens, ModelAdapter, TunedLens
-from lenses import train as train_module
-from lenses.evaluate import evaluate
-from lenses.train import TrainConfig, lens_kl_backward, train
 from tiny_models import as_interrupted, random_lens, tiny_adapter, tiny_model
+
+from lenses import LensesError, LogitLens, ModelAdapter, TunedLens, engine
+from lenses.engine import dtypes, kernels
+from lenses.jobs import train as train_module
+from lenses.jobs.train import TrainConfig, lens_kl_backward, train
+from lenses.tracing.evaluate import evaluate
 
 
 def _reference(family, lens, ids, weights):
@@ -22,11 +21,11 @@ def _reference(family, lens, ids, weights):
     W = lens.weight.detach().double().requires_grad_()
     B = lens.bias.detach().double().requires_grad_()
     hidden = adapter.hidden_states(ids).flatten(1, 2)
-    logp = torch.log_softmax(vocab.decode(adapter, hidden[-1]), -1)
+    logp = torch.log_softmax(engine.decode(adapter, hidden[-1]), -1)
     kls, total = [], 0
     for layer in range(adapter.num_layers):
         t = hidden[layer] + hidden[layer] @ W[layer].T + B[layer]
-        logq = torch.log_softmax(vocab.decode(adapter, t), -1)
+        logq = torch.log_softmax(engine.decode(adapter, t), -1)
         kl = (logp.exp() * (logp - logq)).sum(-1)
         kls.append(kl)
         total = total + (weights.double() * kl).mean()
@@ -71,11 +70,11 @@ def test_compiled_kernel_matches_eager(monkeypatch):
     adapter = tiny_adapter("llama")
     lens = random_lens(adapter)
     hidden = adapter.hidden_states(torch.randint(1, 96, (2, 6))).flatten(1, 2)
-    monkeypatch.setattr(vocab.KERNELS["kl"], "compiled", vocab._kl_and_dz)
+    monkeypatch.setattr(kernels.KERNELS["kl"], "compiled", kernels._kl_and_dz)
     kl_eager = lens_kl_backward(lens, hidden, None, torch.float32, chunk_rows=12)
     g_eager = lens.weight.grad.clone()
     lens.weight.grad = lens.bias.grad = None
-    monkeypatch.setattr(vocab.KERNELS["kl"], "compiled", None)
+    monkeypatch.setattr(kernels.KERNELS["kl"], "compiled", None)
     monkeypatch.setenv("LENSES_COMPILE", "1")
     kl_comp = lens_kl_backward(lens, hidden, None, torch.float32, chunk_rows=12)
     torch.testing.assert_close(kl_comp, kl_eager, rtol=1e-5, atol=1e-6)
@@ -258,15 +257,13 @@ def test_auto_dtype_on_a_cpu_without_avx512_is_float32_without_timing(monkeypatc
     """An AVX2-only x86 CPU emulates bfloat16 matmuls (~30 s for the timing's own product here under AVX2):
     `compute_dtype("auto")` answers float32 from the CPU's capability, never timing bfloat16 there; with
     AVX-512 it still measures both (and a measured answer is cached)."""
-    from lenses import vocab
-
     monkeypatch.setenv("LENSES_CACHE", str(tmp_path))
-    monkeypatch.setattr(vocab.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(dtypes.platform, "machine", lambda: "x86_64")
     timed = []
-    monkeypatch.setattr(vocab, "_time_matmul", lambda dtype, device: timed.append(dtype) or
+    monkeypatch.setattr(dtypes, "_time_matmul", lambda dtype, device: timed.append(dtype) or
                         (1.0 if dtype == torch.float32 else 0.5))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert vocab.compute_dtype("auto") == torch.float32 and timed == []
+    assert engine.compute_dtype("auto") == torch.float32 and timed == []
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert vocab.compute_dtype("auto") == torch.bfloat16 and timed == [torch.float32, torch.bfloat16]
-    assert vocab.compute_dtype("auto") == torch.bfloat16 and len(timed) == 2  # cached
+    assert engine.compute_dtype("auto") == torch.bfloat16 and timed == [torch.float32, torch.bfloat16]
+    assert engine.compute_dtype("auto") == torch.bfloat16 and len(timed) == 2  # cached

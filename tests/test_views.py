@@ -11,13 +11,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import VOCAB, tiny_adapter
 
 from lenses import DataError, LogitLens, TunedLens
 from lenses.analysis.facts import fact_items, facts_view, read_facts
 from lenses.analysis.frequency import frequency_items, frequency_view, paragraph_items, word_starts
-from lenses.analysis.mcq import option_ids, read_mcq
-from lenses.frequency import BUCKET_NAMES, TokenFrequencies
-from tiny_models import VOCAB, tiny_adapter
+from lenses.analysis.mcq import option_ids
+from lenses.text.frequency import BUCKET_NAMES, TokenFrequencies
+from lenses.text.questions import read_mcq
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_frequency_view_invariants(tiny):
 def test_frequency_view_paragraph_prompts_follow_the_paper(tiny):
     """One held-out paragraph of more than 200 characters per prompt, cut before a word; ranks counted
     on the whole corpus."""
-    from lenses.data import split_documents
+    from lenses.text.data import split_documents
 
     adapter, tok, lenses = tiny
     texts = ["\n\n".join(f"Doc {j} part {k}: " + " ".join(f"word{(i * k) % 11} the" for i in range(30 + k))
@@ -212,8 +213,9 @@ def test_bucket_names_cover_all_ranks():
 def test_batched_views_write_the_same_tables(tmp_path):
     """`--batch-size 4` against one text at a time, end to end through `lenses analyze` on the four
     depth views: every CSV has the same rows, the same top-1 ids and ranks, numbers within 1e-5."""
-    from lenses.commands import analyze
     from tiny_models import tiny_inputs
+
+    from lenses.commands import analyze
 
     root = tiny_inputs(tmp_path / "in", letters=True)
     common = ["--model", str(root / "model"), "--lens", "logit", "--corpus", str(root / "corpus.txt"), "--facts",
@@ -237,8 +239,9 @@ def test_batched_views_write_the_same_tables(tmp_path):
 
 def test_batched_agreement_equals_one_block_at_a_time(char_tokenizer):
     """The agreement view runs its equal-length blocks several per forward pass: the same table."""
-    from lenses.analysis.agreement import agreement_view
     from tiny_models import TEXT, random_lens, tiny_adapter
+
+    from lenses.analysis.agreement import agreement_view
 
     adapter = tiny_adapter("llama")
     lenses = {"logit": LogitLens(adapter), "tuned": random_lens(adapter, scale=0.1)}

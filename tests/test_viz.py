@@ -11,10 +11,11 @@ import torch
 from tiny_models import byte_tokenizer, random_lens, tiny_model
 
 from lenses import LensesError, LogitLens
-from lenses.io import write_csv
-from lenses.models import ModelAdapter
-from lenses.trace import TraceItem, trace
-from lenses.viz import grid_data, grid_html, lens_grid, plot_grid, read_grid, visible
+from lenses.base.io import write_csv
+from lenses.model.adapter import ModelAdapter
+from lenses.pages.grid import lens_grid, plot_grid, read_grid, visible
+from lenses.pages.grid_page import grid_data, grid_html
+from lenses.tracing.trace import TraceItem, trace
 
 TEXT = "The cat sat\n\ton the <mat>."
 
@@ -116,7 +117,7 @@ def test_empty_prompt_is_refused(setup):
 
 
 def test_report_page_links_escapes_and_survives_moves(tmp_path):
-    from lenses.report import Report, ViewEntry
+    from lenses.pages.report import Report, ViewEntry
 
     (tmp_path / "a_layers.csv").write_text("x\n1\n")
     (tmp_path / "a.png").write_bytes(b"png")
@@ -128,10 +129,10 @@ def test_report_page_links_escapes_and_survives_moves(tmp_path):
 
 
 def test_cli_grid_page_figure_and_bad_options(tmp_path, capsys):
-    from lenses.commands import analyze
     from tiny_models import save_tiny_model
 
-    from lenses.cli import run_cli
+    from lenses.base.options import run_cli
+    from lenses.commands import analyze
 
     model = save_tiny_model(tmp_path / "model")
     out = tmp_path / "o"
@@ -152,7 +153,7 @@ def test_cli_grid_page_figure_and_bad_options(tmp_path, capsys):
 
 
 def test_report_keeps_views_of_earlier_runs(tmp_path):
-    from lenses.report import Report, ViewEntry
+    from lenses.pages.report import Report, ViewEntry
 
     (tmp_path / "a.png").write_bytes(b"png")
     (tmp_path / "b.png").write_bytes(b"png")

@@ -13,8 +13,9 @@ import pytest
 from tiny_models import byte_tokenizer, load_script, random_lens, tiny_model
 
 from lenses import LogitLens
-from lenses.models import ModelAdapter
-from lenses.viz import lens_grid, visible, write_grid_html
+from lenses.model.adapter import ModelAdapter
+from lenses.pages.grid import lens_grid, visible
+from lenses.pages.grid_page import write_grid_html
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"

@@ -102,7 +102,7 @@ def load_script(name: str):
 def as_interrupted(folder, keep=("checkpoint.pt", "jacobian_checkpoint.pt")):
     """Make a finished run's folder look interrupted before its end: every file but the checkpoint is
     removed and the mark says ``interrupted`` (what a run killed after its last checkpoint leaves)."""
-    from lenses.io import update_mark
+    from lenses.base.io import update_mark
 
     folder = Path(folder)
     gone = [f for f in folder.iterdir() if f.is_file() and f.name not in keep and not f.name.startswith(".")]
@@ -115,7 +115,7 @@ def as_interrupted(folder, keep=("checkpoint.pt", "jacobian_checkpoint.pt")):
 
 def tiny_adapter(family: str = "llama", seed: int = 0, **overrides):
     """`tiny_model` wrapped in its checked `ModelAdapter` (the setup most tests start from)."""
-    from lenses.models import ModelAdapter
+    from lenses.model.adapter import ModelAdapter
 
     return ModelAdapter.from_model(tiny_model(family, seed, **overrides))
 

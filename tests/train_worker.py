@@ -16,19 +16,18 @@ os.environ.setdefault("LENSES_COMPILE", "0")
 from conftest import CharTokenizer
 from tiny_models import tiny_model
 
-from lenses.train import TrainConfig, train
+from lenses.jobs.train import TrainConfig, train
 
 if __name__ == "__main__":
-    from lenses.frequency import FrequencyVariant
-
-    from lenses.models import ModelAdapter
+    from lenses.model.adapter import ModelAdapter
+    from lenses.text.frequency import FrequencyVariant
 
     seen = []  # sequences this process ran through the model, per call
     real = ModelAdapter.hidden_states
     ModelAdapter.hidden_states = lambda self, ids, *a, **k: seen.append(len(ids)) or real(self, ids, *a, **k)
     import time
 
-    import lenses.train as train_module
+    import lenses.jobs.train as train_module
 
     delay = float(os.environ.get("LENSES_TEST_STEP_DELAY", "0"))
     batches = train_module.batch_indices

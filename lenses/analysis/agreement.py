@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .common import Usage, ViewResult, prefix_note, require, table_plot, text_blocks
+from lenses.analysis.common import Usage, ViewResult, prefix_note, require, table_plot, text_blocks
 
 
 def agreement_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 1000, seq_len: int = 128,

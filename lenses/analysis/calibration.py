@@ -9,7 +9,7 @@ expected calibration error is
     ECE = sum over bins b of (n_b / N) * |accuracy_b - confidence_b|
 
 (Guo et al. 2017, arXiv 1706.04599), 0 for a perfectly calibrated lens, with a 95% interval resampled by
-text (`lenses.intervals.sums_interval`). The reliability curve is accuracy against confidence per bin.
+text (`lenses.tracing.intervals.sums_interval`). The reliability curve is accuracy against confidence per bin.
 At layer L every lens reads the model's output, so its agreement with the final top-1 is 100% and its ECE
 against ``final`` is 1 minus its mean confidence.
 """
@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..intervals import describe, sums_interval
-from ..trace import TraceItem, trace, trajectories
-from .common import Usage, ViewResult, prefix_note, table_plot, text_blocks
+from lenses.analysis.common import Usage, ViewResult, prefix_note, table_plot, text_blocks
+from lenses.tracing.depth import trajectories
+from lenses.tracing.intervals import describe, sums_interval
+from lenses.tracing.trace import TraceItem, trace
 
 REFERENCES = {"final": "the model's final top-1", "next": "the true next token"}
 

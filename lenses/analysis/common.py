@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .. import convention, plots
-from ..data import pack, tokenize
-from ..errors import DataError
-from ..io import write_csv
-from ..plots import plot_message
+from lenses.base.errors import DataError
+from lenses.pages import figures
+from lenses.text import convention
+from lenses.text.data import pack, tokenize
 
 
 @dataclass
@@ -55,18 +52,6 @@ class ViewResult:
         """The summary with the data-accounting lines first."""
         return [u.line() for u in self.usage] + list(self.summary)
 
-    def write(self, out: str | os.PathLike) -> list[Path]:
-        """Write every table as CSV and the view's figure as ``<view>.png`` into ``out``."""
-        from . import get_view
-
-        out = Path(out)
-        written = [write_csv(out / f"{self.view}_{name}.csv", table) for name, table in self.tables.items()]
-        if self.settings.get("empty"):
-            written.append(plot_message(self.settings["empty"], out / f"{self.view}.png"))
-        else:
-            written.append(get_view(self.view).plot(self, out / f"{self.view}.png"))
-        return written
-
 
 def nothing_to_score(view: str, positions: pd.DataFrame, why: str) -> ViewResult:
     """The result of a view that traced its items but has nothing to score: the trace, and why."""
@@ -74,17 +59,17 @@ def nothing_to_score(view: str, positions: pd.DataFrame, why: str) -> ViewResult
 
 
 def table_plot(figure: str, *tables: str):
-    """A view's ``plot(result, path)``: `lenses.plots` function ``figure`` drawn from the named tables."""
+    """A view's ``plot(result, path)``: `lenses.pages.figures` function ``figure`` drawn from the named tables."""
 
     def plot(result: ViewResult, path):
-        return getattr(plots, figure)(*(result.tables[t] for t in tables), path)
+        return getattr(figures, figure)(*(result.tables[t] for t in tables), path)
 
     return plot
 
 
 def encode(tokenizer, text: str) -> list[int]:
     """A prompt or text as the model sees it in use: the tokenizer's prefix (BOS, where it adds one), then
-    the text (`lenses.convention`)."""
+    the text (`lenses.text.convention`)."""
     return convention.encode(tokenizer, text)
 
 

@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..intervals import describe, mean_interval
-from ..trace import TraceItem, trace, trajectories
-from .common import Usage, ViewResult, prefix_note, table_plot, text_blocks
+from lenses.analysis.common import Usage, ViewResult, prefix_note, table_plot, text_blocks
+from lenses.tracing.depth import trajectories
+from lenses.tracing.intervals import describe, mean_interval
+from lenses.tracing.trace import TraceItem, trace
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 

@@ -24,15 +24,25 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import schema
-from ..data import jsonl_records, read_utf8
-from ..chat import chat_turn
-from ..errors import DataError
-from ..intervals import describe, mean_interval, share_interval
-from ..models import ModelAdapter
-from ..trace import TraceItem, depth_summary, onset_curve, trace
-from .common import (Usage, ViewResult, encode, keep_where_final, mean_or_nan, nothing_to_score, plain_ids, require,
-                     table_plot)
+from lenses.analysis.common import (
+    Usage,
+    ViewResult,
+    encode,
+    keep_where_final,
+    mean_or_nan,
+    nothing_to_score,
+    plain_ids,
+    require,
+    table_plot,
+)
+from lenses.base import schema
+from lenses.base.errors import DataError
+from lenses.model.adapter import ModelAdapter
+from lenses.text.chat import chat_turn
+from lenses.text.data import jsonl_records, read_utf8
+from lenses.tracing.depth import depth_summary, onset_curve
+from lenses.tracing.intervals import describe, mean_interval, share_interval
+from lenses.tracing.trace import TraceItem, trace
 
 
 def default_facts_path() -> Path:
@@ -92,7 +102,7 @@ CHAT_REQUEST = "Complete this sentence: {prompt}"
 def fact_items(tokenizer, facts: list[dict], chat: bool = False,
                system: str | None = None) -> tuple[list[TraceItem], pd.DataFrame]:
     """Prompt + " " + answer as one teacher-forced sequence; positions predict each answer token. With
-    ``chat``, the user turn of the chat template (`lenses.chat.chat_turn`, with ``system``) asks for the
+    ``chat``, the user turn of the chat template (`lenses.text.chat.chat_turn`, with ``system``) asks for the
     sentence (`CHAT_REQUEST`) and the assistant's turn says it, prompt then answer, as a chat model answers:
     the answer tokens are scored where they come in the assistant's turn."""
     items, rows = [], []

@@ -24,13 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import convention
-from ..data import pack, tokenize
-from ..frequency import BUCKET_NAMES, TokenFrequencies
-from ..intervals import describe, share_interval
-from ..models import ModelAdapter
-from ..trace import TraceItem, flipped, trace, trajectories
-from .common import Usage, ViewResult, early_layers, encode, require, table_plot
+from lenses.analysis.common import Usage, ViewResult, early_layers, encode, require, table_plot
+from lenses.model.adapter import ModelAdapter
+from lenses.text import convention
+from lenses.text.data import pack, tokenize
+from lenses.text.frequency import BUCKET_NAMES, TokenFrequencies
+from lenses.tracing.depth import flipped, trajectories
+from lenses.tracing.intervals import describe, share_interval
+from lenses.tracing.trace import TraceItem, trace
 
 
 def word_starts(tokenizer, vocab_size: int) -> torch.Tensor:

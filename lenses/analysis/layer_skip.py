@@ -13,9 +13,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from ..intervals import describe, mean_interval
-from ..intervene import skip_block
-from .common import Usage, ViewResult, prefix_note, require, table_plot, text_blocks
+from lenses.analysis.common import Usage, ViewResult, prefix_note, require, table_plot, text_blocks
+from lenses.model.intervene import skip_block
+from lenses.tracing.intervals import describe, mean_interval
 
 
 def _log_probs(lens, h: torch.Tensor, layer: int) -> torch.Tensor:

@@ -32,15 +32,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import schema
-from ..data import jsonl_records
-from ..errors import DataError
-from ..intervals import mean_interval
-from ..intervene import last_stream
-from ..lens import LogitLens
-from ..trace import onset_layer, settled_layer
-from .common import Usage, ViewResult, encode, plain_ids, require, table_plot
-from .mcq import HEADER, format_question, read_mcq
+from lenses.analysis.common import Usage, ViewResult, encode, plain_ids, require, table_plot
+from lenses.base import schema
+from lenses.base.errors import DataError
+from lenses.kinds.lens import LogitLens
+from lenses.model.intervene import last_stream
+from lenses.text.data import jsonl_records
+from lenses.text.questions import HEADER, format_question, read_mcq
+from lenses.tracing.depth import onset_layer, settled_layer
+from lenses.tracing.intervals import mean_interval
 
 SHIPPED = ("sentiment", "yesno", "continent", "mcq")
 
@@ -212,7 +212,7 @@ def _pair_table(layers: pd.DataFrame, reads: pd.DataFrame) -> pd.DataFrame:
 
 def bootstrap_ci(values, seed: int = 0) -> tuple[float, float, float]:
     """Mean of ``values`` (NaN dropped) and its 95% interval, each prompt pair resampled on its own
-    (`lenses.intervals.mean_interval`: the pairs are independent draws)."""
+    (`lenses.tracing.intervals.mean_interval`: the pairs are independent draws)."""
     v = np.asarray(values, dtype=float)
     return mean_interval(v, np.arange(len(v)), seed=seed)
 

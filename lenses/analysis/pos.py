@@ -20,12 +20,21 @@ import random
 import pandas as pd
 import torch
 
-from .. import convention
-from ..errors import DataError
-from ..intervals import describe, difference_interval, mean_interval
-from ..models import ModelAdapter
-from ..trace import ONSET_KS, TraceItem, depth_summary, onset_curve, trace
-from .common import Usage, ViewResult, keep_where_final, mean_or_nan, nothing_to_score, require, table_plot
+from lenses.analysis.common import (
+    Usage,
+    ViewResult,
+    keep_where_final,
+    mean_or_nan,
+    nothing_to_score,
+    require,
+    table_plot,
+)
+from lenses.base.errors import DataError
+from lenses.model.adapter import ModelAdapter
+from lenses.text import convention
+from lenses.tracing.depth import ONSET_KS, depth_summary, onset_curve
+from lenses.tracing.intervals import describe, difference_interval, mean_interval
+from lenses.tracing.trace import TraceItem, trace
 
 FUNCTION_TAGS = ("DET", "ADP", "PUNCT", "PART", "CCONJ", "SCONJ", "PRON", "AUX")
 CONTENT_TAGS = ("NOUN", "VERB", "ADJ", "ADV")

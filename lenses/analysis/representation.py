@@ -1,7 +1,7 @@
 """Per-layer representation quality (Skean, Arefin, LeCun, Shwartz-Ziv 2024, arXiv 2412.09563).
 
 All metrics read the residual stream ``hidden[l]`` of every layer ``l = 0..L`` (see
-`lenses.models` for the convention), prompt by prompt, so no ``[layers x tokens x d]`` tensor of
+`lenses.model.adapter` for the convention), prompt by prompt, so no ``[layers x tokens x d]`` tensor of
 more than one prompt is kept.
 
 Definitions (``Z``: the ``T x D`` token matrix of one prompt at one layer):
@@ -37,12 +37,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import read_utf8
-from .. import convention
-from ..errors import DataError
-from ..models import ModelAdapter
-from ..plots import plot_representation
-from .common import Usage, ViewResult
+from lenses.analysis.common import Usage, ViewResult
+from lenses.base.errors import DataError
+from lenses.model.adapter import ModelAdapter
+from lenses.pages.plots import plot_representation
+from lenses.text import convention
+from lenses.text.data import read_utf8
 
 # --------------------------------------------------------------------------- spectra
 
@@ -186,6 +186,25 @@ AUGMENTATIONS = ("split", "edit", "typo")
 # --------------------------------------------------------------------------- the view
 
 
+def _dataset_metrics(pooled: dict, augmentations: tuple[str, ...], alpha: float, n_layers: int, n_prompts: int
+                     ) -> list[tuple]:
+    """``(layer, metric, value)`` of the metrics over the whole set of mean-pooled prompts (and their
+    augmentations): dataset entropy, InfoNCE, DiME, LiDAR."""
+    stacks = {k: torch.stack(v, dim=1) for k, v in pooled.items()}  # [L+1, N, D]
+    dataset_rows = []
+    for layer in range(n_layers):
+        orig = stacks["original"][layer]
+        dataset_rows.append((layer, "dataset_entropy", normalised_entropy(orig, alpha)))
+        if augmentations and n_prompts >= 2:
+            views = torch.stack([stacks[k][layer] for k in ("original", *augmentations)], dim=1)  # [N, Q, D]
+            aug = [stacks[k][layer] for k in augmentations]
+            dataset_rows.append((layer, "infonce", float(np.mean([infonce(orig, a) for a in aug]))))
+            dataset_rows.append((layer, "dime", float(np.mean([dime(orig, a, alpha) for a in aug]))))
+            dataset_rows.append((layer, "lidar", lidar(views)))
+
+    return dataset_rows
+
+
 def representation_view(
     adapter: ModelAdapter,
     tokenizer,
@@ -200,7 +219,7 @@ def representation_view(
     """Per-layer summary (``layer, relative_depth, metric, mean, std, q10, q50, q90, n``) and
     per-prompt values (``prompt_id, layer, metric, value``) of every metric.
 
-    Each prompt is read as in use (the tokenizer's prefix, e.g. BOS, first: `lenses.convention`); those
+    Each prompt is read as in use (the tokenizer's prefix, e.g. BOS, first: `lenses.text.convention`); those
     special positions are left out. Without a prefix, ``drop_first_token`` leaves out position 0, whose
     residual stream in many models grows a few huge coordinates mid-depth (an attention sink) and then
     dominates every token-Gram metric.
@@ -231,18 +250,7 @@ def representation_view(
             pooled[kind].append(run(augment(text, kind, seed=seed + i)).mean(1))
     per_prompt = pd.DataFrame(rows, columns=["prompt_id", "layer", "metric", "value"])
 
-    stacks = {k: torch.stack(v, dim=1) for k, v in pooled.items()}  # [L+1, N, D]
-    dataset_rows = []
-    for layer in range(n_layers):
-        orig = stacks["original"][layer]
-        dataset_rows.append((layer, "dataset_entropy", normalised_entropy(orig, alpha)))
-        if augmentations and len(prompts) >= 2:
-            views = torch.stack([stacks[k][layer] for k in ("original", *augmentations)], dim=1)  # [N, Q, D]
-            aug = [stacks[k][layer] for k in augmentations]
-            dataset_rows.append((layer, "infonce", float(np.mean([infonce(orig, a) for a in aug]))))
-            dataset_rows.append((layer, "dime", float(np.mean([dime(orig, a, alpha) for a in aug]))))
-            dataset_rows.append((layer, "lidar", lidar(views)))
-
+    dataset_rows = _dataset_metrics(pooled, augmentations, alpha, n_layers, len(prompts))
     summary = (
         per_prompt.groupby(["layer", "metric"])["value"]
         .agg(mean="mean", std="std", q10=lambda s: s.quantile(0.1), q50="median", q90=lambda s: s.quantile(0.9),

@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import vocab
-from ..data import tokenize
-from ..frequency import BUCKET_NAMES, TokenFrequencies
-from ..intervals import describe, share_interval
-from .common import Usage, ViewResult, prefix_note, require, table_plot, text_blocks
+from lenses import engine
+from lenses.analysis.common import Usage, ViewResult, prefix_note, require, table_plot, text_blocks
+from lenses.text.data import tokenize
+from lenses.text.frequency import BUCKET_NAMES, TokenFrequencies
+from lenses.tracing.intervals import describe, share_interval
 
 PARTS = ("attention", "mlp", "both")
 
@@ -49,14 +49,14 @@ def _events(adapter, lens, name: str, h, attn, mlp, items: np.ndarray, positions
             dtype) -> list[dict]:
     """The refinement events of one lens over a batch of positions (``h`` [L+1, N, d], parts [L, N, d])."""
     L, rows = adapter.num_layers, []
-    before = vocab.top1_ids(adapter, lens.state(h[0], 0), dtype) if lens.has_layer(0) else None
+    before = engine.top1_ids(adapter, lens.state(h[0], 0), dtype) if lens.has_layer(0) else None
     for layer in range(L):
-        after = vocab.top1_ids(adapter, lens.state(h[layer + 1], layer + 1), dtype)
+        after = engine.top1_ids(adapter, lens.state(h[layer + 1], layer + 1), dtype)
         if before is not None:
             changed = (after != before).nonzero().flatten()
             if len(changed):
                 c = changed
-                mid = vocab.top1_ids(adapter, lens.state(h[layer, c] + attn[layer, c], layer), dtype)
+                mid = engine.top1_ids(adapter, lens.state(h[layer, c] + attn[layer, c], layer), dtype)
                 part = np.where((mid == after[c]).numpy(), "attention",
                                 np.where((mid == before[c]).numpy(), "mlp", "both"))
                 am = margins(adapter, lens, layer + 1, h[layer + 1, c], attn[layer, c], after[c], before[c])

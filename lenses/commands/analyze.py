@@ -41,27 +41,34 @@ from pathlib import Path
 
 import torch
 
-from ..analysis.common import Usage
-from ..analysis import (
-    CAUSAL_VIEWS,
-    DEPTH_VIEWS,
+from lenses.analysis import (
     MODEL_SETTINGS,
     VIEW_NAMES,
     VIEW_SETTINGS,
+    VIEWS,
     AnalysisConfig,
     Context,
     run_view,
+    selected,
+    unread,
     view_settings,
+    write_view,
 )
-from ..cli import Parser, add_options, from_args
-from .. import convention, lifecycle
-from ..errors import LensesError
-from ..io import owner, run_id, write_csv
-from ..loading import DEFAULT_MODEL
-from ..outdir import check_target, claim
-from ..registry import select_lenses
-from ..report import Report, ViewEntry, analysis_settings, earlier_views
-from ..vocab import DTYPES, compute_dtype, warm_up_in_background
+from lenses.analysis.common import Usage
+from lenses.analysis.table import SELECTIONS
+from lenses.base import lifecycle
+from lenses.base.errors import LensesError
+from lenses.base.io import owner, run_id, write_csv
+from lenses.base.options import Parser, add_options, from_args
+from lenses.base.outdir import check_target, claim
+from lenses.engine import DTYPES, compute_dtype, warm_up_in_background
+from lenses.kinds.registry import select_lenses
+from lenses.model.loading import DEFAULT_MODEL
+from lenses.pages.grid import lens_grid, plot_grid, visible
+from lenses.pages.grid_page import write_grid_html
+from lenses.pages.report import Report, ViewEntry, analysis_settings, earlier_views
+from lenses.text import convention
+from lenses.text.chat import chat_turn, generate
 
 GROUPS = {"model": "model", "lens": "lenses", "runtime": "running", "prompt": "prompt decoding (without --view)",
           "views": "views", "causal": "causal checks (early-exit, patching, layer-skip)"}
@@ -69,30 +76,29 @@ GROUPS = {"model": "model", "lens": "lenses", "runtime": "running", "prompt": "p
 
 def parse_args(argv=None, prog: str = "analyze.py") -> tuple[AnalysisConfig, str | None]:
     p = Parser(description=__doc__, prog=prog)
-    p.add_argument("--view", choices=(*VIEW_NAMES, "all", "causal"), default=None,
-                   help="which view to run; all = the four depth views, causal = early-exit, patching and "
-                        "layer-skip (default: none, decode --prompt)")
+    p.add_argument("--view", choices=(*VIEW_NAMES, *SELECTIONS), default=None,
+                   help="which view to run: " + "; ".join(f"{v.name}: {v.about}" for v in VIEWS.values() if v.module)
+                   + "; " + "; ".join(f"{k} = {', '.join(names)}" for k, names in SELECTIONS.items())
+                   + " (default: none, decode --prompt)")
     add_options(p, AnalysisConfig, GROUPS)
     a = p.parse_args(argv)
     cfg = from_args(AnalysisConfig, a)
-    chat_views = {"facts", "mcq", "all"}
-    if a.view and a.view not in chat_views and (cfg.system is not None or cfg.chat_template != "auto"):
-        p.error(f"--chat-template and --system apply to the facts and mcq views and the grid, not --view {a.view}; "
-                "drop them or run one of those")
     if cfg.sample and not cfg.generate:
         p.error("--sample draws the tokens of --generate; give --generate N too")
-    if a.view and (cfg.generate or cfg.sample or cfg.sublayers):
-        p.error("--generate, --sample and --sublayers extend the grid of --prompt; run them without --view")
-    if a.view and (cfg.html or cfg.png):
-        p.error("--html and --png draw the grid of --prompt; run them without --view (views write "
-                "<out>/index.html and their own figures)")
+    missed = unread(cfg, selected(a.view))
+    if missed:
+        option, readers = missed
+        here = f"--view {a.view}" if a.view else "the grid of --prompt (no --view)"
+        readers = readers.replace("grid", "the grid of --prompt (no --view)")
+        p.error(f"--{option.replace('_', '-')} is not read by {here}; it is read by {readers}: drop it or run one "
+                "of those")
     return cfg, a.view
 
 
 def main(argv=None, prog: str = "analyze.py") -> int:
     """``analyze.py`` / ``lenses analyze``: parse ``argv`` and run the views or the grid."""
     cfg, view = parse_args(argv, prog)
-    names = ["grid"] if view is None else list({"all": DEPTH_VIEWS, "causal": CAUSAL_VIEWS}.get(view, (view,)))
+    names = selected(view)
     with claim(cfg.out, "analysis", resumable=False) as folder, owner(run_id("analysis", cfg.out)):
         for option, path in (("--html", cfg.html), ("--png", cfg.png)):
             if path:
@@ -120,7 +126,7 @@ def main(argv=None, prog: str = "analyze.py") -> int:
 
 
 def warm_up(cfg: AnalysisConfig) -> None:
-    """Compile the tracing kernels in the background while the model loads (`lenses.vocab.warm_up_in_background`),
+    """Compile the tracing kernels in the background while the model loads (`engine.vocab.warm_up_in_background`),
     for the device the model will be on (a model spread by ``--device-map`` compiles them on first use)."""
     if cfg.device_map is None:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -134,7 +140,7 @@ def run_views(ctx: Context, names: list[str], report: Report) -> None:
         lifecycle.check_stop()
         start = time.time()
         result = run_view(name, ctx)
-        written = result.write(cfg.out)
+        written = write_view(result, cfg.out)
         report.views.append(ViewEntry(name, result.lines(), written, time.time() - start,
                                       settings=view_settings(cfg, name), data=[u.record() for u in result.usage]))
         index = report.write(cfg.out)  # after every view: an interrupted run still has its page
@@ -185,10 +191,6 @@ def _settings_differ(view: dict, mine: dict) -> str:
 
 
 def decode_prompt(ctx: Context, report: Report) -> int:
-    from lenses.viz import lens_grid, plot_grid, visible, write_grid_html
-
-    from lenses.chat import chat_turn, generate
-
     cfg = ctx.cfg
     start = time.time()
     chat, why = ctx.chat

@@ -13,8 +13,8 @@ option would make it fit; --json prints one object instead. Exit status 0 whethe
 
 from __future__ import annotations
 
-from ..cli import Parser, add_options, from_args
-from ..plan import PlanOptions, model_shapes, plan
+from lenses.base.options import Parser, add_options, from_args
+from lenses.jobs.plan import PlanOptions, model_shapes, plan
 
 
 def main(argv=None, prog: str = "lenses plan") -> int:

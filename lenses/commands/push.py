@@ -1,12 +1,12 @@
-"""``lenses push``: publish a lens folder to a hub repository with a model card (`lenses.publish`)."""
+"""``lenses push``: publish a lens folder to a hub repository with a model card (`lenses.kinds.publish`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..lens_io import load_lens
-from ..publish import FORMATS, LocalHub, push_to_hub
-from ..sources import resolve_lens_path
+from lenses.kinds.load import load_lens
+from lenses.kinds.publish import FORMATS, LocalHub, push_to_hub
+from lenses.kinds.sources import resolve_lens_path
 
 
 def main(argv: list[str]) -> int:

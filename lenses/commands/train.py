@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import os
 
-from ..cli import Parser, add_options, from_args
-from ..experiment import probe_bias_experiment
-from ..frequency import FrequencyVariant
-from ..jacobian_fit import FitConfig, fit
-from ..plots import plot_convergence, plot_heldout_kl, plot_probe_bias
-from ..train import TrainConfig, train
+from lenses.base.options import Parser, add_options, from_args
+from lenses.jobs.experiment import probe_bias_experiment
+from lenses.jobs.jlens_fit import FitConfig, fit
+from lenses.jobs.train import TrainConfig, train
+from lenses.pages.plots import plot_convergence, plot_heldout_kl, plot_probe_bias
+from lenses.text.frequency import FrequencyVariant
 
 GROUPS = {"model": "model", "recipe": "training recipe (must match on --resume)", "runtime": "running"}
 

@@ -1,0 +1,93 @@
+"""The settings of the analysis (``analyze.py`` / ``lenses analyze``): each is a field and a CLI option, declared
+once here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lenses.base.options import option
+from lenses.model.loading import ModelOptions
+from lenses.text.chat import MAX_GENERATE
+
+
+def _suffix(path: str, allowed: tuple[str, ...]) -> str | None:
+    """A check of an output file's name: its suffix says what is written (and no input is overwritten by mistake)."""
+    if Path(path).suffix.lower() not in allowed:
+        return f"should end in {' or '.join(allowed)} (got {path!r})"
+    if Path(path).is_dir():
+        return f"is a folder ({path!r}); give a file name"
+    return None
+
+
+@dataclass
+class AnalysisConfig(ModelOptions):
+    """Settings of ``analyze.py`` (and of `run_views`); each is also a CLI option."""
+
+    lens: str = option("auto", "auto | logit | both | tuned | jacobian | a lens folder, J-lens .pt file, shipped "
+                       "name or hub id, optionally labelled (jlens:runs/jlens); comma-separate several", group="lens")
+    strict: bool = option(True, "refuse a lens whose model weights differ slightly from this model's", group="lens")
+    out: str = option("out", "output folder")
+    overwrite: bool = option(False, "replace views in --out made with other settings (another model, lens, "
+                             "corpus, ...), and --html/--png files lenses did not write")
+    seed: int = option(0, "seed of every sample the views draw", min=0)
+    batch_size: int | None = option(None, "texts per forward pass in the views (none: from the memory plan, at "
+                                          "most 16; 1: one at a time)", min=1)
+    decode_dtype: str = option("auto", "dtype of the views' vocabulary matmuls: bfloat16/float16 re-score each row's "
+                               "top tokens and targets in float32, so top-1 ids stay exact (auto: bfloat16 where "
+                               "this device multiplies it natively, else float32)",
+                               choices=("auto", "float32", "bfloat16", "float16"))
+    progress: bool = option(True, "progress bars")
+    prompt: str = option("The capital of France is", "text to decode layer by layer (without --view)",
+                         group="prompt", check=lambda v: "is empty; give some text" if not v.strip() else None)
+    all_positions: bool = option(False, "print every position of --prompt, not just the last", group="prompt")
+    top_k: int = option(5, "top tokens kept per layer and position (table, page)", group="prompt", min=1)
+    html: str | None = option(None, "also write the interactive layer-by-position page here (e.g. out/lens.html)",
+                              group="prompt", check=lambda v: _suffix(v, (".html", ".htm")))
+    png: str | None = option(None, "also draw the grid as a figure here (e.g. out/lens.png; .pdf, .svg too)",
+                             group="prompt", check=lambda v: _suffix(v, (".png", ".pdf", ".svg")))
+    color: str = option("top1_prob", "colour statistic of --png", group="prompt",
+                        choices=("top1_prob", "entropy", "kl", "rank_next"))
+    chat_template: str = option("auto", "facts, mcq and the grid: wrap each prompt in the tokenizer's chat template "
+                                "(user turn; answers scored from the assistant's first token). auto: on for an "
+                                "instruct/chat model whose tokenizer has a template", group="prompt",
+                                choices=("auto", "on", "off"))
+    system: str | None = option(None, "a system prompt for the chat template", group="prompt")
+    generate: int | None = option(None, "grid: generate this many tokens after --prompt and trace them too (at "
+                                  f"most {MAX_GENERATE} and the model's positions)", group="prompt", min=1,
+                                  below=MAX_GENERATE + 1)
+    sample: bool = option(False, "grid: sample the generated tokens (with --seed) instead of greedy", group="prompt")
+    sublayers: bool = option(False, "grid: also the half layers l + 0.5 (after each block's attention, before its "
+                             "MLP), read with layer l's reading", group="prompt")
+    corpus: str | None = option(None, "text for frequency, pos and representation: wikipedia, books, pydocs, "
+                                      "a .txt/.jsonl file or folder, or generated:N[:SOURCE] (N chat transcripts "
+                                      "the model writes; none: wikipedia)", group="views")
+    facts: str | None = option(None, "facts JSONL: {prompt, answer}, CounterFact or MQuAKE (none: shipped set)",
+                               group="views")
+    mcq: str | None = option(None, "MMLU-layout CSV: question,A,B,C,D,answer (none: shipped set)", group="views")
+    frequencies: str | None = option(None, "token_frequencies.safetensors (none: counted on --corpus)",
+                                     group="views")
+    num_positions: int = option(1000, "frequency, early-exit and agreement: positions traced", group="views", min=1)
+    freq_prompts: str = option("paragraphs", "frequency: one held-out paragraph per prompt cut at a random word "
+                               "(the paper), or positions of held-out blocks", group="views",
+                               choices=("paragraphs", "blocks"))
+    num_texts: int = option(200, "pos: paragraphs tagged", group="views", min=1)
+    num_facts: int | None = option(None, "facts: sample this many (none: all)", group="views", min=1)
+    num_questions: int = option(100, "mcq: questions scored", group="views", min=1)
+    num_prompts: int = option(200, "representation: prompts", group="views", min=2)
+    prompt_tokens: int = option(64, "representation: tokens per prompt", group="views", min=2)
+    alpha: float = option(1.0, "representation: Renyi order (1 = von Neumann)", group="views", above=0)
+    drop_first_token: bool = option(False, "representation: leave out position 0 (attention-sink token)",
+                                    group="views")
+    hist_layer: int | None = option(None, "representation: layer of the entropy histogram (none: the middle)",
+                                    group="views", min=0)
+    tasks: str = option("sentiment,yesno,continent,mcq", "patching: label-set tasks, shipped names or JSONL files "
+                        "{prompt, labels, answer}, comma-separated", group="causal")
+    num_pairs: int = option(10, "patching: prompt pairs per ordered pair of tasks", group="causal", min=1)
+    positions: str = option("last", "patching: patch the last position, or all (prompts of equal length)",
+                            group="causal", choices=("last", "all"))
+    first_token: bool = option(False, "patching: let a multi-token label stand for its first token", group="causal")
+    skip_positions: int = option(128, "layer-skip: positions scored", group="causal", min=1)
+    skip_mode: str = option("zero", "layer-skip: the skipped block's update becomes zero, or its mean",
+                            group="causal", choices=("zero", "mean"))
+

@@ -1,0 +1,1 @@
+"""Reading a model through lenses: traces over layers and positions, held-out evaluation, intervals."""
