@@ -16,7 +16,7 @@ import sys
 
 JOBS = {
     "train": "train a tuned lens (or --method jacobian: fit a Jacobian lens)",
-    "fit": "fit a Jacobian lens (= train --method jacobian)",
+    "fit": "fit a Jacobian lens",
     "analyze": "depth views, causal checks and the layer-by-position grid of a prompt",
     "plan": "each device's peak memory for a job, by component, before any weight loads",
     "push": "publish a lens folder to a hub repository with a model card (ours or tuned-lens's format)",
@@ -66,11 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         from lenses.commands import analyze
 
         return run_cli(lambda a: analyze.main(a, prog="lenses analyze"), rest)
+    if job == "fit":
+        from lenses.commands import fit
+
+        return run_cli(lambda a: fit.main(a, prog="lenses fit"), rest)
     from lenses.commands import train
 
-    if job == "fit":
-        rest = ["--method", "jacobian", *rest]
-    return run_cli(lambda a: train.main(a, prog=f"lenses {job}"), rest)
+    return run_cli(lambda a: train.main(a, prog="lenses train"), rest)
 
 
 if __name__ == "__main__":

@@ -449,7 +449,23 @@ def keep_run(out: Path, name: str) -> None:
     print(f"kept {', '.join(kept)} of {out} in {dest.relative_to(ROOT)}")
 
 
+def package_layout() -> tuple[str, str]:
+    """The rooms of lenses/: each folder with its first docstring line, its modules and their line counts."""
+    import ast
+
+    rows = ["| room | what it holds | modules (lines) |", "|---|---|---|"]
+    for folder in sorted(p for p in (ROOT / "lenses").iterdir() if (p / "__init__.py").exists()):
+        doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text(encoding="utf-8"))) or ""
+        mods = sorted(folder.glob("*.py"))
+        count = ", ".join(f"`{m.stem}` {len(m.read_text(encoding='utf-8').splitlines())}" for m in mods
+                          if m.name != "__init__.py")
+        total = sum(len(m.read_text(encoding="utf-8").splitlines()) for m in mods)
+        rows.append(f"| `{folder.name}/` ({total}) | {' '.join(doc.split(chr(10) * 2)[0].split())} | {count} |")
+    return "lenses/*/", "\n".join(rows) + "\n"
+
+
 TABLES = {
+    "layout": package_layout,
     "lens-layers": lens_layers,
     "benchmark": benchmark_rows,
     "benchmark-profile": benchmark_profile,

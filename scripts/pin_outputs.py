@@ -28,10 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["--seq-len", "32", "--batch-size", "2", "--max-tokens", "256", "--steps", "4", "--max-eval-tokens", "64"]
 FIT = ["--num-prompts", "2", "--seq-len", "24", "--skip-first", "2", "--min-chars", "20", "--eval-tokens", "64",
        "--dim-batch", "8"]
-VIEW = ["--num-positions", "16", "--num-texts", "3", "--num-facts", "2", "--num-questions", "4", "--num-prompts", "3",
-        "--prompt-tokens", "16", "--num-pairs", "1", "--skip-positions", "8"]
-VIEWS = ["frequency", "pos", "facts", "mcq", "representation", "early-exit", "patching", "layer-skip", "agreement",
-         "calibration", "sublayer"]
+POSITIONS = ["--num-positions", "16"]
+VIEWS = {  # each view with the tiny counts of the settings it reads (an option a view does not read is refused)
+    "frequency": POSITIONS, "pos": ["--num-texts", "3"], "facts": ["--num-facts", "2"], "mcq": ["--num-questions", "4"],
+    "representation": ["--num-prompts", "3", "--prompt-tokens", "16"], "early-exit": POSITIONS,
+    "patching": ["--num-pairs", "1"], "layer-skip": ["--skip-positions", "8"], "agreement": POSITIONS,
+    "calibration": POSITIONS, "sublayer": POSITIONS}
 VOLATILE = ("time", "second", "written", "date", "run_id", "host", "version", "python", "torch", "cpu", "elapsed",
             "started", "finished", "commit", "per_s")
 
@@ -64,10 +66,11 @@ def run(out: Path, inputs: Path | None) -> None:
     lenses = f"logit,tuned:{out / 'tuned'},jacobian:{out / 'jlens'}"
     _call("analyze.py", "--prompt", "The quick brown fox jumps over", "--model", model, "--lens", lenses,
           "--out", str(out / "grid"))
-    for view in VIEWS:
+    for view, counts in VIEWS.items():
         tasks = f"{out}/inputs/task_ab.jsonl,{out}/inputs/task_cd.jsonl"
-        extra = ["--tasks", tasks] if view == "patching" else []
-        _call("analyze.py", "--view", view, "--out", f"{out}/views/{view}", "--lens", lenses, *common, *VIEW, *extra)
+        reads = {"patching": ["--tasks", tasks], "facts": [], "mcq": []}.get(view, ["--corpus", corpus])
+        _call("analyze.py", "--view", view, "--out", f"{out}/views/{view}", "--lens", lenses, "--model", model, *reads,
+              *counts)
         print(f"pinned {view}", flush=True)
 
 
@@ -81,9 +84,9 @@ def _tables(a: Path, b: Path) -> float:
             continue
         if pd.api.types.is_numeric_dtype(x[col]) and pd.api.types.is_numeric_dtype(y[col]):
             u, v = x[col].to_numpy(float), y[col].to_numpy(float)
-            if not np.array_equal(np.isnan(u), np.isnan(v)):
+            if not np.array_equal(np.isnan(u), np.isnan(v)) or not np.array_equal(np.isinf(u), np.isinf(v)):
                 return float("inf")
-            both = ~np.isnan(u)
+            both = np.isfinite(u)
             worst = max(worst, float(np.abs(u[both] - v[both]).max(initial=0.0)))
         elif not x[col].astype(str).equals(y[col].astype(str)):
             return float("inf")

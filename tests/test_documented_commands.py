@@ -164,8 +164,13 @@ def adapt(cmd: str, world: Path) -> list[str]:
         extra["--corpus"] = str(inputs / "corpus.txt")
     if script == "train_probes.py":
         extra.update(FIT_TINY if "--method" in given and "jacobian" in argv else TRAIN_TINY)
-    else:
-        extra.update(VIEW_TINY)
+    else:  # the tiny counts of the settings the command's views read (an option no view reads is refused)
+        from lenses.analysis import VIEWS, selected
+
+        view = argv[argv.index("--view") + 1] if "--view" in argv else None
+        read = {f"--{k.replace('_', '-')}" for n in selected(view) for k in VIEWS[n].settings}
+        extra = {k: v for k, v in extra.items() if k != "--corpus" or k in read}
+        extra.update({k: v for k, v in VIEW_TINY.items() if k in read})
         if {"causal", "patching"} & set(argv) and "--tasks" not in given:  # the shipped tasks' labels are
             extra["--tasks"] = f"{inputs / 'task_ab.jsonl'},{inputs / 'task_cd.jsonl'}"  # words: several bytes
     if "--model" in given:

@@ -86,15 +86,14 @@ def view_settings(cfg: AnalysisConfig, name: str) -> dict:
     return {k: getattr(cfg, k) for k in MODEL_SETTINGS + VIEWS[name].settings}
 
 
-def unread(cfg: AnalysisConfig, names: list[str]) -> tuple[str, str] | None:
-    """``(option, the views that read it)`` for a view setting given (not at its default) that none of the views
-    ``names`` reads; None when every one given is read."""
+def unread(cfg: AnalysisConfig, names: list[str]) -> list[tuple[str, str]]:
+    """``(option, the views that read it)`` for every view setting given (not at its default) that none of the
+    views ``names`` reads."""
     default = AnalysisConfig()
     read = {k for n in names for k in VIEWS[n].settings + VIEWS[n].draws}
-    for key in dict.fromkeys(k for v in VIEWS.values() for k in v.settings + v.draws):
-        if key not in read and getattr(cfg, key) != getattr(default, key):
-            return key, ", ".join(v.name for v in VIEWS.values() if key in v.settings + v.draws)
-    return None
+    return [(key, ", ".join(v.name for v in VIEWS.values() if key in v.settings + v.draws))
+            for key in dict.fromkeys(k for v in VIEWS.values() for k in v.settings + v.draws)
+            if key not in read and getattr(cfg, key) != getattr(default, key)]
 
 
 def get_view(name: str) -> ModuleType:

@@ -70,6 +70,8 @@ from lenses.pages.report import Report, ViewEntry, analysis_settings, earlier_vi
 from lenses.text import convention
 from lenses.text.chat import chat_turn, generate
 
+REFUSED = ("chat_template", "system", "generate", "sample", "sublayers", "html", "png")  # a setting given where no
+# view reads it is a note, these a refusal (they change what a person expects to see)
 GROUPS = {"model": "model", "lens": "lenses", "runtime": "running", "prompt": "prompt decoding (without --view)",
           "views": "views", "causal": "causal checks (early-exit, patching, layer-skip)"}
 
@@ -85,13 +87,13 @@ def parse_args(argv=None, prog: str = "analyze.py") -> tuple[AnalysisConfig, str
     cfg = from_args(AnalysisConfig, a)
     if cfg.sample and not cfg.generate:
         p.error("--sample draws the tokens of --generate; give --generate N too")
-    missed = unread(cfg, selected(a.view))
-    if missed:
-        option, readers = missed
+    for option, readers in unread(cfg, selected(a.view)):
         here = f"--view {a.view}" if a.view else "the grid of --prompt (no --view)"
         readers = readers.replace("grid", "the grid of --prompt (no --view)")
-        p.error(f"--{option.replace('_', '-')} is not read by {here}; it is read by {readers}: drop it or run one "
-                "of those")
+        line = f"--{option.replace('_', '-')} is not read by {here}; it is read by {readers}"
+        if option in REFUSED:
+            p.error(f"{line}: drop it or run one of those")
+        print(f"note: {line}; it has no effect here", file=sys.stderr)
     return cfg, a.view
 
 

@@ -1,12 +1,11 @@
-"""Train a tuned lens (per-layer affine translators) or fit a Jacobian lens for a causal LM.
+"""Train a tuned lens (per-layer affine translators) for a causal LM.
 
     python train_probes.py --out runs/demo                       # default model + corpus
     python train_probes.py --model path/or/file.gguf --corpus texts/ --max-tokens 500000 --out runs/x
     python train_probes.py --out runs/demo --resume              # continue an interrupted run
     python train_probes.py --freq-topk 1 --freq-keep-prob 1e-3 --out runs/control   # a reweighted variant
     python train_probes.py --experiment probe-bias --out runs/bias  # baseline vs variants, same tokens
-    python train_probes.py --method jacobian --num-prompts 100 --out runs/jlens   # a Jacobian lens
-    python train_probes.py --method jacobian --help                # its options
+    python train_probes.py --method jacobian --num-prompts 100 --out runs/jlens   # a Jacobian lens (= lenses fit)
 
 Writes into --out: the lens (config.json + translators.safetensors), training_log.csv (step, layer,
 kl), eval.csv (held-out per-layer KL of the logit lens vs the tuned lens), eval_top1_buckets.csv
@@ -14,23 +13,20 @@ kl), eval.csv (held-out per-layer KL of the logit lens vs the tuned lens), eval_
 checkpoint.pt. --out must be new, empty, or a folder of an earlier run (--resume / --overwrite).
 Ctrl-C or SIGTERM saves a checkpoint at the next step; add --resume to continue.
 
---method jacobian writes the lens (config.json + translators.safetensors, and jacobian_lens.pt in the
-published format that TransformerLens and the reference code read), convergence.csv and .png (the
-running mean's relative change per prompt), eval.csv (held-out KL, logit vs Jacobian lens) and
-jacobian_checkpoint.pt (after every prompt; --resume continues exactly). Data-parallel over prompts
-with `torchrun --nproc_per_node N train_probes.py --method jacobian ...`; add --fsdp to shard the
-model's blocks and the sums over the processes.
+A Jacobian lens is fitted by `lenses fit` (lenses/commands/fit.py); ``--method jacobian`` here still
+runs it, with a deprecation note, for one release.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from lenses.base.options import Parser, add_options, from_args
+from lenses.commands import fit as fit_command
 from lenses.jobs.experiment import probe_bias_experiment
-from lenses.jobs.jlens_fit import FitConfig, fit
 from lenses.jobs.train import TrainConfig, train
-from lenses.pages.plots import plot_convergence, plot_heldout_kl, plot_probe_bias
+from lenses.pages.plots import plot_heldout_kl, plot_probe_bias
 from lenses.text.frequency import FrequencyVariant
 
 GROUPS = {"model": "model", "recipe": "training recipe (must match on --resume)", "runtime": "running"}
@@ -45,15 +41,13 @@ def _method(argv) -> str:
     return first.parse_known_args(argv)[0].method
 
 
-def parse_args(argv=None, prog: str = "train_probes.py") -> tuple[TrainConfig | FitConfig, str | None]:
+DEPRECATED = "note: --method jacobian is deprecated and goes in the next release; run `lenses fit` (same options)"
+
+
+def parse_args(argv=None, prog: str = "train_probes.py") -> tuple[TrainConfig, str | None]:
     p = Parser(description=__doc__, prog=prog)
     p.add_argument("--method", choices=METHODS, default="tuned",
-                   help="tuned: per-layer affine translators trained on KL; jacobian: the corpus-averaged Jacobian "
-                        "of the last block's output (default: tuned; see --method jacobian --help)")
-    if _method(argv) == "jacobian":
-        add_options(p, FitConfig, {"model": "model", "recipe": "fit recipe (must match on --resume)",
-                                   "runtime": "running"})
-        return from_args(FitConfig, p.parse_args(argv)), None
+                   help="tuned: per-layer affine translators trained on KL; jacobian: deprecated, = lenses fit")
     add_options(p, TrainConfig, GROUPS)
     add_options(p, FrequencyVariant, {"*": "frequency-reweighted variants (all neutral by default = baseline)"},
                 prefix="freq_")
@@ -70,21 +64,12 @@ def main_process() -> bool:
 
 def main(argv=None, prog: str = "train_probes.py") -> int:
     """``train_probes.py`` / ``lenses train``: parse ``argv``, train (or fit) and report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _method(argv) == "jacobian":
+        print(DEPRECATED, file=sys.stderr)
+        rest = [x for i, x in enumerate(argv) if x != "--method" and (i == 0 or argv[i - 1] != "--method")]
+        return fit_command.main([x for x in rest if x != "--method=jacobian"], prog=prog)
     cfg, experiment = parse_args(argv, prog)
-    if isinstance(cfg, FitConfig):
-        result = fit(cfg)
-        if not main_process():  # the other processes of a data-parallel fit hold the same lens
-            return 0
-        plot_convergence(result.convergence, f"{cfg.out}/convergence.png")
-        if len(result.eval):
-            plot_heldout_kl(result.eval, f"{cfg.out}/eval_kl.png",
-                            title=f"held-out KL, Jacobian lens of {result.lens.n_prompts} prompts")
-            print("\nheld-out KL(final || lens), nats per token:")
-            print(result.eval.pivot(index="layer", columns="lens",
-                                    values="kl_nats").to_string(float_format=lambda v: f"{v:.3f}"))
-        print(f"\nJacobian lens of {result.lens.n_prompts} prompts written to {cfg.out} (load with "
-              f"lenses.load_lens({cfg.out!r}, model); {cfg.out}/jacobian_lens.pt for TransformerLens)")
-        return 0
     if experiment == "probe-bias":
         shares, kl = probe_bias_experiment(cfg)
         plot_probe_bias(shares, kl, f"{cfg.out}/probe_bias.png")

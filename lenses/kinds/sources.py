@@ -10,7 +10,7 @@ from pathlib import Path
 from lenses.base.errors import LensesError
 from lenses.kinds import hub
 
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+PRETRAINED_DIR = Path(__file__).parent.parent / "pretrained"
 
 
 def available() -> list[str]:

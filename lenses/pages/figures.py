@@ -303,3 +303,19 @@ def plot_sublayer(layers: pd.DataFrame, buckets: pd.DataFrame, path: str | os.Pa
           title="by token frequency")
     b.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def plot_agreement(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Per-layer top-1 agreement and symmetric KL between each pair of lenses (agreement view)."""
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for (x, y), rows in table.groupby(["lens_a", "lens_b"], sort=False):
+        a.plot(rows.layer, rows.top1_agreement, marker=".", label=f"{x} vs {y}")
+        b.plot(rows.layer, rows.sym_kl, marker=".", label=f"{x} vs {y}")
+    a.set(xlabel="layer", ylabel="top-1 agreement", ylim=(0, 1.02), title="same top-1 token")
+    b.set(xlabel="layer", ylabel="KL(p||q) + KL(q||p), nats", yscale="symlog", title="symmetric KL")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        integer_layers(ax)
+    a.legend(fontsize=8)
+    return save_figure(fig, path)
