@@ -101,7 +101,7 @@ def test_facts_and_mcq_score_from_the_assistant_turn():
     (["--system", "be brief", "--chat-template", "off"], "--system needs the chat template"),
     (["--generate", "0"], "--generate"),
     (["--sample"], "--sample draws"),
-    (["--view", "frequency", "--system", "brief"], "--system is not read by --view frequency; it is read by the grid"),
+    (["--view", "frequency", "--system", "be brief"], "apply to the facts and mcq views"),
 ])
 def test_bad_chat_input_is_one_line_and_exit_2(tmp_path, args, words):
     model = save_tiny_model(tmp_path / "model")

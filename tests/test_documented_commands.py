@@ -164,7 +164,7 @@ def adapt(cmd: str, world: Path) -> list[str]:
         extra["--corpus"] = str(inputs / "corpus.txt")
     if script == "train_probes.py":
         extra.update(FIT_TINY if "--method" in given and "jacobian" in argv else TRAIN_TINY)
-    else:  # the tiny counts of the settings the command's views read (an option no view reads is refused)
+    else:  # the tiny counts of the settings its views read (one no view reads is a note)
         from lenses.analysis import VIEWS, selected
 
         view = argv[argv.index("--view") + 1] if "--view" in argv else None

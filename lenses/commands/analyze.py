@@ -70,8 +70,16 @@ from lenses.pages.report import Report, ViewEntry, analysis_settings, earlier_vi
 from lenses.text import convention
 from lenses.text.chat import chat_turn, generate
 
-REFUSED = ("chat_template", "system", "generate", "sample", "sublayers", "html", "png")  # a setting given where no
-# view reads it is a note, these a refusal (they change what a person expects to see)
+# A view setting given where no selected view reads it is a note; these are refused (they change what a person
+# expects to see), each group with its own message.
+REFUSED = {
+    ("chat_template", "system"): "--chat-template and --system apply to the facts and mcq views and the grid, not "
+                                 "--view {view}; drop them or run one of those",
+    ("generate", "sample", "sublayers"): "--generate, --sample and --sublayers extend the grid of --prompt; run them "
+                                         "without --view",
+    ("html", "png"): "--html and --png draw the grid of --prompt; run them without --view (views write "
+                     "<out>/index.html and their own figures)",
+}
 GROUPS = {"model": "model", "lens": "lenses", "runtime": "running", "prompt": "prompt decoding (without --view)",
           "views": "views", "causal": "causal checks (early-exit, patching, layer-skip)"}
 
@@ -87,13 +95,15 @@ def parse_args(argv=None, prog: str = "analyze.py") -> tuple[AnalysisConfig, str
     cfg = from_args(AnalysisConfig, a)
     if cfg.sample and not cfg.generate:
         p.error("--sample draws the tokens of --generate; give --generate N too")
-    for option, readers in unread(cfg, selected(a.view)):
+    missed = unread(cfg, selected(a.view))
+    for options, message in REFUSED.items():
+        if any(option in options for option, _ in missed):
+            p.error(message.format(view=a.view))
+    for option, readers in missed:
         here = f"--view {a.view}" if a.view else "the grid of --prompt (no --view)"
         readers = readers.replace("grid", "the grid of --prompt (no --view)")
-        line = f"--{option.replace('_', '-')} is not read by {here}; it is read by {readers}"
-        if option in REFUSED:
-            p.error(f"{line}: drop it or run one of those")
-        print(f"note: {line}; it has no effect here", file=sys.stderr)
+        print(f"note: --{option.replace('_', '-')} is not read by {here}; it is read by {readers}; it has no effect "
+              "here", file=sys.stderr)
     return cfg, a.view
 
 
