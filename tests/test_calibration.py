@@ -3,14 +3,11 @@ table against an independent float64 recomputation on a tiny model."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny_models import TEXT, byte_tokenizer, random_lens, tiny_inputs, tiny_model
+from tiny_models import TEXT, byte_tokenizer, random_lens, run_analyze, tiny_inputs, tiny_model
 
 from lenses import LogitLens, ModelAdapter, engine
 from lenses.analysis.calibration import bin_columns, calibration_view, ece_of_sums, expected_calibration_error
@@ -81,12 +78,11 @@ def test_calibration_view_matches_a_float64_recomputation():
     assert bins.groupby(["lens", "layer", "reference"]).n.sum().eq(90).all()
 
 
-def test_calibration_view_from_the_command_line(tmp_path):
+def test_calibration_view_from_the_command_line(tmp_path, capsys):
     root = tiny_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(root / "model"), "--corpus",
-                           str(root / "corpus.txt"), "--lens", "logit", "--view", "calibration", "--num-positions",
-                           "40", "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=600)
+    proc = run_analyze(["--model", root / "model", "--corpus", root / "corpus.txt", "--lens", "logit", "--view",
+                        "calibration", "--num-positions", "40", "--out", out, "--no-progress"], capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ECE" in proc.stdout
     table = pd.read_csv(out / "calibration_layers.csv")

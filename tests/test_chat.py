@@ -5,13 +5,11 @@ assistant's first token, and one-line refusals of bad input."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import byte_tokenizer, save_tiny_model, tiny_model
+from tiny_models import byte_tokenizer, run_analyze, save_tiny_model, tiny_model
 
 from lenses import LogitLens, ModelAdapter
 from lenses.analysis.facts import facts_view
@@ -103,25 +101,25 @@ def test_facts_and_mcq_score_from_the_assistant_turn():
     (["--sample"], "--sample draws"),
     (["--view", "frequency", "--system", "be brief"], "apply to the facts and mcq views"),
 ])
-def test_bad_chat_input_is_one_line_and_exit_2(tmp_path, args, words):
+def test_bad_chat_input_is_one_line_and_exit_2(tmp_path, args, words, capsys):
+    """In-process through the command's own entry point (`run_cli`, as ``analyze.py`` runs it)."""
     model = save_tiny_model(tmp_path / "model")
-    proc = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(model), "--lens", "logit",
-                           "--prompt", "Hello", "--out", str(tmp_path / "out"), "--no-progress", *args],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_analyze(["--model", str(model), "--lens", "logit", "--prompt", "Hello", "--out", str(tmp_path / "out"),
+                     "--no-progress", *args], capsys)
     assert proc.returncode == 2, proc.stderr[-1500:]
     assert words in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_grid_with_a_template_and_generated_tokens_from_the_command_line(tmp_path):
+
+def test_grid_with_a_template_and_generated_tokens_from_the_command_line(tmp_path, capsys):
     model = save_tiny_model(tmp_path / "model")
     tok = byte_tokenizer()
     tok.chat_template = TEMPLATE
     tok.save_pretrained(model)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(model), "--lens", "logit",
-                           "--prompt", "Hello", "--chat-template", "on", "--generate", "6", "--out", str(out),
-                           "--html", str(out / "grid.html"), "--png", str(out / "grid.png"), "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_analyze(["--model", str(model), "--lens", "logit", "--prompt", "Hello", "--chat-template", "on",
+                     "--generate", "6", "--out", str(out), "--html", str(out / "grid.html"), "--png",
+                     str(out / "grid.png"), "--no-progress"], capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "generated 6 token(s) (greedy)" in proc.stdout and "chat template on" in proc.stdout
     from lenses.pages.grid import read_grid

@@ -87,6 +87,8 @@ def test_a_signal_swallowed_on_its_way_still_ends_with_130(capsys):
     assert "interrupted" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # over ~3 s: out of the fast tier, in CI
 def test_sigterm_while_loading_ends_with_130_every_time(inputs, monkeypatch, tmp_path, capsys):
     """20 of 20: SIGTERM at a random moment of a slow model load stops the run with 130, never 0."""
     from lenses.model import loading

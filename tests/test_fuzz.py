@@ -168,6 +168,8 @@ def analyze_base_all_lenses(inputs, out):
                                                (analyze.main, ANALYZE_OPTIONS, analyze_base),
                                                (analyze.main, ANALYZE_OPTIONS, analyze_base_all_lenses)],
                          ids=["train_probes", "analyze", "analyze-every-lens-kind"])
+@pytest.mark.slow
+@pytest.mark.ci  # over ~3 s: out of the fast tier, in CI
 def test_fuzz_cli(world, capsys, main, options, base):
     @FUZZ
     @given(data=st.data())

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tiny_models import random_lens, tiny_adapter
 
@@ -35,6 +36,8 @@ def _run_offline(script: str, cache: Path):
     return proc, torch.load(cache / "out.pt", weights_only=True)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # over ~3 s: out of the fast tier, in CI
 def test_hub_ids_resolve_through_the_offline_cache(tmp_path):
     adapter = tiny_adapter("gpt2")
     jlens = fit_prompts(adapter, [torch.randint(1, 90, (20,), generator=torch.Generator().manual_seed(0))])
@@ -70,6 +73,8 @@ def test_known_published_lenses():
     assert jacobian_file("meta-llama/Llama-3.1-8B") == jacobian_file("llama3.1-8b") == path
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # over ~3 s: out of the fast tier, in CI
 def test_any_repository_revision_and_subfolder(tmp_path):
     """``owner/repo[@revision]:subfolder``: community lenses kept one per subfolder, at a branch or commit."""
     adapter = tiny_adapter("gpt2")

@@ -42,6 +42,8 @@ def rms_norm_in_input_dtype(self, hidden_states):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.slow
+@pytest.mark.ci  # over ~3 s: out of the fast tier, in CI
 def test_fit_equals_brute_force_float64(family, monkeypatch):
     from transformers.models.llama import modeling_llama
 

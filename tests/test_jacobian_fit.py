@@ -136,6 +136,8 @@ def test_two_processes_match_one(setup, tmp_path):
     torch.testing.assert_close(two.matrices.float(), one.matrices.float(), atol=1e-6, rtol=2**-10)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # over ~3 s: out of the fast tier, in CI
 def test_early_stop(setup, tmp_path):
     model, corpus = setup
     out = _cli(model, corpus, tmp_path / "tol", "--tol", "1.0", "--min-prompts", "3")

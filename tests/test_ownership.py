@@ -307,6 +307,8 @@ def test_training_says_when_text_repeats_and_records_it(files, tmp_path, capsys,
 # --------------------------------------------------------------------------- interruption of analysis
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # over ~3 s: out of the fast tier, in CI
 def test_sigterm_in_analysis_is_one_line_releases_the_lock_and_marks_missing_views(files, tmp_path):
     out = tmp_path / "out"
     # the first view (frequency) is quick; the second (part of speech) loads spaCy first: SIGTERM lands there

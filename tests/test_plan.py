@@ -13,7 +13,8 @@ import torch
 from tiny_models import save_tiny_model, tiny_model
 
 from lenses.base.errors import LensesError
-from lenses.jobs.plan import PlanOptions, components, model_shapes, parse_devices, parse_max_memory, parse_size, plan
+from lenses.base.options import parse_devices, parse_max_memory, parse_size
+from lenses.jobs.plan import PlanOptions, components, model_shapes, plan
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 ROOT = Path(__file__).parent.parent

@@ -3,13 +3,11 @@ last layer equals the quantized model's own logits, lenses trace and train on th
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_inputs, tiny_model
+from tiny_models import run_analyze, tiny_inputs, tiny_model
 
 from lenses import LensesError, LogitLens, ModelAdapter, TunedLens, engine
 from lenses.model.loading import ModelOptions, load_model, quantize_weights
@@ -55,12 +53,11 @@ def test_a_tuned_lens_trains_on_a_quantized_model(tmp_path):
     assert (kl.tuned[inner] < kl.logit[inner]).all()
 
 
-def test_bad_quantize_input_is_refused_with_one_line(tmp_path):
+def test_bad_quantize_input_is_refused_with_one_line(tmp_path, capsys):
     with pytest.raises(LensesError, match="int8 or int4"):
         quantize_weights(tiny_model("llama"), "int3")
     with pytest.raises(Exception, match="int8"):
         ModelOptions(quantize="fp4")
     inputs = tiny_inputs(tmp_path)
-    run = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(inputs / "model"), "--quantize",
-                          "int2", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    run = run_analyze(["--model", inputs / "model", "--quantize", "int2", "--out", tmp_path / "out"], capsys)
     assert run.returncode == 2 and "int8" in run.stderr and len(run.stderr.strip().splitlines()) <= 2, run.stderr

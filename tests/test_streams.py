@@ -57,6 +57,8 @@ def test_parallel_streams_are_read_flattened(model_type, shape, head):
     torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # over ~3 s: out of the fast tier, in CI
 def test_jacobian_of_parallel_streams_equals_autograd():
     """The J-lens of a 4-stream model is 256 x 256 (all streams); the fit equals autograd of the definition."""
     torch.set_num_threads(1)

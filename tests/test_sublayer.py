@@ -100,16 +100,11 @@ def test_the_grid_shows_half_layers_read_at_the_mid_block_state(tmp_path):
     assert plot_grid(table, tmp_path / "g.png").stat().st_size > 0
 
 
-def test_sublayers_on_a_model_without_parts_is_one_line_and_exit_2(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from tiny_models import save_tiny_model
+def test_sublayers_on_a_model_without_parts_is_one_line_and_exit_2(tmp_path, capsys):
+    from tiny_models import run_analyze, save_tiny_model
 
     model = save_tiny_model(tmp_path / "m", family="bloom")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "analyze.py"), "--model",
-                           str(model), "--lens", "logit", "--prompt", "Hello", "--sublayers", "--out",
-                           str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    proc = run_analyze(["--model", model, "--lens", "logit", "--prompt", "Hello", "--sublayers", "--out",
+                        tmp_path / "out", "--no-progress"], capsys)
     assert proc.returncode == 2 and "add the residual themselves" in proc.stderr, proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr

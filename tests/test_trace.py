@@ -182,6 +182,8 @@ def test_rescored_stats_equal_the_statistics_of_the_rescored_logits(family, skew
             torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # over ~3 s: out of the fast tier, in CI
 def test_the_statistics_kernels_compile_one_graph_for_any_targets_and_groups(monkeypatch):
     """``torch.compile`` gives sizes 0 and 1 graphs of their own (~10 s each on a fresh machine, once per view),
     so the kernels see at least two target columns and rows, and "no groups" shaped as groups: 0, 1 and 3
@@ -231,6 +233,8 @@ def test_the_statistics_kernels_compile_one_graph_for_any_targets_and_groups(mon
     assert counters["stats"]["unique_graphs"] - graphs == 3  # the two statistics kernels and `_exact`'s
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # over ~3 s: out of the fast tier, in CI
 def test_kernels_warmed_up_in_the_background_are_the_ones_tracing_uses(monkeypatch):
     """`engine.warm_up_in_background` (the analysis CLI starts it before the model loads) compiles every kernel
     a bfloat16 trace calls, for any vocabulary: after it, tracing a model of another vocabulary size (not a

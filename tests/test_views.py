@@ -210,6 +210,8 @@ def test_bucket_names_cover_all_ranks():
                                             "1001+"]
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # over ~3 s: out of the fast tier, in CI
 def test_batched_views_write_the_same_tables(tmp_path):
     """`--batch-size 4` against one text at a time, end to end through `lenses analyze` on the four
     depth views: every CSV has the same rows, the same top-1 ids and ranks, numbers within 1e-5."""

@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lenses.base.options import option
+from lenses.base.options import RunOptions, option
 from lenses.model.loading import ModelOptions
 from lenses.text.chat import MAX_GENERATE
+from lenses.text.corpora import CorpusOptions
 
 
 def _suffix(path: str, allowed: tuple[str, ...]) -> str | None:
@@ -21,15 +22,12 @@ def _suffix(path: str, allowed: tuple[str, ...]) -> str | None:
 
 
 @dataclass
-class AnalysisConfig(ModelOptions):
+class AnalysisConfig(ModelOptions, RunOptions, CorpusOptions):
     """Settings of ``analyze.py`` (and of `run_views`); each is also a CLI option."""
 
     lens: str = option("auto", "auto | logit | both | tuned | jacobian | a lens folder, J-lens .pt file, shipped "
                        "name or hub id, optionally labelled (jlens:runs/jlens); comma-separate several", group="lens")
     strict: bool = option(True, "refuse a lens whose model weights differ slightly from this model's", group="lens")
-    out: str = option("out", "output folder")
-    overwrite: bool = option(False, "replace views in --out made with other settings (another model, lens, "
-                             "corpus, ...), and --html/--png files lenses did not write")
     seed: int = option(0, "seed of every sample the views draw", min=0)
     batch_size: int | None = option(None, "texts per forward pass in the views (none: from the memory plan, at "
                                           "most 16; 1: one at a time)", min=1)
@@ -37,7 +35,6 @@ class AnalysisConfig(ModelOptions):
                                "top tokens and targets in float32, so top-1 ids stay exact (auto: bfloat16 where "
                                "this device multiplies it natively, else float32)",
                                choices=("auto", "float32", "bfloat16", "float16"))
-    progress: bool = option(True, "progress bars")
     prompt: str = option("The capital of France is", "text to decode layer by layer (without --view)",
                          group="prompt", check=lambda v: "is empty; give some text" if not v.strip() else None)
     all_positions: bool = option(False, "print every position of --prompt, not just the last", group="prompt")
@@ -59,9 +56,6 @@ class AnalysisConfig(ModelOptions):
     sample: bool = option(False, "grid: sample the generated tokens (with --seed) instead of greedy", group="prompt")
     sublayers: bool = option(False, "grid: also the half layers l + 0.5 (after each block's attention, before its "
                              "MLP), read with layer l's reading", group="prompt")
-    corpus: str | None = option(None, "text for frequency, pos and representation: wikipedia, books, pydocs, "
-                                      "a .txt/.jsonl file or folder, or generated:N[:SOURCE] (N chat transcripts "
-                                      "the model writes; none: wikipedia)", group="views")
     facts: str | None = option(None, "facts JSONL: {prompt, answer}, CounterFact or MQuAKE (none: shipped set)",
                                group="views")
     mcq: str | None = option(None, "MMLU-layout CSV: question,A,B,C,D,answer (none: shipped set)", group="views")

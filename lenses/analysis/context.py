@@ -17,9 +17,9 @@ from lenses.jobs.plan import trace_batch_size
 from lenses.model.adapter import ModelAdapter
 from lenses.model.loading import DEFAULT_MODEL
 from lenses.text import corpora
-from lenses.text.chat import generated_corpus, is_generated, parse_generated, use_template
+from lenses.text.chat import is_generated, parse_generated, read_corpus, use_template
 from lenses.text.corpora import NAMES
-from lenses.text.data import read_texts, split_documents, tokenize
+from lenses.text.data import split_documents, tokenize
 
 
 @dataclass
@@ -70,19 +70,17 @@ class Context:
     def texts(self) -> list[str]:
         """Every document of ``--corpus`` (``generated:N[:SOURCE]``: N chat transcripts the model writes, as
         `train_probes.py` makes them, `lenses.text.chat.generated_corpus`)."""
-        if is_generated(self.cfg.corpus):
-            return self.generated(parse_generated(self.cfg.corpus)[0])
-        return read_texts(self.cfg.corpus)
+        return read_corpus(self.cfg.corpus, self.adapter, self.tokenizer, self.cfg.seed, self.cfg.progress)
 
     def generated(self, n: int) -> list[str]:
         """The first ``n`` transcripts of ``--corpus generated:...:SOURCE`` (the same ones at every ``n``)."""
         source = parse_generated(self.cfg.corpus)[1]
-        return generated_corpus(self.adapter, self.tokenizer, f"generated:{n}" + (f":{source}" if source else ""),
-                                seed=self.cfg.seed, progress=self.cfg.progress)
+        return read_corpus(f"generated:{n}" + (f":{source}" if source else ""), self.adapter, self.tokenizer,
+                           self.cfg.seed, self.cfg.progress)
 
     @property
     def corpus_name(self) -> str:
-        return self.cfg.corpus or corpora.DEFAULT
+        return corpora.resolve_name(self.cfg.corpus)
 
     def trained_on(self) -> list[str]:
         """Names of the lenses here that were trained or fitted on ``--corpus``."""
@@ -138,7 +136,7 @@ def _lens_corpus(lens) -> str | None:
     config = getattr(lens, "config", {}) or {}
     training = config.get("training") if isinstance(config.get("training"), dict) else {}
     if "corpus" in training:
-        return training["corpus"] or corpora.DEFAULT
+        return corpora.resolve_name(training["corpus"])
     corpus = config.get("corpus")
     return corpus if isinstance(corpus, str) else None
 
@@ -148,7 +146,7 @@ def _corpus_key(name: str | None) -> str | None:
     if name is None or name in NAMES:
         return name
     if is_generated(name):  # transcripts i are the same at every N: one corpus per SOURCE
-        return "generated:" + (parse_generated(name)[1] or corpora.DEFAULT)
+        return "generated:" + corpora.resolve_name(parse_generated(name)[1])
     return str(Path(name).resolve())
 
 

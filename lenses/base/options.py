@@ -16,7 +16,7 @@ import re
 import sys
 import types
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -119,8 +119,8 @@ def add_options(parser: argparse.ArgumentParser, cls, groups: dict[str, str] | N
         kind = _base_type(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = "none" if default is None else default
-        help_text = f.metadata["help"] if default is None and "none:" in f.metadata["help"] else (
-            f"{f.metadata['help']} (default: {shown})")
+        said = f.metadata["help"].replace("{OUT}", str(getattr(cls, "OUT", "")))
+        help_text = said if default is None and "none:" in said else f"{said} (default: {shown})"
         dest = prefix + f.name
         if kind is bool and default is True:
             target.add_argument(flag_name("no_" + dest), dest=dest, action="store_false",
@@ -203,6 +203,41 @@ class Options:
 
     def __post_init__(self):
         validate(self, self.option_prefix)
+
+
+# The option groups every job shares, declared once (composed like `lenses.model.loading.ModelOptions`).
+
+
+@dataclasses.dataclass
+class RunOptions(Options):
+    """Where a job writes and how it shows its progress: train, fit and analyze. A job names its own default
+    folder in ``OUT``."""
+
+    OUT: ClassVar[str] = "out"
+    out: str | None = option(None, "output folder (none: {OUT})")
+    overwrite: bool = option(False, "replace what an earlier run wrote in --out (a finished result, an interrupted "
+                             "run, views made with other settings) and --html/--png files lenses did not write")
+    progress: bool = option(True, "progress bars")
+
+    def __post_init__(self):
+        if self.out is None:
+            self.out = self.OUT
+        super().__post_init__()
+
+
+@dataclasses.dataclass
+class ResumeOptions(RunOptions):
+    """A run folder with a checkpoint: training and the J-lens fit."""
+
+    resume: bool = option(False, "continue the interrupted run in --out from its checkpoint")
+
+
+@dataclasses.dataclass
+class ParallelOptions(Options):
+    """Several processes: training, the J-lens fit and their memory plan."""
+
+    fsdp: bool = option(False, "shard the model's blocks and what the job fits (the lens, or the J-lens's running "
+                               "sums) over the processes (PyTorch FSDP2; under torchrun, any number of processes)")
 
 
 def check_device(name: str) -> str | None:

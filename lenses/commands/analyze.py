@@ -81,6 +81,7 @@ REFUSED = {
                      "<out>/index.html and their own figures)",
 }
 GROUPS = {"model": "model", "lens": "lenses", "runtime": "running", "prompt": "prompt decoding (without --view)",
+          "recipe": "views",
           "views": "views", "causal": "causal checks (early-exit, patching, layer-skip)"}
 
 

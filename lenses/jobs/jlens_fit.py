@@ -38,7 +38,7 @@ import torch
 
 from lenses.base.errors import DataError, LensesError
 from lenses.base.io import atomic_write, write_csv
-from lenses.base.options import option
+from lenses.base.options import ParallelOptions, ResumeOptions, option
 from lenses.jobs import sharding
 from lenses.jobs.jlens_estimator import (
     SKIP_FIRST,
@@ -55,6 +55,7 @@ from lenses.kinds.lens import LogitLens
 from lenses.model.adapter import ModelAdapter
 from lenses.model.loading import DEFAULT_MODEL, ModelOptions
 from lenses.text import convention, corpora
+from lenses.text.corpora import CorpusOptions
 from lenses.text.data import make_blocks
 from lenses.tracing.evaluate import evaluate
 
@@ -77,13 +78,11 @@ def _check_layer_spec(text: str | None) -> str | None:
 
 
 @dataclass
-class FitConfig(ModelOptions):
-    """A Jacobian-lens fit (``train_probes.py --method jacobian``)."""
+class FitConfig(ModelOptions, ParallelOptions, ResumeOptions, CorpusOptions):
+    """A Jacobian-lens fit (``lenses fit``)."""
 
-    corpus: str | None = option(None, "prompts' text: wikipedia, books, pydocs, a file/folder, or generated:N[:SOURCE] "
-                                "(N chat transcripts the model writes, as training reads them) (none: wikipedia)",
-                                group="recipe")
-    out: str = option("runs/jlens", "output folder", group="runtime")
+    OUT = "runs/jlens"
+
     num_prompts: int = option(100, "prompts to fit (the reference: ~100 usable, 1,000 published)", group="recipe",
                               min=1)
     seq_len: int = option(128, "tokens per prompt (BOS included)", group="recipe", min=3)
@@ -98,11 +97,6 @@ class FitConfig(ModelOptions):
                              "(0: fit every prompt)", group="runtime", min=0)
     min_prompts: int = option(16, "never stop early before this many prompts", group="runtime", min=1)
     eval_tokens: int = option(4096, "held-out tokens for the lens's KL table (0: none)", group="runtime", min=0)
-    fsdp: bool = option(False, "shard the model's blocks and the running sums over the processes (PyTorch FSDP2; "
-                               "under torchrun)", group="runtime")
-    progress: bool = option(True, "progress bar", group="runtime")
-    resume: bool = option(False, "continue the fit in --out from its checkpoint", group="runtime")
-    overwrite: bool = option(False, "replace a finished lens or interrupted fit in --out", group="runtime")
 
     def recipe(self) -> dict[str, Any]:
         import dataclasses
@@ -168,7 +162,7 @@ def fit_setup(job: Job, cfg: FitConfig) -> FitRun:
                         f"{cfg.skip_first + 1} tokens; lower --min-chars or --skip-first, or add text.")
     if dp.main:
         print(f"data: fitting on {len(prompts):,} prompts (asked for {cfg.num_prompts:,}) of up to {cfg.seq_len} "
-              f"tokens from the training side of {cfg.corpus or corpora.DEFAULT} ({len(texts):,} documents)")
+              f"tokens from the training side of {corpora.resolve_name(cfg.corpus)} ({len(texts):,} documents)")
         if len(prompts) < cfg.num_prompts:
             print(f"note: the corpus gives {len(prompts)} prompts, fewer than --num-prompts {cfg.num_prompts}")
     identity = {"recipe": cfg.recipe(), "prompts": _digest(prompts), "world": dp.world,
@@ -330,7 +324,7 @@ def fit_finish(run: FitRun) -> FitResult:
         dp.sum_(sums, n)
     lens = JacobianLens.from_matrices(
         {k: sums[j] / n.item() for j, k in enumerate(run.layers)}, adapter.num_layers,
-        {"model": cfg.model or DEFAULT_MODEL, "n_prompts": int(n.item()), "corpus": cfg.corpus or corpora.DEFAULT,
+        {"model": cfg.model or DEFAULT_MODEL, "n_prompts": int(n.item()), "corpus": corpora.resolve_name(cfg.corpus),
          "skip_first": cfg.skip_first, "seq_len": cfg.seq_len, "fit_seconds": run.before + run.seconds,
          "final_rel_change": state.log[-1][3] if state.log else None,
          "input": convention.of(run.job.tokenizer).record(run.job.tokenizer)},

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from lenses.base.errors import LensesError, first_line
-from lenses.base.options import Options, option, parse_devices, parse_max_memory, parse_size  # noqa: F401
+from lenses.base.options import ParallelOptions, option, parse_devices
 from lenses.model.discovery import find_parts
 from lenses.model.loading import DEFAULT_MODEL, MODELS, model_file
 
@@ -135,7 +135,7 @@ def _check_kinds(text: str) -> str | None:
 
 
 @dataclass
-class PlanOptions(Options):
+class PlanOptions(ParallelOptions):
     """The options that decide a job's memory (the same names as the job's own options)."""
 
     job: str = option("train", "train (tuned lens), fit (Jacobian lens) or trace (the views)", group="recipe",
@@ -153,7 +153,6 @@ class PlanOptions(Options):
     dim_batch: int = option(8, "J-lens fit: output dimensions per backward pass", group="recipe", min=1)
     devices: str | None = option(None, "the devices, e.g. 8x80GiB (none: this machine's GPUs, else its memory)",
                                  group="runtime", check=lambda v: parse_devices(v) and None)
-    fsdp: bool = option(False, "shard the model's blocks and the lens over the processes (FSDP2)", group="runtime")
     device_type: str | None = option(None, "cpu or cuda: which runtime overhead to count (none: from the machine)",
                                      group="runtime", choices=("cpu", "cuda"))
 

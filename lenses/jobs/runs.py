@@ -25,8 +25,7 @@ from lenses.base.outdir import OutputFolder, claim
 from lenses.jobs.distributed import DataParallel
 from lenses.model import fingerprint
 from lenses.model.adapter import ModelAdapter
-from lenses.text.chat import generated_corpus, is_generated
-from lenses.text.data import read_texts
+from lenses.text.chat import is_generated, read_corpus
 
 
 @dataclass
@@ -74,14 +73,13 @@ def stop_on_signal() -> Iterator[Callable[[], bool]]:
 
 
 def job_corpus(job: Job, corpus: str | None, seed: int = 0, progress: bool = False) -> list[str]:
-    """The documents of ``--corpus``, read the same way by every job (training, the J-lens fit):
-    ``generated:N[:SOURCE]`` are chat transcripts the model writes itself (`lenses.text.chat.generated_corpus`: the
-    first process writes them, the others then read its cache); anything else goes to `lenses.text.data.read_texts`."""
+    """`lenses.text.chat.read_corpus` in a job of one or several processes: transcripts the model writes
+    (``generated:N``) are written by the first process, and the others then read its cache."""
     if not is_generated(corpus):
-        return read_texts(corpus)
+        return read_corpus(corpus, job.adapter, job.tokenizer)
     if job.dp.world > 1 and not job.dp.main:
         job.dp.barrier()
-    texts = generated_corpus(job.adapter, job.tokenizer, corpus, seed=seed, progress=progress)
+    texts = read_corpus(corpus, job.adapter, job.tokenizer, seed, progress)
     if job.dp.world > 1 and job.dp.main:
         job.dp.barrier()
     return texts

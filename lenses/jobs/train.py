@@ -210,7 +210,7 @@ def data_accounting(cfg: TrainConfig, total: int, train_blocks: torch.Tensor, ev
                     n_docs: int, first: int = 0) -> dict[str, Any]:
     """Training and held-out tokens asked for, available and used, and how often the training text
     repeats; ``lines`` says it in words (printed, and kept in the lens's config)."""
-    source = cfg.corpus or corpora.DEFAULT
+    source = corpora.resolve_name(cfg.corpus)
     train_avail, used = int(train_blocks.numel()), total * cfg.tokens_per_step
     asked_eval = max(1, cfg.max_eval_tokens // cfg.seq_len) * cfg.seq_len
     passes = used / max(1, train_avail)

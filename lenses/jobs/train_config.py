@@ -2,12 +2,15 @@
 option, declared once here; ``recipe`` fields decide the result and must match on ``--resume``."""
 
 from __future__ import annotations
+
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
 from lenses.base.errors import LensesError
-from lenses.base.options import option
+from lenses.base.options import ParallelOptions, ResumeOptions, option
 from lenses.model.loading import ModelOptions
+from lenses.text.corpora import CorpusOptions
 from lenses.text.frequency import FrequencyVariant
 
 
@@ -16,14 +19,12 @@ def _positive_or_none(v):
 
 
 @dataclass
-class TrainConfig(ModelOptions):
+class TrainConfig(ModelOptions, ParallelOptions, ResumeOptions, CorpusOptions):
     """Everything that defines a training run. ``recipe`` and ``model`` fields (except device and
     device map) decide the result and must match on ``--resume``; ``runtime`` fields are free."""
 
-    corpus: str | None = option(None, "text: wikipedia, books, pydocs, or a .txt/.jsonl file, folder or "
-                                      "save_to_disk dataset (none: wikipedia); generated:N[:SOURCE]: N chat "
-                                      "answers the model writes itself to prompts from SOURCE", group="recipe")
-    out: str = option("runs/lens", "output folder", group="runtime")
+    OUT = "runs/lens"
+
     seq_len: int = option(256, "tokens per training sequence", group="recipe", min=2)
     batch_size: int = option(8, "sequences per step", group="recipe", min=1)
     max_tokens: int | None = option(200_000, "training tokens (steps = max_tokens // (batch_size * seq_len))",
@@ -51,11 +52,6 @@ class TrainConfig(ModelOptions):
     checkpoint_every: int = option(10, "steps between checkpoints", group="runtime", min=1)
     chunk_rows: int | None = option(None, "rows of the [rows x vocab] logits buffer (none: by dtype and "
                                           "vocabulary size)", group="runtime", check=_positive_or_none)
-    progress: bool = option(True, "progress bar", group="runtime")
-    resume: bool = option(False, "continue the run in --out from its checkpoint", group="runtime")
-    overwrite: bool = option(False, "replace a finished lens or interrupted run in --out", group="runtime")
-    fsdp: bool = option(False, "shard the model's blocks and the lens over the processes (PyTorch FSDP2; under "
-                               "torchrun, any number of processes)", group="runtime")
     plan_check: bool = option(True, "refuse before loading when the memory plan (lenses plan) says the run does "
                                     "not fit the device", group="runtime")
 

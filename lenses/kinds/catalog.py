@@ -64,7 +64,7 @@ def _shipped() -> list[Entry]:
     out = []
     for name in available():
         config = json.loads((PRETRAINED_DIR / name / "config.json").read_text(encoding="utf-8"))
-        corpus = (config.get("training") or {}).get("corpus") or config.get("corpus") or corpora.DEFAULT
+        corpus = corpora.resolve_name((config.get("training") or {}).get("corpus") or config.get("corpus"))
         model = str(config.get("model") or name)
         out.append(Entry(HUB_IDS.get(model, model), config.get("lens", "tuned"),
                          "lenses", name, corpus=corpus, source="shipped in this package"))

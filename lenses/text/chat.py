@@ -202,6 +202,15 @@ def parse_generated(corpus: str) -> tuple[int, str | None]:
     return int(head), source or None
 
 
+def read_corpus(corpus: str | None, adapter, tokenizer, seed: int = 0, progress: bool = False) -> list[str]:
+    """The documents of ``--corpus``, read the same way by every job (training, the J-lens fit, the views):
+    ``generated:N[:SOURCE]`` are chat transcripts the model writes itself (`generated_corpus`), anything else
+    is read by `lenses.text.data.read_texts` (none: the default corpus)."""
+    if is_generated(corpus):
+        return generated_corpus(adapter, tokenizer, corpus, seed=seed, progress=progress)
+    return read_texts(corpus)
+
+
 def generated_corpus(adapter, tokenizer, corpus: str, seed: int = 0, system: str | None = None,
                      progress: bool = False) -> list[str]:
     """The documents of ``--corpus generated:N[:SOURCE]``: N chat transcripts the model writes itself. Each
@@ -219,7 +228,7 @@ def generated_corpus(adapter, tokenizer, corpus: str, seed: int = 0, system: str
                           "generate; train on text (--corpus wikipedia) instead.")
     docs = [d for d in read_texts(source) if len(d.strip()) >= 40]
     contents = hashlib.sha256("\0".join(docs).encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    key = {"fingerprint": adapter.fingerprint(), "source": source or corpora.DEFAULT, "contents": contents,
+    key = {"fingerprint": adapter.fingerprint(), "source": corpora.resolve_name(source), "contents": contents,
            "seed": seed, "system": system, "answer_tokens": ANSWER_TOKENS, "prompt_chars": PROMPT_CHARS,
            "batch": GENERATE_BATCH}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -235,8 +244,8 @@ def generated_corpus(adapter, tokenizer, corpus: str, seed: int = 0, system: str
         done = done[:len(done) - len(done) % GENERATE_BATCH]  # batches start at multiples: the same text as unbroken
         random.Random(seed).shuffle(docs)
         if len(docs) < n:
-            raise LensesError(f"--corpus {corpus}: {source or corpora.DEFAULT} gives {len(docs)} documents, fewer than "
-                              f"the {n} prompts asked for; ask for at most {len(docs)}.")
+            raise LensesError(f"--corpus {corpus}: {corpora.resolve_name(source)} gives {len(docs)} documents, fewer "
+                              f"than the {n} prompts asked for; ask for at most {len(docs)}.")
         path.parent.mkdir(parents=True, exist_ok=True)
         todo = docs[len(done):len(done) + -(-(n - len(done)) // GENERATE_BATCH) * GENERATE_BATCH]
         bar = tqdm(total=len(todo), desc="generating", unit="answer", disable=not progress)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from lenses.base.errors import DataError
 from lenses.base.io import cache_dir, write_json
+from lenses.base.options import Options, option
 
 WIKI_DOC_CHARS = 2000
 BOOK_DOC_CHARS = 20000
@@ -52,6 +53,21 @@ SOURCES = {
 }
 NAMES = ("wikipedia", "books", "pydocs")
 DEFAULT = "wikipedia"
+
+
+def resolve_name(corpus: str | None) -> str:
+    """The corpus ``--corpus`` names (none: `DEFAULT`)."""
+    return corpus or DEFAULT
+
+
+@dataclass
+class CorpusOptions(Options):
+    """The text a job reads: training, the J-lens fit and the corpus views; every job reads it through
+    `lenses.text.chat.read_corpus`."""
+
+    corpus: str | None = option(None, "text: wikipedia, books, pydocs, a .txt/.jsonl file or folder, a save_to_disk "
+                                      "dataset, or generated:N[:SOURCE] (N chat transcripts the model writes to "
+                                      "prompts from SOURCE) (none: wikipedia)", group="recipe")
 
 
 class MissingCorpus(DataError):
