@@ -1,7 +1,7 @@
 """``lenses``: the installed command (also ``python -m lenses``).
 
-    lenses train ...      train a tuned lens (``train_probes.py``); ``--method jacobian`` fits a J-lens
-    lenses fit ...        fit a Jacobian lens (the same as ``lenses train --method jacobian ...``)
+    lenses train ...      train a tuned lens (``train_probes.py``)
+    lenses fit ...        fit a Jacobian lens
     lenses analyze ...    the depth views, causal checks and the layer-by-position grid (``analyze.py``)
     lenses plan ...       each device's peak memory for a job, before any weight loads
     lenses push ...       publish a lens folder with a model card (lenses or tuned-lens format)
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 JOBS = {
-    "train": "train a tuned lens (or --method jacobian: fit a Jacobian lens)",
+    "train": "train a tuned lens",
     "fit": "fit a Jacobian lens",
     "analyze": "depth views, causal checks and the layer-by-position grid of a prompt",
     "plan": "each device's peak memory for a job, by component, before any weight loads",

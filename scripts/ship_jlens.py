@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="a train_probes.py --method jacobian --out folder")
+    p.add_argument("run", help="a lenses fit --out folder")
     p.add_argument("--name", required=True, help="short registry name")
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens of the evaluation")
     a = p.parse_args()
@@ -86,7 +86,7 @@ def main() -> int:
     names = " | ".join(lenses)
     card = f"""# Jacobian lens for SmolLM2-135M-Instruct
 
-A Jacobian lens (Gurnee et al. 2026) fitted with `train_probes.py --method jacobian` on
+A Jacobian lens (Gurnee et al. 2026) fitted with `lenses fit` on
 {c.get('n_prompts')} prompts of {c.get('seq_len')} tokens (BOS first) from the training side of the `{c.get('corpus')}`
 corpus (lead sections of Wikipedia's vital articles, documents of 600+ characters), skipping the
 first {c.get('skip_first')} positions as sources and targets; the reference estimator (targets summed,

@@ -68,7 +68,7 @@ def test_a_fit_started_on_the_gpu_finishes_on_the_cpu_from_another_path(tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(out, model, device, *extra):
-        cmd = [sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(model),
+        cmd = [sys.executable, "-m", "lenses", "fit", "--model", str(model),
                "--corpus", str(corpus), "--out", str(out), "--seq-len", "48", "--eval-tokens", "256",
                "--no-progress", "--device", device, "--num-prompts", "3", *extra]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -25,15 +25,15 @@ import pytest
 from tiny_models import TEXT, tiny_inputs
 
 from lenses.base.options import run_cli
-from lenses.commands import analyze
+from lenses.commands import analyze, fit
 from lenses.commands import train as train_probes
 
 ROOT = Path(__file__).parent.parent
-SCRIPTS = {"analyze.py": analyze, "train_probes.py": train_probes}
-COMMAND = re.compile(r"(?:(?:\.venv/bin/)?python\s+|(?:torchrun|accelerate launch)(?:\s+(?!train_probes)\S+)*?\s+)"
-                     r"(analyze\.py|train_probes\.py)\b[^\n`]*"
+SCRIPTS = {"analyze.py": analyze, "train_probes.py": train_probes, "lenses fit": fit}
+COMMAND = re.compile(r"(?:(?:\.venv/bin/)?python\s+|(?:torchrun|accelerate launch)(?:\s+(?!train_probes|-m\b)\S+)*?\s+)"
+                     r"(analyze\.py|train_probes\.py|-m lenses fit)\b[^\n`]*"
                      r"|(?:(?:\.venv/bin/)?python -m |\.venv/bin/|(?<![\w/.-]))lenses (?:train|fit|analyze)\b[^\n`]*")
-JOBS = {"train": "train_probes.py", "analyze": "analyze.py", "fit": "train_probes.py"}  # `lenses <job>` runs these
+JOBS = {"train": "train_probes.py", "analyze": "analyze.py", "fit": "lenses fit"}  # `lenses <job>` runs these
 # Documented commands that cannot run on one machine, with the reason (everything else must run).
 NOT_HERE = {"--num_machines": "needs several machines (HOST, machine rank R)"}
 
@@ -84,7 +84,7 @@ def test_the_docs_print_commands_of_every_kind():
     """The extraction itself can fail: the README's two first-line jobs and both CLIs' examples are found."""
     cmds = [c for _, c in COMMANDS]
     assert "python analyze.py --view all --out out/" in cmds
-    assert any(c.startswith("python train_probes.py") and "--method jacobian" in c for c in cmds)
+    assert any(c.startswith("lenses fit") for c in cmds) and any(c.startswith("python train_probes.py") for c in cmds)
     assert any("--prompt" in c for c in cmds) and any(c.startswith("torchrun") for c in cmds)
     assert len(cmds) >= 15, cmds
 
@@ -126,7 +126,7 @@ def world(tmp_path_factory):
     model, corpus = str(inputs / "model"), str(inputs / "corpus.txt")
     args = ["--model", model, "--corpus", corpus, "--no-progress"]
     assert run_cli(train_probes.main, ["--out", str(lenses / "runs/demo"), *args, *_flat(TRAIN_TINY)]) == 0
-    assert run_cli(train_probes.main, ["--method", "jacobian", "--out", str(lenses / "runs/jlens"), *args,
+    assert run_cli(fit.main, ["--out", str(lenses / "runs/jlens"), *args,
                                        *_flat(FIT_TINY)]) == 0
     return root
 
@@ -142,7 +142,7 @@ def adapt(cmd: str, world: Path) -> list[str]:
     words = shlex.split(cmd)
     if "lenses" in words and words[words.index("lenses") + 1] in JOBS:  # `lenses <job>`, `python -m lenses <job>`
         job = words[words.index("lenses") + 1]
-        words = [JOBS[job], *(["--method", "jacobian"] if job == "fit" else []), *words[words.index("lenses") + 2:]]
+        words = [JOBS[job], *words[words.index("lenses") + 2:]]
     script = next(w for w in words if w in SCRIPTS)
     argv = words[words.index(script) + 1:]
     swap = {"path/to/model": str(inputs / "model"), "path/or/file.gguf": str(inputs / "model"),
@@ -163,7 +163,9 @@ def adapt(cmd: str, world: Path) -> list[str]:
     if "--corpus" not in given:
         extra["--corpus"] = str(inputs / "corpus.txt")
     if script == "train_probes.py":
-        extra.update(FIT_TINY if "--method" in given and "jacobian" in argv else TRAIN_TINY)
+        extra.update(TRAIN_TINY)
+    elif script == "lenses fit":
+        extra.update(FIT_TINY)
     else:  # the tiny counts of the settings its views read (one no view reads is a note)
         from lenses.analysis import VIEWS, selected
 
@@ -208,8 +210,9 @@ def test_documented_command_runs_on_a_tiny_model(where, cmd, world, tmp_path, mo
     if cmd.startswith(("torchrun", "accelerate")):
         nproc = re.search(r"(?:--nproc_per_node|--num_processes)\s+(\d+)", cmd).group(1)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        target = ["-m", "lenses", "fit"] if argv[0] == "lenses fit" else [str(ROOT / argv[0])]
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc,
-                              str(ROOT / argv[0]), *argv[1:]], cwd=cwd, env=env, capture_output=True, text=True,
+                              *target, *argv[1:]], cwd=cwd, env=env, capture_output=True, text=True,
                              timeout=600)
         assert run.returncode == 0, f"{where}: {cmd}\n{run.stderr[-3000:]}"
         return
@@ -237,3 +240,14 @@ def test_readme_grid_command_on_the_default_model_with_its_three_lenses(tmp_path
     missing = table[(table.lens == "jacobian") & (table.layer == 0)]
     assert len(missing) and missing.prob_1.isna().all() and (missing.token_1 == "").all()
     assert (tmp_path / "out" / "lens.html").exists() and (tmp_path / "out" / "lens.png").exists()
+
+
+def test_train_method_jacobian_still_fits_for_one_release_and_says_so(world, tmp_path, capsys, eager_kl):
+    """``train_probes.py --method jacobian`` runs `lenses fit` (the same lens) with a one-line deprecation note."""
+    inputs = world / "inputs"
+    args = ["--model", str(inputs / "model"), "--corpus", str(inputs / "corpus.txt"), "--no-progress", *_flat(FIT_TINY)]
+    assert run_cli(train_probes.main, ["--method", "jacobian", "--out", str(tmp_path / "old"), *args]) == 0
+    assert capsys.readouterr().err.count("--method jacobian is deprecated") == 1
+    assert run_cli(fit.main, ["--out", str(tmp_path / "new"), *args]) == 0
+    old, new = (tmp_path / d / "translators.safetensors" for d in ("old", "new"))
+    assert old.read_bytes() == new.read_bytes()

@@ -1,4 +1,4 @@
-"""The Jacobian-lens fit as a long job: `train_probes.py --method jacobian`, kill -9 and --resume,
+"""The Jacobian-lens fit as a long job: `lenses fit`, kill -9 and --resume,
 two processes (torchrun, gloo on CPU) against one, early stop."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
 
 
 def _cli(model, corpus, out, *extra, background=False):
-    cmd = [sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(model), "--corpus",
+    cmd = [sys.executable, "-m", "lenses", "fit", "--model", str(model), "--corpus",
            str(corpus), "--out", str(out), "--num-prompts", "8", "--seq-len", "48", "--eval-tokens", "256",
            "--no-progress", *extra]
     if background:
@@ -64,7 +64,7 @@ def test_kill_then_resume_equals_uninterrupted(setup, tmp_path):
     done = torch.load(ckpt, weights_only=True)["n_done"]
     assert 2 <= done < 8
     # a changed recipe is refused on resume, naming the setting
-    bad = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(model),
+    bad = subprocess.run([sys.executable, "-m", "lenses", "fit", "--model", str(model),
                           "--corpus", str(corpus), "--out", str(tmp_path / "cut"), "--num-prompts", "8", "--seq-len",
                           "40", "--resume", "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "seq_len" in bad.stderr, bad.stderr
@@ -79,7 +79,7 @@ def test_kill_then_resume_equals_uninterrupted(setup, tmp_path):
     raw = torch.load(tmp_path / "full" / "jacobian_lens.pt", weights_only=True)
     assert raw["n_prompts"] == 8 and sorted(raw["J"]) == [0, 1]
     # --resume over the finished fit is refused (nothing to resume), and so is the tuned-lens trainer there
-    again = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model",
+    again = subprocess.run([sys.executable, "-m", "lenses", "fit", "--model",
                             str(model), "--corpus", str(corpus), "--out", str(tmp_path / "cut"), "--num-prompts", "8",
                             "--seq-len", "48", "--resume", "--no-progress"], env=ENV, capture_output=True, text=True,
                            timeout=600)
@@ -105,7 +105,7 @@ def test_a_checkpoint_finishes_elsewhere(setup, tmp_path):
     torch.testing.assert_close(load_lens(tmp_path / "run").matrices, fitted.matrices, atol=0, rtol=0)
     other = save_tiny_model(tmp_path / "other", "llama", seed=5)  # same shapes, other weights: refused
     as_interrupted(tmp_path / "run")
-    bad = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(other),
+    bad = subprocess.run([sys.executable, "-m", "lenses", "fit", "--model", str(other),
                           "--corpus", str(corpus), "--out", str(tmp_path / "run"), "--num-prompts", "3", "--seq-len",
                           "48", "--resume", "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "fingerprint" in bad.stderr
@@ -116,7 +116,7 @@ def test_two_processes_match_one(setup, tmp_path):
     model, corpus = setup
     _cli(model, corpus, tmp_path / "one")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(model), "--corpus", str(corpus),
+           "-m", "lenses", "fit", "--model", str(model), "--corpus", str(corpus),
            "--out", str(tmp_path / "two"), "--num-prompts", "7", "--seq-len", "48", "--eval-tokens", "256",
            "--no-progress", "--device", "cpu"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
@@ -183,7 +183,7 @@ def test_three_lenses_through_the_views(setup, tmp_path):
 
 def _torchrun_fit(model, corpus, out, n, *extra, port=29562, background=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port),
-           str(ROOT / "train_probes.py"), "--method", "jacobian", "--model", str(model), "--corpus", str(corpus),
+           "-m", "lenses", "fit", "--model", str(model), "--corpus", str(corpus),
            "--out", str(out), "--num-prompts", "7", "--seq-len", "48", "--eval-tokens", "256", "--no-progress",
            "--device", "cpu", "--fsdp", *extra]
     if background:
@@ -239,7 +239,7 @@ def test_two_sharded_processes_match_one(setup, tmp_path):
     torch.testing.assert_close(two.matrices.float(), one.matrices.float(), atol=1e-6, rtol=2**-10)
     # a sharded fit resumes only sharded
     as_interrupted(tmp_path / "two", keep=())
-    plain = subprocess.run([sys.executable, str(ROOT / "train_probes.py"), "--method", "jacobian", "--model",
+    plain = subprocess.run([sys.executable, "-m", "lenses", "fit", "--model",
                             str(model), "--corpus", str(corpus), "--out", str(tmp_path / "two"), "--num-prompts", "7",
                             "--seq-len", "48", "--resume", "--no-progress"], env=ENV, capture_output=True, text=True,
                            timeout=600)

@@ -24,7 +24,7 @@ from tiny_models import TEXT, random_lens, save_tiny_model, tiny_adapter, tiny_i
 from lenses import LensesError, TunedLens, load_lens
 from lenses.base.errors import CorruptFileError, LensMismatchError
 from lenses.base.options import INTERNAL_ERROR, run_cli
-from lenses.commands import analyze
+from lenses.commands import analyze, fit
 from lenses.commands import train as train_probes
 from lenses.jobs.train import TrainConfig
 from lenses.model.adapter import ModelAdapter
@@ -88,7 +88,7 @@ def test_resume_over_a_finished_result_or_another_kind_is_refused(files, tmp_pat
     rc, _, err = cli(train_probes.main, train_args(files, out, "--resume"), capsys)
     assert rc == 2 and "nothing to resume" in err
     assert (out / "translators.safetensors").read_bytes() == lens
-    rc, _, err = cli(train_probes.main, ["--method", "jacobian", "--model", files / "model", "--corpus",
+    rc, _, err = cli(fit.main, ["--model", files / "model", "--corpus",
                                          files / "my.txt", "--out", out, "--resume", "--no-progress"], capsys)
     assert rc == 2 and "train run" in err, err
 

@@ -5,7 +5,6 @@
     python train_probes.py --out runs/demo --resume              # continue an interrupted run
     python train_probes.py --freq-topk 1 --freq-keep-prob 1e-3 --out runs/control   # a reweighted variant
     python train_probes.py --experiment probe-bias --out runs/bias  # baseline vs variants, same tokens
-    python train_probes.py --method jacobian --num-prompts 100 --out runs/jlens   # a Jacobian lens (= lenses fit)
 
 Writes into --out: the lens (config.json + translators.safetensors), training_log.csv (step, layer,
 kl), eval.csv (held-out per-layer KL of the logit lens vs the tuned lens), eval_top1_buckets.csv

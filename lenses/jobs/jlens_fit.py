@@ -16,7 +16,7 @@ touches them; and the last position, neither a source nor a target, is not run a
 models: the other positions do not see it). At 128 tokens the backward runs 111 rows per prompt
 copy instead of 128; the rest is matmuls near the machine's limit (benchmarks/jacobian_fit.py).
 
-`fit` is the long job (``train_probes.py --method jacobian``): prompts from a corpus, a checkpoint in
+`fit` is the long job (``lenses fit``): prompts from a corpus, a checkpoint in
 the reference's own format after every prompt (``--resume`` continues exactly), a progress bar with
 prompts/s and the running relative change, an optional early stop, and data parallelism over
 prompts with ``torchrun``/``accelerate launch`` (each process fits every N-th prompt; the sums are
@@ -196,7 +196,7 @@ def _check_checkpoint_kind(cfg: FitConfig) -> None:
         raise LensesError(f"{out} holds a fit made without --fsdp; resume it without --fsdp.")
     if not cfg.fsdp and (out / SHARDS).exists():
         raise LensesError(f"{out} holds a sharded fit (--fsdp); resume it with `torchrun --nproc_per_node N "
-                          "train_probes.py --method jacobian ... --fsdp --resume` (the same N).")
+                          "lenses fit ... --fsdp --resume` (the same N).")
 
 
 def fit_loop(run: FitRun) -> None:

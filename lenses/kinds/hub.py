@@ -88,7 +88,7 @@ def jacobian_file(name: str) -> str:
         if name in (short, model_id) or name.lower() == model_id.lower():
             return f"{short}/jlens/Salesforce-wikitext/{base}_jacobian_lens.pt"
     raise LensesError(f"no published Jacobian lens is known for {name!r}; known: {', '.join(JACOBIAN_LENSES)} "
-                      "(or the models' hub ids). For another model fit one: train_probes.py --method jacobian.")
+                      "(or the models' hub ids). For another model fit one: lenses fit.")
 
 
 def resolve(spec: str, cache_dir: str | None = None) -> Path:

@@ -192,7 +192,7 @@ def _from_payload(file: Path, payload: dict, num_layers: int | None) -> Jacobian
         n = int(payload.get("n_done") or 0)
         if n <= 0:
             raise CorruptFileError(f"{file} is a fit checkpoint with n_done = {n}: no prompt was fitted yet, so it "
-                                   "holds no lens. Resume the fit (train_probes.py --method jacobian --resume).")
+                                   "holds no lens. Resume the fit (lenses fit --resume).")
         matrices = {k: (v.double() / n).float() for k, v in payload["jacobian_sum"].items()}
     if not isinstance(matrices, dict) or not matrices or not all(torch.is_tensor(v) for v in matrices.values()):
         raise CorruptFileError(f"{file}: its matrices are not a non-empty {{layer: tensor}} dict.")

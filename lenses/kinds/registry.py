@@ -71,9 +71,9 @@ def _select(spec, adapter, strict: bool) -> dict:
             kinds = {"auto": list(shipped), "both": ["tuned"], "tuned": ["tuned"], "jacobian": ["jacobian"]}[source]
             missing = [k for k in kinds if k not in shipped]
             if missing and source != "auto":
-                how = "--method jacobian " if missing[0] == "jacobian" else ""
-                raise LensesError(f"no {missing[0]} lens is shipped for this model: make one with `python "
-                                  f"train_probes.py --model ... {how}--out DIR` and pass --lens DIR.")
+                job = "fit" if missing[0] == "jacobian" else "train"
+                raise LensesError(f"no {missing[0]} lens is shipped for this model: make one with `lenses {job} "
+                                  "--model ... --out DIR` and pass --lens DIR.")
             if not kinds:
                 print("note: no shipped lens matches this model; showing the logit lens only "
                       f"(train one with train_probes.py and pass --lens DIR){_published_for(adapter)}.")
