@@ -311,7 +311,7 @@ def _outcome(main, argv) -> int:
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return lifecycle.EXIT["interrupted"]
-    except Exception as e:  # noqa: BLE001 - the one place where a bug becomes a line and a log
+    except Exception as e:  # the one place where a bug becomes a line and a log
         log = _crash_log(argv if argv is not None else sys.argv[1:])
         first = " ".join(str(e).split())[:200]
         print(f"error: internal error ({type(e).__name__}: {first}); this is a bug. The traceback is in {log}; "

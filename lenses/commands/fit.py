@@ -15,13 +15,19 @@ the model's blocks and the sums over the processes.
 
 from __future__ import annotations
 
-import os
 
 from lenses.base.options import Parser, add_options, from_args
+from lenses.jobs.distributed import main_process
 from lenses.jobs.jlens_fit import FitConfig, fit
 from lenses.pages.plots import plot_convergence, plot_heldout_kl
 
 GROUPS = {"model": "model", "recipe": "fit recipe (must match on --resume)", "runtime": "running"}
+
+
+def print_heldout_kl(table) -> None:
+    """The held-out KL table (``eval.csv``) as a layer x lens table, in nats per token."""
+    print("\nheld-out KL(final || lens), nats per token:")
+    print(table.pivot(index="layer", columns="lens", values="kl_nats").to_string(float_format=lambda v: f"{v:.3f}"))
 
 
 def parse_args(argv=None, prog: str = "lenses fit") -> FitConfig:
@@ -34,15 +40,13 @@ def main(argv=None, prog: str = "lenses fit") -> int:
     """``lenses fit``: parse ``argv``, fit and report."""
     cfg = parse_args(argv, prog)
     result = fit(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:  # the other processes of a data-parallel fit hold the same lens
+    if not main_process():  # the other processes of a data-parallel fit hold the same lens
         return 0
     plot_convergence(result.convergence, f"{cfg.out}/convergence.png")
     if len(result.eval):
         plot_heldout_kl(result.eval, f"{cfg.out}/eval_kl.png",
                         title=f"held-out KL, Jacobian lens of {result.lens.n_prompts} prompts")
-        print("\nheld-out KL(final || lens), nats per token:")
-        print(result.eval.pivot(index="layer", columns="lens",
-                                values="kl_nats").to_string(float_format=lambda v: f"{v:.3f}"))
+        print_heldout_kl(result.eval)
     print(f"\nJacobian lens of {result.lens.n_prompts} prompts written to {cfg.out} (load with "
           f"lenses.load_lens({cfg.out!r}, model); {cfg.out}/jacobian_lens.pt for TransformerLens)")
     return 0

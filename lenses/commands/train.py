@@ -18,11 +18,11 @@ runs it, with a deprecation note, for one release.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from lenses.base.options import Parser, add_options, from_args
 from lenses.commands import fit as fit_command
+from lenses.jobs.distributed import main_process
 from lenses.jobs.experiment import probe_bias_experiment
 from lenses.jobs.train import TrainConfig, train
 from lenses.pages.plots import plot_heldout_kl, plot_probe_bias
@@ -56,11 +56,6 @@ def parse_args(argv=None, prog: str = "train_probes.py") -> tuple[TrainConfig, s
     return from_args(TrainConfig, a, variant=from_args(FrequencyVariant, a, prefix="freq_")), a.experiment
 
 
-def main_process() -> bool:
-    """Whether this is the process that reports and writes (rank 0, or the only one)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def main(argv=None, prog: str = "train_probes.py") -> int:
     """``train_probes.py`` / ``lenses train``: parse ``argv``, train (or fit) and report."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -82,9 +77,7 @@ def main(argv=None, prog: str = "train_probes.py") -> int:
         return 0
     tokens = result.lens.config["training"]["train_tokens"]
     plot_heldout_kl(result.eval, f"{cfg.out}/eval_kl.png", title=f"held-out KL, {tokens:,} training tokens")
-    print("\nheld-out KL(final || lens), nats per token:")
-    print(result.eval.pivot(index="layer", columns="lens",
-                            values="kl_nats").to_string(float_format=lambda v: f"{v:.3f}"))
+    fit_command.print_heldout_kl(result.eval)
     print(f"\nlens written to {cfg.out} (load with lenses.load_lens({cfg.out!r}, model))")
     return 0
 

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 import torch
 
 
+def main_process() -> bool:
+    """Whether this is the process that reports and writes (rank 0 of a launch, or the only one), read from the
+    launcher's environment before any process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @dataclass
 class DataParallel:
     rank: int = 0

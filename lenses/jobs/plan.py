@@ -108,7 +108,7 @@ def model_shapes(source=None, config=None) -> Shapes:
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except Exception as e:  # noqa: BLE001 - any failure to build is the same message
+    except Exception as e:  # any failure to build is the same message
         raise LensesError(f"plan: transformers cannot build a causal LM from {source or 'this config'} "
                           f"({type(e).__name__}: {str(e)[:160]}); check its model_type.") from e
     parts = find_parts(model, placed=False)

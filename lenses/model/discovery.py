@@ -42,7 +42,7 @@ from torch import nn
 from lenses.base.errors import LensesError, ModelStructureError, UnsupportedModelError
 
 
-def _text_config(config):
+def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -50,7 +50,7 @@ def max_positions(config) -> int | None:
     """The longest sequence the model's absolute positions allow (None: no fixed limit stated)."""
     if config is None:
         return None
-    config = _text_config(config)
+    config = text_config(config)
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         return None
     if any(getattr(config, a, None) for a in ("rope_theta", "rope_scaling", "rotary_dim", "rotary_pct",
@@ -63,7 +63,7 @@ def max_positions(config) -> int | None:
 def _layer_counts_from_config(config) -> list[int]:
     """The block counts a config states, most usual name first (they can differ: LongCat-Flash's
     ``num_hidden_layers`` counts two sub-layers per block of ``num_layers``)."""
-    cfg = _text_config(config)
+    cfg = text_config(config)
     counts = [getattr(cfg, attr, None) for attr in ("num_hidden_layers", "n_layer", "num_layers")]
     return list(dict.fromkeys(c for c in counts if isinstance(c, int)))
 
@@ -176,7 +176,7 @@ def find_unembedding(model: nn.Module, unembed: str | None = None) -> nn.Module:
 def logit_transform(config) -> tuple[float | None, float]:
     """``(softcap, scale)`` the model applies to its logits: Gemma 2/3's final-logit soft-capping, Cohere's
     logit scale, Granite's division and muP's output width multiplier (Inkling)."""
-    cfg = _text_config(config)
+    cfg = text_config(config)
     softcap = getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logits_soft_cap", None) or None
     scale = float(getattr(cfg, "logit_scale", None) or 1.0)
     if getattr(cfg, "logits_scaling", None):  # Granite divides
@@ -333,7 +333,7 @@ def probe_after_last_block(model: nn.Module, layers: nn.ModuleList, names: list[
     try:
         with torch.no_grad():
             model(input_ids=torch.arange(1, 5, device=next(model.parameters()).device)[None], use_cache=False)
-    except Exception:  # noqa: BLE001
+    except Exception:  # a probe only: a forward that fails here fails the numeric proof, which names it
         return None, []
     finally:
         for h in hooks:

@@ -8,7 +8,7 @@ import torch
 
 from lenses.base.errors import LensesError, ModelStructureError, UnsupportedModelError
 from lenses.engine import decode
-from lenses.model.discovery import _text_config
+from lenses.model.discovery import text_config
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
@@ -24,7 +24,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
 def verify(self) -> None:
     """Check on a 4-token input that decoding the last hidden state reproduces the model's logits, that
     the model is causal, and that the final norm reads the last block's output."""
-    vocab = min(self.vocab_size, int(getattr(_text_config(self.model.config), "vocab_size", self.vocab_size)))
+    vocab = min(self.vocab_size, int(getattr(text_config(self.model.config), "vocab_size", self.vocab_size)))
     ids = torch.arange(4, device=self.device).unsqueeze(0) % vocab + 1
     changed = ids.clone()
     changed[0, -1] = ids[0, 0]  # the same text with another last token: earlier states must not move

@@ -78,7 +78,7 @@ def chat_turn(tokenizer, user: str, system: str | None = None, answer_ids: list[
         {"role": "user", "content": user}]
     try:
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # noqa: BLE001 - a template raises what its author wrote (jinja's TemplateError, ...)
+    except Exception as e:  # a template raises what its author wrote (jinja's TemplateError, ...)
         fix = "drop --system (system=None)" if system is not None else "read raw text (--chat-template off)"
         raise LensesError(f"the model's chat template refuses these messages ({type(e).__name__}: "
                           f"{first_line(e, 160)}); {fix}.") from e

@@ -65,7 +65,7 @@ def _read_saved_dataset(path: Path, field: str = "text") -> list[str]:
         raise DataError(f"{path} looks like a saved Hugging Face dataset: `pip install datasets` to read it.") from e
     try:
         ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # noqa: BLE001 - datasets raises many types for a folder it cannot read
+    except Exception as e:  # datasets raises many types for a folder it cannot read
         raise DataError(f"corpus {path} holds {', '.join(n for n in SAVED_MARKS if (path / n).exists())} but is not "
                         f"a dataset saved with save_to_disk ({type(e).__name__}: {str(e)[:120]}); pass a folder of "
                         ".txt/.jsonl files without that file, or the dataset's own folder.") from e
