@@ -6,8 +6,8 @@
 
 The base commit is checked out into a temporary git worktree. Each side runs the same small harness
 (below) in a fresh process against its own library: a training step (model forward + lens KL and
-gradient, `lenses.jobs.train.lens_kl_backward`, 4 x 256 tokens, vocabulary matmuls in the dtype `auto`
-picks) and a trace (logit + tuned lens, every position of 4 x 256 tokens, `lenses.tracing.trace.trace`),
+gradient, `lens_kl_backward` of the training module, 4 x 256 tokens, vocabulary matmuls in the dtype `auto`
+picks) and a trace (logit + tuned lens, every position of 4 x 256 tokens, `trace`),
 both after a warm-up. Those two functions keep their signatures across the redesign, so the
 harness runs on both. Rounds alternate (base, this tree, base, ...) so that drifts of a shared
 machine hit both sides alike; each side's figure is the median over rounds. Keep the machine
@@ -30,13 +30,19 @@ ROOT = Path(__file__).resolve().parent.parent
 HARNESS = r"""
 import json, sys, time, torch
 from lenses import LogitLens, ModelAdapter, TunedLens, load_model
-from lenses.text.data import make_blocks, read_texts
-from lenses.tracing.trace import TraceItem, trace
-from lenses.jobs.train import lens_kl_backward
-try:
+try:  # the layer folders
+    from lenses.text.data import make_blocks, read_texts
+    from lenses.tracing.trace import TraceItem, trace
+    from lenses.jobs.train import lens_kl_backward
     from lenses.engine import compute_dtype
-except ImportError:  # before the vocabulary engine
-    from lenses.precision import compute_dtype
+except ImportError:  # before them (one flat package)
+    from lenses.data import make_blocks, read_texts
+    from lenses.trace import TraceItem, trace
+    from lenses.train import lens_kl_backward
+    try:
+        from lenses.vocab import compute_dtype
+    except ImportError:  # before the vocabulary engine
+        from lenses.precision import compute_dtype
 steps = int(sys.argv[1])
 model, tok = load_model()
 adapter = ModelAdapter.from_model(model)

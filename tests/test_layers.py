@@ -4,6 +4,7 @@ dependencies and the few named here."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,26 @@ def test_the_independence_contract_lists_every_view():
     contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
     independent = next(c["modules"] for c in contracts if c["type"] == "independence")
     assert sorted(independent) == sorted(v.module.__name__ for v in VIEWS.values() if v.module)
+
+
+def test_every_module_path_named_in_the_docs_and_docstrings_exists():
+    """A name like `lenses.tracing.trace.trace` in backticks (docs, README, docstrings) resolves: a module moved
+    or split leaves no pointer to where it was."""
+    import importlib
+
+    sources = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "lenses").rglob("*.py")]
+    missing = []
+    for path in sources:
+        for ref in set(re.findall(r"`(lenses(?:\.\w+)+)`", path.read_text(encoding="utf-8"))):
+            parts, obj, rest = ref.split("."), None, []
+            for i in range(len(parts), 0, -1):
+                try:
+                    obj, rest = importlib.import_module(".".join(parts[:i])), parts[i:]
+                    break
+                except ImportError:
+                    continue
+            for name in rest:
+                obj = getattr(obj, name, None)
+            if obj is None:
+                missing.append(f"{path.relative_to(ROOT)}: {ref}")
+    assert not missing, missing

@@ -139,7 +139,7 @@ def main(argv=None, prog: str = "analyze.py") -> int:
 
 
 def warm_up(cfg: AnalysisConfig) -> None:
-    """Compile the tracing kernels in the background while the model loads (`engine.vocab.warm_up_in_background`),
+    """Compile the tracing kernels in the background while the model loads (`engine.warm_up_in_background`),
     for the device the model will be on (a model spread by ``--device-map`` compiles them on first use)."""
     if cfg.device_map is None:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

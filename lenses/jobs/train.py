@@ -7,7 +7,7 @@ gradient-norm clip 1.0. Each step:
 1. one frozen model forward collects the residual stream ``[L+1, tokens, d]``;
 2. all translators run as one batched matmul, then the final norm (autograd tracks this part);
 3. KL and its gradient w.r.t. the normalised states come from the vocabulary engine chunk by
-   chunk (`lenses.engine.vocab.kl_and_grad`), so no ``[layers x tokens x vocab]`` tensor ever exists;
+   chunk (`lenses.engine.kl_and_grad`), so no ``[layers x tokens x vocab]`` tensor ever exists;
 4. one backward through norm + translators, clip, optimiser step.
 
 `train` is `lenses.jobs.runs.open_job` (output folder, signals, model), `setup` (data, state), `loop` and
@@ -58,7 +58,7 @@ def lens_kl_backward(lens, hidden: torch.Tensor, pos_weight: torch.Tensor | None
 
     ``hidden``: ``[L+1, N, d]`` residual stream (positions flattened); ``pos_weight``: [N] or None;
     ``translate``: what runs the lens's ``transform_stack`` (the FSDP module when sharded).
-    Chunking and the teacher: `lenses.engine.vocab.kl_backward`.
+    Chunking and the teacher: `lenses.engine.kl_backward`.
     """
     L = lens.num_layers
     translated = (translate or lens.transform_stack)(hidden[:L])

@@ -1,7 +1,7 @@
 """The `Lens` protocol and the two lenses built on it.
 
 A lens is a map ``transform(h, layer) -> h'`` of a layer's residual-stream state, followed by the
-vocabulary engine's decode (`lenses.engine.vocab.decode`: final norm, unembedding, soft-cap). That is all
+vocabulary engine's decode (`lenses.engine.decode`: final norm, unembedding, soft-cap). That is all
 a new lens class writes: `forward`, tracing, held-out evaluation, training (if it has parameters)
 and saving/loading (`save_pretrained`, `from_pretrained`) come from the base class. Layer ``L`` (the last) is always
 decoded without a transform: it is the model's output.

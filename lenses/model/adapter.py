@@ -65,8 +65,8 @@ class ModelAdapter:
     """A causal LM with its parts named: decoder ``layers``, ``final_norm``, ``unembed``.
 
     Also records what the model does to logits after the unembedding (Gemma 2/3 final-logit
-    soft-capping, Cohere/Granite logit scaling), so that `lenses.engine.vocab.decode` of ``hidden[L]``
-    equals the model's logits. The adapter only names parts; decoding lives in `lenses.engine.vocab`.
+    soft-capping, Cohere/Granite logit scaling), so that `lenses.engine.decode` of ``hidden[L]``
+    equals the model's logits. The adapter only names parts; decoding lives in `lenses.engine`.
     """
 
     model: nn.Module

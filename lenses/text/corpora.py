@@ -10,7 +10,7 @@
   (``big.txt``). Gutenberg headers and licences are stripped and the hard-wrapped lines re-joined
   into paragraphs; each book is cut into documents of about `BOOK_DOC_CHARS` characters at
   paragraph breaks (long contiguous text, for long positions).
-- ``pydocs``: prose of the Python documentation (see `lenses.data.pydocs_corpus`), which ships
+- ``pydocs``: prose of the Python documentation (see `pydocs_corpus`), which ships
   with every CPython: the fallback when the packages above are missing.
 
 Neither package is imported (ovos's ``__init__`` needs a dependency it does not declare): the data

@@ -2,7 +2,7 @@
 
 Blocks of text run through the model in batches; each lens transforms a chunk of all layers x a
 few positions at once (`Lens.transform_stack`) and the vocabulary engine compares it with the
-model's own distribution (`lenses.engine.vocab.Teacher`, decoded once per block of positions and shared
+model's own distribution (`lenses.engine.Teacher`, decoded once per block of positions and shared
 by all lenses), so memory is O(chunk x vocab) whatever the number of layers or tokens.
 """
 
