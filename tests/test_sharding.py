@@ -45,6 +45,16 @@ def _torchrun(n: int, kw: dict, resume: bool = False, env: dict | None = None, p
                           env={**os.environ, "OMP_NUM_THREADS": "1", "LENSES_COMPILE": "0", **(env or {})})
 
 
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> dict:
+    """The uninterrupted two-process run every stopped, killed or resumed run is compared with: run once for the
+    module (its lens does not depend on where it was written)."""
+    root = tmp_path_factory.mktemp("sharded")
+    run = _torchrun(2, _kw(root, "whole"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return _lens(root / "whole")
+
+
 def _lens(folder) -> dict:
     return load_file(str(Path(folder) / "translators.safetensors"))
 
@@ -83,9 +93,7 @@ def _bytes(text: str) -> float:
 
 
 @pytest.mark.parametrize("first, then", [(2, 2), (2, 1), (1, 2)])
-def test_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_path, first, then):
-    whole = _torchrun(2, _kw(tmp_path, "whole"))
-    assert whole.returncode == 0, whole.stderr[-3000:]
+def test_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_path, first, then, whole):
     kw = _kw(tmp_path, "cut")
     stopped = _torchrun(first, kw, env={"LENSES_TEST_STOP_AT": "3"})
     assert stopped.returncode != 0 and "interrupted after step 3" in stopped.stderr
@@ -93,12 +101,10 @@ def test_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_path, fir
     assert not (tmp_path / "cut" / "translators.safetensors").exists()
     resumed = _torchrun(then, kw, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _close(_lens(tmp_path / "whole"), _lens(tmp_path / "cut"))
+    _close(whole, _lens(tmp_path / "cut"))
 
 
-def test_kill_9_mid_run_then_resume(tmp_path):
-    whole = _torchrun(2, _kw(tmp_path, "whole"))
-    assert whole.returncode == 0, whole.stderr[-3000:]
+def test_kill_9_mid_run_then_resume(tmp_path, whole):
     kw = _kw(tmp_path, "killed", checkpoint_every=1)
     cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", "29542", str(HERE / "train_worker.py"),
            json.dumps({**kw, "fsdp": True, "model_layers": LAYERS})]
@@ -117,7 +123,7 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     assert not (tmp_path / "killed" / "translators.safetensors").exists()
     resumed = _torchrun(2, kw, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _close(_lens(tmp_path / "whole"), _lens(tmp_path / "killed"))
+    _close(whole, _lens(tmp_path / "killed"))
 
 
 def _children(pid: int) -> list[int]:
