@@ -30,12 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 HARNESS = r"""
 import json, sys, time, torch
 from lenses import LogitLens, ModelAdapter, TunedLens, load_model
-try:  # the layer folders
+import os, lenses
+# the layout by what this tree holds (not by a failed import: an editable install of the other tree would answer)
+if os.path.isdir(os.path.join(os.path.dirname(lenses.__file__), "tracing")):  # the layer folders
     from lenses.text.data import make_blocks, read_texts
     from lenses.tracing.trace import TraceItem, trace
     from lenses.jobs.train import lens_kl_backward
     from lenses.engine import compute_dtype
-except ImportError:  # before them (one flat package)
+else:  # before them (one flat package)
     from lenses.data import make_blocks, read_texts
     from lenses.trace import TraceItem, trace
     from lenses.train import lens_kl_backward
