@@ -563,3 +563,22 @@ def test_an_out_folder_turning_read_only_is_one_line(inputs, tmp_path, capsys, m
     rc, err = _cli(_views(inputs, tmp_path / "o", "--prompt", "The cat"), capsys)
     assert rc == 2 and err.count("error:") == 1 and "Permission denied" in err and "Traceback" not in err
     assert "could not remove the lock" in err
+
+
+@pytest.mark.parametrize("job", ["train", "fit", "analyze"])
+@pytest.mark.parametrize("corpus,words", [("no/such/folder", "no/such/folder does not exist"),
+                                          ("generated:0", "N >= 1"), ("generated:5:no/such.txt", "does not exist")])
+def test_a_corpus_that_is_not_there_is_refused_before_any_model_loads(job, corpus, words, monkeypatch, capsys,
+                                                                      tmp_path):
+    """--corpus is checked at the door of every job (one check, `CorpusOptions`): one line, exit 2, no model read."""
+    from lenses.commands import fit
+    from lenses.commands import train as train_command
+    from lenses.model import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    main = {"train": train_command.main, "fit": fit.main, "analyze": analyze.main}[job]
+    extra = ["--view", "pos"] if job == "analyze" else []
+    assert run_cli(main, ["--corpus", corpus, "--out", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and err.startswith("error: --corpus"), err
+    assert not (tmp_path / "out").exists()

@@ -23,6 +23,7 @@ from lenses.base import door
 from lenses.base.errors import LensesError, first_line
 from lenses.base.io import cache_dir
 from lenses.text import corpora
+from lenses.text.corpora import GENERATED
 from lenses.text.data import read_texts
 
 CHAT_MODES = ("auto", "on", "off")
@@ -183,7 +184,6 @@ def generate_batch(model, prompts: list[list[int]], n: int, eos: int | None = No
 
 # ---- a corpus the model writes itself (for lenses of chat models) --------------------------------------------
 
-GENERATED = "generated:"  # --corpus generated:N[:SOURCE]
 ANSWER_TOKENS = 64  # tokens the model writes per prompt
 PROMPT_CHARS = 300  # the user turn: the start of a document of SOURCE, cut at a word
 GENERATE_BATCH = 32  # prompts answered together (answers depend on the batch only through rounding)

@@ -60,6 +60,22 @@ def resolve_name(corpus: str | None) -> str:
     return corpus or DEFAULT
 
 
+GENERATED = "generated:"  # --corpus generated:N[:SOURCE]: transcripts the model writes (`lenses.text.chat`)
+
+
+def check_source(value: str) -> str | None:
+    """``--corpus`` at the door, before any model loads: a named corpus, ``generated:N[:SOURCE]`` (its SOURCE
+    too), or a path that exists; else what is wrong and the fix."""
+    if value.startswith(GENERATED):
+        head, _, value = value[len(GENERATED):].partition(":")
+        if not head.isdigit() or int(head) < 1:
+            return "write generated:N or generated:N:SOURCE with N >= 1 prompts (e.g. generated:500:books)"
+    if is_name(value or None) or Path(value).exists():
+        return None
+    return (f"{value} does not exist: pass a .txt/.jsonl file or a folder, one of {', '.join(NAMES)}, or "
+            "generated:N[:SOURCE]")
+
+
 @dataclass
 class CorpusOptions(Options):
     """The text a job reads: training, the J-lens fit and the corpus views; every job reads it through
@@ -67,7 +83,7 @@ class CorpusOptions(Options):
 
     corpus: str | None = option(None, "text: wikipedia, books, pydocs, a .txt/.jsonl file or folder, a save_to_disk "
                                       "dataset, or generated:N[:SOURCE] (N chat transcripts the model writes to "
-                                      "prompts from SOURCE) (none: wikipedia)", group="recipe")
+                                      "prompts from SOURCE) (none: wikipedia)", group="recipe", check=check_source)
 
 
 class MissingCorpus(DataError):
