@@ -482,3 +482,35 @@ def test_batches_close_where_pads_would_pass_a_tenth_of_a_busy_batch():
     todo[:] = [(i, torch.zeros(n, dtype=torch.long), [0]) for i, n in enumerate([300, 265])]
     assert sizes("cpu") == [[300, 265]]
     assert sizes("cpu", skip=150) == [[300], [265]]
+
+
+@pytest.mark.slow
+@pytest.mark.ci  # compiles: out of the fast tier, in CI
+def test_a_missing_compiler_falls_back_to_eager_and_a_kernel_bug_surfaces_as_itself(monkeypatch):
+    """Rule 6 of `engine.kernels`: the compiler's own failure (here: no C++ compiler) runs the kernel eagerly, with a
+    warning and the same numbers; an error of the kernel's own code is raised as itself, not hidden by a fallback."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("LENSES_COMPILE", "1")
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
+    g = torch.Generator().manual_seed(0)
+    z, p = torch.randn(3, 50, generator=g), torch.softmax(torch.randn(3, 50, generator=g), -1)
+    args = (z, p, (p * p.log()).sum(-1), torch.zeros(3, 2, dtype=torch.long))
+    kernel = kernels.KERNELS["stats"].fresh()
+    with pytest.warns(UserWarning, match="torch.compile unavailable"):
+        got = kernel(*args)
+    assert kernel.compiled is kernel.fn  # eager for good
+    for a, b in zip(got, kernels._row_stats(*args)):
+        assert torch.equal(a, b)
+
+    def broken(z):
+        raise ValueError("a bug in the kernel")
+
+    torch._dynamo.reset()
+    monkeypatch.undo()  # the C++ compiler back
+    monkeypatch.setenv("LENSES_COMPILE", "1")
+    bug = kernels.Kernel(broken, rows=(0,))
+    with pytest.raises(ValueError, match="a bug in the kernel"):
+        bug(z)
+    assert bug.compiled is not bug.fn  # not mistaken for a compiler failure: the kernel stays compiled
