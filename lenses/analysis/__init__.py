@@ -10,6 +10,7 @@ from lenses.analysis.common import ViewResult
 from lenses.analysis.config import AnalysisConfig
 from lenses.analysis.context import Context
 from lenses.analysis.table import (
+                                   ACTING_VIEWS,
                                    CAUSAL_VIEWS,
                                    DEPTH_VIEWS,
                                    MODEL_SETTINGS,
@@ -25,4 +26,5 @@ from lenses.analysis.table import (
 )
 
 __all__ = ["AnalysisConfig", "Context", "ViewResult", "VIEWS", "VIEW_NAMES", "VIEW_SETTINGS", "MODEL_SETTINGS",
-           "DEPTH_VIEWS", "CAUSAL_VIEWS", "view_settings", "selected", "unread", "get_view", "run_view", "write_view"]
+           "DEPTH_VIEWS", "CAUSAL_VIEWS", "ACTING_VIEWS", "view_settings", "selected", "unread", "get_view", "run_view",
+           "write_view"]

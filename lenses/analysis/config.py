@@ -82,6 +82,18 @@ class AnalysisConfig(ModelOptions, RunOptions, CorpusOptions):
                             group="causal", choices=("last", "all"))
     first_token: bool = option(False, "patching: let a multi-token label stand for its first token", group="causal")
     skip_positions: int = option(128, "layer-skip: positions scored", group="causal", min=1)
+    act_layers: int = option(8, "interventions, fidelity: evenly spaced layers acted on (the last included)",
+                             group="acting", min=1)
+    act_positions: int = option(64, "interventions, fidelity: text positions edited and scored", group="acting",
+                                min=2)
+    steer_alpha: float = option(0.5, "interventions: the steering step, a fraction of the state's norm",
+                                group="acting")
+    fidelity_k: int = option(2, "fidelity: directions of each lens's causal basis", group="acting", min=1)
+    num_swaps: int = option(40, "fidelity: facts answered right used by the causal swap", group="acting", min=1)
+    swap_alpha: float = option(1.0, "fidelity: blend of the coordinate swap (1 = a full swap)", group="acting")
+    items: str | None = option(None, "intermediates: JSONL of {prompt, answer, intermediates} (none: the shipped "
+                               "two-hop set)", group="acting")
+    num_items: int | None = option(None, "intermediates: sample this many items (none: all)", group="acting", min=1)
     skip_mode: str = option("zero", "layer-skip: the skipped block's update becomes zero, or its mean",
                             group="causal", choices=("zero", "mean"))
 

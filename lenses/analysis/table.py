@@ -15,10 +15,14 @@ from lenses.analysis import (
     calibration,
     early_exit,
     facts,
+    fidelity,
     frequency,
+    intermediates,
+    interventions,
     layer_skip,
     mcq,
     patching,
+    patchscope,
     pos,
     representation,
     sublayer,
@@ -61,6 +65,15 @@ VIEWS = {v.name: v for v in (
          "cross-task patching: the switch layer vs the lens's reading"),
     View("layer-skip", layer_skip, ("corpus", "skip_positions", "skip_mode"), "causal",
          "skip block l: its effect on every later readout"),
+    View("interventions", interventions, ("corpus", "act_positions", "act_layers", "steer_alpha"), "acting",
+         "ablate and steer along lens directions, against random directions"),
+    View("fidelity", fidelity, ("corpus", "act_positions", "act_layers", "fidelity_k", "facts", "num_swaps",
+                                "swap_alpha", "chat_template", "system"), "acting",
+         "causal fidelity per lens and layer, and the causal swap benchmark"),
+    View("intermediates", intermediates, ("items", "num_items", "chat_template", "system"), "acting",
+         "whether a lens reads a two-hop prompt's intermediate concept"),
+    View("patchscope", patchscope, ("prompt", "top_k"), "",
+         "--prompt read through the identity prompt at every layer (Patchscopes)"),
     View("agreement", agreement, ("corpus", "num_positions"), "", "how alike the lenses read, layer by layer"),
     View("calibration", calibration, ("corpus", "num_positions"), "",
          "whether a lens's probabilities can be read at face value"),
@@ -70,8 +83,9 @@ VIEWS = {v.name: v for v in (
 VIEW_NAMES = tuple(name for name in VIEWS if name != "grid")
 DEPTH_VIEWS = tuple(v.name for v in VIEWS.values() if v.group == "depth")  # all: Gupta et al. 2025's four
 CAUSAL_VIEWS = tuple(v.name for v in VIEWS.values() if v.group == "causal")  # causal: what the lenses show, tested
+ACTING_VIEWS = tuple(v.name for v in VIEWS.values() if v.group == "acting")  # acting: tests of what a lens reads
 VIEW_SETTINGS = {name: v.settings for name, v in VIEWS.items()}
-SELECTIONS = {"all": DEPTH_VIEWS, "causal": CAUSAL_VIEWS}  # --view names that stand for several views
+SELECTIONS = {"all": DEPTH_VIEWS, "causal": CAUSAL_VIEWS, "acting": ACTING_VIEWS}  # --view names that stand for several views
 MODEL_SETTINGS = ("model", "model_dtype", "quantize", "decode_dtype", "layers", "final_norm", "unembed", "lens",
                   "strict", "seed")  # settings every view's result depends on: a page holds one of each
 
@@ -99,7 +113,7 @@ def unread(cfg: AnalysisConfig, names: list[str]) -> list[tuple[str, str]]:
 def get_view(name: str) -> ModuleType:
     """The module of view ``name`` (with ``run`` and ``plot``)."""
     if name not in VIEW_NAMES:
-        raise LensesError(f"unknown view {name!r}; choose one of {', '.join(VIEW_NAMES)}, all or causal.")
+        raise LensesError(f"unknown view {name!r}; choose one of {', '.join(VIEW_NAMES)}, all, causal or acting.")
     return VIEWS[name].module
 
 

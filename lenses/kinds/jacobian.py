@@ -57,6 +57,12 @@ class JacobianLens(Lens):
         J = self.matrices[layer]
         return (h.to(J.dtype) @ J.T).to(h.dtype)
 
+    def affine(self, layer: int):
+        if not self.present[layer]:
+            raise LensesError(f"the Jacobian lens has no matrix for hidden state {layer} (it was not fitted there), "
+                              "so it has no directions at that layer; choose a layer it has.")
+        return self.matrices[layer], None
+
     def transform_stack(self, h: torch.Tensor) -> torch.Tensor:
         flat = h.reshape(h.shape[0], -1, h.shape[-1]).to(self.matrices.dtype)
         out = torch.bmm(flat, self.matrices[: h.shape[0]].transpose(1, 2))

@@ -26,6 +26,7 @@ from lenses import engine
 from lenses.base import door, outdir
 from lenses.base.errors import CorruptFileError, LensesError, LensMismatchError, first_line
 from lenses.base.io import atomic_write, write_json
+from lenses.kinds import directions as lens_directions
 from lenses.kinds import files as lens_files
 from lenses.kinds import publish
 from lenses.kinds.sources import resolve_lens_path
@@ -84,6 +85,17 @@ class Lens(nn.Module):
         """What the final norm and unembedding read for ``hidden[layer]`` states ``h``: ``transform(h, layer)``,
         or ``h`` itself at the last layer (the model's own output)."""
         return h if layer == self.num_layers else self.transform(h, layer)
+
+    def affine(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(M, b)`` with ``transform(h, layer) = h @ M.T + b`` (None: the identity, zero), for lens directions
+        (`directions`). A lens kind whose transform is not affine keeps this refusal."""
+        raise LensesError(f"the {self.kind or type(self).__name__} lens has no directions: its transform is not "
+                          "declared affine. Define affine(layer) -> (M, b) on the class to act along its directions.")
+
+    def directions(self, layer: int, token_ids, dtype: torch.dtype = torch.float64):
+        """The vectors in ``hidden[layer]``'s space that carry each token's lens logit (`lenses.kinds.directions`:
+        ``logit_t = (v_t . h + u_t . b) / sigma(M h + b) + c_t``, linear up to the norm's one scalar 1/sigma)."""
+        return lens_directions.directions(self, layer, token_ids, dtype)
 
     def trainable(self) -> list[nn.Parameter]:
         """The parameters training optimises (`lenses.jobs.train`): every parameter that requires a gradient.
@@ -196,6 +208,9 @@ class LogitLens(Lens):
     def transform_stack(self, h: torch.Tensor) -> torch.Tensor:
         return h
 
+    def affine(self, layer: int):
+        return None, None
+
 
 class TunedLens(Lens):
     """Logit lens preceded by a learned translator ``h -> h + A_l h + b_l`` per layer (Belrose et
@@ -215,6 +230,10 @@ class TunedLens(Lens):
     def transform(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         w, b = self.weight[layer], self.bias[layer]
         return h + (h.to(w.dtype) @ w.T + b).to(h.dtype)
+
+    def affine(self, layer: int):
+        w = self.weight[layer].detach()
+        return torch.eye(self.d_model, dtype=w.dtype, device=w.device) + w, self.bias[layer].detach()
 
     def transform_stack(self, h: torch.Tensor) -> torch.Tensor:
         flat = h.reshape(h.shape[0], -1, h.shape[-1]).to(self.weight.dtype)
