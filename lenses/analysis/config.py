@@ -88,6 +88,8 @@ class AnalysisConfig(ModelOptions, RunOptions, CorpusOptions):
                                 min=2)
     steer_alpha: float = option(0.5, "interventions: the steering step, a fraction of the state's norm",
                                 group="acting")
+    steer_token: str | None = option(None, "interventions: steer every position toward this one token (e.g. ' Paris') "
+                                     "instead of each position's runner-up", group="acting")
     fidelity_k: int = option(2, "fidelity: directions of each lens's causal basis", group="acting", min=1)
     num_swaps: int = option(40, "fidelity: facts answered right used by the causal swap", group="acting", min=1)
     swap_alpha: float = option(1.0, "fidelity: blend of the coordinate swap (1 = a full swap)", group="acting")

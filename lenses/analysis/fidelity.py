@@ -76,9 +76,11 @@ def swap_prompts(adapter, tokenizer, facts: list[dict], num: int, chat: bool, sy
     return prompts, tried
 
 
-def _swap_rows(adapter, name, lens, layers, prompts, alpha, seed) -> list[dict]:
+def _swap_rows(adapter, name, lens, layers, prompts, alpha, seed, progress=False) -> list[dict]:
+    from tqdm.auto import tqdm
+
     rows = []
-    for layer in layers:
+    for layer in tqdm(layers, desc=f"causal swap ({name})", disable=not progress):
         dictionary = lens.directions(layer, torch.arange(adapter.vocab_size), dtype=torch.float32).vectors
         trials = [swap_trial(adapter, p, layer, dictionary, alpha, seed=seed + i) for i, p in enumerate(prompts)]
         clusters = list(range(len(trials)))
@@ -108,7 +110,7 @@ def fidelity_view(adapter, tokenizer, lenses: dict, texts: list[str], facts: lis
                 continue
             usable.append(layer)
             rows += _alignment_rows(adapter, name, lens, layer, sites, k, seed)
-        rows += _swap_rows(adapter, name, lens, usable, prompts, alpha, seed) if prompts else []
+        rows += _swap_rows(adapter, name, lens, usable, prompts, alpha, seed, progress) if prompts else []
     table = pd.DataFrame(rows)
     usage = [Usage("positions", num_positions, available, len(sites.texts), source, prefix_note(tokenizer)),
              Usage("swap prompts (facts the model answers right)", num_swaps, len(facts), len(prompts), facts_source,

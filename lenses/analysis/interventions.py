@@ -3,8 +3,9 @@ lens reads as a token (`Lens.directions`) and run the model on.
 
 - ``ablate``: project out the direction of the model's own final top-1 token; measured: the drop of the
   model's final log-probability of that token, and how often its top-1 changes.
-- ``steer``: add ``alpha ||h||`` along the unit direction of the model's runner-up token; measured: how often
-  the final top-1 becomes that token, and the gain of its log-probability.
+- ``steer``: add ``alpha ||h||`` along the unit direction of the model's runner-up token (or of
+  ``--steer-token``, one token for every position); measured: how often the final top-1 becomes that token,
+  and the gain of its log-probability.
 
 Each against a control of the same size along a random direction (``...-random``). Every scored position is
 edited at once (its own direction), at every second-or-so layer (``--act-layers``); intervals by text block.
@@ -21,11 +22,12 @@ from lenses.base.errors import LensesError
 from lenses.causal.edits import per_row, project_out_rows, random_units, spaced_layers, unit_rows
 from lenses.causal.sites import Sites, row
 from lenses.pages.acting_figures import plot_metrics
+from lenses.text import convention
 
 SEQ_LEN = 64
 PANELS = [("logprob_drop", "ablate the top-1 token's direction", "drop of its final log-prob (nats)"),
           ("top1_changed", "ablation changes the final top-1", "share of positions"),
-          ("flipped", "steer toward the runner-up", "share whose top-1 becomes it")]
+          ("flipped", "steer toward a token", "share whose top-1 becomes it")]
 
 
 def _edits(h: torch.Tensor, top: torch.Tensor, runner: torch.Tensor, rand: torch.Tensor, alpha: float) -> dict:
@@ -45,13 +47,17 @@ def _measure(lens_name, layer, kind, sites, log_q, t1, t2, seed) -> list[dict]:
 
 
 def interventions_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 64,
-                       num_layers: int = 8, alpha: float = 0.5, seed: int = 0, progress: bool = False,
+                       num_layers: int = 8, alpha: float = 0.5, steer_token: str | None = None, seed: int = 0,
+                       progress: bool = False,
                        batch_size: int = 1, source: str = "the texts given") -> ViewResult:
     from tqdm.auto import tqdm
 
+    toward = None if steer_token is None else convention.single_token(tokenizer, steer_token)
     chosen, blocks, available, first = text_blocks(texts, tokenizer, SEQ_LEN, num_positions, seed, "interventions")
     sites = Sites.of_blocks(adapter, blocks[sorted(chosen)], first, num_positions)
     t1, t2 = sites.log_p.topk(2, dim=-1).indices.unbind(-1)
+    if toward is not None:
+        t2 = torch.full_like(t1, toward)
     layers, rows, skipped = spaced_layers(adapter.num_layers, num_layers), [], []
     for name, lens in lenses.items():
         for layer in tqdm(layers, desc=f"interventions ({name})", disable=not progress):
@@ -68,7 +74,8 @@ def interventions_view(adapter, tokenizer, lenses: dict, texts: list[str], num_p
     table = pd.DataFrame(rows)
     usage = Usage("positions", num_positions, available, len(t1), source, prefix_note(tokenizer))
     summary = _summary(table) + [f"no directions for {s}" for s in skipped[:3]]
-    return ViewResult("interventions", {"effects": table}, summary, {"alpha": alpha}, usage=[usage])
+    settings = {"alpha": alpha, "toward": steer_token or "each position's runner-up"}
+    return ViewResult("interventions", {"effects": table}, summary, settings, usage=[usage])
 
 
 def _summary(table: pd.DataFrame) -> list[str]:
@@ -82,7 +89,7 @@ def _summary(table: pd.DataFrame) -> list[str]:
         control = drop.loc[mid, "ablate-random"]
         lines.append(f"{lens} lens: ablating its top-1 direction drops the final log-prob by "
                      f"{drop.loc[mid, 'ablate']:.2f} nats at layer {mid} (random {control:.2f}); "
-                     f"steering flips to the runner-up on {flip.loc[mid, 'steer']:.0%} there "
+                     f"steering flips to the steered token on {flip.loc[mid, 'steer']:.0%} there "
                      f"(random {flip.loc[mid, 'steer-random']:.0%})")
     return lines
 
@@ -91,9 +98,10 @@ def run(ctx) -> ViewResult:
     texts, source = ctx.view_texts
     cfg = ctx.cfg
     return interventions_view(*ctx.parts, texts, cfg.act_positions, cfg.act_layers, cfg.steer_alpha,
-                              **ctx.sampling, source=source)
+                              cfg.steer_token, **ctx.sampling, source=source)
 
 
 def plot(result: ViewResult, path):
     return plot_metrics(result.tables["effects"], PANELS, path,
-                        f"interventions along lens directions (steer alpha {result.settings['alpha']})")
+                        f"interventions along lens directions (steer alpha {result.settings['alpha']} toward "
+                        f"{result.settings['toward']})")

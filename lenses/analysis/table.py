@@ -65,7 +65,8 @@ VIEWS = {v.name: v for v in (
          "cross-task patching: the switch layer vs the lens's reading"),
     View("layer-skip", layer_skip, ("corpus", "skip_positions", "skip_mode"), "causal",
          "skip block l: its effect on every later readout"),
-    View("interventions", interventions, ("corpus", "act_positions", "act_layers", "steer_alpha"), "acting",
+    View("interventions", interventions, ("corpus", "act_positions", "act_layers", "steer_alpha", "steer_token"),
+         "acting",
          "ablate and steer along lens directions, against random directions"),
     View("fidelity", fidelity, ("corpus", "act_positions", "act_layers", "fidelity_k", "facts", "num_swaps",
                                 "swap_alpha", "chat_template", "system"), "acting",
@@ -85,7 +86,7 @@ DEPTH_VIEWS = tuple(v.name for v in VIEWS.values() if v.group == "depth")  # all
 CAUSAL_VIEWS = tuple(v.name for v in VIEWS.values() if v.group == "causal")  # causal: what the lenses show, tested
 ACTING_VIEWS = tuple(v.name for v in VIEWS.values() if v.group == "acting")  # acting: tests of what a lens reads
 VIEW_SETTINGS = {name: v.settings for name, v in VIEWS.items()}
-SELECTIONS = {"all": DEPTH_VIEWS, "causal": CAUSAL_VIEWS, "acting": ACTING_VIEWS}  # --view names that stand for several views
+SELECTIONS = {"all": DEPTH_VIEWS, "causal": CAUSAL_VIEWS, "acting": ACTING_VIEWS}  # --view names for several views
 MODEL_SETTINGS = ("model", "model_dtype", "quantize", "decode_dtype", "layers", "final_norm", "unembed", "lens",
                   "strict", "seed")  # settings every view's result depends on: a page holds one of each
 

@@ -160,5 +160,5 @@ def patch_coordinate(x: torch.Tensor, dictionary: torch.Tensor, source: int, tar
     edited[t] = before[s]
     after = before + alpha * (edited - before)
     ids = torch.tensor(frame, dtype=torch.long)
-    delta = dictionary.double()[ids].T @ (after - before)
+    delta = dictionary[ids].double().T @ (after - before)
     return CoordinatePatch(ids, before, after, delta, x.double().reshape(-1) + delta)

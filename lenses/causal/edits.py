@@ -34,12 +34,17 @@ def projector(A: torch.Tensor) -> torch.Tensor:
 
 
 def remove_subspace(h: torch.Tensor, A: torch.Tensor, mode: str = "zero", samples: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, orthonormal: bool = False) -> torch.Tensor:
     """``h`` [..., d] with the span of ``A`` ablated by ``mode`` (``samples`` [n, d]: the states whose mean or
-    whose components replace it; default ``h``'s own rows)."""
+    whose components replace it; default ``h``'s own rows). ``orthonormal``: ``A``'s columns are (the projector
+    is ``A A^T``, differentiable in ``A``, as the causal-basis search needs)."""
     if mode not in MODES:
         raise LensesError(f"unknown ablation mode {mode!r}; choose one of {', '.join(MODES)}.")
-    P = projector(A).to(h)
+    if orthonormal:
+        A = A[:, None] if A.dim() == 1 else A
+        P = A @ A.T
+    else:
+        P = projector(A).to(h)
     if mode == "zero":
         return h - h @ P
     rows = (h if samples is None else samples).reshape(-1, h.shape[-1]).to(h)
@@ -53,13 +58,12 @@ def remove_subspace(h: torch.Tensor, A: torch.Tensor, mode: str = "zero", sample
 
 
 def _derangement(n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """A permutation of 0..n-1 without fixed points (a random one shifted where it fixes a point)."""
-    perm = torch.randperm(n, generator=generator)
-    fixed = perm == torch.arange(n)
-    perm[fixed] = (perm[fixed] + 1) % n
-    while bool((perm == torch.arange(n)).any()):  # the shift can meet another fixed point: roll
-        perm = torch.roll(perm, 1)
-    return perm
+    """A random permutation of 0..n-1 without fixed points (rejection: about e draws; a cyclic shift after 100)."""
+    for _ in range(100):
+        perm = torch.randperm(n, generator=generator)
+        if not bool((perm == torch.arange(n)).any()):
+            return perm
+    return torch.roll(torch.arange(n), 1)
 
 
 def _at(position: int | None, fn):

@@ -69,7 +69,7 @@ def _maximise(lens, h, layer, log_p, v, unit, mode: str, max_iter: int) -> float
     def closure():
         state["calls"] += 1
         opt.zero_grad(set_to_none=False)
-        log_q = lens(remove_subspace(h, unit(v), mode=mode), layer).float().log_softmax(-1)
+        log_q = lens(remove_subspace(h, unit(v), mode=mode, orthonormal=True), layer).float().log_softmax(-1)
         loss = -_kl(log_p, log_q)
         loss.backward()
         energy = -float(loss.detach())

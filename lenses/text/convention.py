@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lenses.base.errors import LensMismatchError
+from lenses.base.errors import DataError, LensMismatchError
 
 _PROBE = "The quick brown fox"
 
@@ -59,6 +59,17 @@ class InputConvention:
 def plain_ids(tokenizer, text: str) -> list[int]:
     """``text``'s own ids, no special tokens (a continuation: rule 3)."""
     return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def single_token(tokenizer, text: str) -> int:
+    """The id of ``text`` when the tokenizer reads it as one token; otherwise a `DataError` naming its pieces."""
+    ids = plain_ids(tokenizer, text)
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        raise DataError(f"{text!r} is {len(ids)} tokens for this tokenizer ({pieces}), not one; give a single "
+                        "token (often with its leading space, e.g. ' Paris'), such as its first piece "
+                        f"{pieces[0] if pieces else ''!r}.")
+    return ids[0]
 
 
 def of(tokenizer) -> InputConvention:
