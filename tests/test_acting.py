@@ -15,7 +15,7 @@ from tiny_models import random_lens, tiny_adapter
 
 from lenses import LogitLens
 from lenses.base.errors import LensesError
-from lenses.causal import ablate, decompose, patch_coordinate, remove_subspace, run_edited, steer
+from lenses.causal import ablate, remove_subspace, run_edited, steer
 from lenses.causal.fidelity import aitchison
 from lenses.kinds.jacobian import JacobianLens
 from lenses.kinds.lens import Lens
@@ -149,3 +149,39 @@ def test_resample_ablation_keeps_the_complement_and_takes_another_rows_component
     comp_in, comp_out = (h @ u).tolist(), (out @ u).tolist()
     assert sorted(comp_out) == pytest.approx(sorted(comp_in))  # a permutation of the components
     assert all(a != b for a, b in zip(comp_in, comp_out))  # without a fixed point
+
+
+def test_pair_swap_exchanges_the_two_coordinates():
+    """c = V^+ h for V = [v_s, v_t]: after the swap (alpha 1) the coordinates are exchanged and the part of h off
+    the span is unchanged (float64 closed form); alpha 0 is the identity, alpha 2 overshoots by the same step."""
+    from lenses.causal.edits import swap_pair
+
+    g = torch.Generator().manual_seed(4)
+    h, vs, vt = (torch.randn(3, 12, generator=g, dtype=torch.float64), torch.randn(12, generator=g, dtype=torch.float64),
+                 torch.randn(12, generator=g, dtype=torch.float64))
+    V = torch.stack([vs, vt], 1)
+    coords = lambda x: (torch.linalg.pinv(V) @ x.T).T  # noqa: E731
+    off = lambda x: x - (V @ coords(x).T).T  # noqa: E731
+    out = swap_pair(h, vs, vt, 1.0)
+    torch.testing.assert_close(coords(out), coords(h).flip(-1))
+    torch.testing.assert_close(off(out), off(h))
+    assert torch.equal(swap_pair(h, vs, vt, 0.0), h)
+    torch.testing.assert_close(swap_pair(h, vs, vt, 2.0) - h, 2 * (out - h))
+
+
+def test_reading_swap_exchanges_two_lens_scores_and_holds_the_next_ones():
+    """After swap_reading, the lens's pre-norm scores (v.h + u.b) of source and target are exchanged and the held
+    tokens' are unchanged (float64, independent of the solver: recomputed from the directions)."""
+    from lenses.causal.swap import swap_reading
+
+    adapter = tiny_adapter("llama")
+    lens = random_lens(adapter, scale=0.2)
+    h = 3 * torch.randn(adapter.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    layer, source, target = 2, 5, 40
+    delta = swap_reading(lens, layer, h, source, target, hold=6)
+    z = lens(h.float(), layer)
+    held = [int(i) for i in z.topk(8).indices if int(i) not in (source, target)][:6]
+    D = lens.directions(layer, [source, target] + held)
+    before, after = D.vectors @ h + D.offset, D.vectors @ (h + delta) + D.offset
+    torch.testing.assert_close(after[:2], before[:2].flip(0))
+    torch.testing.assert_close(after[2:], before[2:])

@@ -8,7 +8,6 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 from tiny_models import random_lens, run_analyze, tiny_inputs
 
 from lenses import ModelAdapter
@@ -79,9 +78,9 @@ def test_an_items_line_without_a_field_is_named(inputs, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.ci
 def test_swap_at_the_last_layer_moves_the_default_models_answer(smollm2):
-    """On SmolLM2 with the shipped lenses: at the last layer every lens reads the model's output, so swapping the
-    answer's coordinate for another answer's must move the model's top-1 to it (>= 95% of prompts); the control
-    (the same step along a random direction) far less often."""
+    """On SmolLM2 with the shipped lenses: at the last layer every lens reads the model's output, so the edit that
+    makes the lens read another answer where it read this one must move the model's top-1 to it (>= 95% of
+    prompts); the control (the same step along a random direction) far less often."""
     from lenses import load_lens
     from lenses.analysis.fidelity import swap_prompts
     from lenses.causal.swap import swap_trial
@@ -94,8 +93,7 @@ def test_swap_at_the_last_layer_moves_the_default_models_answer(smollm2):
     L = adapter.num_layers
     for kind in ("smollm2-135m-instruct", "smollm2-135m-instruct-jacobian"):
         lens = load_lens(kind, model=adapter)
-        dictionary = lens.directions(L, torch.arange(adapter.vocab_size), dtype=torch.float32).vectors
-        trials = [swap_trial(adapter, p, L, dictionary, seed=i) for i, p in enumerate(prompts)]
-        success = sum(t["success"] for t in trials) / len(trials)
+        trials = [swap_trial(adapter, lens, p, L, seed=i) for i, p in enumerate(prompts)]
+        success = sum(t["swap"] for t in trials) / len(trials)
         control = sum(t["control"] for t in trials) / len(trials)
         assert success >= 0.95 and control <= 0.3, (kind, success, control)

@@ -84,7 +84,7 @@ class AnalysisConfig(ModelOptions, RunOptions, CorpusOptions):
     skip_positions: int = option(128, "layer-skip: positions scored", group="causal", min=1)
     act_layers: int = option(8, "interventions, fidelity: evenly spaced layers acted on (the last included)",
                              group="acting", min=1)
-    act_positions: int = option(64, "interventions, fidelity: text positions edited and scored", group="acting",
+    act_positions: int = option(192, "interventions, fidelity: text positions edited and scored", group="acting",
                                 min=2)
     steer_alpha: float = option(0.5, "interventions: the steering step, a fraction of the state's norm",
                                 group="acting")

@@ -5,10 +5,11 @@
   it, and compare the change of the lens's distribution at ``l`` (the stimulus) with the change of the model's
   final distribution (the response): their Aitchison cosine per position, and the output KL; against a random
   subspace of the same dimension (``random``). A lens that reads what the model uses scores near 1.
-- ``swap``: `lenses.causal.swap` on shipped facts the model answers right: swap the answer's coordinate in
-  the lens's token dictionary for another answer of the same relation; success = the model's final top-1
-  becomes it; the control moves the state as far along a random direction. At the last layer every lens reads
-  the model's own output, so the swap there succeeds nearly always: the identity the benchmark is built on.
+- ``swap``: `lenses.causal.swap` on shipped facts the model answers right: make the lens read another answer of
+  the same relation where it read this one (``swap``: the least-norm edit exchanging the two lens logits, the
+  lens's next 20 tokens held; ``pair-swap``: the J-lens paper's coordinate exchange); success = the model's final
+  top-1 becomes it; the control moves the state as far along a random direction; ``step`` is the edit's size
+  relative to the state. At the last layer the swap is the model's own: success there is the identity.
 Intervals: by text block (alignment) and by prompt (swap).
 """
 
@@ -27,8 +28,9 @@ from lenses.engine import decode
 from lenses.pages.acting_figures import plot_metrics
 from lenses.tracing.facts_data import fact_items, read_facts
 
-SEQ_LEN = 64
+SEQ_LEN = 32  # short blocks: more texts for the intervals
 MAX_ITER = 20  # L-BFGS evaluations per basis direction
+BASIS_POSITIONS = 64  # the causal basis is searched on the first 64 sites, then ablated at all of them
 PANELS = [("alignment", "stimulus-response alignment", "Aitchison cosine"),
           ("kl_output", "ablation's effect on the output", "KL (nats)"),
           ("success", "causal swap: final top-1 becomes the new token", "share of prompts")]
@@ -36,7 +38,7 @@ PANELS = [("alignment", "stimulus-response alignment", "Aitchison cosine"),
 
 def _alignment_rows(adapter, name, lens, layer, sites, k, seed) -> list[dict]:
     h = sites.hidden[layer].float()
-    basis = causal_basis(lens, h, layer, k, mode="mean", max_iter=MAX_ITER)
+    basis = causal_basis(lens, h[:BASIS_POSITIONS], layer, k, mode="mean", max_iter=MAX_ITER)
     g = torch.Generator().manual_seed(seed + layer)
     random = torch.linalg.qr(torch.randn(h.shape[-1], k, generator=g))[0]
     rows = []
@@ -79,18 +81,16 @@ def swap_prompts(adapter, tokenizer, facts: list[dict], num: int, chat: bool, sy
 def _swap_rows(adapter, name, lens, layers, prompts, alpha, seed, progress=False) -> list[dict]:
     from tqdm.auto import tqdm
 
-    rows = []
+    rows, clusters = [], list(range(len(prompts)))
     for layer in tqdm(layers, desc=f"causal swap ({name})", disable=not progress):
-        dictionary = lens.directions(layer, torch.arange(adapter.vocab_size), dtype=torch.float32).vectors
-        trials = [swap_trial(adapter, p, layer, dictionary, alpha, seed=seed + i) for i, p in enumerate(prompts)]
-        clusters = list(range(len(trials)))
-        for condition, key in (("swap", "success"), ("swap-random", "control")):
+        trials = [swap_trial(adapter, lens, p, layer, alpha, seed=seed + i) for i, p in enumerate(prompts)]
+        for condition, key in (("swap", "swap"), ("pair-swap", "pair-swap"), ("swap-random", "control")):
             rows.append(row(name, layer, condition, "success", [t[key] for t in trials], clusters, seed))
-        rows.append(row(name, layer, "swap", "in_support", [t["in_support"] for t in trials], clusters, seed))
+        rows.append(row(name, layer, "swap", "step", [t["step"] for t in trials], clusters, seed))
     return rows
 
 
-def fidelity_view(adapter, tokenizer, lenses: dict, texts: list[str], facts: list[dict], num_positions: int = 64,
+def fidelity_view(adapter, tokenizer, lenses: dict, texts: list[str], facts: list[dict], num_positions: int = 192,
                   num_layers: int = 8, k: int = 2, num_swaps: int = 40, alpha: float = 1.0, chat: bool = False,
                   system: str | None = None, seed: int = 0, progress: bool = False, batch_size: int = 1,
                   source: str = "the texts given", facts_source: str = "the shipped facts") -> ViewResult:

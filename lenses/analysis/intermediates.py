@@ -23,6 +23,7 @@ import torch
 
 from lenses.analysis.common import Usage, ViewResult, plain_ids
 from lenses.base.errors import DataError
+from lenses.engine import decode
 from lenses.pages.acting_figures import plot_metrics
 from lenses.text.data import read_utf8
 from lenses.tracing.facts_data import fact_items
@@ -66,13 +67,13 @@ def read_items(path: str | Path | None = None) -> list[dict]:
 
 
 def _ranks(lens, states: torch.Tensor, tokens: list[int]) -> np.ndarray:
-    """[L+1, len(tokens)] 0-based ranks of ``tokens`` in the lens's reading of each layer (NaN: no reading)."""
+    """[L+1, len(tokens)] 0-based ranks of ``tokens`` in the lens's reading of each layer (NaN: no reading); all
+    layers decoded in one call (``lens.state`` per layer, then one vocabulary matmul)."""
+    present = [layer for layer in range(states.shape[0]) if lens.has_layer(layer)]
     out = np.full((states.shape[0], len(tokens)), np.nan)
-    ids = torch.tensor(tokens)
-    for layer in range(states.shape[0]):
-        if lens.has_layer(layer):
-            z = lens(states[layer][None], layer)[0].float()
-            out[layer] = (z[None, :] > z[ids.to(z.device)][:, None]).sum(-1).cpu().numpy()
+    z = decode(lens.adapter, torch.stack([lens.state(states[layer], layer) for layer in present])).float()
+    ids = torch.tensor(tokens, device=z.device)
+    out[present] = (z[:, None, :] > z[:, ids][:, :, None]).sum(-1).cpu().numpy()
     return out
 
 

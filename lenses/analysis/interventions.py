@@ -24,7 +24,7 @@ from lenses.causal.sites import Sites, row
 from lenses.pages.acting_figures import plot_metrics
 from lenses.text import convention
 
-SEQ_LEN = 64
+SEQ_LEN = 32  # short blocks: more texts for the intervals
 PANELS = [("logprob_drop", "ablate the top-1 token's direction", "drop of its final log-prob (nats)"),
           ("top1_changed", "ablation changes the final top-1", "share of positions"),
           ("flipped", "steer toward a token", "share whose top-1 becomes it")]
@@ -46,7 +46,7 @@ def _measure(lens_name, layer, kind, sites, log_q, t1, t2, seed) -> list[dict]:
     return [row(lens_name, layer, kind, m, v.cpu().numpy(), sites.texts, seed) for m, v in metrics.items()]
 
 
-def interventions_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 64,
+def interventions_view(adapter, tokenizer, lenses: dict, texts: list[str], num_positions: int = 192,
                        num_layers: int = 8, alpha: float = 0.5, steer_token: str | None = None, seed: int = 0,
                        progress: bool = False,
                        batch_size: int = 1, source: str = "the texts given") -> ViewResult:

@@ -136,3 +136,15 @@ def unit_rows(v: torch.Tensor) -> torch.Tensor:
 def random_units(n: int, d: int, seed: int) -> torch.Tensor:
     """``n`` random unit vectors in ``d`` dimensions (uniform on the sphere, seeded)."""
     return unit_rows(torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+
+
+def swap_pair(h: torch.Tensor, v_source: torch.Tensor, v_target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """The coordinate swap of the J-lens paper (Gurnee et al. 2026): with ``V = [v_s, v_t]`` and the coordinates
+    ``c = V^+ h`` of each state ``h`` [..., d] in their span, ``h + alpha V (swap(c) - c)``: the two tokens'
+    coordinates exchange (``alpha = 1``; 2 is the paper's "double strength"), the part of ``h`` off the span is
+    untouched. TransformerLens 4.3's ``JacobianLens.swap_hooks`` makes the same edit."""
+    alpha = check_alpha(alpha)
+    V = torch.stack([v_source, v_target], -1).to(torch.float64)  # [d, 2]
+    c = torch.linalg.pinv(V) @ h.to(torch.float64).unsqueeze(-1)  # [..., 2, 1]
+    delta = V @ (c.flip(-2) - c)
+    return (h.to(torch.float64) + alpha * delta.squeeze(-1)).to(h.dtype)
