@@ -503,6 +503,7 @@ TABLES = {
     "gemma-early-exit": lambda: early_exit_layers("gemma-all"),
     "gemma-calibration": lambda: calibration_table("gemma-all"),
     "gemma-sublayer": lambda: sublayer_table("gemma-all"),
+    "reference-agreement": lambda: acting.reference_agreement(markdown),
     "smollm2-acting": lambda: view_summaries("smollm2-acting"),
     "smollm2-alignment": lambda: acting.by_layer("smollm2-acting", "fidelity_effects.csv", "alignment", "lens",
                                                  "random", markdown=markdown),

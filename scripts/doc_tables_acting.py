@@ -36,3 +36,11 @@ def by_layer(run: str, file: str, metric: str, main: str, control: str | None, d
     cols = [c for c in cols if any(c in row for row in rows.values())]
     df = pd.DataFrame([{"layer": layer, **{c: row.get(c, "—") for c in cols}} for layer, row in sorted(rows.items())])
     return src, markdown(df, "r" + "r" * len(cols))
+
+
+def reference_agreement(markdown) -> tuple[str, str]:
+    """docs/data/reference-agreement.csv, written by scripts/reference_agreement.py."""
+    src = "docs/data/reference-agreement.csv"
+    t = pd.read_csv(ROOT / src)
+    t["max_difference"] = t.max_difference.map(lambda v: f"{v:.1e}")
+    return src, markdown(t.rename(columns={"max_difference": "max difference"}), "lllr")

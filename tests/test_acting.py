@@ -157,8 +157,8 @@ def test_pair_swap_exchanges_the_two_coordinates():
     from lenses.causal.edits import swap_pair
 
     g = torch.Generator().manual_seed(4)
-    h, vs, vt = (torch.randn(3, 12, generator=g, dtype=torch.float64), torch.randn(12, generator=g, dtype=torch.float64),
-                 torch.randn(12, generator=g, dtype=torch.float64))
+    h = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    vs, vt = torch.randn(2, 12, generator=g, dtype=torch.float64)
     V = torch.stack([vs, vt], 1)
     coords = lambda x: (torch.linalg.pinv(V) @ x.T).T  # noqa: E731
     off = lambda x: x - (V @ coords(x).T).T  # noqa: E731

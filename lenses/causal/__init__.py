@@ -1,8 +1,9 @@
-"""Testing what a lens reads by acting on the model: edits along lens directions (`edits`), the sparse
-decomposition of a state over a lens's token dictionary and coordinate patching (`decompose`), causal bases
-and stimulus-response alignment (`fidelity`), the causal swap benchmark (`swap`), Patchscopes (`patchscope`)
-and the sites the views act on (`sites`). Lens directions themselves are `Lens.directions`
-(`lenses.kinds.directions`)."""
+"""Testing what a lens reads by acting on the model: edits, decompositions, causal bases, swaps, Patchscopes.
+
+Edits along lens directions (`edits`), the sparse decomposition of a state over a lens's token dictionary and
+coordinate patching (`decompose`), causal bases and stimulus-response alignment (`fidelity`), the causal swap
+benchmark (`swap`), Patchscopes (`patchscope`) and the sites the views act on (`sites`). Lens directions
+themselves are `Lens.directions` (`lenses.kinds.directions`)."""
 
 from lenses.causal.decompose import CoordinatePatch, Decomposition, decompose, patch_coordinate
 from lenses.causal.edits import ablate, remove_subspace, run_edited, steer
