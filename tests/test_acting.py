@@ -185,3 +185,27 @@ def test_reading_swap_exchanges_two_lens_scores_and_holds_the_next_ones():
     before, after = D.vectors @ h + D.offset, D.vectors @ (h + delta) + D.offset
     torch.testing.assert_close(after[:2], before[:2].flip(0))
     torch.testing.assert_close(after[2:], before[2:])
+
+
+def test_patchscope_of_a_prompts_own_last_state_is_the_model_and_generates_as_it_does():
+    """Patching hidden[L] of a prompt's last position with its own state changes nothing: the distribution is the
+    model's and the N tokens written are model.generate's greedy continuation (the reference: transformers)."""
+    from tiny_models import byte_tokenizer, tiny_model
+
+    from lenses import ModelAdapter
+    from lenses.causal.patchscope import patchscope, source_states
+
+    model = tiny_model("llama", vocab_size=257)
+    tokenizer = byte_tokenizer()
+    adapter = ModelAdapter.from_model(model)
+    prompt = "hello there"
+    state = source_states(adapter, tokenizer, prompt)[adapter.num_layers]
+    probs, written = patchscope(adapter, tokenizer, state, adapter.num_layers, prompt, generate=4)
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    torch.testing.assert_close(probs, final_logits(adapter, ids)[0, -1].softmax(-1))
+    want = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert written == want
+    other, _ = patchscope(adapter, tokenizer, state.flip(0), adapter.num_layers, prompt)
+    assert (other - probs).abs().max() > 1e-4  # another state reads differently (a multiple would not: the norm)
+    with pytest.raises(LensesError, match="out of range"):
+        patchscope(adapter, tokenizer, state, adapter.num_layers + 1, prompt)

@@ -97,3 +97,16 @@ def test_swap_at_the_last_layer_moves_the_default_models_answer(smollm2):
         success = sum(t["swap"] for t in trials) / len(trials)
         control = sum(t["control"] for t in trials) / len(trials)
         assert success >= 0.95 and control <= 0.3, (kind, success, control)
+
+
+@pytest.mark.slow
+def test_acting_views_run_on_the_default_model_with_all_three_shipped_lenses(tmp_path, capsys):
+    out = tmp_path / "out"
+    r = run_analyze(["--view", "acting", "--lens", "logit,tuned,jacobian", "--act-layers", "2", "--act-positions",
+                     "32", "--num-swaps", "3", "--num-items", "4", "--fidelity-k", "1", "--out", out], capsys)
+    assert r.returncode == 0, r.stderr
+    for view, table in (("interventions", "effects"), ("fidelity", "effects"), ("intermediates", "passk")):
+        t = pd.read_csv(out / f"{view}_{table}.csv")
+        assert set(t.lens) == {"logit", "tuned", "jacobian"}, view
+    swap = pd.read_csv(out / "fidelity_effects.csv").query("metric == 'success' and condition == 'swap'")
+    assert (swap[swap.layer == swap.layer.max()].value == 1).all()  # the identity at the last layer
