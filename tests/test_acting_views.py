@@ -31,6 +31,7 @@ def _args(root, view, *extra):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_acting_views_write_their_tables_and_identities(inputs, tmp_path, capsys):
     out = tmp_path / "out"
     r = run_analyze(_args(inputs, "acting", "--act-layers", "3", "--facts", inputs / "facts.jsonl", "--items",

@@ -35,7 +35,8 @@ COMMAND = re.compile(r"(?:(?:\.venv/bin/)?python\s+|(?:torchrun|accelerate launc
                      r"|(?:(?:\.venv/bin/)?python -m |\.venv/bin/|(?<![\w/.-]))lenses (?:train|fit|analyze)\b[^\n`]*")
 JOBS = {"train": "train_probes.py", "analyze": "analyze.py", "fit": "lenses fit"}  # `lenses <job>` runs these
 # Documented commands that cannot run on one machine, with the reason (everything else must run).
-NOT_HERE = {"--num_machines": "needs several machines (HOST, machine rank R)"}
+NOT_HERE = {"--num_machines": "needs several machines (HOST, machine rank R)",
+            "--nnodes": "two node agents: tests/test_sharding.py runs them on loopback"}
 
 
 def _sources() -> dict[str, str]:
@@ -95,7 +96,8 @@ TRAIN_TINY = {"--seq-len": "32", "--batch-size": "2", "--max-tokens": "128", "--
 FIT_TINY = {"--num-prompts": "2", "--seq-len": "24", "--skip-first": "2", "--min-chars": "20", "--eval-tokens": "64",
             "--dim-batch": "8"}
 VIEW_TINY = {"--num-positions": "16", "--num-texts": "3", "--num-facts": "2", "--num-questions": "4",
-             "--num-prompts": "3", "--prompt-tokens": "16", "--num-pairs": "1", "--skip-positions": "8"}
+             "--num-prompts": "3", "--prompt-tokens": "16", "--num-pairs": "1", "--skip-positions": "8",
+             "--act-positions": "16", "--act-layers": "2", "--num-swaps": "2", "--num-items": "4", "--fidelity-k": "1"}
 ALL_LENSES = "logit,tuned:runs/demo,jacobian:runs/jlens"  # every kind the tiny model has (J-lens: no layer 0)
 CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}[assistant]{% endif %}")

@@ -143,3 +143,21 @@ def test_fsdp_without_a_launcher_says_the_command(tmp_path, char_tokenizer, monk
     with pytest.raises(LensesError, match="torchrun --nproc_per_node N"):
         train(TrainConfig(**_kw(tmp_path, "x", fsdp=True)), model=tiny_model("llama"), tokenizer=char_tokenizer)
     assert not (tmp_path / "x").exists()  # refused before the folder was claimed
+
+
+def test_two_nodes_on_loopback_give_the_two_process_lens(tmp_path, whole):
+    """The documented two-node command (docs/training.md), run as two node agents on this machine that meet over
+    127.0.0.1 (c10d rendezvous), one process each: the same lens as two processes on one node."""
+    kw = json.dumps({**_kw(tmp_path, "nodes"), "fsdp": True, "model_layers": LAYERS})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LENSES_COMPILE": "0"}
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = [TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", "127.0.0.1:29561", "--rdzv-id", "lenses-test", str(HERE / "train_worker.py"), kw]
+        return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    agents = [node(0), node(1)]
+    outs = [a.communicate(timeout=600) for a in agents]
+    assert all(a.returncode == 0 for a in agents), [o[1][-2000:] for o in outs]
+    for k in ("weight", "bias"):
+        torch.testing.assert_close(_lens(tmp_path / "nodes")[k], whole[k], rtol=1e-4, atol=1e-5)

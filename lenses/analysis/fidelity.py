@@ -30,6 +30,7 @@ from lenses.tracing.facts_data import fact_items, read_facts
 
 SEQ_LEN = 32  # short blocks: more texts for the intervals
 MAX_ITER = 20  # L-BFGS evaluations per basis direction
+MAX_TRIES_PER_SWAP = 10  # facts tried per swap prompt asked for
 BASIS_POSITIONS = 64  # the causal basis is searched on the first 64 sites, then ablated at all of them
 PANELS = [("alignment", "stimulus-response alignment", "Aitchison cosine"),
           ("kl_output", "ablation's effect on the output", "KL (nats)"),
@@ -58,13 +59,14 @@ def _alignment_rows(adapter, name, lens, layer, sites, k, seed) -> list[dict]:
 
 def swap_prompts(adapter, tokenizer, facts: list[dict], num: int, chat: bool, system) -> tuple[list, int]:
     """Up to ``num`` facts the model answers right (its top-1 is the answer's first token), each paired with the
-    next fact of its relation whose answer starts with another token; and how many facts were tried."""
+    next fact of its relation whose answer starts with another token; and how many facts were tried (at most
+    ``MAX_TRIES_PER_SWAP`` per prompt asked for: a model that knows few facts does not read them all)."""
     items, _ = fact_items(tokenizer, facts, chat, system)
     answers = [item.targets["answer"][0] for item in items]
     relations = [f.get("relation", "") for f in facts]
     prompts, tried = [], 0
     for i, item in enumerate(items):
-        if len(prompts) >= num:
+        if len(prompts) >= num or tried >= MAX_TRIES_PER_SWAP * num:
             break
         tried += 1
         others = [j for j in list(range(i + 1, len(items))) + list(range(i)) if relations[j] == relations[i]
