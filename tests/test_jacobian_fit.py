@@ -270,3 +270,26 @@ def test_sharded_fit_killed_then_resumed_equals_uninterrupted(setup, tmp_path):
     torch.testing.assert_close(cut.matrices, full.matrices, atol=0, rtol=0)  # the same sums in the same order
     log = pd.read_csv(tmp_path / "cut" / "convergence.csv")
     assert log.n_done.tolist() == [2, 4, 6, 7]  # one row per round of two prompts
+
+
+@pytest.mark.slow  # two node agents: the full suite runs it
+def test_two_nodes_on_loopback_fit_the_one_process_lens(setup, tmp_path):
+    """The two-node launch of docs/training.md for the fit, as two node agents on this machine meeting over
+    127.0.0.1 (one process each, --fsdp): the lens of one plain process on the same prompts."""
+    model, corpus = setup
+    _cli(model, corpus, tmp_path / "one", "--num-prompts", "7")
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+               "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29566", "--rdzv-id",
+               "lenses-fit-test", "-m", "lenses", "fit", "--model", str(model), "--corpus", str(corpus), "--out",
+               str(tmp_path / "nodes"), "--num-prompts", "7", "--seq-len", "48", "--eval-tokens", "256",
+               "--no-progress", "--device", "cpu", "--fsdp"]
+        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    agents = [node(0), node(1)]
+    outs = [a.communicate(timeout=600) for a in agents]
+    assert all(a.returncode == 0 for a in agents), [o[1][-2000:] for o in outs]
+    one, nodes = load_lens(tmp_path / "one"), load_lens(tmp_path / "nodes")
+    assert nodes.n_prompts == 7
+    torch.testing.assert_close(nodes.matrices.float(), one.matrices.float(), atol=1e-6, rtol=2**-10)
