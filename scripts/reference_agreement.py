@@ -20,12 +20,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_acting_references import ALGORITHMS, _problem  # noqa: E402
-from tiny_models import save_tiny_model, tiny_model  # noqa: E402
+from test_acting_references import ALGORITHMS, _problem, causal_basis_case  # noqa: E402
+from tiny_models import save_tiny_model  # noqa: E402
 
-from lenses import ModelAdapter, TunedLens  # noqa: E402
+from lenses import ModelAdapter  # noqa: E402
 from lenses.causal import decompose, patch_coordinate  # noqa: E402
-from lenses.causal.fidelity import causal_basis, principal_angles  # noqa: E402
+from lenses.causal.fidelity import principal_angles  # noqa: E402
 from lenses.causal.patchscope import IDENTITY_PROMPT, patchscope_grid  # noqa: E402
 
 
@@ -56,34 +56,11 @@ def transformer_lens_rows() -> list[dict]:
 
 
 def tuned_lens_rows() -> list[dict]:
-    import tuned_lens.model_surgery as surgery
-    from tuned_lens import TunedLens as PackageLens
-    from tuned_lens.causal import extract_causal_bases
-
-    surgery._transformer_lens_available = False  # tuned-lens 0.2 probes a class TransformerLens 4 removed
-    model = tiny_model("llama", vocab_size=32)
-    theirs = PackageLens.from_model(model)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for t in theirs:
-            t.weight.normal_(0, 0.05, generator=g)
-            t.bias.normal_(0, 0.05, generator=g)
-    folder = tempfile.mkdtemp()
-    theirs.save(folder)
-    adapter = ModelAdapter.from_model(model)
-    ours = TunedLens.from_pretrained(folder, model=adapter)
-    k, L = 2, adapter.num_layers
-    U = torch.linalg.qr(torch.randn(32, k, generator=g))[0]
-    hs = [torch.randn(2, 12, 32, generator=g) + 10 * torch.randn(2, 12, k, generator=g) @ U.T for _ in range(L + 1)]
-    ref = list(extract_causal_bases(theirs, hs, k, mode="mean"))
     angle = energy = 0.0
-    for layer in range(L):
-        start = theirs.transform_hidden(theirs.unembed.unembedding.weight.data.T, layer)
-        init = torch.linalg.svd(start, full_matrices=False)[0][:, :k].float()
-        mine = causal_basis(ours, hs[layer], layer, k, mode="mean", init=init)
-        angle = max(angle, float(principal_angles(mine.vectors, ref[layer].vectors).max()))
-        energy = max(energy, float((mine.energies - ref[layer].energies).abs().max()))
-    case = f"tiny Llama, {L} layers, k = {k}, mean ablation"
+    for _, _, ref, mine, _, hs in causal_basis_case():
+        angle = max(angle, float(principal_angles(mine.vectors, ref.vectors).max()))
+        energy = max(energy, float((mine.energies - ref.energies).abs().max()))
+    case = f"tiny Llama, {len(hs) - 1} layers, k = 2, mean ablation"
     return [{"reference": "tuned-lens 0.2 extract_causal_bases", "case": case, "quantity": "principal angle (rad)",
              "max_difference": angle},
             {"reference": "tuned-lens 0.2 extract_causal_bases", "case": case, "quantity": "energy (nats)",

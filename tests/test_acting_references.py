@@ -79,12 +79,23 @@ def test_causal_basis_equals_tuned_lens(monkeypatch):
     on a tiny model whose vocabulary equals its width (tuned-lens transforms the unembedding as states there,
     which only runs when V = d), for states with a strong 2-d variation: principal angles below 1e-4 rad at every
     layer, where the search moves the basis by more than 1 rad from its start."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    for layer, init, ref, mine, ours, hs in causal_basis_case():
+        assert principal_angles(mine.vectors, ref.vectors).max() < 1e-4
+        assert principal_angles(init, ref.vectors).max() > 1.0
+        torch.testing.assert_close(mine.energies, ref.energies, atol=1e-6, rtol=1e-3)
+        other = causal_basis(ours, hs[layer], layer, 2, mode="zero", init=init)  # mutation: another ablation
+        assert principal_angles(other.vectors, ref.vectors).max() > 1e-2
+
+
+def causal_basis_case(k: int = 2):
+    """Per layer ``(layer, start, tuned-lens's basis, ours, our lens, states)``: a tiny Llama whose vocabulary is
+    its width, a tuned lens of small random translators in both packages, states with a strong k-d variation."""
     import tuned_lens.model_surgery as surgery
     from tuned_lens import TunedLens as PackageLens
     from tuned_lens.causal import extract_causal_bases
 
-    monkeypatch.setattr(surgery, "_transformer_lens_available", False)
-    monkeypatch.setenv("TQDM_DISABLE", "1")
+    surgery._transformer_lens_available = False  # tuned-lens 0.2 probes a class TransformerLens 4 removed
     model = tiny_model("llama", vocab_size=32)
     theirs = PackageLens.from_model(model)
     g = torch.Generator().manual_seed(3)
@@ -96,19 +107,14 @@ def test_causal_basis_equals_tuned_lens(monkeypatch):
     theirs.save(folder)
     adapter = ModelAdapter.from_model(model)
     ours = TunedLens.from_pretrained(folder, model=adapter)
-    k, L = 2, adapter.num_layers
+    L = adapter.num_layers
     U = torch.linalg.qr(torch.randn(32, k, generator=g))[0]
     hs = [torch.randn(2, 12, 32, generator=g) + 10 * torch.randn(2, 12, k, generator=g) @ U.T for _ in range(L + 1)]
-    ref = list(extract_causal_bases(theirs, hs, k, mode="mean"))
-    for layer in range(adapter.num_layers):
+    refs = list(extract_causal_bases(theirs, hs, k, mode="mean"))
+    for layer in range(L):
         start = theirs.transform_hidden(theirs.unembed.unembedding.weight.data.T, layer)
         init = torch.linalg.svd(start, full_matrices=False)[0][:, :k].float()
-        mine = causal_basis(ours, hs[layer], layer, k, mode="mean", init=init)
-        assert principal_angles(mine.vectors, ref[layer].vectors).max() < 1e-4
-        assert principal_angles(init, ref[layer].vectors).max() > 1.0
-        torch.testing.assert_close(mine.energies, ref[layer].energies, atol=1e-6, rtol=1e-3)
-        other = causal_basis(ours, hs[layer], layer, k, mode="zero", init=init)  # mutation: another ablation
-        assert principal_angles(other.vectors, ref[layer].vectors).max() > 1e-2
+        yield layer, init, refs[layer], causal_basis(ours, hs[layer], layer, k, mode="mean", init=init), ours, hs
 
 
 @needs("nnterp")
