@@ -99,7 +99,7 @@ def test_facts_and_mcq_score_from_the_assistant_turn():
     (["--system", "be brief", "--chat-template", "off"], "--system needs the chat template"),
     (["--generate", "0"], "--generate"),
     (["--sample"], "--sample draws"),
-    (["--view", "frequency", "--system", "be brief"], "apply to the facts, mcq, fidelity and intermediates views"),
+    (["--view", "frequency", "--system", "be brief"], "apply to the facts, mcq, fidelity, intermediates and"),
 ])
 def test_bad_chat_input_is_one_line_and_exit_2(tmp_path, args, words, capsys):
     """In-process through the command's own entry point (`run_cli`, as ``analyze.py`` runs it)."""

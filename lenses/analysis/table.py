@@ -73,7 +73,7 @@ VIEWS = {v.name: v for v in (
          "causal fidelity per lens and layer, and the causal swap benchmark"),
     View("intermediates", intermediates, ("items", "num_items", "chat_template", "system"), "acting",
          "whether a lens reads a two-hop prompt's intermediate concept"),
-    View("patchscope", patchscope, ("prompt", "top_k"), "",
+    View("patchscope", patchscope, ("prompt", "top_k", "chat_template", "system"), "",
          "--prompt read through the identity prompt at every layer (Patchscopes)"),
     View("agreement", agreement, ("corpus", "num_positions"), "", "how alike the lenses read, layer by layer"),
     View("calibration", calibration, ("corpus", "num_positions"), "",

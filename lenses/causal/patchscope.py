@@ -59,14 +59,15 @@ def patchscope(adapter, tokenizer, state: torch.Tensor, layer: int, target_promp
     return probs, written
 
 
-def source_states(adapter, tokenizer, source_prompt: str, position: int = -1) -> torch.Tensor:
-    """``hidden[l]`` of ``source_prompt`` at ``position`` for every layer: [L+1, d]."""
-    ids = _encode(tokenizer, source_prompt)
+def source_states(adapter, tokenizer, source_prompt: str | list[int], position: int = -1) -> torch.Tensor:
+    """``hidden[l]`` of ``source_prompt`` (a text, read as the tokenizer gives it, or its token ids, e.g. a chat
+    turn) at ``position`` for every layer: [L+1, d]."""
+    ids = torch.tensor([source_prompt]) if isinstance(source_prompt, list) else _encode(tokenizer, source_prompt)
     with torch.no_grad():
         return adapter.hidden_states(ids)[:, 0, position]
 
 
-def patchscope_grid(adapter, tokenizer, source_prompt: str, layers: list[int] | None = None,
+def patchscope_grid(adapter, tokenizer, source_prompt: str | list[int], layers: list[int] | None = None,
                     target_prompt: str = IDENTITY_PROMPT, position: int = -1) -> torch.Tensor:
     """Probabilities [len(layers), V]: the last position of ``source_prompt`` read through the target prompt at
     each layer (default every layer 0..L)."""

@@ -73,8 +73,8 @@ from lenses.text.chat import chat_turn, generate
 # A view setting given where no selected view reads it is a note; these are refused (they change what a person
 # expects to see), each group with its own message.
 REFUSED = {
-    ("chat_template", "system"): "--chat-template and --system apply to the facts, mcq, fidelity and intermediates "
-                                 "views and the grid, not --view {view}; drop them or run one of those",
+    ("chat_template", "system"): "--chat-template and --system apply to the facts, mcq, fidelity, intermediates and "
+                                 "patchscope views and the grid, not --view {view}; drop them or run one of those",
     ("generate", "sample", "sublayers"): "--generate, --sample and --sublayers extend the grid of --prompt; run them "
                                          "without --view",
     ("html", "png"): "--html and --png draw the grid of --prompt; run them without --view (views write "
