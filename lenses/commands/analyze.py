@@ -35,6 +35,8 @@ analyze.py run.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import time
 from pathlib import Path
@@ -58,6 +60,7 @@ from lenses.analysis.common import Usage
 from lenses.analysis.table import SELECTIONS
 from lenses.base import lifecycle
 from lenses.base.errors import LensesError
+from lenses.jobs.distributed import DataParallel
 from lenses.base.io import owner, run_id, write_csv
 from lenses.base.options import Parser, add_options, from_args
 from lenses.base.outdir import check_target, claim
@@ -110,9 +113,16 @@ def parse_args(argv=None, prog: str = "analyze.py") -> tuple[AnalysisConfig, str
 
 
 def main(argv=None, prog: str = "analyze.py") -> int:
-    """``analyze.py`` / ``lenses analyze``: parse ``argv`` and run the views or the grid."""
+    """``analyze.py`` / ``lenses analyze``: parse ``argv`` and run the views or the grid. Under ``torchrun`` every
+    process loads the model, the views that trace split their texts over the processes (`lenses.tracing.parallel`)
+    and the first process writes the folder and the page; the others run the same views silently (`_follow`)."""
     cfg, view = parse_args(argv, prog)
     names = selected(view)
+    dp = DataParallel.from_env(cfg.device)
+    if dp.device is not None:
+        cfg.device = str(dp.device)
+    if not dp.main:
+        return _follow(cfg, view)
     with claim(cfg.out, "analysis", resumable=False) as folder, owner(run_id("analysis", cfg.out)):
         for option, path in (("--html", cfg.html), ("--png", cfg.png)):
             if path:
@@ -136,6 +146,19 @@ def main(argv=None, prog: str = "analyze.py") -> int:
             report.write(cfg.out)
             raise
         folder.finish()
+    return 0
+
+
+def _follow(cfg: AnalysisConfig, view: str | None) -> int:
+    """A process other than the first under ``torchrun``: the same views in the same order (so that every trace
+    is split the same way), printing and writing nothing."""
+    cfg.progress = False
+    with contextlib.redirect_stdout(io.StringIO()):
+        model, tok, adapter = cfg.load()
+        ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict, tokenizer=tok), cfg)
+        for name in selected(view) if view is not None else []:
+            lifecycle.check_stop()
+            run_view(name, ctx)
     return 0
 
 

@@ -16,6 +16,7 @@ those rows, as Gupta et al. 2025 (arXiv 2510.18871) define them:
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 from lenses import engine
 from lenses.base import door, lifecycle
 from lenses.model.adapter import ModelAdapter
+from lenses.tracing import parallel
 from lenses.tracing.batching import batches, hidden_of_batch, padding_check, shared_prefix
 
 
@@ -244,7 +246,7 @@ def trace(
     target_names = sorted({n for it in items for n in it.targets})
     buffer = _Buffer(adapter, lenses, chunk, target_names, dict(groups=groups, group_names=group_names, dtype=dtype,
                                                                  top_k=top_k))
-    todo, batch_size = _ordered(adapter, _prepared(items, target_names, adapter.vocab_size), batch_size)
+    todo, batch_size = _ordered(adapter, _my_share(_prepared(items, target_names, adapter.vocab_size)), batch_size)
     prefix = shared_prefix(adapter, todo) if share_prefix else None
     bar = tqdm(total=len(todo), desc="tracing", unit="text", disable=not progress)
     for batch in batches(todo, batch_size, adapter.device, prefix.length if prefix else 0):
@@ -254,12 +256,28 @@ def trace(
         bar.update(len(batch))
     bar.close()
     buffer.flush(last=True)
-    if not buffer.frames:
-        return pd.DataFrame(columns=["lens", "item", "position", "layer", "top1_id", "top1_prob", "entropy", "kl"])
-    df = pd.concat(buffer.frames, ignore_index=True)
+    if buffer.frames:
+        df = pd.concat(buffer.frames, ignore_index=True)
+    else:
+        df = pd.DataFrame(columns=["lens", "item", "position", "layer", "top1_id", "top1_prob", "entropy", "kl"])
     df = df.sort_values(["lens", "item", "position", "layer"], kind="stable").reset_index(drop=True)
     df.attrs.update(decode_dtype=str(dtype).removeprefix("torch."), rows_decoded_whole=buffer.redone[0])
-    return df
+    return parallel.merged(df, ["lens", "item", "position", "layer"])  # under torchrun: every process's share
+
+
+def _my_share(todo: list) -> list:
+    """This process's share of the texts under torchrun (`lenses.tracing.parallel`: balanced by tokens), or all."""
+    lengths = [len(ids) for _, ids, _ in todo]
+    share = parallel.mine(lengths)
+    if share is None:
+        return todo
+    rank, world = parallel.group()
+    note = parallel.idle_note(len(todo))
+    if note and rank == 0:
+        print(note, file=sys.stderr)
+    print(f"tracing: process {rank} of {world} takes {len(share)} of {len(todo)} texts "
+          f"({sum(lengths[j] for j in share):,} of {sum(lengths):,} tokens)", file=sys.stderr)
+    return [todo[j] for j in share]
 
 
 def _ordered(adapter, todo: list, batch_size: int) -> tuple[list, int]:
