@@ -89,8 +89,8 @@ def test_swap_at_the_last_layer_moves_the_default_models_answer(smollm2):
 
     model, tokenizer = smollm2
     adapter = ModelAdapter.from_model(model)
-    prompts, tried = swap_prompts(adapter, tokenizer, read_facts(), 20, False, None)
-    assert len(prompts) == 20
+    prompts, tried = swap_prompts(adapter, tokenizer, read_facts(), 10, False, None)
+    assert len(prompts) == 10
     L = adapter.num_layers
     for kind in ("smollm2-135m-instruct", "smollm2-135m-instruct-jacobian"):
         lens = load_lens(kind, model=adapter)
