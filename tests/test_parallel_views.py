@@ -28,11 +28,11 @@ def test_shares_are_balanced_by_tokens_and_cover_every_text_once():
     assert shares([5, 5], 3)[2] == []  # more processes than texts: one has none
 
 
-def _run(root: Path, out: Path, n: int, view: str, port: int) -> subprocess.CompletedProcess:
+def _run(root: Path, out: Path, n: int, view: str, port: int, *extra: str) -> subprocess.CompletedProcess:
     args = [str(ROOT / "analyze.py"), "--model", str(root / "model"), "--corpus", str(root / "corpus.txt"), "--lens",
             f"logit,tuned:{root / 'tuned'}", "--view", view, "--facts", str(root / "facts.jsonl"), "--mcq",
             str(root / "mcq.csv"), "--num-positions", "40", "--freq-prompts", "blocks", "--num-questions", "8",
-            "--batch-size", "2", "--out", str(out), "--no-progress"]
+            "--batch-size", "2", "--out", str(out), "--no-progress", *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LENSES_COMPILE": "0", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(cmd if n > 1 else [sys.executable, *args], capture_output=True, text=True, env=env,
@@ -49,10 +49,12 @@ def _same(a: pd.DataFrame, b: pd.DataFrame, name: str) -> None:
             assert a[col].astype(str).tolist() == b[col].astype(str).tolist(), f"{name}: {col}"
 
 
-@pytest.mark.slow  # several processes: the full suite runs it
-def test_two_processes_write_the_tables_of_one(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[Path, Path]:
+    """The inputs (a tiny model, its tuned lens, facts, MCQ) and the folder one process wrote."""
     from transformers import AutoModelForCausalLM
 
+    tmp_path = tmp_path_factory.mktemp("parallel")
     root = tiny_inputs(tmp_path / "in", letters=True)
     rows = [f'{{"prompt": "Fact {i} says the quick brown", "answer": "fox"}}' for i in range(6)]
     (root / "facts.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
@@ -60,12 +62,19 @@ def test_two_processes_write_the_tables_of_one(tmp_path):
     random_lens(adapter, scale=0.2).save_pretrained(root / "tuned")
     one = _run(root, tmp_path / "one", 1, VIEWS, 29571)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _run(root, tmp_path / "two", 2, VIEWS, 29572)
+    return root, tmp_path / "one"
+
+
+@pytest.mark.slow  # several processes: the full suite runs it
+@pytest.mark.parametrize("fsdp", [False, True], ids=["whole-model", "fsdp"])
+def test_two_processes_write_the_tables_of_one(one_process, tmp_path, fsdp):
+    root, one = one_process
+    two = _run(root, tmp_path / "two", 2, VIEWS, 29572 + fsdp, *(["--fsdp"] if fsdp else []))
     assert two.returncode == 0, two.stderr[-3000:]
-    tables = sorted(p.name for p in (tmp_path / "one").glob("*.csv"))
+    tables = sorted(p.name for p in one.glob("*.csv"))
     assert len(tables) >= 6 and tables == sorted(p.name for p in (tmp_path / "two").glob("*.csv"))
     for name in tables:
-        _same(pd.read_csv(tmp_path / "one" / name), pd.read_csv(tmp_path / "two" / name), name)
+        _same(pd.read_csv(one / name), pd.read_csv(tmp_path / "two" / name), name)
     assert two.stdout.count("== facts") == 1  # one process reports
     import re
 
@@ -74,3 +83,27 @@ def test_two_processes_write_the_tables_of_one(tmp_path):
     for n in {total for _, _, total in took}:  # every trace: the two shares make the whole
         shares_of_it = [int(k) for _, k, total in took if total == n]
         assert sum(shares_of_it) % int(n) == 0 and all(0 < k < int(n) for k in shares_of_it)
+    said = two.stdout + two.stderr
+    held = re.findall(r"fsdp: process (\d) of 2 holds ([\d.]+ \w+) of the blocks' ([\d.]+ \w+)", said)
+    if fsdp:  # each process holds half of every block
+        assert sorted(r for r, _, _ in held) == ["0", "1"], (two.stdout + two.stderr)[-2000:]
+        for _, mine, whole in held:
+            assert _bytes(mine) == pytest.approx(_bytes(whole) / 2, rel=0.02)
+    else:
+        assert not held
+
+
+def _bytes(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+
+
+def test_fsdp_without_a_launcher_or_for_the_grid_is_one_line(tmp_path, capsys, monkeypatch):
+    from tiny_models import run_analyze
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    r = run_analyze(["--view", "facts", "--fsdp", "--out", tmp_path / "o"], capsys)
+    assert r.returncode == 2 and "torchrun --nproc_per_node N analyze.py ... --fsdp" in r.stderr, r.stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = run_analyze(["--fsdp", "--out", tmp_path / "o"], capsys)
+    assert r.returncode == 2 and "the grid of --prompt reads one" in r.stderr, r.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lenses.base.options import RunOptions, option
+from lenses.base.options import ParallelOptions, RunOptions, option
 from lenses.model.loading import ModelOptions
 from lenses.text.chat import MAX_GENERATE
 from lenses.text.corpora import CorpusOptions
@@ -22,7 +22,7 @@ def _suffix(path: str, allowed: tuple[str, ...]) -> str | None:
 
 
 @dataclass
-class AnalysisConfig(ModelOptions, RunOptions, CorpusOptions):
+class AnalysisConfig(ModelOptions, RunOptions, CorpusOptions, ParallelOptions):
     """Settings of ``analyze.py`` (and of `run_views`); each is also a CLI option."""
 
     lens: str = option("auto", "auto | logit | both | tuned | jacobian | a lens folder, J-lens .pt file, shipped "

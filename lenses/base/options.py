@@ -234,10 +234,11 @@ class ResumeOptions(RunOptions):
 
 @dataclasses.dataclass
 class ParallelOptions(Options):
-    """Several processes: training, the J-lens fit and their memory plan."""
+    """Several processes: training, the J-lens fit, the views and their memory plan."""
 
     fsdp: bool = option(False, "shard the model's blocks and what the job fits (the lens, or the J-lens's running "
-                               "sums) over the processes (PyTorch FSDP2; under torchrun, any number of processes)")
+                               "sums) over the processes (PyTorch FSDP2; under torchrun, any number of processes); "
+                               "the views: blocks only, the lenses whole on every process")
 
 
 def check_device(name: str) -> str | None:

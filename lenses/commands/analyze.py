@@ -60,6 +60,7 @@ from lenses.analysis.common import Usage
 from lenses.analysis.table import SELECTIONS
 from lenses.base import lifecycle
 from lenses.base.errors import LensesError
+from lenses.jobs import sharding
 from lenses.jobs.distributed import DataParallel
 from lenses.base.io import owner, run_id, write_csv
 from lenses.base.options import Parser, add_options, from_args
@@ -118,11 +119,16 @@ def main(argv=None, prog: str = "analyze.py") -> int:
     and the first process writes the folder and the page; the others run the same views silently (`_follow`)."""
     cfg, view = parse_args(argv, prog)
     names = selected(view)
+    if cfg.fsdp:
+        sharding.check_launch(prog, cfg.quantize)
+        if view is None:
+            raise LensesError("--fsdp shards the model for the views, which read many texts; the grid of --prompt "
+                              "reads one: run it without --fsdp (--device-map auto spreads a model that does not fit).")
     dp = DataParallel.from_env(cfg.device)
     if dp.device is not None:
         cfg.device = str(dp.device)
     if not dp.main:
-        return _follow(cfg, view)
+        return _follow(cfg, view, dp.device)
     with claim(cfg.out, "analysis", resumable=False) as folder, owner(run_id("analysis", cfg.out)):
         for option, path in (("--html", cfg.html), ("--png", cfg.png)):
             if path:
@@ -133,6 +139,8 @@ def main(argv=None, prog: str = "analyze.py") -> int:
         model, tok, adapter = cfg.load()
         lifecycle.check_stop()
         ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict, tokenizer=tok), cfg)
+        if cfg.fsdp:
+            print(sharding.shard_for_reading(adapter, dp.device))
         report = Report(f"lenses analysis: {cfg.model or DEFAULT_MODEL}", analysis_settings(cfg, ctx.lenses, names),
                         pending=names, dropped=dropped)
         if view is None:
@@ -149,13 +157,15 @@ def main(argv=None, prog: str = "analyze.py") -> int:
     return 0
 
 
-def _follow(cfg: AnalysisConfig, view: str | None) -> int:
+def _follow(cfg: AnalysisConfig, view: str | None, device: torch.device | None = None) -> int:
     """A process other than the first under ``torchrun``: the same views in the same order (so that every trace
     is split the same way), printing and writing nothing."""
     cfg.progress = False
     with contextlib.redirect_stdout(io.StringIO()):
         model, tok, adapter = cfg.load()
         ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict, tokenizer=tok), cfg)
+        if cfg.fsdp:
+            print(sharding.shard_for_reading(adapter, device), file=sys.stderr)
         for name in selected(view) if view is not None else []:
             lifecycle.check_stop()
             run_view(name, ctx)

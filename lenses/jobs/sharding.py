@@ -186,3 +186,26 @@ def full_state(lens: nn.Module) -> dict[str, torch.Tensor]:
     """The whole lens on every process (collective: all processes call it), as plain CPU tensors."""
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
             for k, v in lens.state_dict().items()}
+
+
+def block_bytes(adapter) -> tuple[int, int]:
+    """``(bytes of the decoder blocks' weights this process holds, bytes of all of them)``: a sharded block's
+    parameters are DTensors whose local part is this process's shard."""
+    mine = whole = 0
+    for block in adapter.layers:
+        for p in block.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            mine += local.numel() * local.element_size()
+            whole += p.numel() * p.element_size()
+    return mine, whole
+
+
+def shard_for_reading(adapter, device: torch.device | None = None) -> str:
+    """``--fsdp`` for the views: shard the blocks (`shard_blocks`; the lenses, final norm and unembedding stay whole
+    on every process) and say what this process holds."""
+    import torch.distributed as dist
+
+    shard_blocks(adapter, device, prog="analyze.py")
+    mine, whole = block_bytes(adapter)
+    return (f"fsdp: process {dist.get_rank()} of {dist.get_world_size()} holds {human(mine)} of the blocks' "
+            f"{human(whole)}")

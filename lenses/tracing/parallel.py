@@ -68,3 +68,23 @@ def idle_note(n_texts: int) -> str | None:
 def barrier() -> None:
     if group()[1] > 1:
         torch.distributed.barrier()
+
+
+def sharded(adapter) -> bool:
+    """Whether the model's blocks are sharded over the processes (``--fsdp``: `lenses.jobs.sharding.shard_blocks`),
+    so that every forward pass is a collective all processes make together."""
+    return hasattr(adapter, "_sharded_fingerprint") and group()[1] > 1
+
+
+def even_forwards(adapter, done: int) -> None:
+    """With sharded blocks, every process must run as many forward passes as the busiest one (each pass gathers
+    every block's weights from all processes): this one runs one-token passes until it has made the most."""
+    if not sharded(adapter):
+        return
+    import torch.distributed as dist
+
+    most = torch.tensor([done], device=adapter.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    dummy = torch.zeros(1, 1, dtype=torch.long)
+    for _ in range(int(most.item()) - done):
+        adapter.run_stream(dummy)

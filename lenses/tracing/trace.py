@@ -241,6 +241,8 @@ def trace(
     from tqdm.auto import tqdm
 
     items, dtype = _check_arguments(adapter, lenses, items, chunk, dtype, top_k, batch_size)
+    if parallel.sharded(adapter):  # one text per forward pass, every process in step (`parallel.even_forwards`)
+        batch_size, share_prefix = 1, False
     if groups is not None:
         groups = engine.TokenGroups(groups.to(adapter.device), len(group_names))
     target_names = sorted({n for it in items for n in it.targets})
@@ -255,6 +257,7 @@ def trace(
             buffer.add(i, h, pos, items[i].targets)
         bar.update(len(batch))
     bar.close()
+    parallel.even_forwards(adapter, len(todo))
     buffer.flush(last=True)
     if buffer.frames:
         df = pd.concat(buffer.frames, ignore_index=True)
