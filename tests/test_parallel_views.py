@@ -17,7 +17,7 @@ from lenses import ModelAdapter
 from lenses.tracing.parallel import shares
 
 ROOT = Path(__file__).resolve().parent.parent
-VIEWS = "all"  # frequency, pos, facts, mcq: every one traces
+VIEWS = ("all", "calibration", "layer-skip")  # the four depth views and calibration trace; layer-skip does not
 
 
 def test_shares_are_balanced_by_tokens_and_cover_every_text_once():
@@ -32,7 +32,7 @@ def _run(root: Path, out: Path, n: int, view: str, port: int, *extra: str) -> su
     args = [str(ROOT / "analyze.py"), "--model", str(root / "model"), "--corpus", str(root / "corpus.txt"), "--lens",
             f"logit,tuned:{root / 'tuned'}", "--view", view, "--facts", str(root / "facts.jsonl"), "--mcq",
             str(root / "mcq.csv"), "--num-positions", "40", "--freq-prompts", "blocks", "--num-questions", "8",
-            "--batch-size", "2", "--out", str(out), "--no-progress", *extra]
+            "--batch-size", "2", "--skip-positions", "16", "--out", str(out), "--no-progress", *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LENSES_COMPILE": "0", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(cmd if n > 1 else [sys.executable, *args], capture_output=True, text=True, env=env,
@@ -60,8 +60,9 @@ def one_process(tmp_path_factory) -> tuple[Path, Path]:
     (root / "facts.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     adapter = ModelAdapter.from_model(AutoModelForCausalLM.from_pretrained(root / "model"))
     random_lens(adapter, scale=0.2).save_pretrained(root / "tuned")
-    one = _run(root, tmp_path / "one", 1, VIEWS, 29571)
-    assert one.returncode == 0, one.stderr[-3000:]
+    for view in VIEWS:
+        one = _run(root, tmp_path / "one", 1, view, 29571)
+        assert one.returncode == 0, one.stderr[-3000:]
     return root, tmp_path / "one"
 
 
@@ -69,8 +70,10 @@ def one_process(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.parametrize("fsdp", [False, True], ids=["whole-model", "fsdp"])
 def test_two_processes_write_the_tables_of_one(one_process, tmp_path, fsdp):
     root, one = one_process
-    two = _run(root, tmp_path / "two", 2, VIEWS, 29572 + fsdp, *(["--fsdp"] if fsdp else []))
-    assert two.returncode == 0, two.stderr[-3000:]
+    runs = [_run(root, tmp_path / "two", 2, view, 29572 + fsdp, *(["--fsdp"] if fsdp else [])) for view in VIEWS]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    two = runs[0]
     tables = sorted(p.name for p in one.glob("*.csv"))
     assert len(tables) >= 6 and tables == sorted(p.name for p in (tmp_path / "two").glob("*.csv"))
     for name in tables:

@@ -76,15 +76,21 @@ def sharded(adapter) -> bool:
     return hasattr(adapter, "_sharded_fingerprint") and group()[1] > 1
 
 
-def even_forwards(adapter, done: int) -> None:
-    """With sharded blocks, every process must run as many forward passes as the busiest one (each pass gathers
-    every block's weights from all processes): this one runs one-token passes until it has made the most."""
+def most_forwards(adapter, mine: int) -> int:
+    """With sharded blocks, the number of forward passes the busiest process will make (a collective: every
+    process calls it before its first pass); without, ``mine``."""
     if not sharded(adapter):
-        return
+        return mine
     import torch.distributed as dist
 
-    most = torch.tensor([done], device=adapter.device)
+    most = torch.tensor([mine], device=adapter.device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
+
+
+def even_forwards(adapter, done: int, most: int) -> None:
+    """With sharded blocks every process must make as many forward passes as the busiest (each pass gathers every
+    block's weights from all processes): this one runs one-token passes from ``done`` up to ``most``."""
     dummy = torch.zeros(1, 1, dtype=torch.long)
-    for _ in range(int(most.item()) - done):
+    for _ in range(most - done):
         adapter.run_stream(dummy)

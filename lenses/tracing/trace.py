@@ -250,6 +250,7 @@ def trace(
                                                                  top_k=top_k))
     todo, batch_size = _ordered(adapter, _my_share(_prepared(items, target_names, adapter.vocab_size)), batch_size)
     prefix = shared_prefix(adapter, todo) if share_prefix else None
+    most = parallel.most_forwards(adapter, len(todo))  # before any pass: with sharded blocks all step together
     bar = tqdm(total=len(todo), desc="tracing", unit="text", disable=not progress)
     for batch in batches(todo, batch_size, adapter.device, prefix.length if prefix else 0):
         lifecycle.check_stop()  # a signal swallowed on its way (e.g. inside a __del__) still stops here
@@ -257,7 +258,7 @@ def trace(
             buffer.add(i, h, pos, items[i].targets)
         bar.update(len(batch))
     bar.close()
-    parallel.even_forwards(adapter, len(todo))
+    parallel.even_forwards(adapter, len(todo), most)
     buffer.flush(last=True)
     if buffer.frames:
         df = pd.concat(buffer.frames, ignore_index=True)
