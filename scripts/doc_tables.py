@@ -206,10 +206,11 @@ def benchmark_machine() -> tuple[str, str]:
 
 
 def plan_published() -> tuple[str, str]:
-    """`lenses plan` for Llama-3.1-8B and Llama-3.3-70B (their config.json in tests/data/configs): per device."""
+    """`lenses plan` for Llama-3.1-8B, Llama-3.3-70B and Llama-3.1-405B (their config.json in tests/data/configs):
+    per device."""
     from lenses.jobs.plan import GiB, PlanOptions, model_shapes, plan
 
-    src = "tests/data/configs/llama-3.1-8b.json and llama-3.3-70b.json"
+    src = "tests/data/configs/llama-3.1-8b.json, llama-3.3-70b.json and llama-3.1-405b.json"
     cases = [  # (model, job, devices, fsdp, optimizer, batch, seq)
         ("llama-3.1-8b", "train", "1x80GiB", False, "sgd", 8, 1024),
         ("llama-3.1-8b", "train", "1x80GiB", False, "adam", 8, 1024),
@@ -221,15 +222,20 @@ def plan_published() -> tuple[str, str]:
         ("llama-3.3-70b", "train", "8x80GiB", True, "adam", 64, 1024),
         ("llama-3.3-70b", "trace", "2x80GiB", False, "sgd", 16, 512),
         ("llama-3.3-70b", "trace", "4x80GiB", False, "sgd", 16, 512),
+        ("llama-3.1-405b", "trace", "16x80GiB", True, "logit", 8, 256),
+        ("llama-3.1-405b", "trace", "16x80GiB", True, "logit,tuned", 8, 256),
     ]
     rows = []
     for name, job, devices, fsdp, opt, batch, seq in cases:
+        lens = "tuned" if job == "train" else opt if "logit" in opt else "logit,tuned"
+        opt = opt if job == "train" else "sgd"
         o = PlanOptions(job=job, model_dtype="bfloat16", devices=devices, fsdp=fsdp, optimizer=opt, batch_size=batch,
-                        seq_len=seq, device_type="cuda", lens="tuned" if job == "train" else "logit,tuned")
+                        seq_len=seq, device_type="cuda", lens=lens)
         pl = plan(model_shapes(ROOT / "tests" / "data" / "configs" / f"{name}.json"), o)
         c = pl.per_device[0]
         state = c.get("lens", 0) + c.get("gradients", 0) + c.get("optimizer", 0)
-        rows.append({"model": name, "job": job + (" (FSDP)" if fsdp else "") + (f", {opt}" if job == "train" else ""),
+        rows.append({"model": name, "job": job + (" (FSDP)" if fsdp else "") + (f", {opt}" if job == "train" else
+                                                                              f", {lens} lens"),
                      "devices": devices, "batch x tokens": f"{batch} x {seq}",
                      "weights": f"{c['weights'] / GiB:.1f}", "lens + grads + optimizer": f"{state / GiB:.1f}",
                      "the rest": f"{(pl.peak_bytes[0] - c['weights'] - state) / GiB:.1f}",

@@ -158,3 +158,21 @@ def test_trace_batch_size_follows_the_memory_rule():
         per_text = (layers + 1) * 256 * d * 4 + 3 * 256 * 4 * d * 4  # closed form, float32, 256 tokens
         assert trace_batch_size(fake(d, layers)) == max(1, min(16, budget // per_text))
     assert trace_batch_size(fake(65536, 400)) == 1  # never 0
+
+
+def test_a_sharded_read_of_405b_holds_a_sixteenth_of_the_blocks_and_every_lens_whole():
+    """--trace --fsdp (the views under torchrun --fsdp): each of 16 devices holds 1/16 of the 126 blocks plus two
+    gathered ones, the embeddings and unembedding whole (closed form from the config), and each lens whole."""
+    s = model_shapes(CONFIGS / "llama-3.1-405b.json")
+    d, V, L = 16384, 128256, 126
+    assert s.num_layers == L and s.d_model == d and s.vocab_size == V
+    o = PlanOptions(job="trace", model_dtype="bfloat16", devices="16x80GiB", fsdp=True, device_type="cuda",
+                    lens="logit")
+    p = plan(s, o)
+    blocks = L * s.block_params * 2
+    rope = s.buffer_elems * 2  # the rotary buffer, whole
+    assert p.per_device[0]["weights"] == 2 * V * d * 2 + blocks // 16 + 2 * s.block_params * 2 + d * 2 + rope
+    assert p.fits and len(p.per_device) == 16
+    tuned = plan(s, PlanOptions(**{**o.__dict__, "lens": "logit,tuned"}))
+    assert tuned.per_device[0]["lens"] == L * (d * d + d) * 4  # whole on every process: does not fit 80 GiB
+    assert not tuned.fits and "every process holds each lens whole" in tuned.advice[0]

@@ -181,7 +181,7 @@ def components(shapes: Shapes, o: PlanOptions, world: int) -> dict[str, int]:
         blocks = shapes.num_layers * shapes.block_params * s
         weights = (weights - blocks) + blocks // world + 2 * shapes.block_params * s
     lens = _lens_bytes(shapes, kinds if o.job == "trace" else [("jacobian" if o.job == "fit" else "tuned")])
-    out = {"weights": weights, "lens": lens // shard}
+    out = {"weights": weights, "lens": lens // shard if o.job != "trace" else lens}  # a read: every lens whole
     if o.job == "fit":
         n = o.dim_batch * o.seq_len
         out["lens"] = 3 * lens // shard  # running sums, this prompt's J, the running mean
@@ -276,7 +276,7 @@ def plan(shapes: Shapes, o: PlanOptions) -> Plan:
     kind = o.device_type or kind
     o = PlanOptions(**{**asdict(o), "device_type": kind})
     world = len(caps)
-    if o.job == "trace" and world > 1:
+    if o.job == "trace" and world > 1 and not o.fsdp:
         per = _spread(shapes, o, world)  # the model spread over the devices (--device-map)
     else:
         per = [components(shapes, o, world)] * world
@@ -313,7 +313,7 @@ def _advice(shapes: Shapes, o: PlanOptions, caps: list[int]) -> list[str]:
     """Options that would make the job fit, cheapest change first."""
     def fits(**change) -> bool:
         q = PlanOptions(**{**asdict(o), **change})
-        per = [components(shapes, q, len(caps))] * len(caps) if q.job != "trace" or len(caps) == 1 else \
+        per = [components(shapes, q, len(caps))] * len(caps) if q.job != "trace" or len(caps) == 1 or q.fsdp else \
             _spread(shapes, q, len(caps))
         return all(sum(c.values()) + RUNTIME_BYTES[q.device_type] <= cap for c, cap in zip(per, caps))
 
@@ -340,6 +340,9 @@ def _advice(shapes: Shapes, o: PlanOptions, caps: list[int]) -> list[str]:
             if sum(per.values()) + RUNTIME_BYTES[o.device_type] <= min(caps):
                 tips.append(f"{n} devices like these with --fsdp")
                 break
+    if not tips and o.job == "trace" and o.fsdp:
+        tips.append("lenses that fit one device beside its shard (every process holds each lens whole: the logit lens "
+                    "needs nothing)")
     return tips or ["more or larger devices (no option here makes it fit)"]
 
 
