@@ -110,3 +110,29 @@ def test_fsdp_without_a_launcher_or_for_the_grid_is_one_line(tmp_path, capsys, m
     monkeypatch.setenv("WORLD_SIZE", "2")
     r = run_analyze(["--fsdp", "--out", tmp_path / "o"], capsys)
     assert r.returncode == 2 and "the grid of --prompt reads one" in r.stderr, r.stderr
+
+
+@pytest.mark.slow  # two node agents: the full suite runs it
+def test_two_nodes_on_loopback_write_the_tables_of_one(one_process, tmp_path):
+    """The two-node launch of docs/analysis.md, as two node agents on this machine meeting over 127.0.0.1 (one
+    process each, blocks sharded): the depth views' tables of one process."""
+    root, one = one_process
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LENSES_COMPILE": "0", "TOKENIZERS_PARALLELISM": "false"}
+    args = [str(ROOT / "analyze.py"), "--model", str(root / "model"), "--corpus", str(root / "corpus.txt"), "--lens",
+            f"logit,tuned:{root / 'tuned'}", "--view", "all", "--facts", str(root / "facts.jsonl"), "--mcq",
+            str(root / "mcq.csv"), "--num-positions", "40", "--freq-prompts", "blocks", "--num-questions", "8",
+            "--batch-size", "2", "--out", str(tmp_path / "nodes"), "--no-progress", "--fsdp"]
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+               "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29576", "--rdzv-id",
+               "lenses-views-test", *args]
+        return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    agents = [node(0), node(1)]
+    outs = [a.communicate(timeout=900) for a in agents]
+    assert all(a.returncode == 0 for a in agents), [o[1][-2000:] for o in outs]
+    written = sorted(p.name for p in (tmp_path / "nodes").glob("*.csv"))
+    assert len(written) >= 6
+    for name in written:
+        _same(pd.read_csv(one / name), pd.read_csv(tmp_path / "nodes" / name), name)
