@@ -31,7 +31,10 @@ def plot_metrics(table: pd.DataFrame, panels: list[tuple[str, str, str]], path: 
                 ax.fill_between(part.layer, part.ci_low, part.ci_high, color=colors[lens], alpha=0.15, lw=0)
         ax.set(title=name, xlabel="layer", ylabel=ylabel)
         integer_layers(ax)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:  # e.g. no swap prompt: the model answered none of the facts right
+            ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
