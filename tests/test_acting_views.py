@@ -59,6 +59,8 @@ def test_acting_views_write_their_tables_and_identities(inputs, tmp_path, capsys
     (("--view", "interventions", "--steer-token", "fox"), "'fox' is 3 tokens for this tokenizer (['f', 'o', 'x'])"),
     (("--view", "interventions", "--steer-alpha", "nan"), "not a finite number"),
     (("--view", "intermediates", "--items", "MISSING"), "items file MISSING does not exist"),
+    (("--view", "fidelity", "--fidelity-k", "40"), "--fidelity-k 40 asks for more directions than the model's 32"),
+    (("--view", "interventions", "--steer-token", ""), "'' is 0 tokens for this tokenizer"),
 ])
 def test_bad_input_is_one_line_and_status_2(inputs, tmp_path, capsys, extra, message):
     argv = ["--model", inputs / "model", "--corpus", inputs / "corpus.txt", "--lens", "logit", "--out", tmp_path / "o",

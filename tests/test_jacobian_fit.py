@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from tiny_models import as_interrupted, save_tiny_model
+from tiny_models import as_interrupted, save_tiny_model, two_loopback_nodes
 
 from lenses import JacobianLens, load_lens
 
@@ -279,17 +279,10 @@ def test_two_nodes_on_loopback_fit_the_one_process_lens(setup, tmp_path):
     model, corpus = setup
     _cli(model, corpus, tmp_path / "one", "--num-prompts", "7")
 
-    def node(rank: int) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-               "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29566", "--rdzv-id",
-               "lenses-fit-test", "-m", "lenses", "fit", "--model", str(model), "--corpus", str(corpus), "--out",
-               str(tmp_path / "nodes"), "--num-prompts", "7", "--seq-len", "48", "--eval-tokens", "256",
-               "--no-progress", "--device", "cpu", "--fsdp"]
-        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    agents = [node(0), node(1)]
-    outs = [a.communicate(timeout=600) for a in agents]
-    assert all(a.returncode == 0 for a in agents), [o[1][-2000:] for o in outs]
+    args = ["-m", "lenses", "fit", "--model", model, "--corpus", corpus, "--out", tmp_path / "nodes", "--num-prompts",
+            "7", "--seq-len", "48", "--eval-tokens", "256", "--no-progress", "--device", "cpu", "--fsdp"]
+    nodes = two_loopback_nodes(args, 29566, None, ENV)
+    assert all(rc == 0 for rc, _, _ in nodes), [err[-2000:] for _, _, err in nodes]
     one, nodes = load_lens(tmp_path / "one"), load_lens(tmp_path / "nodes")
     assert nodes.n_prompts == 7
     torch.testing.assert_close(nodes.matrices.float(), one.matrices.float(), atol=1e-6, rtol=2**-10)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tiny_models import random_lens, tiny_inputs
+from tiny_models import random_lens, tiny_inputs, two_loopback_nodes
 
 from lenses import ModelAdapter
 from lenses.tracing.parallel import shares
@@ -123,15 +123,8 @@ def test_two_nodes_on_loopback_write_the_tables_of_one(one_process, tmp_path):
             str(root / "mcq.csv"), "--num-positions", "40", "--freq-prompts", "blocks", "--num-questions", "8",
             "--batch-size", "2", "--out", str(tmp_path / "nodes"), "--no-progress", "--fsdp"]
 
-    def node(rank: int) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-               "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29576", "--rdzv-id",
-               "lenses-views-test", *args]
-        return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    agents = [node(0), node(1)]
-    outs = [a.communicate(timeout=900) for a in agents]
-    assert all(a.returncode == 0 for a in agents), [o[1][-2000:] for o in outs]
+    nodes = two_loopback_nodes(args, 29576, root, env)
+    assert all(rc == 0 for rc, _, _ in nodes), [err[-2000:] for _, _, err in nodes]
     written = sorted(p.name for p in (tmp_path / "nodes").glob("*.csv"))
     assert len(written) >= 6
     for name in written:

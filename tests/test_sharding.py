@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_model
+from tiny_models import tiny_model, two_loopback_nodes
 
 from lenses import LensesError
 from lenses.base.outdir import _alive
@@ -151,13 +151,7 @@ def test_two_nodes_on_loopback_give_the_two_process_lens(tmp_path, whole):
     kw = json.dumps({**_kw(tmp_path, "nodes"), "fsdp": True, "model_layers": LAYERS})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LENSES_COMPILE": "0"}
 
-    def node(rank: int) -> subprocess.Popen:
-        cmd = [TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", "127.0.0.1:29561", "--rdzv-id", "lenses-test", str(HERE / "train_worker.py"), kw]
-        return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    agents = [node(0), node(1)]
-    outs = [a.communicate(timeout=600) for a in agents]
-    assert all(a.returncode == 0 for a in agents), [o[1][-2000:] for o in outs]
+    nodes = two_loopback_nodes([HERE / "train_worker.py", kw], 29561, HERE, env, launcher=[TORCHRUN])
+    assert all(rc == 0 for rc, _, _ in nodes), [err[-2000:] for _, _, err in nodes]
     for k in ("weight", "bias"):
         torch.testing.assert_close(_lens(tmp_path / "nodes")[k], whole[k], rtol=1e-4, atol=1e-5)

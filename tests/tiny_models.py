@@ -151,3 +151,21 @@ def run_analyze(argv, capsys):
         rc = e.code
     out, err = capsys.readouterr()
     return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+
+
+def two_loopback_nodes(args: list, port: int, cwd, env: dict, launcher: list | None = None) -> list:
+    """Run ``launcher args`` as two torchrun node agents on this machine (``--nnodes 2``, one process each) that
+    meet over 127.0.0.1 (c10d rendezvous), as two machines would; ``[(returncode, stdout, stderr)]`` per node."""
+    import subprocess
+    import sys
+
+    launcher = launcher or [sys.executable, "-m", "torch.distributed.run"]
+
+    def node(rank: int):
+        cmd = [*launcher, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--rdzv-backend",
+               "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"lenses-test-{port}", *map(str, args)]
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    agents = [node(0), node(1)]
+    outs = [a.communicate(timeout=900) for a in agents]
+    return [(a.returncode, *o) for a, o in zip(agents, outs)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from lenses.analysis.common import Usage, ViewResult, prefix_note, text_blocks
+from lenses.analysis.common import Usage, ViewResult, prefix_note, require, text_blocks
 from lenses.base.errors import LensesError
 from lenses.causal.edits import per_row, remove_subspace, spaced_layers
 from lenses.causal.fidelity import aitchison, causal_basis
@@ -98,6 +98,8 @@ def fidelity_view(adapter, tokenizer, lenses: dict, texts: list[str], facts: lis
                   source: str = "the texts given", facts_source: str = "the shipped facts") -> ViewResult:
     from tqdm.auto import tqdm
 
+    require(k <= adapter.d_model, f"--fidelity-k {k} asks for more directions than the model's {adapter.d_model} "
+                                  "dimensions; ask for at most that (a few are the point: 1-4).")
     chosen, blocks, available, first = text_blocks(texts, tokenizer, SEQ_LEN, num_positions, seed, "fidelity")
     sites = Sites.of_blocks(adapter, blocks[sorted(chosen)], first, num_positions)
     prompts, tried = swap_prompts(adapter, tokenizer, facts, num_swaps, chat, system)

@@ -23,11 +23,11 @@ import torch
 
 from lenses.analysis.common import Usage, ViewResult, plain_ids
 from lenses.base.errors import DataError
+from lenses.causal.sites import row
 from lenses.engine import decode
 from lenses.pages.acting_figures import plot_metrics
 from lenses.text.data import read_utf8
 from lenses.tracing.facts_data import fact_items
-from lenses.tracing.intervals import mean_interval
 
 KS = (1, 5, 10, 50, 100)
 AREA_KS = tuple(2 ** j for j in range(11))
@@ -112,10 +112,7 @@ def _pass_table(ranks: pd.DataFrame, seed: int) -> pd.DataFrame:
                 continue
             metrics = {f"pass@{k}": (r < k).astype(float) for k in KS}
             metrics["area"] = np.mean([(r < k) for k in AREA_KS], axis=0)
-            for metric, v in metrics.items():
-                mean, low, high = mean_interval(v, part.item.to_numpy(), seed=seed)
-                rows.append({"lens": lens, "layer": layer, "condition": role, "metric": metric, "value": mean,
-                             "ci_low": low, "ci_high": high, "n": len(v)})
+            rows += [row(lens, layer, role, metric, v, part.item.to_numpy(), seed) for metric, v in metrics.items()]
     return pd.DataFrame(rows)
 
 

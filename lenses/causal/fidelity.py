@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lenses.base.errors import LensesError
 from lenses.causal.edits import remove_subspace
 
 
@@ -42,6 +43,8 @@ def causal_basis(lens, h: torch.Tensor, layer: int, k: int = 1, mode: str = "mea
     """The ``k`` directions of ``hidden[layer]`` (states ``h`` [N, d]) the lens's reading depends on most."""
     h = h.detach().float().reshape(-1, h.shape[-1])
     d = h.shape[-1]
+    if not 1 <= k <= d:
+        raise LensesError(f"a causal basis of {k} directions in {d} dimensions: ask for 1..{d} (a few are the point).")
     with torch.no_grad():
         log_p = lens(h, layer).float().log_softmax(-1)
     vectors = (init if init is not None else default_init(lens, layer, k)).float().clone()[:, :k]
