@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lenses.base.options import ParallelOptions, RunOptions, option
+from lenses.base.options import ParallelOptions, ResumeOptions, option
 from lenses.model.loading import ModelOptions
 from lenses.text.chat import MAX_GENERATE
 from lenses.text.corpora import CorpusOptions
@@ -22,7 +22,7 @@ def _suffix(path: str, allowed: tuple[str, ...]) -> str | None:
 
 
 @dataclass
-class AnalysisConfig(ModelOptions, RunOptions, CorpusOptions, ParallelOptions):
+class AnalysisConfig(ModelOptions, ResumeOptions, CorpusOptions, ParallelOptions):
     """Settings of ``analyze.py`` (and of `run_views`); each is also a CLI option."""
 
     lens: str = option("auto", "auto | logit | both | tuned | jacobian | a lens folder, J-lens .pt file, shipped "
@@ -31,6 +31,8 @@ class AnalysisConfig(ModelOptions, RunOptions, CorpusOptions, ParallelOptions):
     seed: int = option(0, "seed of every sample the views draw", min=0)
     batch_size: int | None = option(None, "texts per forward pass in the views (none: from the memory plan, at "
                                           "most 16; 1: one at a time)", min=1)
+    save_every: float = option(60.0, "seconds between saves of the texts a view has finished (what --resume "
+                               "continues from; 0: after every batch)", min=0)
     decode_dtype: str = option("auto", "dtype of the views' vocabulary matmuls: bfloat16/float16 re-score each row's "
                                "top tokens and targets in float32, so top-1 ids stay exact (auto: bfloat16 where "
                                "this device multiplies it natively, else float32)",

@@ -227,9 +227,10 @@ class RunOptions(Options):
 
 @dataclasses.dataclass
 class ResumeOptions(RunOptions):
-    """A run folder with a checkpoint: training and the J-lens fit."""
+    """A run folder with a checkpoint: training, the J-lens fit and the views (the texts each view finished)."""
 
-    resume: bool = option(False, "continue the interrupted run in --out from its checkpoint")
+    resume: bool = option(False, "continue the interrupted run in --out from its checkpoint (the views: from the "
+                                 "texts they finished, on any number of processes)")
 
 
 @dataclasses.dataclass
@@ -295,7 +296,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     return code
 
 
-INTERRUPTED = "interrupted: nothing finished was lost; run the same command again (training: add --resume)"
+INTERRUPTED = "interrupted: nothing finished was lost; run the same command again with --resume to continue"
 
 
 def _outcome(main, argv) -> int:

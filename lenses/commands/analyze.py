@@ -73,6 +73,7 @@ from lenses.pages.grid_page import write_grid_html
 from lenses.pages.report import Report, ViewEntry, analysis_settings, earlier_views
 from lenses.text import convention
 from lenses.text.chat import chat_turn, generate
+from lenses.tracing import parallel, saved
 
 # A view setting given where no selected view reads it is a note; these are refused (they change what a person
 # expects to see), each group with its own message.
@@ -129,11 +130,14 @@ def main(argv=None, prog: str = "analyze.py") -> int:
         cfg.device = str(dp.device)
     if not dp.main:
         return _follow(cfg, view, dp.device)
-    with claim(cfg.out, "analysis", resumable=False) as folder, owner(run_id("analysis", cfg.out)):
+    with claim(cfg.out, "analysis", resumable=False, owned=(saved.PART,)) as folder, \
+            owner(run_id("analysis", cfg.out)):
         for option, path in (("--html", cfg.html), ("--png", cfg.png)):
             if path:
                 check_target(path, cfg.overwrite, option)
         dropped = replaced_views(folder, cfg, names)  # before any model loads
+        saver = _saver(folder.path, cfg)
+        names = parallel.shared(_unfinished(folder.path, cfg, names))
         if view is not None:
             warm_up(cfg)
         model, tok, adapter = cfg.load()
@@ -148,7 +152,8 @@ def main(argv=None, prog: str = "analyze.py") -> int:
             folder.finish()
             return 0
         try:
-            run_views(ctx, names, report)
+            with saved.saving(saver):
+                run_views(ctx, names, report)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the page says which views are missing, then one line
             report.interrupted = True
             report.write(cfg.out)
@@ -157,18 +162,46 @@ def main(argv=None, prog: str = "analyze.py") -> int:
     return 0
 
 
+def _saver(folder: Path, cfg: AnalysisConfig) -> saved.Saver:
+    """Where the views save the texts they finish (`lenses.tracing.saved`). Parts an interrupted run left are
+    continued with ``--resume``, deleted with ``--overwrite``, and otherwise refuse the run (nothing is lost)."""
+    saver = saved.Saver(folder, cfg.resume, cfg.save_every)
+    pending = saver.pending()
+    if pending and not cfg.resume:
+        if not cfg.overwrite:
+            raise LensesError(f"--out {folder} holds {pending} saved part(s) of a view an interrupted run did not "
+                              "finish: pass --resume to continue from them (on any number of processes), "
+                              "--overwrite to start afresh, or choose another --out.")
+        saver.clear(everything=True)
+    return saver
+
+
+def _unfinished(folder: Path, cfg: AnalysisConfig, names: list[str]) -> list[str]:
+    """The views to run: all of ``names``, but with ``--resume`` not those the folder holds finished with the
+    same settings (they stay on the page as they are)."""
+    if not cfg.resume:
+        return names
+    done = [v["name"] for v in earlier_views(folder) if v["name"] in names
+            and not _settings_differ(v, view_settings(cfg, v["name"]))]
+    if done:
+        print(f"--resume: keeping the finished view(s) {', '.join(done)} (same settings)", file=sys.stderr)
+    return [n for n in names if n not in done]
+
+
 def _follow(cfg: AnalysisConfig, view: str | None, device: torch.device | None = None) -> int:
     """A process other than the first under ``torchrun``: the same views in the same order (so that every trace
-    is split the same way), printing and writing nothing."""
+    is split the same way), printing and writing nothing but the texts it finishes (`lenses.tracing.saved`)."""
     cfg.progress = False
+    names = parallel.shared(None)  # the first process's list (`_unfinished`)
     with contextlib.redirect_stdout(io.StringIO()):
         model, tok, adapter = cfg.load()
         ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict, tokenizer=tok), cfg)
         if cfg.fsdp:
             print(sharding.shard_for_reading(adapter, device), file=sys.stderr)
-        for name in selected(view) if view is not None else []:
-            lifecycle.check_stop()
-            run_view(name, ctx)
+        with saved.saving(saved.Saver(Path(cfg.out), cfg.resume, cfg.save_every)):
+            for name in names if view is not None else []:
+                lifecycle.check_stop()
+                run_view(name, ctx)
     return 0
 
 
@@ -191,9 +224,13 @@ def run_views(ctx: Context, names: list[str], report: Report) -> None:
         report.views.append(ViewEntry(name, result.lines(), written, time.time() - start,
                                       settings=view_settings(cfg, name), data=[u.record() for u in result.usage]))
         index = report.write(cfg.out)  # after every view: an interrupted run still has its page
+        if saved.current():  # the view's saved texts: its tables hold them now
+            saved.current().clear()
         print(f"\n== {name} ({time.time() - start:.0f} s)")
         print("\n".join(result.lines()))
         print("wrote " + ", ".join(map(str, written)))
+    if not names:
+        index = Path(cfg.out) / "index.html"
     print(f"\nopen {index} first: the settings, every view's summary, figure and tables")
 
 

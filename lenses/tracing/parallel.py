@@ -65,6 +65,17 @@ def idle_note(n_texts: int) -> str | None:
     return None
 
 
+def shared(value):
+    """The first process's ``value``, on every process (a collective; ``value`` itself in a single process)."""
+    if group()[1] == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if group()[1] > 1:
         torch.distributed.barrier()

@@ -28,7 +28,7 @@ import torch
 from lenses import engine
 from lenses.base import door, lifecycle
 from lenses.model.adapter import ModelAdapter
-from lenses.tracing import parallel
+from lenses.tracing import parallel, saved
 from lenses.tracing.batching import batches, hidden_of_batch, padding_check, shared_prefix
 
 
@@ -238,17 +238,42 @@ def trace(
     more, before every position asked for: a few-shot header, a chat template's system turn) runs once and
     each batch continues from its KV cache (`shared_prefix`; the same states within float rounding).
     """
-    from tqdm.auto import tqdm
-
     items, dtype = _check_arguments(adapter, lenses, items, chunk, dtype, top_k, batch_size)
     if parallel.sharded(adapter):  # one text per forward pass, every process in step (`parallel.even_forwards`)
         batch_size, share_prefix = 1, False
+    rank = parallel.group()[0]
+    parts = saved.Parts.of(adapter, lenses, items, (str(dtype), top_k, list(group_names), groups), rank)
+    earlier, done, redone_before = parts.earlier() if parts and rank == 0 else ([], set(), 0)
+    done = parallel.shared(done) if parts else done  # the first process reads them (others may be saving already)
     if groups is not None:
         groups = engine.TokenGroups(groups.to(adapter.device), len(group_names))
     target_names = sorted({n for it in items for n in it.targets})
     buffer = _Buffer(adapter, lenses, chunk, target_names, dict(groups=groups, group_names=group_names, dtype=dtype,
                                                                  top_k=top_k))
-    todo, batch_size = _ordered(adapter, _my_share(_prepared(items, target_names, adapter.vocab_size)), batch_size)
+    prepared = _prepared(items, target_names, adapter.vocab_size)
+    todo = _my_share([t for t in prepared if t[0] not in done])
+    _run(adapter, todo, items, buffer, parts, batch_size, share_prefix, progress)
+    frames = earlier + buffer.frames  # the saved rows once, from the first process
+    if frames:
+        df = pd.concat(frames, ignore_index=True)
+    else:
+        df = pd.DataFrame(columns=["lens", "item", "position", "layer", "top1_id", "top1_prob", "entropy", "kl"])
+    df = df.sort_values(["lens", "item", "position", "layer"], kind="stable").reset_index(drop=True)
+    df.attrs.update(decode_dtype=str(dtype).removeprefix("torch."),
+                    rows_decoded_whole=buffer.redone[0] + redone_before,
+                    texts_traced=len(todo), texts_resumed=len(done) if rank == 0 else 0)
+    df = parallel.merged(df, ["lens", "item", "position", "layer"])  # under torchrun: every process's share
+    saved.resumed_note(len(done), df.attrs["texts_traced"], len(prepared), rank)
+    return df
+
+
+def _run(adapter, todo: list, items: list, buffer: "_Buffer", parts, batch_size: int, share_prefix: bool,
+         progress: bool) -> None:
+    """Run the model on this process's texts ``todo`` and decode their states into ``buffer``, saving the
+    finished texts' rows into ``parts`` as it goes (`lenses.tracing.saved`)."""
+    from tqdm.auto import tqdm
+
+    todo, batch_size = _ordered(adapter, todo, batch_size)
     prefix = shared_prefix(adapter, todo) if share_prefix else None
     most = parallel.most_forwards(adapter, len(todo))  # before any pass: with sharded blocks all step together
     bar = tqdm(total=len(todo), desc="tracing", unit="text", disable=not progress)
@@ -257,16 +282,13 @@ def trace(
         for i, h, pos in hidden_of_batch(adapter, batch, prefix):
             buffer.add(i, h, pos, items[i].targets)
         bar.update(len(batch))
+        if parts and parts.due():
+            buffer.save(parts)
     bar.close()
     parallel.even_forwards(adapter, len(todo), most)
     buffer.flush(last=True)
-    if buffer.frames:
-        df = pd.concat(buffer.frames, ignore_index=True)
-    else:
-        df = pd.DataFrame(columns=["lens", "item", "position", "layer", "top1_id", "top1_prob", "entropy", "kl"])
-    df = df.sort_values(["lens", "item", "position", "layer"], kind="stable").reset_index(drop=True)
-    df.attrs.update(decode_dtype=str(dtype).removeprefix("torch."), rows_decoded_whole=buffer.redone[0])
-    return parallel.merged(df, ["lens", "item", "position", "layer"])  # under torchrun: every process's share
+    if parts:
+        buffer.save(parts)
 
 
 def _my_share(todo: list) -> list:
@@ -291,7 +313,7 @@ def _ordered(adapter, todo: list, batch_size: int) -> tuple[list, int]:
     if batch_size > 1 and len(todo) > 1:
         reason = padding_check(adapter, [ids for _, ids, _ in todo])
         if reason:
-            warnings.warn(f"tracing one text at a time: {reason}.", stacklevel=3)
+            warnings.warn(f"tracing one text at a time: {reason}.", stacklevel=4)
             batch_size = 1
     if batch_size > 1:
         todo.sort(key=lambda t: -len(t[1]))
@@ -306,6 +328,14 @@ class _Buffer:
         self.h, self.meta, self.targets = [], [], {n: [] for n in target_names}
         self.frames: list[pd.DataFrame] = []
         self.redone = [0]  # rows a 16-bit decode redid in float32
+        self.saved = (0, 0)  # frames and redone rows already in a saved part (`save`)
+
+    def save(self, parts: "saved.Parts") -> None:
+        """Decode everything buffered and save the rows of the texts finished since the last save (`saved`)."""
+        self.flush(last=True)
+        frames, redone = self.frames[self.saved[0]:], self.redone[0] - self.saved[1]
+        parts.save(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), redone)
+        self.saved = (len(self.frames), self.redone[0])
 
     def add(self, i: int, h: torch.Tensor, pos: list[int], targets: dict) -> None:
         self.h.append(h)
