@@ -124,6 +124,7 @@ def world(tmp_path_factory):
         (inputs / f"{name}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     (inputs / "my_facts.jsonl").write_text('{"prompt": "The quick brown fox", "answer": "jumps"}\n'
                                            '{"prompt": "The lazy", "answer": "dog"}\n', encoding="utf-8")
+    _capture_states(inputs)
     lenses = root / "lenses"
     model, corpus = str(inputs / "model"), str(inputs / "corpus.txt")
     args = ["--model", model, "--corpus", corpus, "--no-progress"]
@@ -131,6 +132,33 @@ def world(tmp_path_factory):
     assert run_cli(fit.main, ["--out", str(lenses / "runs/jlens"), *args,
                                        *_flat(FIT_TINY)]) == 0
     return root
+
+
+def _capture_states(inputs: Path) -> None:
+    """``states.safetensors`` (the default prompt) and ``facts_states/`` (each of my_facts.jsonl's prompts): the
+    tiny model's states as transformers' ``output_hidden_states`` gives them, for the ``--states`` commands."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lenses.analysis.config import AnalysisConfig
+    from lenses.analysis.facts import fact_items
+    from lenses.text import convention
+
+    model = AutoModelForCausalLM.from_pretrained(inputs / "model").eval()
+    tok = AutoTokenizer.from_pretrained(inputs / "model")
+
+    def captured(ids) -> dict:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([list(ids)]), output_hidden_states=True)
+        return {"hidden_states": torch.stack(out.hidden_states)[:, 0].contiguous(), "input_ids": torch.tensor(ids),
+                "logits": out.logits[0].contiguous()}
+
+    save_file(captured(convention.encode(tok, AnalysisConfig().prompt)), inputs / "states.safetensors")
+    facts = [json.loads(line) for line in (inputs / "my_facts.jsonl").read_text().splitlines()]
+    (inputs / "facts_states").mkdir()
+    for k, item in enumerate(fact_items(tok, facts, False, None)[0]):
+        save_file(captured(item.ids), inputs / "facts_states" / f"fact{k}.safetensors")
 
 
 def _flat(options: dict) -> list[str]:
@@ -149,7 +177,8 @@ def adapt(cmd: str, world: Path) -> list[str]:
     argv = words[words.index(script) + 1:]
     swap = {"path/to/model": str(inputs / "model"), "path/or/file.gguf": str(inputs / "model"),
             "my_texts/": str(inputs / "my_texts"), "texts/": str(inputs / "my_texts"),
-            "prompts.txt": str(inputs / "prompts.txt"), "my_facts.jsonl": str(inputs / "my_facts.jsonl")}
+            "prompts.txt": str(inputs / "prompts.txt"), "my_facts.jsonl": str(inputs / "my_facts.jsonl"),
+            "states.safetensors": str(inputs / "states.safetensors"), "facts_states/": str(inputs / "facts_states")}
     argv = [swap.get(a, a) for a in argv]
     # the model's own chat transcripts: three, prompted from the tiny texts (sizes decide how long, not whether)
     argv = [f"generated:3:{inputs / 'my_texts'}" if a.startswith("generated:") else a for a in argv]

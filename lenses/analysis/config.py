@@ -28,6 +28,10 @@ class AnalysisConfig(ModelOptions, ResumeOptions, CorpusOptions, ParallelOptions
     lens: str = option("auto", "auto | logit | both | tuned | jacobian | a lens folder, J-lens .pt file, shipped "
                        "name or hub id, optionally labelled (jlens:runs/jlens); comma-separate several", group="lens")
     strict: bool = option(True, "refuse a lens whose model weights differ slightly from this model's", group="lens")
+    states: str | None = option(None, "decode hidden states another engine captured (a safetensors file, nnsight's "
+                                "saved dictionary as .pt, or a folder of them; format: docs/analysis.md) instead "
+                                "of running the model: only its embeddings, final norm and unembedding are loaded",
+                                group="lens")
     seed: int = option(0, "seed of every sample the views draw", min=0)
     batch_size: int | None = option(None, "texts per forward pass in the views (none: from the memory plan, at "
                                           "most 16; 1: one at a time)", min=1)

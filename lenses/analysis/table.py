@@ -88,7 +88,10 @@ ACTING_VIEWS = tuple(v.name for v in VIEWS.values() if v.group == "acting")  # a
 VIEW_SETTINGS = {name: v.settings for name, v in VIEWS.items()}
 SELECTIONS = {"all": DEPTH_VIEWS, "causal": CAUSAL_VIEWS, "acting": ACTING_VIEWS}  # --view names for several views
 MODEL_SETTINGS = ("model", "model_dtype", "quantize", "decode_dtype", "layers", "final_norm", "unembed", "lens",
-                  "strict", "seed")  # settings every view's result depends on: a page holds one of each
+                  "strict", "seed", "states")  # settings every view's result depends on: a page holds one of each
+
+
+STATES_VIEWS = ("grid", "frequency", "pos", "facts", "mcq", "calibration", "early-exit")  # those that only trace
 
 
 def selected(view: str | None) -> list[str]:

@@ -57,7 +57,7 @@ from lenses.analysis import (
     write_view,
 )
 from lenses.analysis.common import Usage
-from lenses.analysis.table import SELECTIONS
+from lenses.analysis.table import SELECTIONS, STATES_VIEWS
 from lenses.base import lifecycle
 from lenses.base.errors import LensesError
 from lenses.jobs import sharding
@@ -73,7 +73,8 @@ from lenses.pages.grid_page import write_grid_html
 from lenses.pages.report import Report, ViewEntry, analysis_settings, earlier_views
 from lenses.text import convention
 from lenses.text.chat import chat_turn, generate
-from lenses.tracing import parallel, saved
+from lenses.tracing import parallel, saved, states
+from lenses.tracing.captured import Captured
 
 # A view setting given where no selected view reads it is a note; these are refused (they change what a person
 # expects to see), each group with its own message.
@@ -106,6 +107,12 @@ def parse_args(argv=None, prog: str = "analyze.py") -> tuple[AnalysisConfig, str
     for options, message in REFUSED.items():
         if any(option in options for option, _ in missed):
             p.error(message.format(view=a.view))
+    if cfg.states:
+        other = [n for n in selected(a.view) if n not in STATES_VIEWS]
+        if other or cfg.fsdp or cfg.generate or cfg.sublayers:
+            p.error(f"--states decodes captured states without running the model, which {', '.join(other) or 'that'} "
+                    f"needs; with --states run the grid (no --view) or {', '.join(STATES_VIEWS[1:])}, without "
+                    "--fsdp, --generate and --sublayers")
     for option, readers in missed:
         here = f"--view {a.view}" if a.view else "the grid of --prompt (no --view)"
         readers = readers.replace("grid", "the grid of --prompt (no --view)")
@@ -140,19 +147,23 @@ def main(argv=None, prog: str = "analyze.py") -> int:
         names = parallel.shared(_unfinished(folder.path, cfg, names))
         if view is not None:
             warm_up(cfg)
-        model, tok, adapter = cfg.load()
+        model, tok, adapter = _load(cfg)
         lifecycle.check_stop()
         ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict, tokenizer=tok), cfg)
         if cfg.fsdp:
             print(sharding.shard_for_reading(adapter, dp.device))
+        captured = Captured.of(cfg.states, adapter) if cfg.states else None
+        if captured:
+            print("\n".join(captured.notes))
         report = Report(f"lenses analysis: {cfg.model or DEFAULT_MODEL}", analysis_settings(cfg, ctx.lenses, names),
                         pending=names, dropped=dropped)
         if view is None:
-            decode_prompt(ctx, report)
+            with states.reading(captured):
+                decode_prompt(ctx, report)
             folder.finish()
             return 0
         try:
-            with saved.saving(saver):
+            with saved.saving(saver), states.reading(captured):
                 run_views(ctx, names, report)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the page says which views are missing, then one line
             report.interrupted = True
@@ -160,6 +171,15 @@ def main(argv=None, prog: str = "analyze.py") -> int:
             raise
         folder.finish()
     return 0
+
+
+def _load(cfg: AnalysisConfig):
+    """``(model, tokenizer, adapter)``: the whole model, or with ``--states`` its head only (`lenses.model.head`)."""
+    if cfg.states:
+        from lenses.model.head import load_head
+
+        return load_head(cfg)
+    return cfg.load()
 
 
 def _saver(folder: Path, cfg: AnalysisConfig) -> saved.Saver:
@@ -194,11 +214,12 @@ def _follow(cfg: AnalysisConfig, view: str | None, device: torch.device | None =
     cfg.progress = False
     names = parallel.shared(None)  # the first process's list (`_unfinished`)
     with contextlib.redirect_stdout(io.StringIO()):
-        model, tok, adapter = cfg.load()
+        model, tok, adapter = _load(cfg)
         ctx = Context(adapter, tok, select_lenses(cfg.lens, adapter, strict=cfg.strict, tokenizer=tok), cfg)
         if cfg.fsdp:
             print(sharding.shard_for_reading(adapter, device), file=sys.stderr)
-        with saved.saving(saved.Saver(Path(cfg.out), cfg.resume, cfg.save_every)):
+        captured = Captured.of(cfg.states, adapter) if cfg.states else None
+        with saved.saving(saved.Saver(Path(cfg.out), cfg.resume, cfg.save_every)), states.reading(captured):
             for name in names if view is not None else []:
                 lifecycle.check_stop()
                 run_view(name, ctx)
@@ -286,6 +307,8 @@ def decode_prompt(ctx: Context, report: Report) -> int:
         first = convention.of(ctx.tokenizer).first
         roles = ["special"] * first + ["text"] * (len(ids) - first)
     at = len(ids) - 1  # the prompt's last position: what the model says next
+    ids, roles, note = _captured_prompt(ids, roles)
+    at = at if note == [] else len(ids) - 1
     said = []
     if cfg.generate:
         new = generate(ctx.adapter.model, ids, cfg.generate, cfg.sample, cfg.seed, ctx.tokenizer.eos_token_id,
@@ -298,7 +321,8 @@ def decode_prompt(ctx: Context, report: Report) -> int:
     last = table[table.position == at]
     last = last.assign(token_1=last.token_1.where(last.prob_1.notna(), None))  # None: the lens skips that layer
     wide = last.pivot(index="layer", columns="lens", values="token_1")
-    lines = [why, *said, f"top-1 prediction after {cfg.prompt!r}, by layer ('-': a layer the lens does not read):",
+    lines = [why, *note, *said, f"top-1 prediction after {cfg.prompt!r}, by layer ('-': a layer the lens does not "
+             "read):",
              wide.map(lambda t: "-" if t is None or t != t else repr(t)).to_string()]
     print("\n".join(lines))
     if cfg.all_positions:
@@ -326,3 +350,19 @@ def decode_prompt(ctx: Context, report: Report) -> int:
     report.write(cfg.out)
     return 0
 
+
+
+def _captured_prompt(ids: list[int], roles: list[str]) -> tuple[list[int], list[str], list[str]]:
+    """With ``--states``: the captured sequence that starts with the prompt's tokens (all of it), else the first
+    one captured, with a note; without: the prompt as it is."""
+    captured = states.current()
+    if captured is None:
+        return ids, roles, []
+    match = next((s for s in captured.sequences if s.ids[: len(ids)] == tuple(ids)), None)
+    if match is not None:
+        extra = len(match.ids) - len(ids)
+        return list(match.ids), roles + ["text"] * extra, []
+    first = captured.sequences[0]
+    return list(first.ids), ["text"] * len(first.ids), [
+        f"note: no captured sequence starts with --prompt's {len(ids)} tokens; the grid shows the first one captured "
+        f"({len(first.ids)} tokens, {first.where})"]

@@ -326,9 +326,11 @@ class ModelAdapter:
         """Shapes, ``weights`` (every parameter contributes) and the older probes lenses saved before
         (`lenses.model.fingerprint.of_adapter`); computed once per state of the weights (an in-place change
         recomputes it). A model whose blocks are sharded (`lenses.jobs.sharding`) answers with the fingerprint
-        taken before."""
+        taken before; a model read without its blocks (`lenses.model.head`), with the one its files gave."""
         if getattr(self, "_sharded_fingerprint", None) is not None:
             return self._sharded_fingerprint
+        if getattr(self, "_fixed_fingerprint", None) is not None:
+            return self._fixed_fingerprint
         key = tuple((id(p), p._version) for p in self.model.parameters())
         if getattr(self, "_fingerprint_key", None) != key:
             self._fingerprint, self._fingerprint_key = fingerprint.of_adapter(self), key

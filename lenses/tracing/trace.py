@@ -28,7 +28,7 @@ import torch
 from lenses import engine
 from lenses.base import door, lifecycle
 from lenses.model.adapter import ModelAdapter
-from lenses.tracing import parallel, saved
+from lenses.tracing import parallel, saved, states
 from lenses.tracing.batching import batches, hidden_of_batch, padding_check, shared_prefix
 
 
@@ -273,13 +273,18 @@ def _run(adapter, todo: list, items: list, buffer: "_Buffer", parts, batch_size:
     finished texts' rows into ``parts`` as it goes (`lenses.tracing.saved`)."""
     from tqdm.auto import tqdm
 
+    captured = states.current()  # states captured elsewhere (`lenses.tracing.states`): no forward pass
+    if captured is not None:
+        batch_size, share_prefix = 1, False
     todo, batch_size = _ordered(adapter, todo, batch_size)
     prefix = shared_prefix(adapter, todo) if share_prefix else None
     most = parallel.most_forwards(adapter, len(todo))  # before any pass: with sharded blocks all step together
     bar = tqdm(total=len(todo), desc="tracing", unit="text", disable=not progress)
     for batch in batches(todo, batch_size, adapter.device, prefix.length if prefix else 0):
         lifecycle.check_stop()  # a signal swallowed on its way (e.g. inside a __del__) still stops here
-        for i, h, pos in hidden_of_batch(adapter, batch, prefix):
+        got = ([(i, captured.hidden(ids, pos), pos) for i, ids, pos in batch] if captured is not None
+               else hidden_of_batch(adapter, batch, prefix))
+        for i, h, pos in got:
             buffer.add(i, h, pos, items[i].targets)
         bar.update(len(batch))
         if parts and parts.due():
