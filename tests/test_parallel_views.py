@@ -17,7 +17,8 @@ from lenses import ModelAdapter
 from lenses.tracing.parallel import shares
 
 ROOT = Path(__file__).resolve().parent.parent
-VIEWS = ("all", "calibration", "layer-skip")  # the four depth views and calibration trace; layer-skip does not
+VIEWS = ("all", "calibration", "representation", "layer-skip")  # the depth views and calibration trace;
+# representation splits its prompts itself; layer-skip is computed whole on every process
 
 
 def test_shares_are_balanced_by_tokens_and_cover_every_text_once():
@@ -32,7 +33,8 @@ def _run(root: Path, out: Path, n: int, view: str, port: int, *extra: str) -> su
     args = [str(ROOT / "analyze.py"), "--model", str(root / "model"), "--corpus", str(root / "corpus.txt"), "--lens",
             f"logit,tuned:{root / 'tuned'}", "--view", view, "--facts", str(root / "facts.jsonl"), "--mcq",
             str(root / "mcq.csv"), "--num-positions", "40", "--freq-prompts", "blocks", "--num-questions", "8",
-            "--batch-size", "2", "--skip-positions", "16", "--out", str(out), "--no-progress", *extra]
+            "--batch-size", "2", "--skip-positions", "16", "--num-prompts", "6", "--prompt-tokens", "24", "--out",
+            str(out), "--no-progress", *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LENSES_COMPILE": "0", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(cmd if n > 1 else [sys.executable, *args], capture_output=True, text=True, env=env,

@@ -43,6 +43,7 @@ from lenses.model.adapter import ModelAdapter
 from lenses.pages.plots import plot_representation
 from lenses.text import convention
 from lenses.text.data import read_utf8
+from lenses.tracing import parallel
 
 # --------------------------------------------------------------------------- spectra
 
@@ -238,17 +239,23 @@ def representation_view(
         hidden = adapter.hidden_states(ids)[:, 0].float().cpu()  # [L+1, T, D]
         return hidden[:, skip:]
 
-    for pid, text in enumerate(tqdm(prompts, desc="representation", disable=not progress)):
+    mine = _my_prompts(adapter, tokenizer, prompts, max_tokens, len(augmentations))
+    for pid in tqdm(mine, desc="representation", disable=not progress):
+        text = prompts[pid]
         hidden = run(text)
-        pooled["original"].append(hidden.mean(1))
+        pooled["original"].append((pid, hidden.mean(1)))
         for layer in range(n_layers):
             z = hidden[layer]
             rows.append((pid, layer, "prompt_entropy", normalised_entropy(z, alpha)))
             rows.append((pid, layer, "curvature", curvature(z)))
             rows.append((pid, layer, "effective_rank", effective_rank(z)))
         for i, kind in enumerate(augmentations):
-            pooled[kind].append(run(augment(text, kind, seed=seed + i)).mean(1))
-    per_prompt = pd.DataFrame(rows, columns=["prompt_id", "layer", "metric", "value"])
+            pooled[kind].append((pid, run(augment(text, kind, seed=seed + i)).mean(1)))
+    parallel.even_forwards(adapter, len(mine) * (1 + len(augmentations)), mine.most)
+    per_prompt = parallel.merged(pd.DataFrame(rows, columns=["prompt_id", "layer", "metric", "value"]),
+                                 ["prompt_id"])  # stable: each prompt's rows in the order one process makes them
+    pooled = {kind: [v for part in parallel.gathered(vs) for v in part] for kind, vs in pooled.items()}
+    pooled = {kind: [v for _, v in sorted(vs, key=lambda pv: pv[0])] for kind, vs in pooled.items()}
 
     dataset_rows = _dataset_metrics(pooled, augmentations, alpha, n_layers, len(prompts))
     summary = (
@@ -261,6 +268,21 @@ def representation_view(
     summary = pd.concat([summary, dataset], ignore_index=True)
     summary.insert(1, "relative_depth", summary.layer / (n_layers - 1))
     return summary.sort_values(["metric", "layer"]).reset_index(drop=True), per_prompt
+
+
+class _Share(list):
+    """This process's prompt ids, and ``most``: the forward passes of the busiest process (`parallel`)."""
+
+    most: int = 0
+
+
+def _my_prompts(adapter, tokenizer, prompts: list[str], max_tokens: int, augmentations: int) -> _Share:
+    """The prompts this process reads under torchrun (balanced by tokens, `lenses.tracing.parallel`), or all."""
+    lengths = [min(len(convention.encode(tokenizer, t)), max_tokens) for t in prompts]
+    share = parallel.mine(lengths)
+    out = _Share(range(len(prompts)) if share is None else share)
+    out.most = parallel.most_forwards(adapter, len(out) * (1 + augmentations))
+    return out
 
 
 def read_prompts(source: str | None, texts_of) -> list[str]:

@@ -67,6 +67,7 @@ from lenses.base.options import Parser, add_options, from_args
 from lenses.base.outdir import check_target, claim
 from lenses.engine import DTYPES, compute_dtype, warm_up_in_background
 from lenses.kinds.registry import select_lenses
+from lenses.model.head import load_head
 from lenses.model.loading import DEFAULT_MODEL
 from lenses.pages.grid import lens_grid, plot_grid, visible
 from lenses.pages.grid_page import write_grid_html
@@ -176,8 +177,6 @@ def main(argv=None, prog: str = "analyze.py") -> int:
 def _load(cfg: AnalysisConfig):
     """``(model, tokenizer, adapter)``: the whole model, or with ``--states`` its head only (`lenses.model.head`)."""
     if cfg.states:
-        from lenses.model.head import load_head
-
         return load_head(cfg)
     return cfg.load()
 

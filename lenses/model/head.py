@@ -1,14 +1,15 @@
 """A model without its blocks: the embeddings, the final norm and the unembedding, for reading hidden states
 that another engine captured (``lenses analyze --states``).
 
-1. The model is built on the meta device from its config (no memory), so its structure is the real one: the
-   parts are found by the same rules (`lenses.model.discovery`), and lenses see the real number of layers.
+1. The model is built from its config with its weights on the meta device (no memory; its small buffers are
+   computed as usual), so its structure is the real one: the parts are found by the same rules
+   (`lenses.model.discovery`), and lenses see the real number of layers.
 2. Only the tensors outside the decoder layers are read from the model's safetensors files (one tensor at a
    time); the blocks stay on the meta device and are never read into memory.
 3. The fingerprint (`lenses.model.fingerprint`) still covers every weight: each tensor of the files is
    summarised as it streams past, so a lens made for another model is refused as with the whole model.
 4. There is no forward pass to prove the decoding on (`lenses.model.proof`): the states file's own logits are
-   the proof (`lenses.tracing.states.check_convention`).
+   the proof (`lenses.tracing.captured.Captured.check`).
 """
 
 from __future__ import annotations
@@ -80,8 +81,11 @@ def load_head(options, device: str | torch.device | None = None):
         raise LensesError(f"--states needs the model's files: {folder} is not a local model folder; pass a folder "
                           "or a .gguf file as --model.")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # weights on meta; buffers (rotary, embedding scale) computed
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
     where = _files(folder)
     blocks = find_layers(model) + "."
     device = torch.device(device or options.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -7,6 +7,7 @@ import torch
 
 from lenses.base.errors import LensesError
 from lenses.engine import decode, finish, unembed
+from lenses.model.norm_affine import norm_affine
 from lenses.tracing.states import Sequence, embeddings, read
 
 # max |difference| over the logits' standard deviation: float32 states, 16-bit states
@@ -122,8 +123,6 @@ class Captured:
         """A state the final norm maps to ``y``. By `lenses.model.norm_affine`, ``u = (y - beta) / g`` is ``C x /
         sigma(x)``, so the norm maps ``c u`` to ``y`` for the ``c`` at which the norm's eps gives ``u`` its own
         scale (just below 1): found by bisection on the norm itself, per state (no eps is assumed)."""
-        from lenses.model.norm_affine import norm_affine
-
         form = norm_affine(self.adapter.final_norm, self.adapter.d_model, y.device, torch.float32)
         g, beta = form.weight.to(y), form.bias.to(y)
         if bool((g.abs() < 1e-12).any()):

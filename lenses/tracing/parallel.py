@@ -65,6 +65,17 @@ def idle_note(n_texts: int) -> str | None:
     return None
 
 
+def gathered(value) -> list:
+    """Every process's ``value``, in rank order, on every process (``[value]`` in a single process)."""
+    if group()[1] == 1:
+        return [value]
+    import torch.distributed as dist
+
+    parts: list = [None] * group()[1]
+    dist.all_gather_object(parts, value)
+    return parts
+
+
 def shared(value):
     """The first process's ``value``, on every process (a collective; ``value`` itself in a single process)."""
     if group()[1] == 1:
