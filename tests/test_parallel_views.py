@@ -18,7 +18,7 @@ from lenses.tracing.parallel import shares
 
 ROOT = Path(__file__).resolve().parent.parent
 VIEWS = ("all", "calibration", "representation", "layer-skip")  # the depth views and calibration trace;
-# representation splits its prompts itself; layer-skip is computed whole on every process
+# representation splits its prompts, layer-skip its skipped blocks
 
 
 def test_shares_are_balanced_by_tokens_and_cover_every_text_once():

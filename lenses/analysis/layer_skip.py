@@ -15,6 +15,7 @@ import torch
 
 from lenses.analysis.common import Usage, ViewResult, prefix_note, require, table_plot, text_blocks
 from lenses.model.intervene import skip_block
+from lenses.tracing import parallel
 from lenses.tracing.intervals import describe, mean_interval
 
 
@@ -44,7 +45,9 @@ def layer_skip_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
     with torch.no_grad():
         base_final = _log_probs(output_lens, base[L], L)
         base_top = base_final.argmax(-1)
-        for l in tqdm(range(L), desc="skipping blocks", unit="block", disable=not progress):
+        mine = parallel.mine([1] * L) or list(range(L))  # under torchrun: each process skips its share of blocks
+        most = parallel.most_forwards(adapter, len(mine))
+        for l in tqdm(mine, desc="skipping blocks", unit="block", disable=not progress):
             with skip_block(adapter, l, None if means is None else means[l]):
                 skipped = stream(adapter.hidden_states(ids))
             for name, lens in lenses.items():
@@ -61,9 +64,12 @@ def layer_skip_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
                             "kl_output_ci_high": kl_out[2], "accuracy": acc[0], "accuracy_ci_low": acc[1],
                             "accuracy_ci_high": acc[2],
                             "agreement": float((q.argmax(-1) == base_top).float().mean()), "n": len(targets)})
-    out = pd.DataFrame(outputs)
+    parallel.even_forwards(adapter, len(mine), most)
+    out = pd.DataFrame([r for part in parallel.gathered(outputs) for r in part]).sort_values("skipped", kind="stable")
+    out = out.reset_index(drop=True)
     out["accuracy_unskipped"] = float((base_top == targets).float().mean())
-    effects = pd.DataFrame(effects)
+    effects = pd.DataFrame([r for part in parallel.gathered(effects) for r in part])
+    effects = effects.sort_values("skipped", kind="stable").reset_index(drop=True)  # in the order of one process
     usage = Usage("positions", num_positions, available, len(targets), source, prefix_note(tokenizer))
     return ViewResult("layer-skip", {"effects": effects, "output": out}, _summary(out, mode), {"mode": mode},
                       usage=[usage])

@@ -206,6 +206,16 @@ def _dataset_metrics(pooled: dict, augmentations: tuple[str, ...], alpha: float,
     return dataset_rows
 
 
+def _prompt_rows(pid: int, hidden: torch.Tensor, alpha: float) -> list[tuple]:
+    """``(prompt_id, layer, metric, value)`` of one prompt's token metrics at every layer (``hidden`` [L+1, T, D])."""
+    rows = []
+    for layer, z in enumerate(hidden):
+        rows.append((pid, layer, "prompt_entropy", normalised_entropy(z, alpha)))
+        rows.append((pid, layer, "curvature", curvature(z)))
+        rows.append((pid, layer, "effective_rank", effective_rank(z)))
+    return rows
+
+
 def representation_view(
     adapter: ModelAdapter,
     tokenizer,
@@ -244,11 +254,7 @@ def representation_view(
         text = prompts[pid]
         hidden = run(text)
         pooled["original"].append((pid, hidden.mean(1)))
-        for layer in range(n_layers):
-            z = hidden[layer]
-            rows.append((pid, layer, "prompt_entropy", normalised_entropy(z, alpha)))
-            rows.append((pid, layer, "curvature", curvature(z)))
-            rows.append((pid, layer, "effective_rank", effective_rank(z)))
+        rows += _prompt_rows(pid, hidden, alpha)
         for i, kind in enumerate(augmentations):
             pooled[kind].append((pid, run(augment(text, kind, seed=seed + i)).mean(1)))
     parallel.even_forwards(adapter, len(mine) * (1 + len(augmentations)), mine.most)
