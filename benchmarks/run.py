@@ -232,10 +232,11 @@ def _sgd(cfg: TrainConfig, params, total: int):
 
 
 def bench_tracing(model, adapter, blocks: torch.Tensor, tokens: int) -> list[dict]:
+    """Tracing tokens/s against the plain forward: float32 decoding, and (where this CPU multiplies bfloat16
+    natively) the views' default, bfloat16 decoding re-scored in float32 (`engine.rescored_stats`)."""
     batch = blocks[: max(1, tokens // SEQ)]
     lenses = {"logit": LogitLens(adapter), "tuned": TunedLens.for_model(adapter)}
     items = [TraceItem(row.tolist(), list(range(SEQ))) for row in batch]
-    trace(adapter, lenses, items[:1])  # warm-up
     n = batch.numel()
     sync()
     t0 = time.perf_counter()
@@ -243,13 +244,19 @@ def bench_tracing(model, adapter, blocks: torch.Tensor, tokens: int) -> list[dic
         model(input_ids=batch)
     sync()
     forward = n / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    trace(adapter, lenses, items)
-    sync()
-    traced = n / (time.perf_counter() - t0)
-    return [{"measure": "forward", "method": "model forward with logits", "tokens_per_s": forward, "dtype": "float32"},
-            {"measure": "trace", "method": "trace, logit + tuned lens, all positions", "tokens_per_s": traced,
-             "dtype": "float32"}]
+    weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+    rows = [{"measure": "forward", "method": "model forward with logits", "tokens_per_s": forward, "dtype": weights}]
+    for dtype in ("float32", "bfloat16") if NATIVE_BF16 else ("float32",):
+        trace(adapter, lenses, items[:1], dtype=getattr(torch, dtype))  # warm-up (kernels compiled)
+        sync()
+        t0 = time.perf_counter()
+        table = trace(adapter, lenses, items, dtype=getattr(torch, dtype))
+        sync()
+        how = "float32 decode" if dtype == "float32" else "bfloat16 decode re-scored (the views' default here)"
+        rows.append({"measure": "trace", "method": f"trace, logit + tuned lens, all positions, {how}",
+                     "tokens_per_s": n / (time.perf_counter() - t0), "dtype": dtype,
+                     "rows_decoded_whole": table.attrs.get("rows_decoded_whole", 0)})
+    return rows
 
 
 # ---------------------------------------------------------------------------- profile
@@ -401,11 +408,13 @@ def main() -> None:
                 r["share_of_limit"] = r["tokens_per_s"] * lens_flops / limits[r["dtype"]]
                 ideal = lens_flops / limits[r["dtype"]] + other_flops / limits["float32"]
                 r["share_of_limit_all_work"] = r["tokens_per_s"] * ideal
-            if r["measure"] == "trace":
+            if r["measure"] == "trace":  # the decode at its dtype's limit, the model forward at its weights'
                 trace_flops = 2 * 2 * (L + 1) * d * V  # two lenses, layers 0..L
                 r["share_of_limit"] = r["tokens_per_s"] * trace_flops / limits[r["dtype"]]
-                all_work = trace_flops + forward_flops(adapter, SEQ)
-                r["share_of_limit_all_work"] = r["tokens_per_s"] * all_work / limits[r["dtype"]]
+                weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+                ideal = trace_flops / limits[r["dtype"]] + forward_flops(adapter, SEQ) / limits.get(weights, limits[
+                    "float32"])
+                r["share_of_limit_all_work"] = r["tokens_per_s"] * ideal
         fast = "bfloat16" if NATIVE_BF16 else "float32"
         ceiling = 1 / (lens_flops / limits[fast] + other_flops / limits["float32"])
         found.append({"measure": "train", "method": f"ceiling: every matmul at its limit ({fast} lens, fp32 model)",
