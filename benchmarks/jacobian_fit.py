@@ -3,15 +3,18 @@
 
     python benchmarks/jacobian_fit.py                         # SmolLM2, 2 Wikipedia prompts of 128 tokens
     python benchmarks/jacobian_fit.py --prompts 1 --seq-len 64   # quicker
-    python benchmarks/jacobian_fit.py --bf16                      # also ours with the model in bfloat16
+    python benchmarks/jacobian_fit.py --half                      # also ours with bfloat16 backward matmuls
 
 Same model (SmolLM2-135M-Instruct, float32), same token ids (TransformerLens's, BOS first), same
 prompts, same dim_batch, same thread count, one process, alternating which runs first. Prints, per
 implementation, prompts/s, the backward pass's achieved matmul FLOP/s as a share of this machine's
 float32 matmul limit (median of single GEMMs of the backward's shapes), the speed ratio, and the
-largest relative difference between the two J's (target: below 1e-4). With ``--bf16``, a third row: our
-fit with the model in bfloat16 (sums still accumulated in float32) and its J's deviation from our float32
-J; skipped where bfloat16 matmuls are emulated (AVX2-only CPUs), where it would run for hours.
+largest relative difference between the two J's (target: below 1e-4). With ``--half``, a third row: our fit
+with the backward's matmuls in bfloat16 (`lenses.jobs.jlens_half`: weights rounded stochastically, sums in
+float32), its speed against both, and the statistical rule: per layer, its J's deviation from our float32 J
+over the float32 J's own sampling error (the ideal bootstrap over the prompts: `Spread`; the rule asks for
+below 0.1), and each lens's held-out KL per layer with its 95% interval (resampling blocks); skipped where
+bfloat16 matmuls are emulated (AVX2-only CPUs).
 
 The FLOP count is the backward's input-gradient matmuls of every linear layer of the blocks, over
 the rows each implementation runs backward (theirs: all T positions; ours: T - 1 - 16, the first 16
@@ -28,8 +31,11 @@ import torch
 
 from lenses import ModelAdapter, load_model
 from lenses.jobs.jlens_estimator import corpus_prompts, fit_prompts
+from lenses.jobs.jlens_half import RULE, Spread, deviation_rule
 from lenses.model.loading import resolve_model_path
 from lenses.text.corpora import named_documents
+from lenses.text.data import make_blocks
+from lenses.tracing.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--dim-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--bf16", action="store_true", help="also time our fit with the model in bfloat16")
+    p.add_argument("--half", action="store_true", help="also time our fit with bfloat16 backward matmuls")
+    p.add_argument("--rounds", type=int, default=2, help="rounds, alternating which runs first (the faster kept)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     try:
@@ -82,14 +89,17 @@ def main(argv=None) -> int:
     passes = -(-d // a.dim_batch)
     limit = matmul_limit([(a.dim_batch * a.seq_len, d, d), (a.dim_batch * a.seq_len, 1536, d),
                           (a.dim_batch * a.seq_len, d, 1536)])
-    times = {"ours": [], "transformer-lens": []}
-    result = {}
-    for rnd in range(2):  # alternate the order; keep the faster of the two rounds each
-        order = ["ours", "transformer-lens"] if rnd == 0 else ["transformer-lens", "ours"]
+    half = a.half and bf16_native()
+    times = {"ours": [], "transformer-lens": [], **({"ours, bfloat16 backward": []} if half else {})}
+    result, spread = {}, Spread()
+    for rnd in range(a.rounds):  # alternate the order; keep the faster round of each
+        order = list(times) if rnd % 2 == 0 else list(times)[::-1]
         for who in order:
             t = time.perf_counter()
             if who == "ours":
-                result[who] = fit_prompts(adapter, ids, dim_batch=a.dim_batch)
+                result[who] = fit_prompts(adapter, ids, dim_batch=a.dim_batch, spread=spread if rnd == 0 else None)
+            elif who != "transformer-lens":
+                result[who] = fit_prompts(adapter, ids, dim_batch=a.dim_batch, backward_dtype=torch.bfloat16)
             else:
                 result[who] = TLJacobianLens.fit(bridge, texts, corpus="bench", dim_batch=a.dim_batch,
                                                  max_seq_len=a.seq_len, show_progress=False)
@@ -100,33 +110,48 @@ def main(argv=None) -> int:
     print(f"SmolLM2-135M, {len(ids)} prompts of {ids[0].numel()} tokens, dim_batch {a.dim_batch}, {a.threads} "
           f"threads; float32 matmul limit {limit / 1e9:.0f} GFLOP/s")
     print(f"{'implementation':>18} {'s/prompt':>9} {'prompts/s':>10} {'backward GFLOP/s':>17} {'share of limit':>15}")
-    for who, rows in (("ours", ids[0].numel() - 1 - 16), ("transformer-lens", ids[0].numel())):
+    for who in times:
+        rows = ids[0].numel() if who == "transformer-lens" else ids[0].numel() - 1 - 16
         sec = min(times[who]) / len(ids)
         flops = backward_flops(model, rows, passes, a.dim_batch) / sec
         print(f"{who:>18} {sec:9.1f} {1 / sec:10.4f} {flops / 1e9:17.1f} {flops / limit:15.0%}")
-    ratio = min(times["transformer-lens"]) / min(times["ours"])
-    print(f"speed ratio (ours / transformer-lens, prompts/s): {ratio:.2f}x")
-    print(f"largest relative difference of J (Frobenius, per layer): {rel:.2e}")
-    if a.bf16:
-        bf16_row(a, ids, ours, min(times["ours"]))
+    for who in [w for w in times if w != "transformer-lens"]:
+        print(f"speed ratio ({who} / transformer-lens, prompts/s): "
+              f"{min(times['transformer-lens']) / min(times[who]):.2f}x")
+    print(f"largest relative difference of J (Frobenius, per layer), ours vs transformer-lens: {rel:.2e}")
+    if a.half and not half:
+        print("bfloat16 backward: skipped (emulated on this CPU, many times slower than float32)")
+    elif half:
+        half_rule(adapter, tok, ours, result["ours, bfloat16 backward"], spread, min(times["ours"]) /
+                  min(times["ours, bfloat16 backward"]))
     return 0
 
 
-def bf16_row(a, ids, ours32, seconds32: float) -> None:
-    """Our fit with the model in bfloat16: speed against our float32 fit, and how far its J moves."""
+def bf16_native() -> bool:
     from run import bf16_is_native
 
-    if not bf16_is_native():
-        print("bfloat16: skipped (emulated on this CPU, many times slower than float32)")
-        return
-    model16, _ = load_model(dtype=torch.bfloat16)
-    t = time.perf_counter()
-    ours16 = fit_prompts(ModelAdapter.from_model(model16), ids, dim_batch=a.dim_batch)
-    seconds16 = time.perf_counter() - t
-    dev = max(float((ours16.matrices[k].float() - ours32.matrices[k]).norm() / ours32.matrices[k].norm())
-              for k in ours32.layers)
-    print(f"ours, model in bfloat16: {seconds16 / len(ids):.1f} s/prompt, {seconds32 / seconds16:.2f}x our float32 "
-          f"speed; largest relative difference of J from float32 (Frobenius, per layer): {dev:.2e}")
+    return bf16_is_native()
+
+
+def half_rule(adapter, tok, ours32, ours16, spread: Spread, speedup: float) -> None:
+    """The bfloat16-backward fit against the float32 one: the statistical rule per layer, and the held-out KL
+    per layer of both lenses with their intervals."""
+    J16 = torch.stack([ours16.matrices[k] for k in ours32.layers])
+    dev, se, passes = deviation_rule(J16, spread)
+    ratio = dev / se
+    print(f"bfloat16 backward: {speedup:.2f}x our float32 fit; its J's deviation from the float32 J over the float32 "
+          f"J's sampling error ({spread.n} prompts, ideal bootstrap), per layer: max {float(ratio.max()):.4f}, median "
+          f"{float(ratio.median()):.4f} (rule: below {RULE}: {'passes' if passes else 'FAILS'}); relative deviation "
+          f"max {float((dev / spread.mean().norm(dim=(-2, -1))).max()):.2e}")
+    _, held = make_blocks(named_documents("wikipedia"), tok, 256, max_eval_blocks=4)
+    table = evaluate(adapter, {"float32": ours32, "bfloat16 backward": ours16}, held, tok).table()
+    wide = table.pivot(index="layer", columns="lens", values=["kl_nats", "kl_low", "kl_high"])
+    inside = ((wide["kl_nats"]["bfloat16 backward"] >= wide["kl_low"]["float32"])
+              & (wide["kl_nats"]["bfloat16 backward"] <= wide["kl_high"]["float32"])).dropna()
+    worst = float((wide["kl_nats"]["bfloat16 backward"] - wide["kl_nats"]["float32"]).abs().max())
+    print(f"held-out KL per layer ({held.numel():,} tokens, 4 blocks): the bfloat16-backward lens's within the "
+          f"float32 lens's 95% interval at {int(inside.sum())} of {len(inside)} layers; largest difference "
+          f"{worst:.2e} nats")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,13 @@ For one prompt of ``T`` tokens the valid positions are ``V = {skip_first, ..., T
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from lenses.base.errors import DataError, LensesError
+from lenses.jobs import jlens_half
+from lenses.jobs.jlens_half import Spread, half_backward
 from lenses.kinds.jacobian import JacobianLens
 from lenses.model.adapter import ModelAdapter
 from lenses.model.intervene import edit_residual
@@ -23,15 +27,17 @@ SKIP_FIRST = 16  # the reference's attention-sink region
 
 
 def prompt_jacobian(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int], skip_first: int = SKIP_FIRST,
-                    dim_batch: int = 8, prefix_cache: bool = True) -> torch.Tensor:
+                    dim_batch: int = 8, prefix_cache: bool = True,
+                    backward_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``J_p`` of one prompt (token ids [T]) for our layers ``layers`` (``hidden[k]``, k < L):
     ``[len(layers), d, d]``, rows = target dimensions, in float32 (float64 for a float64 model).
 
     With ``prefix_cache`` the first ``skip_first`` positions (never sources nor targets) run once
     without gradients and serve the rest as a key/value cache, so the backward passes skip them (the
-    numbers are the same; models whose cache cannot be reused run in full)."""
+    numbers are the same; models whose cache cannot be reused run in full). ``backward_dtype`` (bfloat16): the
+    backward's matmuls in half precision (`lenses.jobs.jlens_half`), the sums still in float32."""
     out = None
-    for start, rows in row_blocks(adapter, ids, layers, skip_first, dim_batch, prefix_cache):
+    for start, rows in row_blocks(adapter, ids, layers, skip_first, dim_batch, prefix_cache, backward_dtype):
         if out is None:
             out = torch.zeros(len(layers), adapter.d_model, adapter.d_model, dtype=rows.dtype)
         out[:, start : start + rows.shape[1]] = rows.cpu()
@@ -39,7 +45,7 @@ def prompt_jacobian(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int],
 
 
 def row_blocks(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int], skip_first: int = SKIP_FIRST,
-               dim_batch: int = 8, prefix_cache: bool = True):
+               dim_batch: int = 8, prefix_cache: bool = True, backward_dtype: torch.dtype | None = None):
     """``J_p``'s rows ``dim_batch`` at a time: yields ``(start, rows)``, ``rows`` [len(layers), n, d] on the
     model's device (one backward pass each; `prompt_jacobian` assembles them)."""
     ids = torch.as_tensor(ids).flatten()
@@ -47,9 +53,11 @@ def row_blocks(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int], skip
     if T - 1 <= skip_first:
         raise DataError(f"a prompt of {T} tokens has no valid position (needs more than {skip_first + 1} tokens).")
     x = ids[: T - 1][None].expand(dim_batch, -1)  # position T-1 is neither a source nor a target
-    target, sources, offset = _graph(adapter, x, layers, skip_first if prefix_cache else 0)
+    seed = zlib.crc32(ids.cpu().numpy().tobytes())  # the weights' rounding, drawn per prompt (`half_backward`)
+    with half_backward(adapter, backward_dtype, seed):  # the graph records which dtype its backward multiplies in
+        target, sources, offset = _graph(adapter, x, layers, skip_first if prefix_cache else 0)
     valid = torch.arange(skip_first - offset, T - 1 - offset, device=target.device)
-    acc = torch.promote_types(target.dtype, torch.float32)
+    acc = jlens_half.sum_dtype(target.dtype)  # sums in float32 whatever the matmuls' dtype
     cotangent = torch.zeros_like(target)
     rows = torch.arange(dim_batch, device=target.device)
     for start in range(0, d, dim_batch):
@@ -89,9 +97,11 @@ def _graph(adapter: ModelAdapter, x: torch.Tensor, layers: list[int], prefix: in
 
 
 def fit_prompts(adapter: ModelAdapter, prompts, layers: list[int] | None = None, skip_first: int = SKIP_FIRST,
-                dim_batch: int = 8, progress: bool = False) -> JacobianLens:
+                dim_batch: int = 8, progress: bool = False, backward_dtype: torch.dtype | None = None,
+                spread: Spread | None = None) -> JacobianLens:
     """The Jacobian lens of ``prompts`` (token-id sequences; too-short ones are skipped, not counted), for
-    ``layers`` (default 1..L-1, the published layers). No files: see `fit` for the long job."""
+    ``layers`` (default 1..L-1, the published layers). No files: see `fit` for the long job. ``spread``
+    (`lenses.jobs.jlens_half.Spread`) also collects each prompt's J for its sampling error."""
     from tqdm.auto import tqdm
 
     layers = check_layers(adapter, layers)
@@ -99,8 +109,11 @@ def fit_prompts(adapter: ModelAdapter, prompts, layers: list[int] | None = None,
     for ids in tqdm(list(prompts), desc="fitting J-lens", unit="prompt", disable=not progress):
         if len(ids) <= skip_first + 1:
             continue
-        J = prompt_jacobian(adapter, torch.as_tensor(ids), layers, skip_first, dim_batch)
-        total = J if total is None else total + J
+        J = prompt_jacobian(adapter, torch.as_tensor(ids), layers, skip_first, dim_batch,
+                            backward_dtype=backward_dtype)
+        total = J.to(jlens_half.sum_dtype(J.dtype)) if total is None else total + J
+        if spread is not None:
+            spread.add(J)
         n += 1
     if total is None:
         raise DataError(f"every prompt has {skip_first + 1} tokens or fewer: none has a valid position.")
