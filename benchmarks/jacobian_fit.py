@@ -24,9 +24,11 @@ being a cache and the last not run); attention's own products are not counted (s
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from lenses import ModelAdapter, load_model
@@ -68,6 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--half", action="store_true", help="also time our fit with bfloat16 backward matmuls")
     p.add_argument("--rounds", type=int, default=2, help="rounds, alternating which runs first (the faster kept)")
+    p.add_argument("--out", default=None, help="also write the rows as CSV (docs/jacobian.md's table reads "
+                                               "benchmarks/jacobian-fit.csv)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     try:
@@ -110,9 +114,13 @@ def main(argv=None) -> int:
     print(f"SmolLM2-135M, {len(ids)} prompts of {ids[0].numel()} tokens, dim_batch {a.dim_batch}, {a.threads} "
           f"threads; float32 matmul limit {limit / 1e9:.0f} GFLOP/s")
     print(f"{'implementation':>18} {'s/prompt':>9} {'prompts/s':>10} {'backward GFLOP/s':>17} {'share of limit':>15}")
+    table = []
     for who in times:
         rows = ids[0].numel() if who == "transformer-lens" else ids[0].numel() - 1 - 16
         sec = min(times[who]) / len(ids)
+        table.append({"implementation": who, "s_per_prompt": sec, "vs_transformer_lens": min(
+            times["transformer-lens"]) / min(times[who]), "share_of_fp32_limit": backward_flops(
+            model, rows, passes, a.dim_batch) / sec / limit})
         flops = backward_flops(model, rows, passes, a.dim_batch) / sec
         print(f"{who:>18} {sec:9.1f} {1 / sec:10.4f} {flops / 1e9:17.1f} {flops / limit:15.0%}")
     for who in [w for w in times if w != "transformer-lens"]:
@@ -122,8 +130,17 @@ def main(argv=None) -> int:
     if a.half and not half:
         print("bfloat16 backward: skipped (emulated on this CPU, many times slower than float32)")
     elif half:
-        half_rule(adapter, tok, ours, result["ours, bfloat16 backward"], spread, min(times["ours"]) /
-                  min(times["ours, bfloat16 backward"]))
+        table[-1].update(half_rule(adapter, tok, ours, result["ours, bfloat16 backward"], spread,
+                                   min(times["ours"]) / min(times["ours, bfloat16 backward"])))
+    if a.out:
+        from machine import describe
+
+        frame = pd.DataFrame(table).assign(prompts=len(ids), tokens=ids[0].numel(), j_vs_tl_rel=rel,
+                                           machine=describe(), date=time.strftime("%Y-%m-%d"),
+                                           command="python benchmarks/jacobian_fit.py " + " ".join(argv or
+                                                                                                  sys.argv[1:]))
+        frame.to_csv(a.out, index=False)
+        print(f"wrote {a.out}")
     return 0
 
 
@@ -133,7 +150,7 @@ def bf16_native() -> bool:
     return bf16_is_native()
 
 
-def half_rule(adapter, tok, ours32, ours16, spread: Spread, speedup: float) -> None:
+def half_rule(adapter, tok, ours32, ours16, spread: Spread, speedup: float) -> dict:
     """The bfloat16-backward fit against the float32 one: the statistical rule per layer, and the held-out KL
     per layer of both lenses with their intervals."""
     J16 = torch.stack([ours16.matrices[k] for k in ours32.layers])
@@ -152,6 +169,9 @@ def half_rule(adapter, tok, ours32, ours16, spread: Spread, speedup: float) -> N
     print(f"held-out KL per layer ({held.numel():,} tokens, 4 blocks): the bfloat16-backward lens's within the "
           f"float32 lens's 95% interval at {int(inside.sum())} of {len(inside)} layers; largest difference "
           f"{worst:.2e} nats")
+    return {"dev_over_se_max": float(ratio.max()), "dev_over_se_median": float(ratio.median()),
+            "rule_passes": passes, "kl_layers_inside": int(inside.sum()), "kl_layers": len(inside),
+            "kl_largest_difference": worst}
 
 
 if __name__ == "__main__":

@@ -180,6 +180,42 @@ def tracing_benchmark(src: str = "benchmarks/tracing.csv") -> tuple[str, str]:
     return src, markdown(out, "llrrrrr") + where
 
 
+def jacobian_fit(src: str = "benchmarks/jacobian-fit.csv") -> tuple[str, str]:
+    """The J-lens fit against TransformerLens 4.3, in float32 and with a bfloat16 backward, and the bfloat16 fit's
+    statistical rule (benchmarks/jacobian_fit.py --half --out)."""
+    r = pd.read_csv(ROOT / src)
+    half = r.dev_over_se_max.notna() if "dev_over_se_max" in r else pd.Series(False, index=r.index)
+    out = pd.DataFrame({
+        "fit": r.implementation, "s/prompt": [fmt(v, ".1f") for v in r.s_per_prompt],
+        "vs TransformerLens 4.3": [fmt(v, ".2f") + "x" for v in r.vs_transformer_lens],
+        "backward matmuls, share of the float32 limit": [pct(v) for v in r.share_of_fp32_limit],
+        "deviation / sampling error, per layer (max, median)": [
+            f"{r.dev_over_se_max[i]:.4f}, {r.dev_over_se_median[i]:.4f}" if half[i] else "—" for i in r.index],
+        "held-out KL inside the float32 lens's 95% interval": [
+            f"{int(r.kl_layers_inside[i])} of {int(r.kl_layers[i])} layers" if half[i] else "—" for i in r.index]})
+    where = (f"\n{r.machine.iloc[0]}, {r.date.iloc[0]}; {r.prompts.iloc[0]} prompts of {r.tokens.iloc[0]} tokens; "
+             f"`{r.command.iloc[0]}`; the float32 J's of both implementations differ by "
+             f"{r.j_vs_tl_rel.iloc[0]:.1e} (relative, worst layer).\n")
+    return src, markdown(out, "lrrrrr") + where
+
+
+def tracing_rows(src: str = "benchmarks/results-tracing.csv") -> tuple[str, str]:
+    """benchmarks/run.py's tracing rows: float32 decoding and the views' default (bfloat16 re-scored) against the
+    plain forward, with the share of each dtype's matmul limit."""
+    import json
+
+    r = pd.read_csv(ROOT / src)
+    r = r[r.measure.isin(["forward", "trace"])]
+    meta = json.loads((ROOT / src).with_suffix(".json").read_text())
+    what = r.method.str.replace("trace, logit + tuned lens, all positions, ", "")
+    out = pd.DataFrame({"model": r.model, "what": what,
+                        "dtype": r.dtype, "tokens/s": [fmt(v, ".3g") for v in r.tokens_per_s],
+                        "decode, share of its dtype's limit": [pct(v) for v in r.share_of_limit],
+                        "all work, share of the limits": [pct(v) for v in r.share_of_limit_all_work]})
+    where = f"\n{meta['machine']}, {meta['date']}, {meta['threads']} threads; `{meta['command']}`.\n"
+    return src, markdown(out, "lllrrr") + where
+
+
 def views_limit(src: str = "benchmarks/views-limit.csv") -> tuple[str, str]:
     """The main command's tracing against this machine's matmul limit, per view (benchmarks/views_limit.py)."""
     r = pd.read_csv(ROOT / src)
@@ -489,6 +525,8 @@ TABLES = {
     "views-avx2": lambda: views_benchmark("benchmarks/views-avx2.csv"),
     "views-profile": views_profile,
     "tracing-batched": tracing_benchmark,
+    "jacobian-fit": jacobian_fit,
+    "tracing-rows": tracing_rows,
     "views-limit": views_limit,
     "plan-published": plan_published,
     "plan-check": plan_check,
