@@ -143,3 +143,22 @@ def test_a_view_killed_on_two_processes_resumes_on_one_and_on_three(tmp_path):
         assert not (out / saved.PARTIAL).exists()  # the view's tables hold them now
         for name in sorted(p.name for p in (tmp_path / "whole").glob("facts_*.csv")):
             _same(pd.read_csv(tmp_path / "whole" / name), pd.read_csv(out / name), f"{n} processes: {name}")
+
+
+def test_a_setting_an_earlier_version_did_not_record_counts_as_its_default(tmp_path, capsys):
+    """A view recorded before a setting existed (here --states, and --seed) had that setting's default: rerun
+    with the default it is the same view; with another value it differs and needs --overwrite."""
+    import json
+
+    root = tiny_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    args = ["--model", root / "model", "--lens", "logit", "--view", "facts", "--facts", root / "facts.jsonl",
+            "--out", out, "--no-progress"]
+    assert run_analyze(args, capsys).returncode == 0
+    report = json.loads((out / "report.json").read_text())
+    for v in report["views"]:
+        v["settings"].pop("states"), v["settings"].pop("seed")
+    (out / "report.json").write_text(json.dumps(report))
+    r = run_analyze([*args, "--seed", "1"], capsys)
+    assert r.returncode == 2 and "seed not recorded there" in r.stderr, r.stderr
+    assert run_analyze(args, capsys).returncode == 0  # the defaults: the same settings

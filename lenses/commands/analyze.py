@@ -288,9 +288,11 @@ def _settings_differ(view: dict, mine: dict) -> str:
     """Why an earlier ``view`` (its record in report.json) differs from settings ``mine`` ('' if it does not)."""
     if view["name"] not in VIEW_SETTINGS or not view.get("settings"):
         return "made by an earlier version of lenses (settings not recorded)"
-    there = view["settings"]
+    there, default = view["settings"], AnalysisConfig()
+    # a setting an earlier version did not record had its default then (e.g. --states): the same if it has it now
     changed = [f"{k}: {there[k]!r} there, {mine[k]!r} now" if k in there else f"{k} not recorded there"
-               for k in mine if k not in there or there[k] != mine[k]]
+               for k in mine if (k not in there and mine[k] != getattr(default, k, None))
+               or (k in there and there[k] != mine[k])]
     return "; ".join(changed[:3])
 
 
