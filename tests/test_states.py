@@ -147,5 +147,25 @@ def test_a_wrong_states_file_is_one_line(inputs, tmp_path, capsys, how, says):
 
 def test_states_refuse_views_that_run_the_model(inputs, tmp_path, capsys):
     root, _, _ = inputs
+    (tmp_path / "x.safetensors").touch()
     r = _analyze(root, tmp_path / "o", capsys, "--view", "layer-skip", "--states", tmp_path / "x.safetensors")
     assert r.returncode == 2 and "--states decodes captured states without running the model" in r.stderr
+
+
+def test_states_that_do_not_exist_are_refused_before_any_model_loads(inputs, tmp_path, capsys, monkeypatch):
+    import lenses.commands.analyze as analyze
+
+    root, _, _ = inputs
+    monkeypatch.setattr(analyze, "load_head", lambda *a: pytest.fail("the model's head was loaded"))
+    r = _analyze(root, tmp_path / "o", capsys, "--view", "facts", "--states", tmp_path / "none.safetensors")
+    assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("name", ["bad.safetensors", "bad.pt"])
+def test_a_states_file_that_is_not_one_is_one_line(inputs, tmp_path, capsys, name):
+    root, _, _ = inputs
+    (tmp_path / name).write_bytes(b"not tensors at all")
+    r = _analyze(root, tmp_path / "o", capsys, "--view", "facts", "--facts", root / "facts.jsonl", "--states",
+                 tmp_path / name)
+    assert r.returncode == 2 and "could not be read" in r.stderr or "not a readable" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr

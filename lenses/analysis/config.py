@@ -31,7 +31,8 @@ class AnalysisConfig(ModelOptions, ResumeOptions, CorpusOptions, ParallelOptions
     states: str | None = option(None, "decode hidden states another engine captured (a safetensors file, nnsight's "
                                 "saved dictionary as .pt, or a folder of them; format: docs/analysis.md) instead "
                                 "of running the model: only its embeddings, final norm and unembedding are loaded",
-                                group="lens")
+                                group="lens", check=lambda v: None if Path(v).exists() else
+                                f"{v!r} does not exist; give a safetensors or .pt file, or a folder of them")
     seed: int = option(0, "seed of every sample the views draw", min=0)
     batch_size: int | None = option(None, "texts per forward pass in the views (none: from the memory plan, at "
                                           "most 16; 1: one at a time)", min=1)

@@ -65,10 +65,10 @@ def layer_skip_view(adapter, tokenizer, lenses: dict, texts: list[str], num_posi
                             "accuracy_ci_high": acc[2],
                             "agreement": float((q.argmax(-1) == base_top).float().mean()), "n": len(targets)})
     parallel.even_forwards(adapter, len(mine), most)
-    out = pd.DataFrame([r for part in parallel.gathered(outputs) for r in part]).sort_values("skipped", kind="stable")
+    out = pd.DataFrame(parallel.joined(outputs)).sort_values("skipped", kind="stable")
     out = out.reset_index(drop=True)
     out["accuracy_unskipped"] = float((base_top == targets).float().mean())
-    effects = pd.DataFrame([r for part in parallel.gathered(effects) for r in part])
+    effects = pd.DataFrame(parallel.joined(effects))
     effects = effects.sort_values("skipped", kind="stable").reset_index(drop=True)  # in the order of one process
     usage = Usage("positions", num_positions, available, len(targets), source, prefix_note(tokenizer))
     return ViewResult("layer-skip", {"effects": effects, "output": out}, _summary(out, mode), {"mode": mode},

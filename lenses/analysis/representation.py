@@ -249,7 +249,7 @@ def representation_view(
         hidden = adapter.hidden_states(ids)[:, 0].float().cpu()  # [L+1, T, D]
         return hidden[:, skip:]
 
-    mine = _my_prompts(adapter, tokenizer, prompts, max_tokens, len(augmentations))
+    mine, most = _my_prompts(adapter, tokenizer, prompts, max_tokens, len(augmentations))
     for pid in tqdm(mine, desc="representation", disable=not progress):
         text = prompts[pid]
         hidden = run(text)
@@ -257,11 +257,10 @@ def representation_view(
         rows += _prompt_rows(pid, hidden, alpha)
         for i, kind in enumerate(augmentations):
             pooled[kind].append((pid, run(augment(text, kind, seed=seed + i)).mean(1)))
-    parallel.even_forwards(adapter, len(mine) * (1 + len(augmentations)), mine.most)
+    parallel.even_forwards(adapter, len(mine) * (1 + len(augmentations)), most)
     per_prompt = parallel.merged(pd.DataFrame(rows, columns=["prompt_id", "layer", "metric", "value"]),
                                  ["prompt_id"])  # stable: each prompt's rows in the order one process makes them
-    pooled = {kind: [v for part in parallel.gathered(vs) for v in part] for kind, vs in pooled.items()}
-    pooled = {kind: [v for _, v in sorted(vs, key=lambda pv: pv[0])] for kind, vs in pooled.items()}
+    pooled = {kind: [v for _, v in sorted(parallel.joined(vs), key=lambda pv: pv[0])] for kind, vs in pooled.items()}
 
     dataset_rows = _dataset_metrics(pooled, augmentations, alpha, n_layers, len(prompts))
     summary = (
@@ -276,19 +275,14 @@ def representation_view(
     return summary.sort_values(["metric", "layer"]).reset_index(drop=True), per_prompt
 
 
-class _Share(list):
-    """This process's prompt ids, and ``most``: the forward passes of the busiest process (`parallel`)."""
-
-    most: int = 0
-
-
-def _my_prompts(adapter, tokenizer, prompts: list[str], max_tokens: int, augmentations: int) -> _Share:
-    """The prompts this process reads under torchrun (balanced by tokens, `lenses.tracing.parallel`), or all."""
+def _my_prompts(adapter, tokenizer, prompts: list[str], max_tokens: int, augmentations: int
+                ) -> tuple[list[int], int]:
+    """The prompts this process reads under torchrun (balanced by tokens, `lenses.tracing.parallel`), or all, and
+    the forward passes the busiest process makes (`parallel.most_forwards`)."""
     lengths = [min(len(convention.encode(tokenizer, t)), max_tokens) for t in prompts]
     share = parallel.mine(lengths)
-    out = _Share(range(len(prompts)) if share is None else share)
-    out.most = parallel.most_forwards(adapter, len(out) * (1 + augmentations))
-    return out
+    mine = list(range(len(prompts))) if share is None else share
+    return mine, parallel.most_forwards(adapter, len(mine) * (1 + augmentations))
 
 
 def read_prompts(source: str | None, texts_of) -> list[str]:

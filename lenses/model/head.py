@@ -55,10 +55,10 @@ def _streamed_fingerprint(model: torch.nn.Module, where: dict[str, Path]) -> dic
     """`fingerprint.of_model` of the whole model, each tensor read from the files one at a time."""
     transposed = {id(m.weight) for m in model.modules() if type(m).__name__ == "Conv1D"}
     named = list(model.named_parameters(remove_duplicate=False))
-    source = {}
-    for name, p in named:  # tied weights: the name the files hold
-        if name in where or id(p) not in source:
-            source[id(p)] = name if name in where or id(p) not in source else source[id(p)]
+    source: dict[int, str] = {}
+    for name, p in named:  # tied weights: any of their names, the one the files hold where there is one
+        if id(p) not in source or (name in where and source[id(p)] not in where):
+            source[id(p)] = name
     done: dict[int, list[float]] = {}
     for name, p in named:
         if id(p) not in done:

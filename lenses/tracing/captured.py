@@ -24,7 +24,7 @@ class Captured:
     def __init__(self, adapter, sequences: list[Sequence]):
         self.adapter, self.sequences = adapter, sequences
         self.by_ids = {s.ids: s for s in sequences}
-        self.block_outputs, self.after_norm, self.notes = False, None, []
+        self.block_outputs, self.after_norm, self.notes, self._form = False, None, [], None
         self.check()
 
     @classmethod
@@ -123,7 +123,9 @@ class Captured:
         """A state the final norm maps to ``y``. By `lenses.model.norm_affine`, ``u = (y - beta) / g`` is ``C x /
         sigma(x)``, so the norm maps ``c u`` to ``y`` for the ``c`` at which the norm's eps gives ``u`` its own
         scale (just below 1): found by bisection on the norm itself, per state (no eps is assumed)."""
-        form = norm_affine(self.adapter.final_norm, self.adapter.d_model, y.device, torch.float32)
+        if self._form is None:  # measured once, not per text
+            self._form = norm_affine(self.adapter.final_norm, self.adapter.d_model, y.device, torch.float32)
+        form = self._form
         g, beta = form.weight.to(y), form.bias.to(y)
         if bool((g.abs() < 1e-12).any()):
             raise LensesError("the last state is after the final norm, whose gain is zero somewhere: it cannot be "

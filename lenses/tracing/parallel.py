@@ -76,6 +76,11 @@ def gathered(value) -> list:
     return parts
 
 
+def joined(rows: list) -> list:
+    """Every process's list ``rows`` concatenated in rank order, on every process (``rows`` in one process)."""
+    return [r for part in gathered(rows) for r in part]
+
+
 def shared(value):
     """The first process's ``value``, on every process (a collective; ``value`` itself in a single process)."""
     if group()[1] == 1:

@@ -61,8 +61,12 @@ def _squeeze(t: torch.Tensor, dims: int, what: str) -> torch.Tensor:
 def _from_safetensors(file: Path) -> list[Sequence]:
     from safetensors import safe_open
 
-    with safe_open(file, "pt") as f:
-        keys = set(f.keys())
+    try:
+        with safe_open(file, "pt") as f:
+            keys = set(f.keys())
+    except Exception as e:  # safetensors raises its own types for files it cannot parse
+        raise LensesError(f"--states {file} is not a readable safetensors file ({type(e).__name__}: "
+                          f"{str(e)[:80]}); write it with safetensors' save_file.") from e
     suffixes = sorted({k[len("hidden_states"):] for k in keys if k.startswith("hidden_states")})
     if not suffixes:
         raise LensesError(f"{file} holds no 'hidden_states' tensor; see the --states format in docs/analysis.md.")
