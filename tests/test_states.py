@@ -167,5 +167,5 @@ def test_a_states_file_that_is_not_one_is_one_line(inputs, tmp_path, capsys, nam
     (tmp_path / name).write_bytes(b"not tensors at all")
     r = _analyze(root, tmp_path / "o", capsys, "--view", "facts", "--facts", root / "facts.jsonl", "--states",
                  tmp_path / name)
-    assert r.returncode == 2 and "could not be read" in r.stderr or "not a readable" in r.stderr, r.stderr
+    assert r.returncode == 2 and ("could not be read" in r.stderr or "not a readable" in r.stderr), r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
