@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from lenses import ModelAdapter, load_model
+from lenses.jobs import jlens_written
 from lenses.jobs.jlens_estimator import corpus_prompts, fit_prompts
 from lenses.jobs.jlens_half import RULE, Spread, deviation_rule
 from lenses.model.loading import resolve_model_path
@@ -40,6 +41,7 @@ from lenses.text.data import make_blocks
 from lenses.tracing.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
+HALF = "ours, bfloat16 backward"
 
 
 def matmul_limit(shapes, repeats: int = 5) -> float:
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--dim-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--half", action="store_true", help="also time our fit with bfloat16 backward matmuls")
+    p.add_argument("--autograd", action="store_true", help="also time our fits with autograd's backward (the route "
+                                                            "of blocks other than Llama's)")
     p.add_argument("--rounds", type=int, default=2, help="rounds, alternating which runs first (the faster kept)")
     p.add_argument("--out", default=None, help="also write the rows as CSV (docs/jacobian.md's table reads "
                                                "benchmarks/jacobian-fit.csv)")
@@ -94,25 +98,30 @@ def main(argv=None) -> int:
     limit = matmul_limit([(a.dim_batch * a.seq_len, d, d), (a.dim_batch * a.seq_len, 1536, d),
                           (a.dim_batch * a.seq_len, d, 1536)])
     half = a.half and bf16_native()
-    times = {"ours": [], "transformer-lens": [], **({"ours, bfloat16 backward": []} if half else {})}
-    result, spread = {}, Spread()
+    spread = Spread()
+    runs = {"ours": lambda rnd: fit_prompts(adapter, ids, dim_batch=a.dim_batch, spread=spread if rnd == 0 else None),
+            "transformer-lens": lambda rnd: TLJacobianLens.fit(bridge, texts, corpus="bench", dim_batch=a.dim_batch,
+                                                               max_seq_len=a.seq_len, show_progress=False)}
+    if half:
+        runs[HALF] = lambda rnd: fit_prompts(adapter, ids, dim_batch=a.dim_batch, backward_dtype=torch.bfloat16)
+    if a.autograd:  # the same fits with autograd's backward: the written-out backward's gain, side by side
+        runs["ours, autograd backward"] = lambda rnd: fit_prompts(adapter, ids, dim_batch=a.dim_batch, written=False)
+        if half:
+            runs["ours, autograd, bfloat16 backward"] = lambda rnd: fit_prompts(
+                adapter, ids, dim_batch=a.dim_batch, backward_dtype=torch.bfloat16, written=False)
+    times, result = {who: [] for who in runs}, {}
     for rnd in range(a.rounds):  # alternate the order; keep the faster round of each
-        order = list(times) if rnd % 2 == 0 else list(times)[::-1]
-        for who in order:
+        for who in (list(runs) if rnd % 2 == 0 else list(runs)[::-1]):
             t = time.perf_counter()
-            if who == "ours":
-                result[who] = fit_prompts(adapter, ids, dim_batch=a.dim_batch, spread=spread if rnd == 0 else None)
-            elif who != "transformer-lens":
-                result[who] = fit_prompts(adapter, ids, dim_batch=a.dim_batch, backward_dtype=torch.bfloat16)
-            else:
-                result[who] = TLJacobianLens.fit(bridge, texts, corpus="bench", dim_batch=a.dim_batch,
-                                                 max_seq_len=a.seq_len, show_progress=False)
+            result[who] = runs[who](rnd)
             times[who].append(time.perf_counter() - t)
     ours, theirs = result["ours"], result["transformer-lens"]
     rel = max(float((ours.matrices[k] - theirs.jacobians[k - 1]).norm() / theirs.jacobians[k - 1].norm())
               for k in ours.layers)
     print(f"SmolLM2-135M, {len(ids)} prompts of {ids[0].numel()} tokens, dim_batch {a.dim_batch}, {a.threads} "
           f"threads; float32 matmul limit {limit / 1e9:.0f} GFLOP/s")
+    route = jlens_written.describe(adapter)
+    print(f"our backward passes: {route}")
     print(f"{'implementation':>18} {'s/prompt':>9} {'prompts/s':>10} {'backward GFLOP/s':>17} {'share of limit':>15}")
     table = []
     for who in times:
@@ -130,12 +139,12 @@ def main(argv=None) -> int:
     if a.half and not half:
         print("bfloat16 backward: skipped (emulated on this CPU, many times slower than float32)")
     elif half:
-        table[-1].update(half_rule(adapter, tok, ours, result["ours, bfloat16 backward"], spread,
-                                   min(times["ours"]) / min(times["ours, bfloat16 backward"])))
+        next(row for row in table if row["implementation"] == HALF).update(half_rule(
+            adapter, tok, ours, result[HALF], spread, min(times["ours"]) / min(times[HALF])))
     if a.out:
         from machine import describe
 
-        frame = pd.DataFrame(table).assign(prompts=len(ids), tokens=ids[0].numel(), j_vs_tl_rel=rel,
+        frame = pd.DataFrame(table).assign(prompts=len(ids), tokens=ids[0].numel(), j_vs_tl_rel=rel, our_backward=route,
                                            machine=describe(), date=time.strftime("%Y-%m-%d"),
                                            command="python benchmarks/jacobian_fit.py " + " ".join(argv or
                                                                                                   sys.argv[1:]))
@@ -153,6 +162,10 @@ def bf16_native() -> bool:
 def half_rule(adapter, tok, ours32, ours16, spread: Spread, speedup: float) -> dict:
     """The bfloat16-backward fit against the float32 one: the statistical rule per layer, and the held-out KL
     per layer of both lenses with their intervals."""
+    if spread.n < 2:
+        print(f"bfloat16 backward: {speedup:.2f}x our float32 fit; the statistical rule needs 2 prompts or more "
+              "(a sampling error over prompts)")
+        return {}
     J16 = torch.stack([ours16.matrices[k] for k in ours32.layers])
     dev, se, passes = deviation_rule(J16, spread)
     ratio = dev / se

@@ -199,6 +199,24 @@ def jacobian_fit(src: str = "benchmarks/jacobian-fit.csv") -> tuple[str, str]:
     return src, markdown(out, "lrrrrr") + where
 
 
+def jacobian_fit_ab(src: str = "benchmarks/jacobian-fit-ab.csv") -> tuple[str, str]:
+    """The written-out backward against autograd's, float32 and bfloat16, beside TransformerLens 4.3 in one run
+    (benchmarks/jacobian_fit.py --half --autograd --out)."""
+    r = pd.read_csv(ROOT / src)
+    base = {"float32": r.s_per_prompt[r.implementation == "ours, autograd backward"].iloc[0],
+            "bfloat16": r.s_per_prompt[r.implementation == "ours, autograd, bfloat16 backward"].iloc[0]}
+    dtype = ["bfloat16" if "bfloat16" in who else "float32" for who in r.implementation]
+    out = pd.DataFrame({
+        "fit": r.implementation, "s/prompt": [fmt(v, ".1f") for v in r.s_per_prompt],
+        "vs TransformerLens 4.3": [fmt(v, ".2f") + "x" for v in r.vs_transformer_lens],
+        "vs our autograd backward, same dtype": [
+            "—" if who == "transformer-lens" else fmt(base[dt] / v, ".2f") + "x"
+            for who, dt, v in zip(r.implementation, dtype, r.s_per_prompt)]})
+    where = (f"\n{r.machine.iloc[0]}, {r.date.iloc[0]}; {r.prompts.iloc[0]} prompt of {r.tokens.iloc[0]} tokens; "
+             f"`{r.command.iloc[0]}`.\n")
+    return src, markdown(out, "lrrr") + where
+
+
 def tracing_rows(src: str = "benchmarks/results-tracing.csv") -> tuple[str, str]:
     """benchmarks/run.py's tracing rows: float32 decoding and the views' default (bfloat16 re-scored) against the
     plain forward, with the share of each dtype's matmul limit."""
@@ -526,6 +544,7 @@ TABLES = {
     "views-profile": views_profile,
     "tracing-batched": tracing_benchmark,
     "jacobian-fit": jacobian_fit,
+    "jacobian-fit-ab": jacobian_fit_ab,
     "tracing-rows": tracing_rows,
     "views-limit": views_limit,
     "plan-published": plan_published,

@@ -10,12 +10,13 @@ For one prompt of ``T`` tokens the valid positions are ``V = {skip_first, ..., T
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import torch
 
 from lenses.base.errors import DataError, LensesError
-from lenses.jobs import jlens_half
+from lenses.jobs import jlens_half, jlens_written
 from lenses.jobs.jlens_half import Spread, half_backward
 from lenses.kinds.jacobian import JacobianLens
 from lenses.model.adapter import ModelAdapter
@@ -28,16 +29,18 @@ SKIP_FIRST = 16  # the reference's attention-sink region
 
 def prompt_jacobian(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int], skip_first: int = SKIP_FIRST,
                     dim_batch: int = 8, prefix_cache: bool = True,
-                    backward_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    backward_dtype: torch.dtype | None = None, written: bool = True) -> torch.Tensor:
     """``J_p`` of one prompt (token ids [T]) for our layers ``layers`` (``hidden[k]``, k < L):
     ``[len(layers), d, d]``, rows = target dimensions, in float32 (float64 for a float64 model).
 
     With ``prefix_cache`` the first ``skip_first`` positions (never sources nor targets) run once
     without gradients and serve the rest as a key/value cache, so the backward passes skip them (the
     numbers are the same; models whose cache cannot be reused run in full). ``backward_dtype`` (bfloat16): the
-    backward's matmuls in half precision (`lenses.jobs.jlens_half`), the sums still in float32."""
+    backward's matmuls in half precision (`lenses.jobs.jlens_half`), the sums still in float32. ``written`` False:
+    autograd even where the backward can be written out (`row_blocks`)."""
     out = None
-    for start, rows in row_blocks(adapter, ids, layers, skip_first, dim_batch, prefix_cache, backward_dtype):
+    for start, rows in row_blocks(adapter, ids, layers, skip_first, dim_batch, prefix_cache, backward_dtype,
+                                  written):
         if out is None:
             out = torch.zeros(len(layers), adapter.d_model, adapter.d_model, dtype=rows.dtype)
         out[:, start : start + rows.shape[1]] = rows.cpu()
@@ -45,15 +48,29 @@ def prompt_jacobian(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int],
 
 
 def row_blocks(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int], skip_first: int = SKIP_FIRST,
-               dim_batch: int = 8, prefix_cache: bool = True, backward_dtype: torch.dtype | None = None):
+               dim_batch: int = 8, prefix_cache: bool = True, backward_dtype: torch.dtype | None = None,
+               written_ok: bool = True):
     """``J_p``'s rows ``dim_batch`` at a time: yields ``(start, rows)``, ``rows`` [len(layers), n, d] on the
-    model's device (one backward pass each; `prompt_jacobian` assembles them)."""
+    model's device (one backward pass each; `prompt_jacobian` assembles them). Blocks of the Llama family run
+    the backward written out (`lenses.jobs.jlens_written`, unless ``written_ok`` is False); others run autograd
+    on one graph of ``dim_batch`` copies of the prompt, the first ``skip_first`` positions a cache."""
     ids = torch.as_tensor(ids).flatten()
     T, d = ids.numel(), adapter.d_model
     if T - 1 <= skip_first:
         raise DataError(f"a prompt of {T} tokens has no valid position (needs more than {skip_first + 1} tokens).")
-    x = ids[: T - 1][None].expand(dim_batch, -1)  # position T-1 is neither a source nor a target
     seed = zlib.crc32(ids.cpu().numpy().tobytes())  # the weights' rounding, drawn per prompt (`half_backward`)
+    written = _written(adapter, ids[: T - 1], min(layers), skip_first, backward_dtype, seed) if (
+        prefix_cache and written_ok) else None
+    if written is not None:
+        n = T - 1 - skip_first
+        cotangent = torch.zeros(dim_batch, n, d, dtype=written.acc, device=adapter.device)
+        for start in range(0, d, dim_batch):
+            m = min(dim_batch, d - start)
+            cotangent.zero_()
+            cotangent[torch.arange(m), :, start + torch.arange(m)] = 1
+            yield start, written.backward(cotangent, layers)[:, :m]
+        return
+    x = ids[: T - 1][None].expand(dim_batch, -1)  # position T-1 is neither a source nor a target
     with half_backward(adapter, backward_dtype, seed):  # the graph records which dtype its backward multiplies in
         target, sources, offset = _graph(adapter, x, layers, skip_first if prefix_cache else 0)
     valid = torch.arange(skip_first - offset, T - 1 - offset, device=target.device)
@@ -66,6 +83,18 @@ def row_blocks(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int], skip
         cotangent[rows[:n, None], valid[None, :], start + rows[:n, None]] = 1
         grads = torch.autograd.grad(target, sources, cotangent, retain_graph=start + dim_batch < d)
         yield start, torch.stack([g[:n, valid].to(acc).mean(1) for g in grads])
+
+
+def _written(adapter: ModelAdapter, ids: torch.Tensor, first: int, skip: int, dtype, seed: int):
+    """The written-out backward at this prompt, or None (this model's blocks need autograd; said once)."""
+    if jlens_written.unsupported(adapter) is not None:
+        return None
+    made = jlens_written.capture(adapter, ids, first, skip, dtype, torch.Generator().manual_seed(seed))
+    if made is None:
+        warnings.warn("the Jacobian-lens fit's written-out backward does not reproduce this model's blocks on a "
+                      "prompt (a sliding window shorter than it, or another block form): autograd fits it instead "
+                      "(the same numbers, slower).", stacklevel=3)
+    return made
 
 
 def _graph(adapter: ModelAdapter, x: torch.Tensor, layers: list[int], prefix: int):
@@ -98,7 +127,7 @@ def _graph(adapter: ModelAdapter, x: torch.Tensor, layers: list[int], prefix: in
 
 def fit_prompts(adapter: ModelAdapter, prompts, layers: list[int] | None = None, skip_first: int = SKIP_FIRST,
                 dim_batch: int = 8, progress: bool = False, backward_dtype: torch.dtype | None = None,
-                spread: Spread | None = None) -> JacobianLens:
+                spread: Spread | None = None, written: bool = True) -> JacobianLens:
     """The Jacobian lens of ``prompts`` (token-id sequences; too-short ones are skipped, not counted), for
     ``layers`` (default 1..L-1, the published layers). No files: see `fit` for the long job. ``spread``
     (`lenses.jobs.jlens_half.Spread`) also collects each prompt's J for its sampling error."""
@@ -110,7 +139,7 @@ def fit_prompts(adapter: ModelAdapter, prompts, layers: list[int] | None = None,
         if len(ids) <= skip_first + 1:
             continue
         J = prompt_jacobian(adapter, torch.as_tensor(ids), layers, skip_first, dim_batch,
-                            backward_dtype=backward_dtype)
+                            backward_dtype=backward_dtype, written=written)
         total = J.to(jlens_half.sum_dtype(J.dtype)) if total is None else total + J
         if spread is not None:
             spread.add(J)

@@ -14,7 +14,9 @@ never require gradients (the graph starts at the earliest source layer); the fir
 positions run once without gradients and serve the rest as a key/value cache, so no backward pass
 touches them; and the last position, neither a source nor a target, is not run at all (causal
 models: the other positions do not see it). At 128 tokens the backward runs 111 rows per prompt
-copy instead of 128; the rest is matmuls near the machine's limit (benchmarks/jacobian_fit.py).
+copy instead of 128. Blocks of the Llama family run their backward passes written out
+(`lenses.jobs.jlens_written`: the prompt's transposed Jacobian applied directly, no graph replayed), the
+rest being matmuls near the machine's limit (benchmarks/jacobian_fit.py); other blocks run autograd.
 
 `fit` is the long job (``lenses fit``): prompts from a corpus, a checkpoint in
 the reference's own format after every prompt (``--resume`` continues exactly), a progress bar with
@@ -39,7 +41,7 @@ import torch
 from lenses.base.errors import DataError, LensesError
 from lenses.base.io import atomic_write, write_csv
 from lenses.base.options import ParallelOptions, ResumeOptions, option
-from lenses.jobs import sharding
+from lenses.jobs import jlens_written, sharding
 from lenses.jobs.jlens_estimator import (
     SKIP_FIRST,
     check_layers,
@@ -91,7 +93,7 @@ class FitConfig(ModelOptions, ParallelOptions, ResumeOptions, CorpusOptions):
     skip_first: int = option(SKIP_FIRST, "leading positions excluded as sources and targets", group="recipe", min=0)
     source_layers: str | None = option(None, "our hidden-state numbers to fit, e.g. 1,2,3 (none: 1..L-1)",
                                        group="recipe", check=_check_layer_spec)
-    backward_dtype: str = option("float32", "dtype of the backward passes' matmuls: bfloat16 is about 1.5x faster "
+    backward_dtype: str = option("float32", "dtype of the backward passes' matmuls: bfloat16 is about 1.8x faster "
                                  "on a CPU with AVX512-BF16 or AMX (weights rounded stochastically, sums in float32; "
                                  "its J stays within a tenth of J's sampling error over prompts: docs/jacobian.md)",
                                  group="recipe", choices=("float32", "bfloat16"))
@@ -173,6 +175,7 @@ def fit_setup(job: Job, cfg: FitConfig) -> FitRun:
     if dp.main:
         print(f"data: fitting on {len(prompts):,} prompts (asked for {cfg.num_prompts:,}) of up to {cfg.seq_len} "
               f"tokens from the training side of {corpora.resolve_name(cfg.corpus)} ({len(texts):,} documents)")
+        print(f"backward passes: {jlens_written.describe(adapter, cfg.fsdp)}, matmuls in {cfg.backward_dtype}")
         if len(prompts) < cfg.num_prompts:
             print(f"note: the corpus gives {len(prompts)} prompts, fewer than --num-prompts {cfg.num_prompts}")
     identity = {"recipe": cfg.recipe(), "prompts": _digest(prompts), "world": dp.world,
@@ -278,7 +281,7 @@ def fit_loop_sharded(run: FitRun) -> None:
         real = state.next_idx < len(mine)
         ids = mine[state.next_idx] if real else run.stand_in
         delta = torch.zeros_like(state.sums)
-        for start, rows in row_blocks(adapter, ids, run.layers, cfg.skip_first, cfg.dim_batch):
+        for start, rows in row_blocks(adapter, ids, run.layers, cfg.skip_first, cfg.dim_batch, written_ok=False):
             rows = (rows if real else torch.zeros_like(rows)).contiguous()
             owner = (start // cfg.dim_batch) % world
             dist.reduce(rows, dst=owner)
