@@ -16,14 +16,15 @@ from lenses.jobs.jlens_half import RULE, Spread, deviation_rule
 LAYERS = [1, 2]
 
 
-@pytest.fixture(scope="module")
-def setting():
+@pytest.fixture(scope="module", params=["written out", "autograd"])
+def setting(request):
+    """Both routes of the backward (`lenses.jobs.jlens_written`, and autograd's, which other blocks take)."""
     adapter = tiny_adapter("llama")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 60, (40,), generator=g) for _ in range(24)]
     reference = Spread()
     fit = fit_prompts(adapter, prompts, LAYERS, skip_first=4, dim_batch=8, spread=reference)
-    return adapter, prompts, reference, fit
+    return adapter, prompts, reference, fit, request.param == "written out"
 
 
 def _stack(lens) -> torch.Tensor:
@@ -31,7 +32,7 @@ def _stack(lens) -> torch.Tensor:
 
 
 def test_the_ideal_bootstrap_equals_resampling_the_prompts(setting):
-    adapter, prompts, reference, _ = setting
+    adapter, prompts, reference, _, written = setting
     per_prompt = torch.stack([prompt_jacobian(adapter, p, LAYERS, 4, 8) for p in prompts]).double()  # [n, k, d, d]
     rng = np.random.default_rng(0)
     draws = torch.stack([per_prompt[rng.integers(0, len(prompts), len(prompts))].mean(0) for _ in range(4000)])
@@ -41,8 +42,9 @@ def test_the_ideal_bootstrap_equals_resampling_the_prompts(setting):
 
 
 def test_a_bfloat16_backward_is_within_a_tenth_of_the_sampling_error(setting):
-    adapter, prompts, reference, fit = setting
-    half = fit_prompts(adapter, prompts, LAYERS, skip_first=4, dim_batch=8, backward_dtype=torch.bfloat16)
+    adapter, prompts, reference, fit, written = setting
+    half = fit_prompts(adapter, prompts, LAYERS, skip_first=4, dim_batch=8, backward_dtype=torch.bfloat16,
+                       written=written)
     dev, se, passes = deviation_rule(_stack(half), reference)
     assert passes, (dev / se).tolist()
     assert (dev > 0).all()  # the backward did run in bfloat16 (a float32 one would match to rounding)
@@ -51,18 +53,20 @@ def test_a_bfloat16_backward_is_within_a_tenth_of_the_sampling_error(setting):
 
 
 def test_summing_in_bfloat16_breaks_the_rule(setting, monkeypatch):
-    adapter, prompts, reference, _ = setting
+    adapter, prompts, reference, _, written = setting
     monkeypatch.setattr(jlens_half, "ACCUMULATE", torch.bfloat16)  # the mutation: no float32 accumulation
-    half = fit_prompts(adapter, prompts, LAYERS, skip_first=4, dim_batch=8, backward_dtype=torch.bfloat16)
+    half = fit_prompts(adapter, prompts, LAYERS, skip_first=4, dim_batch=8, backward_dtype=torch.bfloat16,
+                       written=written)
     dev, se, passes = deviation_rule(_stack(half).float(), reference)
     assert not passes and float((dev / se).max()) > RULE, (dev / se).tolist()
 
 
 def test_rounding_the_weights_to_nearest_breaks_the_rule(setting, monkeypatch):
     """Rounded to nearest, every prompt's backward has the same bias: more prompts never average it out."""
-    adapter, prompts, reference, _ = setting
+    adapter, prompts, reference, _, written = setting
     monkeypatch.setattr(jlens_half, "stochastic_round", lambda w, generator: w.to(torch.bfloat16))
-    half = fit_prompts(adapter, prompts, LAYERS, skip_first=4, dim_batch=8, backward_dtype=torch.bfloat16)
+    half = fit_prompts(adapter, prompts, LAYERS, skip_first=4, dim_batch=8, backward_dtype=torch.bfloat16,
+                       written=written)
     dev, se, passes = deviation_rule(_stack(half), reference)
     assert not passes, (dev / se).tolist()
 
