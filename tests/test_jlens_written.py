@@ -49,11 +49,24 @@ def test_the_written_backward_equals_autograd_in_float64(family, float64_norms):
                                                                                          1, 3), atol=1e-11, rtol=0)
 
 
-@pytest.mark.parametrize("family,why", [("qwen3", "other parts"), ("gemma", "rms(x)"),
-                                        ("gpt2", "rotary")])
+@pytest.mark.parametrize("family,why", [("gemma2", "caps its scores"), ("olmo2", "not a Llama- or Gemma-family"),
+                                        ("phi3", "not a Llama- or Gemma-family"), ("gpt2", "rotary")])
 def test_other_blocks_are_left_to_autograd(family, why):
-    """Query/key norms (Qwen 3), Gemma's extra norms, GPT-2's learned positions: each said, none served."""
+    """Gemma 2's capped scores, OLMo 2's whole-width query norms, Phi-3's fused projections, GPT-2's learned
+    positions: each said, none served."""
     assert why in (jlens_written.unsupported(tiny_adapter(family)) or "")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma", "gemma3_text"])  # query/key norms; 1 + w and GELU; sandwich
+def test_the_written_backward_equals_autograd_on_more_block_forms(family):
+    """Float32 (these models' norms compute in float32 whatever the model's dtype): to rounding."""
+    adapter = tiny_adapter(family, seed=2)
+    assert jlens_written.unsupported(adapter) is None
+    ids = torch.randint(1, 90, (27,), generator=torch.Generator().manual_seed(6))
+    assert jlens_written.capture(adapter, ids[:-1], 1, 16) is not None
+    written, autograd = _J(adapter, ids, [1, 2], 16), _J(adapter, ids, [1, 2], 16, written=False)
+    assert autograd.abs().max() > 0.1
+    torch.testing.assert_close(written, autograd, atol=2e-5 * float(autograd.abs().max()), rtol=0)
 
 
 def test_a_sliding_window_shorter_than_the_prompt_fails_the_proof():

@@ -51,7 +51,7 @@ def row_blocks(adapter: ModelAdapter, ids: torch.Tensor, layers: list[int], skip
                dim_batch: int = 8, prefix_cache: bool = True, backward_dtype: torch.dtype | None = None,
                written_ok: bool = True):
     """``J_p``'s rows ``dim_batch`` at a time: yields ``(start, rows)``, ``rows`` [len(layers), n, d] on the
-    model's device (one backward pass each; `prompt_jacobian` assembles them). Blocks of the Llama family run
+    model's device (one backward pass each; `prompt_jacobian` assembles them). Llama- and Gemma-family blocks run
     the backward written out (`lenses.jobs.jlens_written`, unless ``written_ok`` is False); others run autograd
     on one graph of ``dim_batch`` copies of the prompt, the first ``skip_first`` positions a cache."""
     ids = torch.as_tensor(ids).flatten()

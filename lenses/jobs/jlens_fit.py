@@ -14,7 +14,7 @@ never require gradients (the graph starts at the earliest source layer); the fir
 positions run once without gradients and serve the rest as a key/value cache, so no backward pass
 touches them; and the last position, neither a source nor a target, is not run at all (causal
 models: the other positions do not see it). At 128 tokens the backward runs 111 rows per prompt
-copy instead of 128. Blocks of the Llama family run their backward passes written out
+copy instead of 128. Blocks of the Llama and Gemma families run their backward passes written out
 (`lenses.jobs.jlens_written`: the prompt's transposed Jacobian applied directly, no graph replayed), the
 rest being matmuls near the machine's limit (benchmarks/jacobian_fit.py); other blocks run autograd.
 

@@ -1,4 +1,4 @@
-"""The Jacobian-lens fit's backward passes written out, for blocks of the Llama family.
+"""The Jacobian-lens fit's backward passes written out, for blocks of the Llama and Gemma families.
 
 The fit runs about ``d / dim_batch`` backward passes per prompt, all through the same forward pass. Autograd
 replays the whole saved graph in each one: every activation's derivative re-derived, every norm's backward
@@ -11,13 +11,16 @@ weights' input-gradient products (in ``dtype``: bfloat16 copies rounded stochast
 attention's four batched products over the kept probabilities, and a few elementwise products with
 precomputed factors. The residual stream's gradient and every sum stay in float32.
 
-With ``y = w * x / r(x)`` (an RMS norm) and ``m = silu(a) * b`` (the gated MLP), the transposed maps are
+With ``y = s * x / r(x)`` (an RMS norm; ``s`` its weight, or ``1 + w`` in Gemma's) and ``m = act(a) * b`` (the
+gated MLP; ``act'`` taken by autograd once per prompt), the transposed maps are
 
-    g_x = (g_y * w - x/r * <g_y * w, x/r> / d) / r                 (per position)
-    g_a = g_m * b * silu'(a),   g_b = g_m * silu(a)
+    g_x = (g_y * s - x/r * <g_y * s, x/r> / d) / r                 (per position; per head for query/key norms)
+    g_a = g_m * b * act'(a),   g_b = g_m * act(a)
     g_S = P * (g_P - <g_o, o>),  g_P = g_o V^T,  g_q = g_S K s,  g_k = g_S^T Q s,  g_v = P^T g_o
 
-(``s`` the attention's scale; rotary embeddings transposed: ``g_q = g*cos + R^T(g*sin)``). Queries are the valid
+(``s`` the attention's scale; rotary embeddings transposed: ``g_q = g*cos + R^T(g*sin)``). Block forms: pre-norm
+(Llama, Mistral, Qwen 2/3, SmolLM2, Gemma 1) and sandwich (Gemma 2/3: norms after each part too), with or without
+per-head query/key norms. Queries are the valid
 positions only; keys include the cached first positions, whose gradients no source needs. Tested against
 autograd in float64 (tests/test_jlens_written.py).
 """
@@ -26,16 +29,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import inspect
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lenses.jobs import jlens_half
 from lenses.model.block_parts import parts_tolerance
 
-_BLOCK = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
-_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
-_MLP = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_FORMS = {  # the block's children -> which norm does what (None: that form has no such norm)
+    frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}):
+        ("input_layernorm", None, "post_attention_layernorm", None),
+    frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+               "post_feedforward_layernorm"}):
+        ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+}
 
 
 def unsupported(adapter) -> str | None:
@@ -45,37 +55,48 @@ def unsupported(adapter) -> str | None:
     if _rotary(adapter) is None:
         return "no rotary-embedding module outside the blocks"
     for i, block in enumerate(adapter.layers):
-        names = {n for n, _ in block.named_children()}
-        if names != _BLOCK:
-            return f"block {i} is not a Llama-family block (children {sorted(names)})"
-        attn, mlp = block.self_attn, block.mlp
-        children = ({n for n, _ in attn.named_children()} - {"rotary_emb"}, {n for n, _ in mlp.named_children()})
-        if children != (_ATTN, _MLP):
-            return f"block {i}'s attention or MLP has other parts than q/k/v/o and gate/up/down"
-        linears = [getattr(attn, n) for n in sorted(_ATTN)] + [getattr(mlp, n) for n in sorted(_MLP - {"act_fn"})]
-        if any(type(m) is not nn.Linear or type(m.weight.data) is not torch.Tensor for m in linears):
-            return f"block {i}'s projections are not plain linear layers (quantized or sharded)"
-        if not all(hasattr(attn, a) for a in ("scaling", "head_dim")):
-            return f"block {i}'s attention does not state its scale and head size"
-        if not _acts_as(block, mlp):
-            return f"block {i}'s norms are not w * x / rms(x) or its MLP's activation is not SiLU"
+        why = _block_unsupported(block)
+        if why:
+            return f"block {i}: {why}"
+    return None
+
+
+def _block_unsupported(block) -> str | None:
+    form = _FORMS.get(frozenset(n for n, _ in block.named_children()))
+    if form is None:
+        return f"not a Llama- or Gemma-family block (children {sorted(n for n, _ in block.named_children())})"
+    attn, mlp = block.self_attn, block.mlp
+    children = ({n for n, _ in attn.named_children()} - {"rotary_emb"}, {n for n, _ in mlp.named_children()})
+    if children[0] - {"q_norm", "k_norm"} != set(_ATTN) or children[1] != set(_MLP) | {"act_fn"}:
+        return "its attention or MLP has other parts than q/k/v/o (and query/key norms) and gate/up/down"
+    if any(type(getattr(attn, n)) is not nn.Linear or type(getattr(attn, n).weight.data) is not torch.Tensor
+           for n in _ATTN) or any(type(getattr(mlp, n)) is not nn.Linear for n in _MLP):
+        return "its projections are not plain linear layers (quantized or sharded)"
+    if not all(hasattr(attn, a) for a in ("scaling", "head_dim")) or getattr(attn, "attn_logit_softcapping", None):
+        return "its attention does not state its scale and head size, or caps its scores (Gemma 2)"
+    norms = [getattr(block, n) for n in form if n] + [getattr(attn, n) for n in ("q_norm", "k_norm") if
+                                                      hasattr(attn, n)]
+    if any(_scale(n) is None for n in norms):
+        return "its norms are not s * x / rms(x) with s = w or 1 + w"
     return None
 
 
 def describe(adapter, sharded: bool = False) -> str:
     """How the fit's backward passes run on this model, in words (printed by the fit and the benchmark)."""
     why = "the blocks are sharded (--fsdp)" if sharded else unsupported(adapter)
-    return "written out (Llama-family blocks)" if why is None else f"autograd ({why})"
+    return "written out (Llama/Gemma-family blocks)" if why is None else f"autograd ({why})"
 
 
-def _acts_as(block, mlp) -> bool:
-    """The norms and the activation, checked on probe inputs against the forms the backward is written for."""
+def _scale(norm: nn.Module) -> torch.Tensor | None:
+    """The RMS norm's effective scale ``s`` (its weight, or 1 + its weight), found on a probe input; None if neither."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        return None
     with torch.no_grad():
-        w = block.input_layernorm.weight
         x = torch.linspace(-3, 3, w.numel(), dtype=w.dtype, device=w.device)[None]
-        norms = all(torch.allclose(n(x), n.weight * x * _rms(x, n), rtol=1e-4, atol=1e-6)
-                    for n in (block.input_layernorm, block.post_attention_layernorm))
-        return norms and torch.allclose(mlp.act_fn(x), F.silu(x), rtol=1e-4, atol=1e-6)
+        y = norm(x)
+        return next((s.detach() for s in (w, 1 + w) if torch.allclose(y, s * x * _rms(x, norm), rtol=1e-4,
+                                                                        atol=1e-6)), None)
 
 
 def _rotary(adapter):
@@ -96,18 +117,36 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 @dataclass
+class _Norm:
+    """An RMS norm at the prompt, ``y = s * x / r(x)``: what its transposed map needs at the kept positions."""
+
+    s: torch.Tensor  # the effective scale [d]
+    r: torch.Tensor  # 1/r [..., 1]
+    x: torch.Tensor  # x/r [..., d]
+
+    def back(self, gy: torch.Tensor) -> torch.Tensor:
+        """``gy`` at the norm's output -> at its input (in the scale's dtype: float32 or wider)."""
+        gw = gy.to(self.s.dtype) * self.s
+        dot = (gw * self.x).mean(-1, keepdim=True)
+        return gw.sub_(self.x * dot).mul_(self.r)
+
+
+def _normed(norm: nn.Module, h: torch.Tensor, keep) -> tuple[torch.Tensor, _Norm]:
+    """``norm(h)`` recomputed, and its `_Norm` at the positions ``keep`` (an index of ``h``)."""
+    r, s = _rms(h, norm), _scale(norm)
+    xr = h * r
+    return xr.to(h.dtype) * s, _Norm(s, r[keep], xr[keep])
+
+
+@dataclass
 class _Block:
     """What one block's transposed map needs at one prompt (queries at the valid positions only)."""
 
     weights: dict  # name -> [out, in] matrix in the backward's dtype
-    w1: torch.Tensor  # the norms' weights [d]
-    w2: torch.Tensor
-    r1: torch.Tensor  # 1/r at the valid positions [n, 1]
-    x1: torch.Tensor  # x / r [n, d]
-    r2: torch.Tensor
-    x2: torch.Tensor
-    fg: torch.Tensor  # b * silu'(a) [n, ffn]
-    fu: torch.Tensor  # silu(a) [n, ffn]
+    norms: list  # _Norm or None: before attention, after it, before the MLP, after it
+    qk_norms: tuple  # (_Norm, _Norm) per head for queries [H, n, hd] and keys [Hk, n, hd], or (None, None)
+    fg: torch.Tensor  # b * act'(a) [n, ffn]
+    fu: torch.Tensor  # act(a) [n, ffn]
     P: torch.Tensor  # probabilities [Hk, G*n, T] (query heads grouped by their key head)
     PvT: torch.Tensor  # P at the valid keys, transposed [Hk, n, G*n]
     O: torch.Tensor  # attention outputs before o_proj [Hk, G*n, hd]
@@ -143,14 +182,17 @@ class Written:
     def _block(self, b: _Block, g: torch.Tensor) -> torch.Tensor:
         B, n, d = g.shape
         W, dt = b.weights, self.dtype
-        gm = (g.reshape(B * n, d).to(dt) @ W["down_proj"]).view(B, n, -1)
+        pre_attn, post_attn, pre_mlp, post_mlp = b.norms
+        gy = g if post_mlp is None else post_mlp.back(g)
+        gm = (gy.reshape(B * n, d).to(dt) @ W["down_proj"]).view(B, n, -1)
         gb = torch.mm((gm * b.fg).view(B * n, -1), W["gate_proj"])
         gb.addmm_((gm * b.fu).view(B * n, -1), W["up_proj"])
-        g = g + _norm_back(gb.view(B, n, d), b.w2, b.r2, b.x2).to(g.dtype)
-        go = (g.reshape(B * n, d).to(dt) @ W["o_proj"])
+        g = g + pre_mlp.back(gb.view(B, n, d)).to(g.dtype)
+        gy = g if post_attn is None else post_attn.back(g)
+        go = (gy.reshape(B * n, d).to(dt) @ W["o_proj"])
         gq, gk, gv = self._attention(b, go, B, n)
         ga = torch.mm(gq, W["q_proj"]).addmm_(gk, W["k_proj"]).addmm_(gv, W["v_proj"])
-        return g.add_(_norm_back(ga.view(B, n, d), b.w1, b.r1, b.x1).to(g.dtype))
+        return g.add_(pre_attn.back(ga.view(B, n, d)).to(g.dtype))
 
     def _attention(self, b: _Block, go: torch.Tensor, B: int, n: int):
         """The attention's transposed map: ``go`` [B*n, H*hd] -> the gradients at q, k and v [B*n, .]."""
@@ -162,6 +204,8 @@ class Written:
         gS *= b.P
         gq = _unrotate((gS @ b.Ks).view(B, H, n, hd), b.cos, b.sin)
         gk = _unrotate(gS[..., self.skip :].transpose(-1, -2) @ b.Qs, b.cos, b.sin)
+        if b.qk_norms[0] is not None:
+            gq, gk = b.qk_norms[0].back(gq), b.qk_norms[1].back(gk)
         gv = b.PvT @ go
         return [t.transpose(1, 2).reshape(B * n, -1).to(self.dtype) for t in (gq, gk, gv)]
 
@@ -172,13 +216,6 @@ def _unrotate(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return torch.cat((y2, -y1), -1).add_(g * cos)
 
 
-def _norm_back(gy: torch.Tensor, w: torch.Tensor, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """An RMS norm transposed at one prompt: ``gy`` [B, n, d] at its output -> at its input (float32 or wider)."""
-    gw = gy * w if gy.dtype == w.dtype else gy.to(w.dtype) * w
-    dot = (gw * x).mean(-1, keepdim=True)
-    return gw.sub_(x * dot).mul_(r)
-
-
 def capture(adapter, ids: torch.Tensor, first: int, skip: int, dtype: torch.dtype | None = None,
             generator: torch.Generator | None = None) -> Written | None:
     """Run ``ids`` [T] (the positions the fit reads: the last one already dropped) once; recompute every block
@@ -187,55 +224,80 @@ def capture(adapter, ids: torch.Tensor, first: int, skip: int, dtype: torch.dtyp
     weights' copies rounded stochastically from ``generator``; float32 or None: the model's own weights."""
     model_dtype = next(adapter.model.parameters()).dtype
     dtype = model_dtype if dtype is None or dtype == torch.float32 else dtype
-    acc = jlens_half.sum_dtype(model_dtype)
     x = torch.as_tensor(ids).flatten()[None].to(adapter.device)
     with torch.no_grad():
         hidden = adapter.hidden_states(x)[:, 0]  # [L+1, T, d]
         pos = torch.arange(x.shape[1], device=x.device)[None]
-        cos, sin = (t[0].to(model_dtype) for t in _rotary(adapter)(hidden[0][None], pos))
         blocks = [None] * adapter.num_layers
         for k in range(first, adapter.num_layers):
+            cos, sin = _angles(adapter, adapter.layers[k].self_attn, hidden[0], pos)
             made = _capture_block(adapter.layers[k], hidden[k], hidden[k + 1], cos, sin, skip, dtype, generator)
             if made is None:
                 return None
             blocks[k] = made
     attn = adapter.layers[first].self_attn
     heads = (attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim, attn.head_dim)
-    return Written(blocks, first, skip, heads, dtype, acc)
+    return Written(blocks, first, skip, heads, dtype, jlens_half.sum_dtype(model_dtype))
+
+
+def _angles(adapter, attn, h, pos):
+    """The rotary embedding's cos and sin [T, hd] for this attention (Gemma 3: per layer type)."""
+    rotary = _rotary(adapter)
+    kind = getattr(attn, "layer_type", None)
+    args = (kind,) if kind is not None and "layer_type" in inspect.signature(rotary.forward).parameters else ()
+    return (t[0].to(h.dtype) for t in rotary(h[None], pos, *args))
 
 
 def _capture_block(block, h, after, cos, sin, skip, dtype, generator) -> _Block | None:
     """One block recomputed from its input ``h`` [T, d]: its factors, or None where it is not ``after``."""
-    attn, mlp, n1, n2 = block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm
+    attn, mlp = block.self_attn, block.mlp
+    roles = [None if n is None else getattr(block, n) for n in _FORMS[frozenset(n for n, _ in block.named_children())]]
+    V = slice(skip, None)
+    a, n1 = _normed(roles[0], h, V)
+    part, factors = _attention_forward(attn, a, cos, sin, skip)
+    n1p = None
+    if roles[1] is not None:
+        part, n1p = _normed(roles[1], part, V)
+    h2 = h + part
+    bn, n2 = _normed(roles[2], h2, V)
+    gate, up = mlp.gate_proj(bn), mlp.up_proj(bn)
+    with torch.enable_grad():
+        z = gate[V].detach().requires_grad_(True)
+        act = mlp.act_fn(z)
+        slope, = torch.autograd.grad(act.sum(), z)
+    part, n2p = mlp.down_proj(mlp.act_fn(gate) * up), None
+    if roles[3] is not None:
+        part, n2p = _normed(roles[3], part, V)
+    if not float((h2 + part - after).abs().amax()) <= parts_tolerance(h, after):
+        return None
+    weights = {name: _copy(getattr(owner, name).weight.detach(), dtype, generator)
+               for owner, names in ((attn, _ATTN), (mlp, _MLP)) for name in names}
+    return _Block(weights, [n1, n1p, n2, n2p], factors.pop("qk_norms"), (up[V] * slope).to(dtype),
+                  act.detach().to(dtype), **{k: v.to(dtype).contiguous() for k, v in factors.items()},
+                  cos=cos[V], sin=sin[V])
+
+
+def _attention_forward(attn, a, cos, sin, skip):
+    """The attention recomputed on the normed input ``a`` [T, d]: its output after o_proj, and its factors."""
     hd = attn.head_dim
     H, Hk = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-    T, G, V = h.shape[0], H // Hk, slice(skip, None)
-    r1 = _rms(h, n1)
-    a = (h * r1).to(h.dtype) * n1.weight
+    T, G, V = a.shape[0], H // Hk, slice(skip, None)
     q, k, v = (m(a).view(T, -1, hd).transpose(0, 1) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+    qk_norms = (None, None)
+    if hasattr(attn, "q_norm"):
+        (q, nq), (k, nk) = _normed(attn.q_norm, q, (slice(None), V)), _normed(attn.k_norm, k, (slice(None), V))
+        qk_norms = (nq, nk)
     q, k = _rotate(q, cos, sin).contiguous(), _rotate(k, cos, sin).contiguous()
     scores = (q.view(Hk, G * T, hd) @ k.transpose(-1, -2)).view(H, T, T) * attn.scaling
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=h.device).triu(1), float("-inf"))
-    P = scores.softmax(-1, dtype=torch.promote_types(h.dtype, torch.float32)).to(h.dtype)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=a.device).triu(1), float("-inf"))
+    P = scores.softmax(-1, dtype=torch.promote_types(a.dtype, torch.float32)).to(a.dtype)
     o = (P.view(Hk, G * T, T) @ v).view(H, T, hd)
-    h2 = h + attn.o_proj(o.transpose(0, 1).reshape(T, H * hd))
-    r2 = _rms(h2, n2)
-    bn = (h2 * r2).to(h.dtype) * n2.weight
-    gate, up = mlp.gate_proj(bn), mlp.up_proj(bn)
-    out = h2 + mlp.down_proj(F.silu(gate) * up)
-    if not float((out - after).abs().amax()) <= parts_tolerance(h, after):
-        return None
-    sg = torch.sigmoid(gate[V])
-    weights = {name: _copy(getattr(part, name).weight.detach(), dtype, generator)
-               for part, names in ((attn, _ATTN), (mlp, _MLP - {"act_fn"})) for name in sorted(names)}
-    qv, ov = (t[:, V].reshape(Hk, G * (T - skip), hd) for t in (q * attn.scaling, o))
-    Pv = P[:, V].reshape(Hk, G * (T - skip), T)
-    cast = {"dtype": dtype}
-    return _Block(weights, n1.weight.detach(), n2.weight.detach(), r1[V], (h * r1)[V], r2[V], (h2 * r2)[V],
-                  (up[V] * sg * (1 + gate[V] * (1 - sg))).to(**cast), F.silu(gate[V]).to(**cast),
-                  Pv.to(**cast).contiguous(), Pv[..., V].transpose(-1, -2).to(**cast).contiguous(),
-                  ov.to(**cast).contiguous(), qv.to(**cast).contiguous(), (k * attn.scaling).to(**cast).contiguous(),
-                  v.transpose(-1, -2).to(**cast).contiguous(), cos[V], sin[V])
+    out = attn.o_proj(o.transpose(0, 1).reshape(T, H * hd))
+    n = T - skip
+    Pv = P[:, V].reshape(Hk, G * n, T)
+    return out, {"qk_norms": qk_norms, "P": Pv, "PvT": Pv[..., V].transpose(-1, -2),
+                 "O": o[:, V].reshape(Hk, G * n, hd), "Qs": (q * attn.scaling)[:, V].reshape(Hk, G * n, hd),
+                 "Ks": k * attn.scaling, "Vt": v.transpose(-1, -2)}
 
 
 def _copy(w: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
