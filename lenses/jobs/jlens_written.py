@@ -228,9 +228,12 @@ def capture(adapter, ids: torch.Tensor, first: int, skip: int, dtype: torch.dtyp
     with torch.no_grad():
         hidden = adapter.hidden_states(x)[:, 0]  # [L+1, T, d]
         pos = torch.arange(x.shape[1], device=x.device)[None]
-        blocks = [None] * adapter.num_layers
+        blocks, rotary, angles = [None] * adapter.num_layers, _rotary(adapter), {}
         for k in range(first, adapter.num_layers):
-            cos, sin = _angles(adapter, adapter.layers[k].self_attn, hidden[0], pos)
+            kind = getattr(adapter.layers[k].self_attn, "layer_type", None)
+            if kind not in angles:
+                angles[kind] = _angles(rotary, kind, hidden[0], pos)
+            cos, sin = angles[kind]
             made = _capture_block(adapter.layers[k], hidden[k], hidden[k + 1], cos, sin, skip, dtype, generator)
             if made is None:
                 return None
@@ -240,12 +243,11 @@ def capture(adapter, ids: torch.Tensor, first: int, skip: int, dtype: torch.dtyp
     return Written(blocks, first, skip, heads, dtype, jlens_half.sum_dtype(model_dtype))
 
 
-def _angles(adapter, attn, h, pos):
-    """The rotary embedding's cos and sin [T, hd] for this attention (Gemma 3: per layer type)."""
-    rotary = _rotary(adapter)
-    kind = getattr(attn, "layer_type", None)
+def _angles(rotary, kind, h, pos) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary embedding's cos and sin [T, hd] for attention of layer type ``kind`` (Gemma 3 has two)."""
     args = (kind,) if kind is not None and "layer_type" in inspect.signature(rotary.forward).parameters else ()
-    return (t[0].to(h.dtype) for t in rotary(h[None], pos, *args))
+    cos, sin = (t[0].to(h.dtype) for t in rotary(h[None], pos, *args))
+    return cos, sin
 
 
 def _capture_block(block, h, after, cos, sin, skip, dtype, generator) -> _Block | None:
